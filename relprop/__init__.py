@@ -1,0 +1,12 @@
+"""relprop: relevance propagation (LRP, CLRP, SGLRP, RAP, RSP, AE) for PyTorch CNNs.
+
+>>> import relprop
+>>> explainer = relprop.Explainer(model, method="rap")
+>>> relevance = explainer(images, target=None)    # shaped like images
+"""
+from .backends import backends
+from .explainer import Attribution, Explainer, available_methods, explain
+from .graph import UnsupportedModelError
+
+__version__ = "0.1.0"
+__all__ = ["Explainer", "Attribution", "explain", "available_methods", "backends", "UnsupportedModelError"]

@@ -1,0 +1,164 @@
+"""The relevance pass: one forward over the captured graph, then rules applied backwards.
+
+``propagate`` walks the graph from a start node to the input.  Each node's rule maps the
+relevance at its output to relevance at each of its tensor inputs; relevance reaching a
+node from several consumers (a residual fan-out) is summed.  A method is a
+:class:`RuleTable` (node kind -> rule, plus overrides for the input layer and the output
+layer) and an initial relevance; methods never touch the model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from . import graph as g
+from .ops import LinearMap
+
+
+@dataclass(eq=False)
+class Layer:
+    """What a rule sees of one node: its inputs, output, and linear map (conv/linear)."""
+
+    node: g.Node
+    xs: list[torch.Tensor]
+    y: torch.Tensor
+    args: tuple
+    kwargs: dict
+    lin: LinearMap | None = None
+    z: torch.Tensor | None = None      # pre-activation incl. a folded BatchNorm (conv/linear)
+    x_nonneg: bool = False             # the first input is provably >= 0 (comes from a ReLU)
+
+    @property
+    def x(self) -> torch.Tensor:
+        return self.xs[0]
+
+    def recompute(self, t: torch.Tensor) -> torch.Tensor:
+        """The node's own operation applied to ``t`` instead of its input (for pooling vjps)."""
+        return g._evaluate(self.node, (t,) + tuple(self.args[1:]), self.kwargs)
+
+
+Rule = Callable[[Layer, torch.Tensor], list]
+
+
+@dataclass
+class RuleTable:
+    """Rules by node kind; ``first`` for the conv/linear reading the input, ``head`` for the
+    conv/linear producing the output; ``fold_bn`` merges a BatchNorm into the conv before it."""
+
+    by_kind: dict[str, Rule]
+    first: Rule | None = None
+    head: Rule | None = None
+    fold_bn: bool = False
+    name: str = ""
+
+    def rule(self, node: g.Node, head: g.Node | None) -> Rule:
+        if node.kind in (g.CONV, g.LINEAR):
+            if node.first_layer and self.first is not None:
+                return self.first
+            if node is head and self.head is not None:
+                return self.head
+        rule = self.by_kind.get(node.kind)
+        if rule is None:
+            raise NotImplementedError(f"method {self.name!r} has no rule for {node.describe()}")
+        return rule
+
+
+@dataclass(eq=False)
+class Context:
+    """One attribution call: the graph, every node's value, the logits and the targets."""
+
+    graph: g.Graph
+    values: list[Any]
+    targets: torch.Tensor
+    seed: torch.Tensor               # (B, classes): onehot(target), or the caller's initial relevance
+    user_seed: bool = False          # seed is the caller's ``initial_relevance``
+    maps: dict = field(default_factory=dict)
+    layer_sums: dict | None = None   # filled by propagate when not None
+
+    @property
+    def logits(self) -> torch.Tensor:
+        return self.values[-1]
+
+    @property
+    def x(self) -> torch.Tensor:
+        return self.values[0]
+
+    def head(self) -> g.Node | None:
+        """The conv/linear node whose output is the model output (through reshapes)."""
+        n = self.graph.nodes[self.graph.output.parents[0]]
+        while n.kind in (g.PASS, g.RESHAPE):
+            n = self.graph.nodes[n.parents[0]]
+        return n if n.kind in (g.CONV, g.LINEAR) else None
+
+    def grad(self, node: g.Node, seed: torch.Tensor) -> torch.Tensor:
+        """Gradient of ``<logits, seed>`` w.r.t. the value of ``node`` (forward must have been
+        run with ``grad_from=node``)."""
+        (gr,) = torch.autograd.grad(self.logits, self.values[node.index], seed)
+        return gr
+
+    def detach(self) -> None:
+        self.values = [v.detach() if torch.is_tensor(v) else v for v in self.values]
+
+    def linear_map(self, node: g.Node, fold_bn: bool) -> tuple[LinearMap, torch.Tensor]:
+        """The node's map (with the following BatchNorm folded in if asked and possible) and
+        its pre-activation value."""
+        bn = self._folded_bn(node) if fold_bn else None
+        key = (node.index, bn is not None)
+        lin = self.maps.get(key)
+        if lin is None:
+            if bn is None:
+                lin = LinearMap(node.module)
+            else:
+                m = bn.module
+                scale = (m.running_var + m.eps).rsqrt()
+                scale = scale * m.weight.detach() if m.weight is not None else scale
+                shift = -m.running_mean * scale
+                shift = shift + m.bias.detach() if m.bias is not None else shift
+                lin = LinearMap(node.module, scale, shift)
+            self.maps[key] = lin
+        return lin, self.values[(bn or node).index]
+
+    def _folded_bn(self, node: g.Node) -> g.Node | None:
+        consumers = self.graph.consumers[node.index]
+        if node.kind == g.CONV and len(consumers) == 1:
+            nxt = self.graph.nodes[consumers[0]]
+            if nxt.kind == g.BN:
+                return nxt
+        return None
+
+    def layer(self, node: g.Node, fold_bn: bool) -> Layer:
+        xs = [self.values[p] for p in node.parents]
+        args = g._substitute(node.args, self.values)
+        kwargs = g._substitute(node.kwargs, self.values)
+        lay = Layer(node, xs, self.values[node.index], args, kwargs,
+                    x_nonneg=bool(node.parents) and self.graph.nodes[node.parents[0]].nonneg)
+        if node.kind in (g.CONV, g.LINEAR):
+            lay.lin, lay.z = self.linear_map(node, fold_bn)
+        return lay
+
+    def propagate(self, table: RuleTable, r0: torch.Tensor, start: g.Node | None = None) -> torch.Tensor:
+        """Relevance at the input for relevance ``r0`` at the output of ``start`` (default: the
+        model output)."""
+        nodes = self.graph.nodes
+        start = start or self.graph.output
+        head = self.head()
+        relevance: dict[int, torch.Tensor] = {start.index: r0}
+        result = torch.zeros_like(self.x)
+        for node in reversed(nodes[:start.index + 1]):
+            r = relevance.pop(node.index, None)
+            if r is None:
+                continue
+            if node.kind == g.INPUT:
+                result = r
+                break
+            if node.kind == g.OUTPUT:
+                outs = [r]
+            else:
+                outs = table.rule(node, head)(self.layer(node, table.fold_bn), r)
+            for p, ri in zip(node.parents, outs):
+                relevance[p] = relevance[p] + ri if p in relevance else ri
+            if self.layer_sums is not None and node.kind not in (g.OUTPUT, g.HELPER):
+                self.layer_sums[node.name] = sum(ri.flatten(1).sum(1) for ri in outs)
+        return result

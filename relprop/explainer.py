@@ -1,0 +1,150 @@
+"""The public entry point: ``Explainer(model, method, **params)`` captured once, called
+per batch."""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn as nn
+
+from . import graph as g
+from . import methods
+from .backends import resolve_backend
+from .engine import Context
+
+
+class Attribution(NamedTuple):
+    """Result of :meth:`Explainer.attribute`."""
+
+    relevance: torch.Tensor               # shaped like the input
+    logits: torch.Tensor                  # (B, classes)
+    target: torch.Tensor                  # (B,) explained class per sample
+    layer_sums: dict | None = None        # node name -> (B,) relevance sum at that node's input(s)
+
+
+class Explainer:
+    """Relevance propagation for one model and one method.
+
+    >>> explainer = relprop.Explainer(model, method="rap")
+    >>> relevance = explainer(images)               # (B, 3, H, W), predicted classes
+    >>> heat = explainer.heatmap(images, target=7)  # (B, H, W) channel sum
+
+    The model is captured once (torch.fx) and never modified: no parameter, buffer,
+    hook or training flag changes, and its forward is not called.  Explanations use
+    inference semantics (BatchNorm running statistics, no dropout) whatever mode the
+    model is in.  ``method`` is one of :func:`relprop.available_methods`; ``params`` are
+    that method's options (e.g. ``ratio=2`` for ``"ae"``).
+    """
+
+    def __init__(self, model: nn.Module, method: str = "rap", backend: str = "auto", **params):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.method = methods.create(method, **params)
+        self.backend = resolve_backend(backend)
+        self.graph = g.capture(model)
+        self._maps: dict = {}
+
+    def __repr__(self) -> str:
+        return f"Explainer({type(self.model).__name__}, {self.method!r}, backend={self.backend!r})"
+
+    def __call__(self, x: torch.Tensor, target=None, initial_relevance: torch.Tensor | None = None) -> torch.Tensor:
+        return self.attribute(x, target, initial_relevance).relevance
+
+    def heatmap(self, x: torch.Tensor, target=None, initial_relevance: torch.Tensor | None = None) -> torch.Tensor:
+        """Relevance summed over channels: (B, H, W)."""
+        return self(x, target, initial_relevance).sum(dim=1)
+
+    def attribute(self, x: torch.Tensor, target=None, initial_relevance: torch.Tensor | None = None,
+                  layer_sums: bool = False) -> Attribution:
+        """Explain ``x`` for ``target`` (None: predicted class; int; per-sample list/tensor).
+
+        ``initial_relevance`` (B, classes) seeds the output directly instead of the one-hot
+        target (contrastive, multi-label or regression explanations).  ``layer_sums=True``
+        also returns the per-sample relevance sum at every layer's input (conservation
+        diagnostics).
+        """
+        self._check_input(x)
+        if initial_relevance is not None and not self.method.accepts_initial_relevance:
+            raise ValueError(f"method {self.method.name!r} builds its own target and dual seeds; "
+                             "use target= instead of initial_relevance=")
+        with torch.no_grad():
+            values = self.graph.forward(x, grad_from=self.method.grad_node(self.graph))
+            logits = values[-1]
+            targets = _targets(target, logits)
+            seed = _seed(initial_relevance, targets, logits)
+            ctx = Context(self.graph, values, targets, seed, user_seed=initial_relevance is not None,
+                          maps=self._maps, layer_sums={} if layer_sums else None)
+            relevance = self.method.run(ctx).detach()
+        return Attribution(relevance, logits.detach(), targets, ctx.layer_sums)
+
+    def _check_input(self, x) -> None:
+        if not torch.is_tensor(x):
+            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"input must be a floating-point tensor, got {x.dtype}")
+        if x.shape[0] == 0 if x.ndim else True:
+            raise ValueError(f"empty batch: input has shape {tuple(x.shape)}")
+        first = next((n for n in self.graph.nodes if n.kind in (g.CONV, g.LINEAR)), None)
+        if first is not None and first.kind == g.CONV:
+            m = first.module
+            if x.ndim != 4:
+                raise ValueError(f"input must have shape (B, C, H, W) for {type(self.model).__name__}; "
+                                 f"got {x.ndim} dims, shape {tuple(x.shape)}")
+            if first.first_layer and x.shape[1] != m.in_channels:
+                raise ValueError(f"input has {x.shape[1]} channels but the first layer {first.name!r} "
+                                 f"expects {m.in_channels}")
+        if first is not None:
+            w = first.module.weight
+            if w.device != x.device or w.dtype != x.dtype:
+                raise ValueError(f"input is {x.dtype} on {x.device} but the model is {w.dtype} on {w.device}")
+        bad = ~torch.isfinite(x)
+        if bad.any():
+            raise ValueError(f"input contains NaN or Inf ({int(bad.sum())} of {x.numel()} values)")
+
+
+def _targets(target, logits: torch.Tensor) -> torch.Tensor:
+    b, classes = logits.shape[0], logits.shape[-1]
+    if logits.ndim != 2:
+        raise ValueError(f"the model must output (B, classes) scores, got shape {tuple(logits.shape)}")
+    if target is None:
+        return logits.argmax(dim=1)
+    t = torch.as_tensor(target, device=logits.device)
+    if t.is_floating_point() or t.dtype == torch.bool:
+        raise TypeError(f"target must hold integer class indices, got {t.dtype}")
+    t = t.long().reshape(-1)
+    if t.numel() == 1:
+        t = t.expand(b)
+    if t.numel() != b:
+        raise ValueError(f"got {t.numel()} targets for a batch of {b}")
+    out = (t < 0) | (t >= classes)
+    if out.any():
+        raise ValueError(f"target {t[out][0].item()} out of range for a model with {classes} classes")
+    return t.clone()
+
+
+def _seed(initial_relevance, targets: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    if initial_relevance is None:
+        return torch.nn.functional.one_hot(targets, logits.shape[1]).to(logits.dtype)
+    r = torch.as_tensor(initial_relevance, dtype=logits.dtype, device=logits.device)
+    if r.ndim == 1:
+        r = r.expand_as(logits)
+    if r.shape != logits.shape:
+        raise ValueError(f"initial_relevance must have shape {tuple(logits.shape)} (or ({logits.shape[1]},)), "
+                         f"got {tuple(r.shape)}")
+    if not torch.isfinite(r).all():
+        raise ValueError("initial_relevance contains NaN or Inf")
+    return r
+
+
+def explain(model: nn.Module, x: torch.Tensor, target=None, method: str = "rap", **params) -> torch.Tensor:
+    """One-call form of :class:`Explainer`: relevance shaped like ``x``."""
+    return Explainer(model, method, **params)(x, target)
+
+
+def available_methods() -> dict[str, str]:
+    """Method name -> one-line description."""
+    return {name: cls.summary for name, cls in sorted(methods.METHODS.items())}
+
+
+__all__: Sequence[str] = ["Explainer", "Attribution", "explain", "available_methods"]

@@ -1,0 +1,329 @@
+"""Capture a model once as a graph of relevance-relevant operations.
+
+Why torch.fx: ``fx.Tracer`` records a graph whose nodes keep the *module* boundaries
+(``features.28``, ``layer4.0.conv3``) that users, the authors' code and the golden files
+name layers by, it traces every torchvision classifier without running it, and it never
+touches the model: leaf modules are recorded, not executed, so no hook fires and no buffer
+moves.  ``torch.export`` would decompose modules into aten ops (losing those names and
+the conv/BN/pool structure the rules are defined on) and needs example inputs of a fixed
+size; relprop has to work at any input size.
+
+The captured :class:`Graph` is a topologically ordered list of :class:`Node`; each tensor
+node knows its kind (``conv``, ``linear``, ``relu``, ...), its tensor parents and the
+module or call that computes it.  :meth:`Graph.forward` runs the graph itself with
+inference semantics (BatchNorm on running statistics, dropout off, no in-place ops) and
+returns every node's value, which is all the relevance pass needs: the model is never
+called again.
+"""
+from __future__ import annotations
+
+import functools
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+# --------------------------------------------------------------------------- kinds
+# Relevance kinds.  "pass" nodes hand relevance through unchanged (elementwise identities
+# for relevance: ReLU, Dropout, Identity, BatchNorm in every published method).
+CONV, LINEAR = "conv", "linear"
+RELU, BN, PASS = "relu", "bn", "pass"
+MAXPOOL, AVGPOOL, ADAPTIVE_AVGPOOL = "maxpool", "avgpool", "adaptive_avgpool"
+RESHAPE, ADD, CAT = "reshape", "add", "cat"
+INPUT, OUTPUT, HELPER = "input", "output", "helper"
+
+_MODULE_KINDS = {
+    nn.Conv2d: CONV, nn.Linear: LINEAR, nn.ReLU: RELU, nn.BatchNorm2d: BN,
+    nn.Dropout: PASS, nn.Identity: PASS, nn.MaxPool2d: MAXPOOL, nn.AvgPool2d: AVGPOOL,
+    nn.AdaptiveAvgPool2d: ADAPTIVE_AVGPOOL, nn.Flatten: RESHAPE,
+}
+_FUNCTION_KINDS = {
+    F.relu: RELU, torch.relu: RELU, torch.relu_: RELU, F.dropout: PASS,
+    F.max_pool2d: MAXPOOL, torch.max_pool2d: MAXPOOL, F.avg_pool2d: AVGPOOL,
+    torch._C._nn.avg_pool2d: AVGPOOL, F.adaptive_avg_pool2d: ADAPTIVE_AVGPOOL,
+    torch.flatten: RESHAPE, torch.reshape: RESHAPE, operator.add: ADD, operator.iadd: ADD,
+    torch.add: ADD, torch.cat: CAT, torch.concat: CAT, getattr: HELPER,
+}
+_METHOD_KINDS = {
+    "relu": RELU, "relu_": RELU, "view": RESHAPE, "reshape": RESHAPE, "flatten": RESHAPE,
+    "add": ADD, "add_": ADD, "size": HELPER, "dim": HELPER,
+}
+# Kinds whose output is >= 0 whenever all their tensor inputs are.
+_SIGN_PRESERVING = {PASS, MAXPOOL, AVGPOOL, ADAPTIVE_AVGPOOL, RESHAPE, ADD, CAT}
+
+
+class Ref(int):
+    """Index of a node used as an argument of another node."""
+
+
+class UnsupportedModelError(TypeError):
+    """The model contains operations relprop has no relevance rule for."""
+
+
+@dataclass(eq=False)
+class Node:
+    """One operation of the captured graph."""
+
+    index: int
+    name: str                       # qualified module name, or fx node name for calls
+    kind: str
+    op: str                         # fx opcode: placeholder / call_module / call_function / ...
+    target: Any                     # module, function or method name
+    args: tuple                     # fx args with parent nodes replaced by their indices
+    kwargs: dict
+    parents: tuple[int, ...] = ()   # indices of tensor-valued inputs, in argument order
+    nonneg: bool = False            # output provably >= 0 (after a ReLU)
+    first_layer: bool = False       # conv/linear reading the network input directly
+
+    @property
+    def module(self) -> nn.Module | None:
+        return self.target if isinstance(self.target, nn.Module) else None
+
+    def describe(self) -> str:
+        if self.module is not None:
+            return f"{self.name} ({type(self.module).__name__})"
+        t = self.target if isinstance(self.target, str) else getattr(self.target, "__name__", repr(self.target))
+        return f"{self.name} ({self.op} {t})"
+
+
+class _Tracer(fx.Tracer):
+    """fx tracer that also records the output node of every (container) module."""
+
+    def __init__(self):
+        super().__init__()
+        self.module_outputs: dict[str, fx.Node] = {}
+
+    def call_module(self, m, forward, args, kwargs):
+        out = super().call_module(m, forward, args, kwargs)
+        if isinstance(out, fx.Proxy):
+            self.module_outputs[self.path_of_module(m)] = out.node
+        return out
+
+
+@dataclass(eq=False)
+class Graph:
+    """A model captured once; run :meth:`forward`, then walk :attr:`nodes` backwards."""
+
+    model: nn.Module
+    nodes: list[Node]
+    module_outputs: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def input(self) -> Node:
+        return self.nodes[0]
+
+    @property
+    def output(self) -> Node:
+        return self.nodes[-1]
+
+    def node(self, name: str) -> Node:
+        """The node computing the output of module (or fx node) ``name``."""
+        if name in self.module_outputs:
+            return self.nodes[self.module_outputs[name]]
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        known = ", ".join(list(self.module_outputs)[:12])
+        raise KeyError(f"no layer named {name!r} in the model (module names look like: {known}, ...)")
+
+    @functools.cached_property
+    def consumers(self) -> list[list[int]]:
+        """Indices of the nodes reading each node's value."""
+        out: list[list[int]] = [[] for _ in self.nodes]
+        for n in self.nodes:
+            for p in n.parents:
+                out[p].append(n.index)
+        return out
+
+    def forward(self, x: torch.Tensor, grad_from: Node | None = None) -> list[Any]:
+        """Values of all nodes for input ``x`` (inference semantics).
+
+        With ``grad_from`` the value of that node is made a leaf requiring grad and every
+        later node is computed with autograd on, so gradients w.r.t. it can be taken.
+        """
+        values: list[Any] = [None] * len(self.nodes)
+        for n in self.nodes:
+            if n.kind == INPUT:
+                v = x
+            else:
+                args = _substitute(n.args, values)
+                kwargs = _substitute(n.kwargs, values)
+                with torch.set_grad_enabled(grad_from is not None and n.index > grad_from.index):
+                    v = _evaluate(n, args, kwargs)
+            if grad_from is not None and n.index == grad_from.index:
+                v = v.detach().requires_grad_(True)
+            values[n.index] = v
+        return values
+
+
+# ------------------------------------------------------------------------- capture
+def capture(model: nn.Module) -> Graph:
+    """Trace ``model`` (in inference mode, flags restored afterwards) into a :class:`Graph`."""
+    flags = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        tracer = _Tracer()
+        try:
+            fx_graph = tracer.trace(model)
+        except Exception as e:  # noqa: BLE001 - any tracing failure means "cannot capture"
+            raise UnsupportedModelError(
+                f"relprop could not capture {type(model).__name__} with torch.fx: {type(e).__name__}: {e}. "
+                "Its forward must not branch on tensor values.") from e
+    finally:
+        for m, t in flags.items():
+            m.training = t
+
+    index: dict[fx.Node, int] = {}
+    nodes: list[Node] = []
+    problems: list[str] = []
+    placeholders = [n for n in fx_graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        raise UnsupportedModelError(f"the model's forward must take exactly one tensor; it takes {len(placeholders)}")
+    seen: dict[str, int] = {}
+    for fn in fx_graph.nodes:
+        node = _make_node(fn, model, len(nodes), index)
+        if node.name in seen:  # a module called more than once (ResNet's shared relu)
+            seen[node.name] += 1
+            node.name = f"{node.name}#{seen[node.name]}"
+        else:
+            seen[node.name] = 0
+        if node.kind is None:
+            problems.append(node.describe())
+        index[fn] = node.index
+        nodes.append(node)
+    if problems:
+        raise UnsupportedModelError(
+            "relprop has no relevance rule for these operations of "
+            f"{type(model).__name__}:\n  " + "\n  ".join(problems))
+    out = nodes[-1]
+    if len(out.parents) != 1 or len(out.args) != 1 or not isinstance(out.args[0], Ref):
+        raise UnsupportedModelError("the model must return a single tensor of class scores")
+
+    _mark_signs_and_first_layers(nodes)
+    module_outputs = {k: index[v] for k, v in tracer.module_outputs.items() if v in index}
+    return Graph(model, nodes, module_outputs)
+
+
+def _make_node(fn: fx.Node, model: nn.Module, i: int, index: dict) -> Node:
+    args = _substitute(fn.args, index)
+    kwargs = _substitute(fn.kwargs, index)
+    kind: str | None
+    target: Any = fn.target
+    name = fn.name
+    if fn.op == "placeholder":
+        kind = INPUT
+    elif fn.op == "output":
+        kind = OUTPUT
+    elif fn.op == "call_module":
+        target = model.get_submodule(fn.target)
+        name = fn.target
+        kind = _MODULE_KINDS.get(type(target))
+        if kind == CONV and (target.padding_mode != "zeros" or isinstance(target.padding, str)):
+            kind = None  # non-zero padding modes and padding="same" have no transposed map here
+        if kind == BN and (target.running_mean is None or target.running_var is None):
+            kind = None
+    elif fn.op == "call_function":
+        kind = _FUNCTION_KINDS.get(fn.target)
+    elif fn.op == "call_method":
+        kind = _METHOD_KINDS.get(fn.target)
+    elif fn.op == "get_attr":
+        kind = None
+    else:
+        kind = None
+    tensor_args = list(args) + list(kwargs.values())
+    if kind == CAT:
+        tensor_args = list(args[0]) if args else list(kwargs.get("tensors", []))
+    parents = tuple(int(a) for a in _flatten(tensor_args) if isinstance(a, Ref))
+    node = Node(i, name, kind, fn.op, target, args, kwargs)
+    if kind == HELPER:
+        node.parents = ()
+    elif kind in (ADD, CAT):
+        node.parents = parents
+        if kind == ADD and len(parents) != 2:
+            node.kind = None  # adding a constant is not a relevance-preserving op
+    elif kind not in (INPUT, None):
+        node.parents = parents[:1]
+    return node
+
+
+def _mark_signs_and_first_layers(nodes: list[Node]) -> None:
+    helpers = {n.index for n in nodes if n.kind == HELPER}
+    for n in nodes:
+        n.parents = tuple(p for p in n.parents if p not in helpers)
+        if n.kind == RELU:
+            n.nonneg = True
+        elif n.kind in _SIGN_PRESERVING and n.parents:
+            n.nonneg = all(nodes[p].nonneg for p in n.parents)
+    for n in nodes:
+        if n.kind in (CONV, LINEAR):
+            p = nodes[n.parents[0]]
+            while p.kind in (PASS, RESHAPE) and p.parents:
+                p = nodes[p.parents[0]]
+            n.first_layer = p.kind == INPUT
+
+
+# ------------------------------------------------------------------------ evaluate
+def _evaluate(n: Node, args: tuple, kwargs: dict) -> Any:
+    """Compute one node with inference semantics, never in place."""
+    m = n.module
+    if n.kind == OUTPUT:
+        return args[0]
+    if m is not None:
+        x = args[0]
+        if n.kind == CONV:
+            return F.conv2d(x, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups)
+        if n.kind == LINEAR:
+            return F.linear(x, m.weight, m.bias)
+        if n.kind == BN:
+            return F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
+        if n.kind == RELU:
+            return F.relu(x)
+        if n.kind == PASS:
+            return x
+        if n.kind == MAXPOOL:
+            return F.max_pool2d(x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
+        if n.kind == AVGPOOL:
+            return F.avg_pool2d(x, m.kernel_size, m.stride, m.padding, m.ceil_mode,
+                                m.count_include_pad, m.divisor_override)
+        if n.kind == ADAPTIVE_AVGPOOL:
+            return F.adaptive_avg_pool2d(x, m.output_size)
+        if n.kind == RESHAPE:
+            return x.flatten(m.start_dim, m.end_dim)
+        raise AssertionError(n.kind)
+    if n.kind == RELU:
+        return F.relu(args[0])
+    if n.kind == PASS:  # F.dropout
+        return args[0]
+    if n.op == "call_method":
+        name = n.target.rstrip("_") if n.kind in (RELU, ADD) else n.target
+        return getattr(args[0], name)(*args[1:], **kwargs)
+    if n.kind == ADD:
+        return torch.add(*args, **kwargs)
+    return n.target(*args, **kwargs)
+
+
+def _substitute(obj, table):
+    """Replace node references (fx nodes or :class:`Ref`) inside nested args by ``table`` entries."""
+    if isinstance(obj, fx.Node):
+        return Ref(table[obj])
+    if isinstance(obj, Ref):
+        return table[obj]
+    if isinstance(obj, tuple):
+        return tuple(_substitute(o, table) for o in obj)
+    if isinstance(obj, list):
+        return [_substitute(o, table) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _substitute(v, table) for k, v in obj.items()}
+    return obj
+
+
+def _flatten(obj):
+    if isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from _flatten(o)
+    else:
+        yield obj

@@ -1,0 +1,46 @@
+"""Grad-CAM channel maps, the initial relevance of RSP and AE (methods.md §3.1, §4.1).
+
+``cam = A * mean_hw(d<logits, seed>/dA)`` per channel, not summed, not clipped, where
+``A`` is the output of the chosen layer.  The default layer is the output of the last
+convolutional block: the last node every path from input to output goes through that
+is not a pooling, dropout or reshape, before the network flattens its features
+(VGG: ``features.29``, ResNet: the output of ``layer4``, DenseNet: the final ReLU,
+Inception: ``Mixed_7c``, AlexNet: ``features.11``).
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import graph as g
+from ..engine import Context
+
+_NOT_A_BLOCK_OUTPUT = (g.MAXPOOL, g.AVGPOOL, g.ADAPTIVE_AVGPOOL, g.PASS, g.RESHAPE, g.INPUT)
+
+
+def default_layer(graph: g.Graph) -> g.Node:
+    """The output node of the last convolutional block (see module docstring)."""
+    reach = -1
+    best = None
+    for n in graph.nodes:
+        if n.kind in (g.RESHAPE, g.LINEAR, g.OUTPUT) and reach <= n.index:
+            break
+        if reach <= n.index and n.kind not in _NOT_A_BLOCK_OUTPUT and n.kind != g.HELPER:
+            best = n
+        reach = max([reach] + graph.consumers[n.index])
+    if best is None:
+        raise ValueError("could not find a convolutional block output to start from; pass init_layer=")
+    return best
+
+
+def resolve_layer(graph: g.Graph, init_layer: str | None) -> g.Node:
+    return default_layer(graph) if init_layer is None else graph.node(init_layer)
+
+
+def channel_cam(ctx: Context, node: g.Node) -> torch.Tensor:
+    """Grad-CAM channel map at ``node`` for the context's seed (one-hot target by default)."""
+    a = ctx.values[node.index]
+    if a.ndim != 4:
+        raise ValueError(f"the initial layer {node.name!r} must output a (B, C, H, W) feature map, "
+                         f"got shape {tuple(a.shape)}")
+    grad = ctx.grad(node, ctx.seed)
+    return a.detach() * grad.mean(dim=(2, 3), keepdim=True)

@@ -1,0 +1,239 @@
+"""LRP baselines (methods.md §1.4, §1.5).
+
+Two families:
+
+* Zennit-compatible LRP (``lrp-epsilon``, ``lrp-zplus``, ``lrp-alphabeta`` and the
+  composites ``lrp-epsilon-plus[-flat]``, ``lrp-epsilon-alpha2beta1[-flat]``): biases in
+  the denominators, BatchNorm folded into the conv before it, stabiliser
+  ``z + eps*sign(z)``, max-pool as gradient, average pools and residual adds by the
+  stabilised proportional ("Norm") rule.
+* ``lrp-rap-repo``: LRP-alpha-beta exactly as the RAP repository computes it (§1.4):
+  one separate denominator per signed term, biases and BatchNorm ignored, ``SD`` guards,
+  z^B with ``+1e-9`` at the input.  The golden ``lrp_*`` cases use it.
+
+Relevance starts as ``z_t`` at the target logit (``z * onehot``), or as the
+``initial_relevance`` given by the caller.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import graph as g
+from .. import rules
+from ..engine import Context, Layer, RuleTable
+from ..ops import safe_divide, stabilize
+from . import Method, register
+
+FIRST_LAYER_CHOICES = ("zb", "flat", "same")
+
+
+# ----------------------------------------------------------------------------- rules
+def epsilon(eps: float):
+    """LRP-epsilon: ``R_in = x * bwd(R / stabilize(z, eps), W)``, ``z`` with bias."""
+    def rule(layer: Layer, r: torch.Tensor) -> list:
+        lin = layer.lin
+        return [layer.x * lin.bwd(r / stabilize(layer.z, eps), lin.weight, layer.x.shape)]
+    return rule
+
+
+def alphabeta(alpha: float, beta: float, eps: float):
+    """Zennit's alpha-beta: activating terms ``x+W+ (+b+)``, ``x-W-`` share one stabilised
+    denominator, inhibiting terms ``x+W- (+b-)``, ``x-W+`` another;
+    ``R_in = alpha * activating - beta * inhibiting``.  alpha=1, beta=0 is z+."""
+    def rule(layer: Layer, r: torch.Tensor) -> list:
+        lin, x = layer.lin, layer.x
+        wp, wn = lin.pos, lin.neg
+        b = lin.bias
+        xp = x.clamp(min=0)
+        zp, zn = lin.fwd2(xp, "pn", wp, wn)          # x+W+, x+W-
+        if b is not None:
+            zp = zp + rules.bias_view(lin, b.clamp(min=0), zp)
+            zn = zn + rules.bias_view(lin, b.clamp(max=0), zn)
+        if not layer.x_nonneg:
+            xn = x.clamp(max=0)
+            zn_x, zp_x = lin.fwd2(xn, "pn", wp, wn)   # x-W+ (inhibiting), x-W- (activating)
+            zp, zn = zp + zp_x, zn + zn_x
+        sp = alpha * r / stabilize(zp, eps)
+        sn = beta * r / stabilize(zn, eps) if beta else torch.zeros_like(sp)
+        out = xp * lin.bwd2(sp, -sn, "pn", wp, wn, x.shape)
+        if not layer.x_nonneg:
+            out = out + xn * lin.bwd2(-sn, sp, "pn", wp, wn, x.shape)
+        return [out]
+    return rule
+
+
+def alphabeta_rap_repo(alpha: float):
+    """RAP repository's LRP-alpha-beta (beta = alpha - 1), each term with its own
+    denominator and no bias:
+    ``alpha*[x+ bwd(SD(R, x+W+), W+) + x- bwd(SD(R, x-W-), W-)]
+      - beta*[x+ bwd(SD(R, x+W-), W-) + x- bwd(SD(R, x-W+), W+)]``."""
+    beta = alpha - 1
+
+    def rule(layer: Layer, r: torch.Tensor) -> list:
+        lin, x = layer.lin, layer.x
+        wp, wn = lin.pos, lin.neg
+        xp = x.clamp(min=0)
+        z_pp, z_pn = lin.fwd2(xp, "pn", wp, wn)
+        out = xp * lin.bwd2(alpha * safe_divide(r, z_pp), -beta * safe_divide(r, z_pn), "pn", wp, wn, x.shape)
+        if not layer.x_nonneg:
+            xn = x.clamp(max=0)
+            z_np, z_nn = lin.fwd2(xn, "pn", wp, wn)
+            out = out + xn * lin.bwd2(-beta * safe_divide(r, z_np), alpha * safe_divide(r, z_nn), "pn", wp, wn,
+                                      x.shape)
+        return [out]
+    return rule
+
+
+def zplus_plain(negate: bool = False, divide=rules.plus_divide(1e-9)):
+    """z+ for non-negative inputs, bias ignored: ``R_in = x * bwd(divide(R, fwd(x, V)), V)``
+    with ``V = W+``, or ``V = (-W)+`` for the negated output layer of CLRP2.  With the
+    default ``+1e-9`` it is Gu's CLRP code; with ``SD`` the RAP repository's alpha=1."""
+    def rule(layer: Layer, r: torch.Tensor) -> list:
+        lin, x = layer.lin, layer.x
+        v = (-lin.weight).clamp(min=0) if negate else lin.pos
+        return [x * lin.bwd(divide(r, lin.fwd(x, v)), v, x.shape)]
+    return rule
+
+
+# ----------------------------------------------------------------------------- tables
+def first_layer_rule(first_layer: str, zb_bounds, stabilizer: float):
+    if first_layer not in FIRST_LAYER_CHOICES:
+        raise ValueError(f"first_layer must be one of {FIRST_LAYER_CHOICES}, got {first_layer!r}")
+    if first_layer == "zb":
+        return rules.zbox(zb_bounds, rules.eps_divide(stabilizer))
+    if first_layer == "flat":
+        return rules.flat(stabilizer)
+    return None
+
+
+def zennit_table(conv_rule, linear_rule, first, stabilizer: float, name: str) -> RuleTable:
+    norm = rules.eps_divide(stabilizer)
+    by_kind = rules.shared_layers(pool=rules.proportional_pool(divide=norm),
+                                  add=rules.proportional_add(divide=norm), maxpool=rules.winner_take_all)
+    by_kind.update({g.CONV: conv_rule, g.LINEAR: linear_rule})
+    return RuleTable(by_kind, first=first, fold_bn=True, name=name)
+
+
+def rap_repo_table(alpha: float, name: str = "lrp-rap-repo") -> RuleTable:
+    by_kind = rules.shared_layers(pool=rules.proportional_pool(), add=rules.proportional_add())
+    ab = alphabeta_rap_repo(alpha)
+    by_kind.update({g.CONV: ab, g.LINEAR: ab})
+    return RuleTable(by_kind, first=rules.zbox("image", rules.plus_divide(1e-9)), name=name)
+
+
+def logit_relevance(ctx: Context) -> torch.Tensor:
+    """``z * onehot(target)``, or the caller's ``initial_relevance``."""
+    return ctx.seed if ctx.user_seed else ctx.logits * ctx.seed
+
+
+class _ZennitLRP(Method):
+    def __init__(self, epsilon: float = 1e-6, stabilizer: float = 1e-6, first_layer: str = "zb",
+                 zb_bounds="image"):
+        self.epsilon, self.stabilizer, self.first_layer, self.zb_bounds = epsilon, stabilizer, first_layer, zb_bounds
+        self.table = zennit_table(self._conv_rule(), self._linear_rule(),
+                                  first_layer_rule(first_layer, zb_bounds, stabilizer), stabilizer, self.name)
+
+    def run(self, ctx: Context) -> torch.Tensor:
+        return ctx.propagate(self.table, logit_relevance(ctx))
+
+
+@register
+class Epsilon(_ZennitLRP):
+    name = "lrp-epsilon"
+    summary = "LRP-epsilon on every conv and linear layer (z^B or flat input layer)"
+
+    def _conv_rule(self):
+        return epsilon(self.epsilon)
+
+    _linear_rule = _conv_rule
+
+
+@register
+class ZPlus(_ZennitLRP):
+    name = "lrp-zplus"
+    summary = "LRP-z+ (alpha1beta0) on every conv and linear layer"
+
+    def _conv_rule(self):
+        return alphabeta(1.0, 0.0, self.stabilizer)
+
+    _linear_rule = _conv_rule
+
+
+@register
+class EpsilonPlus(_ZennitLRP):
+    name = "lrp-epsilon-plus"
+    summary = "Zennit's EpsilonPlus: z+ on convs, epsilon on linear layers"
+
+    def _conv_rule(self):
+        return alphabeta(1.0, 0.0, self.stabilizer)
+
+    def _linear_rule(self):
+        return epsilon(self.epsilon)
+
+
+@register
+class EpsilonAlpha2Beta1(_ZennitLRP):
+    name = "lrp-epsilon-alpha2beta1"
+    summary = "Zennit's EpsilonAlpha2Beta1: alpha2beta1 on convs, epsilon on linear layers"
+
+    def _conv_rule(self):
+        return alphabeta(2.0, 1.0, self.stabilizer)
+
+    def _linear_rule(self):
+        return epsilon(self.epsilon)
+
+
+@register
+class EpsilonPlusFlat(EpsilonPlus):
+    name = "lrp-epsilon-plus-flat"
+    summary = "Zennit's EpsilonPlusFlat: EpsilonPlus with the flat rule on the input layer"
+
+    def __init__(self, epsilon: float = 1e-6, stabilizer: float = 1e-6):
+        super().__init__(epsilon, stabilizer, first_layer="flat")
+
+    def params(self):
+        return {"epsilon": self.epsilon, "stabilizer": self.stabilizer}
+
+
+@register
+class EpsilonAlpha2Beta1Flat(EpsilonAlpha2Beta1):
+    name = "lrp-epsilon-alpha2beta1-flat"
+    summary = "Zennit's EpsilonAlpha2Beta1Flat: EpsilonAlpha2Beta1 with the flat rule on the input layer"
+
+    def __init__(self, epsilon: float = 1e-6, stabilizer: float = 1e-6):
+        super().__init__(epsilon, stabilizer, first_layer="flat")
+
+    params = EpsilonPlusFlat.params
+
+
+@register
+class AlphaBeta(Method):
+    name = "lrp-alphabeta"
+    summary = "LRP-alpha-beta (default alpha2beta1) on every conv and linear layer"
+
+    def __init__(self, alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-6, first_layer: str = "zb",
+                 zb_bounds="image"):
+        if alpha - beta != 1 or beta < 0:
+            raise ValueError(f"alpha-beta needs alpha - beta = 1 and beta >= 0, got alpha={alpha}, beta={beta}")
+        self.alpha, self.beta, self.stabilizer = alpha, beta, stabilizer
+        self.first_layer, self.zb_bounds = first_layer, zb_bounds
+        ab = alphabeta(alpha, beta, stabilizer)
+        self.table = zennit_table(ab, ab, first_layer_rule(first_layer, zb_bounds, stabilizer), stabilizer, self.name)
+
+    def run(self, ctx: Context) -> torch.Tensor:
+        return ctx.propagate(self.table, logit_relevance(ctx))
+
+
+@register
+class RapRepoLRP(Method):
+    name = "lrp-rap-repo"
+    summary = "LRP-alpha-beta exactly as the RAP authors' code (separate denominators, BN and biases ignored)"
+
+    def __init__(self, alpha: float = 1.0):
+        if alpha < 1:
+            raise ValueError(f"alpha must be >= 1 (beta = alpha - 1), got {alpha}")
+        self.alpha = alpha
+        self.table = rap_repo_table(alpha)
+
+    def run(self, ctx: Context) -> torch.Tensor:
+        return ctx.propagate(self.table, logit_relevance(ctx))

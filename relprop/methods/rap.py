@@ -1,0 +1,99 @@
+"""RAP -- Relative Attributing Propagation (Nam et al., AAAI 2020; methods.md §2).
+
+* Output Linear ("first propagation", §2.3): the seed (one-hot) enters with the raw
+  contributions ``x_i w_ki``, the bias is split between positive and negative evidence,
+  then *redistributed*: ``R_in = |C| * sum(C) / sum|C|`` per sample.
+* Hidden Linear / Conv (§2.4, §2.5): relevance of both signs flows to all contributors
+  in proportion to ``x W+`` and ``x |W-|``; Linear routes ``R-`` through ``W+``, Conv
+  through ``|W-|`` (the authors' code differs there, and so do we); then the uniform
+  shift of the non-zero entries restores ``sum R``.  Signed inputs are split into
+  ``x+`` and ``|x-|`` passes, each shifted to ``sum R`` (the authors' double count).
+* Input conv: z^B with per-image bounds and ``SD``.  BN, ReLU, Dropout: identity; pools
+  and residual adds proportional to the input (``SD``).
+
+Generalised beyond the authors' code: BasicBlock ResNets, DenseNet / Inception
+concatenations and any input size work, because relevance simply flows through both
+residual branches by the proportional Add rule and concatenations are split by slice.
+If the output layer is not a Linear, the seed starts as ``z * onehot`` at the output
+and every layer uses the hidden rule.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import graph as g
+from .. import rules
+from ..engine import Context, Layer, RuleTable
+from ..ops import psum, safe_divide, shift_nonzero
+from . import Method, register
+
+
+def first_propagation(layer: Layer, pd: torch.Tensor) -> list:
+    """Output-layer rule of §2.3 for seed ``pd`` at the output."""
+    lin, x = layer.lin, layer.x
+    wp, wn = lin.pos, lin.neg
+    xp, xn = x.clamp(min=0), x.clamp(max=0)
+    z1, z2 = lin.fwd2(xp, "pn", wp, wn)
+    z3, z4 = lin.fwd2(xn, "pn", wp, wn)
+    r_pp, r_pn, r_np, r_nn = z1 * pd, z2 * pd, z3 * pd, z4 * pd
+    pos, neg = psum(r_pp + r_nn), psum(r_pn + r_np)
+    b = lin.bias if lin.bias is not None else torch.zeros_like(pd[0])
+    b_p = b * pd * safe_divide(pos, pos + neg)
+    b_n = b * pd * safe_divide(neg, pos + neg)
+    c = (xp * lin.bwd2(safe_divide(r_pp, z1) + safe_divide(b_p, z1), safe_divide(r_pn, z2) + safe_divide(b_n, z2),
+                       "pn", wp, wn, x.shape)
+         + xn * lin.bwd2(safe_divide(r_np, z3), safe_divide(r_nn, z4), "pn", wp, wn, x.shape))
+    p, n = c.clamp(min=0), c.clamp(max=0)
+    total = psum(p - n)
+    return [(safe_divide(p, total) - safe_divide(n, total)) * psum(p + n)]
+
+
+def _pos_prop(layer: Layer, x: torch.Tensor, r: torch.Tensor, conv_routing: bool) -> torch.Tensor:
+    """One ``pos_prop`` of §2.4/§2.5 for a non-negative input ``x`` (``x+`` or ``|x-|``)."""
+    lin = layer.lin
+    wp, wa = lin.pos, lin.abs_neg
+    mask = (r != 0).to(r.dtype)
+    z1, z2 = lin.fwd2(x, "pa", wp, wa)
+    z1, z2 = z1 * mask, z2 * mask
+    rp, rn = r.clamp(min=0), r.clamp(max=0)
+    zs = z1 + z2
+    g_ = safe_divide(zs, zs)
+    f = safe_divide(z2, zs)
+    if conv_routing:   # R- through |W-| with denominator Z2
+        s1, s2 = safe_divide(rp * g_, z1), safe_divide(r * f + rn * g_, z2)
+    else:              # Linear: R- like R+ through W+ with denominator Z1
+        s1, s2 = safe_divide(r * g_, z1), safe_divide(r * f, z2)
+    c = x * lin.bwd2(s1, s2, "pa", wp, wa, x.shape)
+    return shift_nonzero(c, psum(c) - psum(r))
+
+
+def hidden(layer: Layer, r: torch.Tensor) -> list:
+    """Hidden Linear/Conv rule of RAP (§2.4, §2.5)."""
+    conv = layer.node.kind == g.CONV
+    x = layer.x
+    out = _pos_prop(layer, x.clamp(min=0), r, conv)
+    if not layer.x_nonneg:
+        out = out + _pos_prop(layer, (-x).clamp(min=0), r, conv)
+    return [out]
+
+
+def table(with_head: bool) -> RuleTable:
+    by_kind = rules.shared_layers(pool=rules.proportional_pool(), add=rules.proportional_add())
+    by_kind.update({g.CONV: hidden, g.LINEAR: hidden})
+    return RuleTable(by_kind, first=rules.zbox("image", safe_divide),
+                     head=first_propagation if with_head else None, name="rap")
+
+
+@register
+class RAP(Method):
+    name = "rap"
+    summary = "Relative Attributing Propagation: bi-polar relevant/irrelevant attribution (Nam et al. 2020)"
+
+    def __init__(self):
+        self.with_head, self.without_head = table(True), table(False)
+
+    def run(self, ctx: Context) -> torch.Tensor:
+        head = ctx.head()
+        if head is not None and head.kind == g.LINEAR:
+            return ctx.propagate(self.with_head, ctx.seed)
+        return ctx.propagate(self.without_head, ctx.seed if ctx.user_seed else ctx.logits * ctx.seed)

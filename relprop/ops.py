@@ -1,0 +1,203 @@
+"""Relevance primitives: the pure-PyTorch reference every kernel is tested against.
+
+Notation of methods.md §1.1: for a Linear/Conv2d layer, ``fwd(x, V)`` is the bias-free
+layer map with weights ``V`` and ``bwd(S, V)`` its transpose (the gradient of
+``<fwd(x, V), S>`` w.r.t. ``x``).  Every z-rule is ``x * bwd(S, V)`` for some scaled
+relevance ``S``.  The sign-split variants compute two products in one call by
+concatenating ``[V1; V2]`` along the output channels, as the design asks.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def safe_divide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a / b`` where ``b != 0`` and exactly 0 where ``b == 0`` (methods.md §1.2, wjNam repos)."""
+    return torch.where(b == 0, torch.zeros((), dtype=a.dtype, device=a.device), a / torch.where(b == 0, 1, b))
+
+
+def stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
+    """Zennit's stabiliser: ``z + eps * sign(z)`` with ``sign(0) = +1``."""
+    return z + eps * ((z == 0).to(z.dtype) + z.sign())
+
+
+def psum(t: torch.Tensor) -> torch.Tensor:
+    """Per-sample sum over all non-batch dims, shaped to broadcast against ``t``."""
+    return t.sum(dim=tuple(range(1, t.ndim)), keepdim=True)
+
+
+def shift_nonzero(c: torch.Tensor, excess: torch.Tensor) -> torch.Tensor:
+    """Uniform shift of RAP/RSP/AE: ``c - [c != 0] * SD(excess, #nonzero(c))`` per sample."""
+    nz = (c != 0).to(c.dtype)
+    return c - nz * safe_divide(excess, psum(nz))
+
+
+class LinearMap:
+    """The bias-free linear map of a Conv2d or Linear layer, with cached sign-split weights.
+
+    ``weight``/``bias`` may differ from the module's (BatchNorm folded in); the map only
+    reads the module, never writes it.
+    """
+
+    def __init__(self, module: nn.Module, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None):
+        self.module = module
+        self.is_conv = isinstance(module, nn.Conv2d)
+        self._scale, self._shift = scale, shift   # folded BN: W*scale, (b - mean)*scale + beta
+        self._cache: dict = {}
+
+    # ---- parameters
+    def _key(self):
+        w = self.module.weight
+        return (w.data_ptr(), w._version, w.dtype, w.device,
+                None if self._scale is None else (self._scale.data_ptr(), self._scale._version))
+
+    def _cached(self, name, fn):
+        key = (name,) + self._key()
+        hit = self._cache.get(key)
+        if hit is None:
+            if len(self._cache) > 32:
+                self._cache.clear()
+            hit = self._cache[key] = fn()
+        return hit
+
+    @property
+    def weight(self) -> torch.Tensor:
+        w = self.module.weight.detach()
+        if self._scale is None:
+            return w
+        return self._cached("w", lambda: w * self._scale.reshape(-1, *([1] * (w.ndim - 1))))
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        b = self.module.bias
+        b = None if b is None else b.detach()
+        if self._scale is None:
+            return b
+        return self._cached("b", lambda: (0 if b is None else b) * self._scale + self._shift)
+
+    @property
+    def pos(self) -> torch.Tensor:
+        """W+ = max(W, 0)."""
+        return self._cached("pos", lambda: self.weight.clamp(min=0))
+
+    @property
+    def neg(self) -> torch.Tensor:
+        """W- = min(W, 0)."""
+        return self._cached("neg", lambda: self.weight.clamp(max=0))
+
+    @property
+    def abs_neg(self) -> torch.Tensor:
+        """|W-| = max(-W, 0)."""
+        return self._cached("absneg", lambda: (-self.weight).clamp(min=0))
+
+    @property
+    def abs(self) -> torch.Tensor:
+        """|W|."""
+        return self._cached("abs", lambda: self.weight.abs())
+
+    def cat(self, name: str, v1: torch.Tensor, v2: torch.Tensor) -> torch.Tensor:
+        """``[v1; v2]`` along output channels, cached under ``name``."""
+        return self._cached("cat-" + name, lambda: torch.cat([v1, v2], 0))
+
+    # ---- maps
+    def fwd(self, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        m = self.module
+        if self.is_conv:
+            return F.conv2d(x, v, None, m.stride, m.padding, m.dilation, m.groups)
+        return F.linear(x, v)
+
+    def bwd(self, s: torch.Tensor, v: torch.Tensor, x_shape: torch.Size) -> torch.Tensor:
+        m = self.module
+        if not self.is_conv:
+            return s @ v
+        out_pad = [x_shape[2 + i] - ((s.shape[2 + i] - 1) * m.stride[i] - 2 * m.padding[i]
+                                      + m.dilation[i] * (m.kernel_size[i] - 1) + 1) for i in range(2)]
+        return F.conv_transpose2d(s, v, None, m.stride, m.padding, out_pad, m.groups, m.dilation)
+
+    def fwd2(self, x: torch.Tensor, name: str, v1: torch.Tensor, v2: torch.Tensor):
+        """``(fwd(x, v1), fwd(x, v2))`` in one call over the concatenated weights."""
+        if self.module_groups != 1:
+            return self.fwd(x, v1), self.fwd(x, v2)
+        z = self.fwd(x, self.cat(name, v1, v2))
+        return z.split(v1.shape[0], dim=1 if self.is_conv else -1)
+
+    def bwd2(self, s1, s2, name: str, v1, v2, x_shape) -> torch.Tensor:
+        """``bwd(s1, v1) + bwd(s2, v2)`` in one call over the concatenated channels."""
+        if self.module_groups != 1:
+            return self.bwd(s1, v1, x_shape) + self.bwd(s2, v2, x_shape)
+        return self.bwd(torch.cat([s1, s2], dim=1 if self.is_conv else -1), self.cat(name, v1, v2), x_shape)
+
+    @property
+    def module_groups(self) -> int:
+        return getattr(self.module, "groups", 1)
+
+    @property
+    def kernel_is_1x1(self) -> bool:
+        return self.is_conv and tuple(self.module.kernel_size) == (1, 1)
+
+
+def conv_weight_grad_per_sample(lin: LinearMap, a: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """``G[b] = d<conv(a[b], W), r[b]>/dW`` for every sample: shape (B, O, C/groups, kh, kw).
+
+    Computed as one grouped weight-gradient with the batch folded into the groups.
+    """
+    m = lin.module
+    b, c = a.shape[:2]
+    o = r.shape[1]
+    g = m.groups
+    grad = torch.nn.grad.conv2d_weight(
+        a.reshape(1, b * c, *a.shape[2:]), (b * o, c // g, *m.kernel_size), r.reshape(1, b * o, *r.shape[2:]),
+        m.stride, m.padding, m.dilation, b * g)
+    return grad.reshape(b, o, c // g, *m.kernel_size)
+
+
+def conv_per_sample(lin: LinearMap, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``conv(x[b], g[b])`` for every sample (``g`` from :func:`conv_weight_grad_per_sample`)."""
+    m = lin.module
+    b = x.shape[0]
+    y = F.conv2d(x.reshape(1, -1, *x.shape[2:]), g.reshape(-1, *g.shape[2:]), None,
+                 m.stride, m.padding, m.dilation, b * m.groups)
+    return y.reshape(b, -1, *y.shape[2:])
+
+
+def conv_transpose_per_sample(lin: LinearMap, s: torch.Tensor, g: torch.Tensor, x_shape) -> torch.Tensor:
+    """Transpose of :func:`conv_per_sample`: ``bwd(s[b], g[b])`` for every sample."""
+    m = lin.module
+    b = s.shape[0]
+    out_pad = [x_shape[2 + i] - ((s.shape[2 + i] - 1) * m.stride[i] - 2 * m.padding[i]
+                                  + m.dilation[i] * (m.kernel_size[i] - 1) + 1) for i in range(2)]
+    y = F.conv_transpose2d(s.reshape(1, -1, *s.shape[2:]), g.reshape(-1, *g.shape[2:]), None,
+                           m.stride, m.padding, out_pad, b * m.groups, m.dilation)
+    return y.reshape(b, -1, *y.shape[2:])
+
+
+def vjp(fn, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``d<fn(x), s>/dx`` for an elementwise-local ``fn`` such as a pooling layer."""
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(fn(xg), xg, s)
+    return g
+
+
+def maxpool_ties_split(x: torch.Tensor, r: torch.Tensor, kernel, stride, padding, dilation, ceil_mode) -> torch.Tensor:
+    """Gu's max-pool rule: each window's relevance split equally among all its maximal entries."""
+    kh, kw = _pair(kernel)
+    sh, sw = _pair(stride or kernel)
+    ph, pw = _pair(padding)
+    dh, dw = _pair(dilation)
+    bsz, c, h, w = x.shape
+    oh, ow = r.shape[2:]
+    extra_h = max(0, (oh - 1) * sh + dh * (kh - 1) + 1 - (h + 2 * ph))
+    extra_w = max(0, (ow - 1) * sw + dw * (kw - 1) + 1 - (w + 2 * pw))
+    xp = F.pad(x, (pw, pw + extra_w, ph, ph + extra_h), value=float("-inf"))
+    cols = F.unfold(xp.reshape(bsz * c, 1, *xp.shape[2:]), (kh, kw), (dh, dw), 0, (sh, sw))  # (BC, k, L)
+    ties = (cols == cols.max(dim=1, keepdim=True).values).to(x.dtype)
+    share = ties * (r.reshape(bsz * c, 1, -1) / ties.sum(dim=1, keepdim=True))
+    out = F.fold(share, xp.shape[2:], (kh, kw), (dh, dw), 0, (sh, sw))
+    return out[..., ph:ph + h, pw:pw + w].reshape(bsz, c, h, w)
+
+
+def _pair(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)

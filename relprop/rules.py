@@ -1,0 +1,135 @@
+"""Layer rules shared by the methods (methods.md §1, §7).
+
+A rule maps ``(layer, R)`` -- ``R`` the relevance at the layer output -- to a list with
+the relevance at each tensor input.  Factories take the method-specific choices (how the
+input is stabilised, how denominators are guarded) and return the rule.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from . import graph as g
+from .engine import Layer, Rule
+from .ops import maxpool_ties_split, safe_divide, stabilize, vjp
+
+Divide = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def eps_divide(eps: float) -> Divide:
+    """``R / stabilize(z, eps)`` (Zennit's stabiliser)."""
+    return lambda r, z: r / stabilize(z, eps)
+
+
+def plus_divide(eps: float) -> Divide:
+    """``R / (z + eps)`` (LRP code of the RAP repository, Gu's CLRP)."""
+    return lambda r, z: r / (z + eps)
+
+
+# ----------------------------------------------------------------- structural rules
+def passthrough(layer: Layer, r: torch.Tensor) -> list:
+    """ReLU, Dropout, Identity, BatchNorm: relevance passes unchanged."""
+    return [r]
+
+
+def reshape(layer: Layer, r: torch.Tensor) -> list:
+    """Flatten / view / reshape: relevance takes the input's shape back."""
+    return [r.reshape(layer.x.shape)]
+
+
+def cat(layer: Layer, r: torch.Tensor) -> list:
+    """Concatenation: each input gets its own slice of the relevance."""
+    dim = layer.args[1] if len(layer.args) > 1 else layer.kwargs.get("dim", 0)
+    return list(r.split([x.shape[dim] for x in layer.xs], dim=dim))
+
+
+def proportional_add(transform=None, divide: Divide = safe_divide) -> Rule:
+    """Residual add ``y = x0 + x1``: ``R_k = x_k * R / (x0 + x1)`` on transformed inputs."""
+    def rule(layer: Layer, r: torch.Tensor) -> list:
+        xs = [transform(x) if transform else x for x in layer.xs]
+        s = divide(r, xs[0] + xs[1])
+        return [x * s for x in xs]
+    return rule
+
+
+def proportional_pool(transform=None, divide: Divide = safe_divide) -> Rule:
+    """Pooling as a z-rule: ``R_in = x * vjp_pool(R / pool(x))`` -- winner-take-all for max
+    pooling (PyTorch's arg-max), proportional to the input for average pooling."""
+    def rule(layer: Layer, r: torch.Tensor) -> list:
+        x = transform(layer.x) if transform else layer.x
+        z = layer.recompute(x) if transform else layer.y
+        return [x * vjp(layer.recompute, x, divide(r, z))]
+    return rule
+
+
+def winner_take_all(layer: Layer, r: torch.Tensor) -> list:
+    """Max pooling as a plain gradient: each window's relevance goes to its arg-max (Zennit)."""
+    return [vjp(layer.recompute, layer.x, r)]
+
+
+def maxpool_ties_shared(layer: Layer, r: torch.Tensor) -> list:
+    """Gu's max-pool rule: a window's relevance is split equally among its maximal entries."""
+    m = layer.node.module
+    if m is not None:
+        p = (m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
+    else:
+        names = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
+        given = dict(zip(names, layer.args[1:]), **layer.kwargs)
+        defaults = {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False}
+        p = tuple(given.get(k, defaults.get(k)) for k in names)
+    return [maxpool_ties_split(layer.x, r, *p)]
+
+
+def shared_layers(pool: Rule, add: Rule, maxpool: Rule | None = None) -> dict:
+    """The rule table entries every method shares, with its own pooling and add rules."""
+    return {g.RELU: passthrough, g.PASS: passthrough, g.BN: passthrough, g.RESHAPE: reshape,
+            g.CAT: cat, g.ADD: add, g.MAXPOOL: maxpool or pool, g.AVGPOOL: pool, g.ADAPTIVE_AVGPOOL: pool}
+
+
+# ----------------------------------------------------------------- input-layer rules
+def image_bounds(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample global min / max of the input (the wjNam repositories' z^B bounds)."""
+    dims = tuple(range(1, x.ndim))
+    return x.amin(dims, keepdim=True), x.amax(dims, keepdim=True)
+
+
+def zbox(bounds="image", divide: Divide = safe_divide) -> Rule:
+    """z^B: ``Z = fwd(x,W) - fwd(L,W+) - fwd(H,W-)``,
+    ``R_in = x*bwd(S,W) - L*bwd(S,W+) - H*bwd(S,W-)`` with ``S = divide(R, Z)``.
+
+    ``bounds`` is ``"image"`` (per-sample min/max) or ``(low, high)``: numbers or
+    per-channel sequences/tensors.
+    """
+    def rule(layer: Layer, r: torch.Tensor) -> list:
+        lin, x = layer.lin, layer.x
+        if bounds == "image":
+            lo, hi = image_bounds(x)
+        else:
+            lo, hi = (_channel_tensor(b, x) for b in bounds)
+        low, high = torch.ones_like(x) * lo, torch.ones_like(x) * hi
+        w, wp, wn = lin.weight, lin.pos, lin.neg
+        z = lin.fwd(x, w) - lin.fwd(low, wp) - lin.fwd(high, wn)
+        s = divide(r, z)
+        return [x * lin.bwd(s, w, x.shape) - low * lin.bwd(s, wp, x.shape) - high * lin.bwd(s, wn, x.shape)]
+    return rule
+
+
+def _channel_tensor(b, x: torch.Tensor) -> torch.Tensor:
+    t = torch.as_tensor(b, dtype=x.dtype, device=x.device)
+    return t.reshape(1, -1, *([1] * (x.ndim - 2))) if t.ndim == 1 and x.ndim > 2 else t
+
+
+def flat(eps: float = 1e-6) -> Rule:
+    """Flat: all inputs and weights set to one, ``R_in = bwd(R / stabilize(fwd(1, 1)), 1)``."""
+    def rule(layer: Layer, r: torch.Tensor) -> list:
+        lin, x = layer.lin, layer.x
+        ones_w = torch.ones_like(lin.weight)
+        z = lin.fwd(torch.ones_like(x), ones_w)
+        return [lin.bwd(r / stabilize(z, eps), ones_w, x.shape)]
+    return rule
+
+
+def bias_view(lin, b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Bias shaped to broadcast against a layer output."""
+    return b.reshape(1, -1, *([1] * (like.ndim - 2))) if lin.is_conv else b
