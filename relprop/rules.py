@@ -29,8 +29,20 @@ def plus_divide(eps: float) -> Divide:
 
 # ----------------------------------------------------------------- structural rules
 def passthrough(layer: Layer, r: torch.Tensor) -> list:
-    """ReLU, Dropout, Identity, BatchNorm: relevance passes unchanged."""
+    """ReLU, Dropout, Identity (and BatchNorm for Zennit): relevance passes unchanged."""
     return [r]
+
+
+def batchnorm_authors(layer: Layer, r: torch.Tensor) -> list:
+    """The authors' BatchNorm rule ``x * SD(R, x*w) * w``, ``w = gamma / sqrt(var^2 + eps)``
+    (sic, methods.md §1.4, §2.7): the identity, except that relevance is dropped where
+    ``x*w == 0`` (a BatchNorm input that is exactly zero)."""
+    m = layer.node.module
+    w = (m.running_var ** 2 + m.eps).rsqrt()
+    if m.weight is not None:
+        w = w * m.weight.detach()
+    xw = layer.x * w.reshape(1, -1, *([1] * (layer.x.ndim - 2)))
+    return [torch.where(xw != 0, r, torch.zeros((), dtype=r.dtype, device=r.device))]
 
 
 def reshape(layer: Layer, r: torch.Tensor) -> list:
@@ -81,9 +93,9 @@ def maxpool_ties_shared(layer: Layer, r: torch.Tensor) -> list:
     return [maxpool_ties_split(layer.x, r, *p)]
 
 
-def shared_layers(pool: Rule, add: Rule, maxpool: Rule | None = None) -> dict:
+def shared_layers(pool: Rule, add: Rule, maxpool: Rule | None = None, bn: Rule = batchnorm_authors) -> dict:
     """The rule table entries every method shares, with its own pooling and add rules."""
-    return {g.RELU: passthrough, g.PASS: passthrough, g.BN: passthrough, g.RESHAPE: reshape,
+    return {g.RELU: passthrough, g.PASS: passthrough, g.BN: bn, g.RESHAPE: reshape,
             g.CAT: cat, g.ADD: add, g.MAXPOOL: maxpool or pool, g.AVGPOOL: pool, g.ADAPTIVE_AVGPOOL: pool}
 
 

@@ -1,0 +1,164 @@
+"""Public API behaviour: targets, seeds, batching, diagnostics, and that the user's model
+is never changed."""
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import relprop
+
+ALL_METHODS = sorted(relprop.available_methods())
+
+
+def small_vgg(golden_models, bn=False, classes=5):
+    return golden_models.build({"family": "vgg", "cfg": [6, "M", 8, "M", 8, "M"], "batch_norm": bn,
+                                "hidden": [12, 12], "num_classes": classes, "avgpool": [3, 3]})
+
+
+def small_resnet(golden_models):
+    return golden_models.build({"family": "resnet", "block": "bottleneck", "layers": [1, 1, 1, 1],
+                                "stem_width": 8, "planes": [4, 4, 8, 8], "expansion": 2, "num_classes": 6})
+
+
+def snapshot(model):
+    return ({k: v.clone() for k, v in model.state_dict(keep_vars=False).items()},
+            {n: m.training for n, m in model.named_modules()},
+            {n: (dict(m._forward_hooks), dict(m._forward_pre_hooks), dict(m._backward_hooks))
+             for n, m in model.named_modules()},
+            {n: p.requires_grad for n, p in model.named_parameters()})
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_model_is_never_changed(golden_models, method):
+    """Parameters, buffers (BN statistics), hooks, flags: bit for bit identical, even for a
+    model left in training mode; the model's own forward is never called."""
+    model = small_resnet(golden_models).train()
+    calls = []
+    model.layer1[0].conv1.register_forward_hook(lambda *a: calls.append(1))
+    before = snapshot(model)
+    relprop.explain(model, torch.randn(2, 3, 40, 40), method=method)
+    after = snapshot(model)
+    for k in before[0]:
+        assert torch.equal(before[0][k], after[0][k]), k
+    assert before[1:] == after[1:]
+    assert calls == []
+
+
+def test_training_mode_explains_with_inference_semantics(golden_models):
+    model = small_vgg(golden_models, bn=True)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.2)
+            m.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 32, 32)
+    r_eval = relprop.explain(model.eval(), x, method="rap")
+    r_train = relprop.explain(model.train(), x, method="rap")
+    torch.testing.assert_close(r_train, r_eval, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["rap", "rsp", "gradient", "lrp-epsilon"])
+def test_works_under_no_grad(golden_models, method):
+    model = small_vgg(golden_models)
+    x = torch.randn(2, 3, 32, 32)
+    expected = relprop.explain(model, x, method=method)
+    with torch.no_grad():
+        got = relprop.explain(model, x, method=method)
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_batch_equals_samples_one_by_one(golden_models, method):
+    """One batched pass gives each sample the map it gets alone (per-sample sums, shifts,
+    normalisations and RSP kernels)."""
+    model = small_resnet(golden_models).double()
+    x = torch.randn(3, 3, 40, 40, dtype=torch.float64)
+    targets = [1, 4, 0]
+    ex = relprop.Explainer(model, method)
+    batched = ex(x, targets)
+    for i, t in enumerate(targets):
+        torch.testing.assert_close(batched[i:i + 1], ex(x[i:i + 1], t), rtol=1e-7, atol=1e-9)
+
+
+def test_target_forms_agree(golden_models):
+    model = small_vgg(golden_models)
+    x = torch.randn(3, 3, 32, 32)
+    ex = relprop.Explainer(model, "rap")
+    att = ex.attribute(x)
+    assert torch.equal(att.target, att.logits.argmax(1))
+    torch.testing.assert_close(ex(x, att.target.tolist()), att.relevance)
+    torch.testing.assert_close(ex(x, att.target), att.relevance)
+    all_two = ex(x, 2)
+    torch.testing.assert_close(all_two, ex(x, [2, 2, 2]))
+    torch.testing.assert_close(ex.heatmap(x, 2), all_two.sum(1))
+
+
+def test_initial_relevance_seeds_the_output(golden_models):
+    """LRP is linear in the output seed: seeding logit*onehot is the default, and the map of
+    a sum of seeds is the sum of the maps."""
+    model = small_vgg(golden_models).double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    ex = relprop.Explainer(model, "lrp-epsilon", first_layer="same")
+    att = ex.attribute(x, 1)
+    onehot = torch.nn.functional.one_hot(torch.tensor([1, 1]), 5).double()
+    torch.testing.assert_close(ex(x, initial_relevance=att.logits * onehot), att.relevance)
+    a, b = torch.randn(2, 5, dtype=torch.float64), torch.randn(2, 5, dtype=torch.float64)
+    torch.testing.assert_close(ex(x, initial_relevance=a + b),
+                               ex(x, initial_relevance=a) + ex(x, initial_relevance=b))
+
+
+def test_layer_sums_report_conservation(golden_models):
+    model = small_vgg(golden_models).double()
+    x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
+    att = relprop.Explainer(model, "lrp-rap-repo").attribute(x, layer_sums=True)
+    z_t = att.logits.gather(1, att.target[:, None])[:, 0]
+    for name in ("classifier.6", "classifier.0", "features.0"):
+        assert name in att.layer_sums
+    torch.testing.assert_close(att.layer_sums["classifier.6"], z_t)
+    torch.testing.assert_close(att.layer_sums["features.3"], z_t)
+    assert att.layer_sums["features.3"].shape == (2,)
+
+
+def test_inplace_and_functional_relus_are_captured():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.act = nn.ReLU(inplace=True)
+            self.fc = nn.Linear(4 * 8 * 8, 3)
+
+        def forward(self, x):
+            x = self.act(self.conv(x))
+            x = torch.relu_(x)
+            x = torch.nn.functional.relu(x, inplace=True)
+            return self.fc(x.view(x.size(0), -1))
+
+    net = Net().double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    att = relprop.Explainer(net, "lrp-rap-repo").attribute(x)
+    z_t = att.logits.gather(1, att.target[:, None])[:, 0]
+    torch.testing.assert_close(att.relevance.sum((1, 2, 3)), z_t)
+
+
+def test_import_is_light():
+    """``import relprop`` needs only torch: Triton, matplotlib, torchvision stay unloaded."""
+    code = ("import sys, relprop; heavy = [m for m in ('triton', 'matplotlib', 'torchvision', 'relprop.kernels') "
+            "if m in sys.modules]; print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_kernels_is_not_a_top_level_module(tmp_path):
+    out = subprocess.run([sys.executable, "-c", "import relprop.kernels; import kernels"], cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert "No module named 'kernels'" in out.stderr
+
+
+def test_backends_report_reasons():
+    info = relprop.backends()
+    assert info["torch"] == {"available": True, "reason": "ok"}
+    for name in ("triton", "cuda"):
+        if not info[name]["available"]:
+            with pytest.raises(RuntimeError, match=f"backend '{name}' is unavailable: .+"):
+                relprop.Explainer(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), "rap", backend=name)

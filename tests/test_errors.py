@@ -1,0 +1,112 @@
+"""Bad input gets one clear error naming the problem."""
+import pytest
+import torch
+import torch.nn as nn
+
+import relprop
+
+
+@pytest.fixture
+def model():
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 5))
+
+
+def test_unsupported_layers_are_all_listed():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.act = nn.GELU()
+            self.gate = nn.Sigmoid()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            x = self.gate(self.act(self.conv(x))) * 2
+            return self.fc(x.mean((2, 3)))
+
+    with pytest.raises(relprop.UnsupportedModelError) as err:
+        relprop.Explainer(Net(), "rap")
+    msg = str(err.value)
+    for part in ("act (GELU)", "gate (Sigmoid)", "mul", "mean"):
+        assert part in msg
+
+
+def test_untraceable_model():
+    class Branchy(nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x
+
+    with pytest.raises(relprop.UnsupportedModelError, match="could not capture Branchy with torch.fx"):
+        relprop.Explainer(Branchy(), "rap")
+
+
+def test_model_must_return_one_tensor():
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            y = self.fc(x)
+            return y, y
+
+    with pytest.raises(relprop.UnsupportedModelError, match="single tensor"):
+        relprop.Explainer(Two(), "rap")
+
+
+@pytest.mark.parametrize("x, match", [
+    (torch.randn(3, 8, 8), r"input must have shape \(B, C, H, W\).*got 3 dims"),
+    (torch.randn(1, 4, 8, 8), "input has 4 channels but the first layer '0' expects 3"),
+    (torch.randn(0, 3, 8, 8), "empty batch"),
+    (torch.randn(2, 3, 8, 8, dtype=torch.float64), "input is torch.float64 on cpu but the model is torch.float32"),
+    (torch.ones(2, 3, 8, 8, dtype=torch.long), "floating-point"),
+])
+def test_bad_input_shapes_and_types(model, x, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        relprop.explain(model, x, method="rap")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_input(model, bad):
+    x = torch.randn(2, 3, 8, 8)
+    x[1, 0, 2, 2] = bad
+    with pytest.raises(ValueError, match=r"input contains NaN or Inf \(1 of 384 values\)"):
+        relprop.explain(model, x, method="rap")
+
+
+@pytest.mark.parametrize("target, match", [
+    (5, "target 5 out of range for a model with 5 classes"),
+    ([0, -1], "target -1 out of range"),
+    ([0, 1, 2], "got 3 targets for a batch of 2"),
+    (1.5, "integer class indices"),
+])
+def test_bad_targets(model, target, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        relprop.explain(model, torch.randn(2, 3, 8, 8), target, method="rap")
+
+
+def test_unknown_method_and_parameter(model):
+    with pytest.raises(ValueError, match="unknown method 'rapp'; choose one of: .*rap.*rsp"):
+        relprop.Explainer(model, "rapp")
+    with pytest.raises(TypeError, match="method 'ae' has no parameter\\(s\\) 'alpha'; its parameters are: ratio, init_layer"):
+        relprop.Explainer(model, "ae", alpha=1)
+    with pytest.raises(ValueError, match="ratio r must lie in"):
+        relprop.Explainer(model, "ae", ratio=3)
+
+
+def test_bad_initial_relevance(model):
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"initial_relevance must have shape \(2, 5\)"):
+        relprop.Explainer(model, "lrp-epsilon")(x, initial_relevance=torch.ones(2, 4))
+    with pytest.raises(ValueError, match="builds its own target and dual seeds"):
+        relprop.Explainer(model, "clrp")(x, initial_relevance=torch.ones(2, 5))
+
+
+def test_unknown_init_layer(model):
+    with pytest.raises(KeyError, match="no layer named 'features.29'"):
+        relprop.Explainer(model, "rsp", init_layer="features.29")(torch.randn(1, 3, 8, 8))
+
+
+def test_not_a_module():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        relprop.Explainer(lambda x: x, "rap")
