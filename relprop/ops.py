@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 def safe_divide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a / b`` where ``b != 0`` and exactly 0 where ``b == 0`` (methods.md §1.2, wjNam repos)."""
-    return torch.where(b == 0, torch.zeros((), dtype=a.dtype, device=a.device), a / torch.where(b == 0, 1, b))
+    return torch.where(b == 0, torch.zeros((), dtype=a.dtype, device=a.device), a / b)
 
 
 def stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:

@@ -49,20 +49,23 @@ def first_propagation(layer: Layer, pd: torch.Tensor) -> list:
 
 
 def _pos_prop(layer: Layer, x: torch.Tensor, r: torch.Tensor, conv_routing: bool) -> torch.Tensor:
-    """One ``pos_prop`` of §2.4/§2.5 for a non-negative input ``x`` (``x+`` or ``|x-|``)."""
+    """One ``pos_prop`` of §2.4/§2.5 for a non-negative input ``x`` (``x+`` or ``|x-|``), in
+    its closed form with ``Z+ = fwd(x, W+)``, ``Z- = fwd(x, |W-|)``:
+
+    Linear: ``C = x * (bwd(SD(R, Z+), W+) + bwd(SD(R, Z+ + Z-), |W-|))``
+    Conv:   ``C = x * (bwd(SD(R+, Z+), W+) + bwd(SD(R-, Z-) + SD(R, Z+ + Z-), |W-|))``
+
+    then the uniform shift of the non-zero entries restores ``sum R``.  (The authors' masks
+    ``[R != 0]`` and ``[Z+ + Z- != 0]`` never change the result: all terms are >= 0.)
+    """
     lin = layer.lin
     wp, wa = lin.pos, lin.abs_neg
-    mask = (r != 0).to(r.dtype)
-    z1, z2 = lin.fwd2(x, "pa", wp, wa)
-    z1, z2 = z1 * mask, z2 * mask
-    rp, rn = r.clamp(min=0), r.clamp(max=0)
-    zs = z1 + z2
-    g_ = safe_divide(zs, zs)
-    f = safe_divide(z2, zs)
-    if conv_routing:   # R- through |W-| with denominator Z2
-        s1, s2 = safe_divide(rp * g_, z1), safe_divide(r * f + rn * g_, z2)
-    else:              # Linear: R- like R+ through W+ with denominator Z1
-        s1, s2 = safe_divide(r * g_, z1), safe_divide(r * f, z2)
+    zp, zn = lin.fwd2(x, "pa", wp, wa)
+    s_both = safe_divide(r, zp + zn)
+    if conv_routing:   # R- through |W-| with denominator Z-
+        s1, s2 = safe_divide(r.clamp(min=0), zp), s_both + safe_divide(r.clamp(max=0), zn)
+    else:              # Linear: R- like R+ through W+ with denominator Z+
+        s1, s2 = safe_divide(r, zp), s_both
     c = x * lin.bwd2(s1, s2, "pa", wp, wa, x.shape)
     return shift_nonzero(c, psum(c) - psum(r))
 
