@@ -3,7 +3,7 @@
 No download is needed.  :func:`make_shapes` draws RGB images of one coloured shape
 (square, disc, triangle or cross; random position, size and colour) on a noisy,
 textured background, with the shape's mask; :func:`make_model` is a small VGG-style
-CNN; :func:`run` trains it for a few hundred steps on CPU (well under a minute),
+CNN; :func:`run` trains it for 200 steps on 1024 such images on CPU (under a minute),
 measures held-out accuracy, explains a few held-out images with each method (one
 batched call per method) and writes ``heatmaps.png`` and ``summary.json``.
 
@@ -18,6 +18,7 @@ information, so a good explanation puts most of it on the shape; compare with
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from typing import Sequence
@@ -34,8 +35,10 @@ CLASSES = ("square", "disc", "triangle", "cross")
 SIZE = 64
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.25, 0.25, 0.25)
-DEFAULT_STEPS = 300
+DEFAULT_STEPS = 200
 BATCH = 32
+LR = 3e-3
+TRAIN_IMAGES = 1024
 TEST_IMAGES = 256
 
 
@@ -87,7 +90,7 @@ def normalise(images: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- model
-def make_model(width: int = 16, classes: int = len(CLASSES), batchnorm: bool = True) -> nn.Sequential:
+def make_model(width: int = 8, classes: int = len(CLASSES), batchnorm: bool = True) -> nn.Sequential:
     """A small VGG: (conv-[BN]-ReLU-conv-[BN]-ReLU-maxpool) x 3, global average pool, MLP head."""
     layers: list[nn.Module] = []
     cin = 3
@@ -107,16 +110,23 @@ def make_model(width: int = 16, classes: int = len(CLASSES), batchnorm: bool = T
     )
 
 
-def train(model: nn.Module, steps: int, generator: torch.Generator, batch: int = BATCH, progress: bool = True) -> float:
-    """Adam with a one-cycle schedule on freshly drawn batches; returns the last loss."""
+def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: int, generator: torch.Generator,
+          batch: int = BATCH, progress: bool = True) -> float:
+    """Adam on random mini-batches of (normalised) ``images``; returns the last loss.
+
+    The learning rate warms up linearly over the first 10% of the steps, then decays
+    along a cosine to zero.
+    """
     model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=max(steps, 1), pct_start=0.2)
+    opt = torch.optim.Adam(model.parameters(), lr=LR)
+    warm = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: min(1.0, (i + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(i, steps) / max(steps, 1))))
     loss_value = float("nan")
     bar = tqdm(range(steps), desc="training", unit="step", disable=not progress or None, leave=False)
     for _ in bar:
-        images, labels, _ = make_shapes(batch, generator)
-        loss = F.cross_entropy(model(normalise(images)), labels)
+        idx = torch.randint(len(images), (batch,), generator=generator)
+        loss = F.cross_entropy(model(images[idx]), labels[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -150,10 +160,12 @@ def check_methods(methods: Sequence[str] | None) -> list[str]:
 
 
 def run(out_dir="relprop-demo", methods: Sequence[str] | None = None, images: int = 6, seed: int = 0,
-        steps: int = DEFAULT_STEPS, test_images: int = TEST_IMAGES, progress: bool = True) -> dict:
+        steps: int = DEFAULT_STEPS, train_images: int | None = None, test_images: int | None = None,
+        progress: bool = True) -> dict:
     """Train, evaluate, explain ``images`` held-out images with each method, write the grid.
 
     Writes ``out_dir/heatmaps.png`` and ``out_dir/summary.json``; returns the summary.
+    ``train_images``/``test_images`` default to :data:`TRAIN_IMAGES`/:data:`TEST_IMAGES`.
     Each method explains the model's predicted class.  A method that raises is
     recorded under ``"failed"`` (its column is left out) instead of stopping the demo.
     """
@@ -164,11 +176,15 @@ def run(out_dir="relprop-demo", methods: Sequence[str] | None = None, images: in
     torch.manual_seed(seed)
     t_start = time.perf_counter()
 
-    test_x, test_y, test_m = make_shapes(max(test_images, images), torch.Generator().manual_seed(seed + 1),
-                                         labels=torch.arange(max(test_images, images)) % len(CLASSES))
+    train_images = TRAIN_IMAGES if train_images is None else train_images
+    n_test = max(TEST_IMAGES if test_images is None else test_images, images)
+    test_x, test_y, test_m = make_shapes(n_test, torch.Generator().manual_seed(seed + 1),
+                                         labels=torch.arange(n_test) % len(CLASSES))   # every class in turn
+    gen = torch.Generator().manual_seed(seed)
+    train_x, train_y, _ = make_shapes(train_images, gen)
     model = make_model()
     t0 = time.perf_counter()
-    loss = train(model, steps, torch.Generator().manual_seed(seed), progress=progress)
+    loss = train(model, normalise(train_x), train_y, steps, gen, progress=progress)
     train_s = time.perf_counter() - t0
     acc = accuracy(model, test_x, test_y)
 
@@ -203,7 +219,8 @@ def run(out_dir="relprop-demo", methods: Sequence[str] | None = None, images: in
 
     summary = {
         "accuracy": acc, "chance": 1 / len(CLASSES), "test_images": len(test_y), "classes": list(CLASSES),
-        "seed": seed, "steps": steps, "batch": BATCH, "final_loss": loss, "train_seconds": train_s,
+        "seed": seed, "train_images": train_images, "steps": steps, "batch": BATCH, "final_loss": loss,
+        "train_seconds": train_s,
         "method_seconds": seconds, "mask_share": shares, "mask_area": mask_area, "failed": failed,
         "explained": [{"true": CLASSES[t], "predicted": CLASSES[p], "confidence": c}
                       for t, p, c in zip(test_y[:images].tolist(), pred.tolist(), conf.tolist())],
@@ -216,7 +233,8 @@ def run(out_dir="relprop-demo", methods: Sequence[str] | None = None, images: in
 
 def format_summary(summary: dict) -> str:
     """A few lines for the console."""
-    lines = [f"trained {summary['steps']} steps x {summary['batch']} images in {summary['train_seconds']:.1f} s; "
+    lines = [f"trained {summary['steps']} steps (batch {summary['batch']}, {summary['train_images']} synthetic images) "
+             f"in {summary['train_seconds']:.1f} s; "
              f"held-out accuracy {summary['accuracy']:.1%} on {summary['test_images']} images "
              f"(chance {summary['chance']:.0%})",
              f"{'method':<30} {'seconds':>8} {'mask share':>11}"]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
+import uuid
 from typing import Sequence
 
 import numpy as np
@@ -78,10 +78,10 @@ def image_to_rgb(x, mean=None, std=None) -> np.ndarray:
 def write_atomic(path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same folder + os.replace."""
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    folder, base = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{base}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:          # plain open: the file gets the usual umask permissions
             f.write(data)
         os.replace(tmp, path)
     except BaseException:
@@ -102,7 +102,8 @@ def save_grid(path, images: Sequence, heatmaps_by_column: Sequence[Sequence], co
     ``column_titles``: one per column *including* the input column (so
     ``len(heatmaps_by_column) + 1``); long titles wrap at hyphens.  ``row_titles``:
     optional labels drawn left of each row.  ``scale``: integer upscaling of every cell
-    (nearest neighbour, so pixels stay exact).  ``caption``: optional line under the grid.
+    (nearest neighbour, so pixels stay exact).  ``caption``: optional text under the
+    grid, wrapped to its width.
 
     Layout (no row titles, no caption): width ``PAD + cols * (W*scale + PAD)``; the
     cells of the last row end ``PAD`` pixels above the bottom edge.
@@ -132,9 +133,10 @@ def save_grid(path, images: Sequence, heatmaps_by_column: Sequence[Sequence], co
     line_h = font.getbbox("Ag")[3] + LINE_SPACING
     wrapped = [_wrap(str(t), cw, text_w) for t in column_titles]
     title_h = max(len(lines) for lines in wrapped) * line_h + PAD
-    left = (max(text_w(t) for t in row_titles) + PAD) if row_titles else 0
-    cap_h = (line_h + PAD) if caption else 0
-    width = max(PAD + left + n_cols * (cw + PAD), (text_w(caption) + 2 * PAD) if caption else 0)
+    left = (max(text_w(str(t)) for t in row_titles) + 2 * PAD) if row_titles else 0
+    width = PAD + left + n_cols * (cw + PAD)
+    caption_lines = _wrap(caption, width - 2 * PAD, text_w) if caption else []
+    cap_h = len(caption_lines) * line_h + (PAD if caption else 0)
     height = PAD + title_h + n_rows * (ch + PAD) + cap_h
 
     canvas = Image.new("RGB", (width, height), BACKGROUND)
@@ -159,8 +161,8 @@ def save_grid(path, images: Sequence, heatmaps_by_column: Sequence[Sequence], co
             canvas.paste(tile, (PAD + left + j * (cw + PAD), y0))
         if row_titles:
             draw.text((PAD, y0 + (ch - line_h) // 2), str(row_titles[i]), fill=TEXT, font=font)
-    if caption:
-        draw.text((PAD, height - cap_h), caption, fill=TEXT, font=font)
+    for k, line in enumerate(caption_lines):
+        draw.text((PAD, height - cap_h + k * line_h), line, fill=TEXT, font=font)
 
     buf = io.BytesIO()
     canvas.save(buf, format="PNG")
@@ -169,7 +171,8 @@ def save_grid(path, images: Sequence, heatmaps_by_column: Sequence[Sequence], co
 
 
 def _wrap(title: str, width: int, text_w) -> list[str]:
-    """Split ``title`` into lines no wider than ``width``, breaking after hyphens/spaces."""
+    """Split ``title`` into lines no wider than ``width``, breaking after hyphens/spaces
+    (a single word wider than ``width`` stays on its own line)."""
     pieces, cur = [], ""
     for ch in title:
         cur += ch

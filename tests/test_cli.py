@@ -1,0 +1,178 @@
+"""The ``relprop`` command line and the synthetic-shapes demo behind ``relprop demo``."""
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import relprop
+from relprop import cli, demo, viz
+
+
+def _exit_code(argv):
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    return info.value.code
+
+
+def test_help_explains_relprop(capsys):
+    assert _exit_code(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "relevance propagation" in out
+    for command in ("demo", "methods", "backends"):
+        assert command in out
+    assert "relprop demo --methods" in out                       # an example line
+
+
+@pytest.mark.parametrize("command", ["demo", "methods", "backends"])
+def test_every_subcommand_has_help_with_an_example(command, capsys):
+    assert _exit_code([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert f"usage: relprop {command}" in out
+    assert "example" in out and f"relprop {command}" in out.split("example", 1)[1]
+
+
+def test_demo_help_documents_every_option(capsys):
+    _exit_code(["demo", "--help"])
+    out = capsys.readouterr().out
+    for option in ("--out", "--methods", "--images", "--seed", "--steps", "relprop-demo", "heatmaps.png"):
+        assert option in out
+
+
+def test_no_command_prints_help_and_fails(capsys):
+    assert cli.main([]) == 2
+    assert "usage: relprop" in capsys.readouterr().err
+
+
+def test_methods_lists_every_method(capsys):
+    assert cli.main(["methods"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    methods = relprop.available_methods()
+    assert len(methods) == 15 and len(lines) == len(methods)
+    for line, (name, summary) in zip(lines, methods.items()):
+        assert line.split()[0] == name
+        assert line.rstrip().endswith(summary)
+
+
+def test_backends_reports_availability_and_reasons(capsys):
+    assert cli.main(["backends"]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.strip().splitlines()}
+    assert set(lines) == set(relprop.backends())
+    assert "unavailable" not in lines["torch"] and "available" in lines["torch"]
+    for name, info in relprop.backends().items():
+        if not info["available"]:
+            assert "unavailable" in lines[name] and info["reason"] in lines[name]
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Fail the test if the demo starts drawing data or training."""
+    def refuse(*a, **k):
+        raise AssertionError("the demo started working before validating its arguments")
+    monkeypatch.setattr(demo, "make_shapes", refuse)
+    monkeypatch.setattr(demo, "train", refuse)
+
+
+def test_unknown_method_exits_2_naming_it_and_the_valid_ones(tmp_path, capsys, no_training):
+    out = tmp_path / "out"
+    assert _exit_code(["demo", "--out", str(out), "--methods", "rap,lrp-epsilonn"]) == 2
+    err = capsys.readouterr().err
+    assert "'lrp-epsilonn'" in err and "unknown method" in err
+    assert "'rap'" not in err                                      # only the bad name is reported as unknown
+    for name in relprop.available_methods():
+        assert name in err
+    assert not out.exists()
+
+
+def test_unwritable_output_folder_exits_2_before_training(tmp_path, capsys, no_training):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert _exit_code(["demo", "--out", str(blocker / "sub"), "--methods", "rap"]) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "sub" in err
+
+
+@pytest.mark.parametrize("args", [["--images", "0"], ["--steps", "-1"], ["--images", "two"]])
+def test_bad_numbers_exit_2(args, tmp_path, capsys, no_training):
+    assert _exit_code(["demo", "--out", str(tmp_path)] + args) == 2
+    assert args[0] in capsys.readouterr().err
+
+
+def test_tiny_demo_writes_grid_and_summary(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(demo, "TRAIN_IMAGES", 64)
+    monkeypatch.setattr(demo, "TEST_IMAGES", 16)
+    out = tmp_path / "demo"
+    methods = ["rap", "lrp-epsilon", "gradient"]
+    start = time.perf_counter()
+    code = cli.main(["demo", "--out", str(out), "--steps", "3", "--images", "2", "--methods", ",".join(methods), "-q"])
+    seconds = time.perf_counter() - start
+    assert code == 0
+    assert seconds < 30, f"tiny demo took {seconds:.1f} s"
+    assert sorted(p.name for p in out.iterdir()) == ["heatmaps.png", "summary.json"]
+
+    console = capsys.readouterr().out
+    assert "accuracy" in console and str(out / "heatmaps.png") in console
+    for name in methods:
+        assert name in console
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["method_seconds"]) == methods and summary["failed"] == {}
+    assert 0.0 <= summary["accuracy"] <= 1.0 and summary["test_images"] == 16 and summary["steps"] == 3
+    assert len(summary["explained"]) == 2
+    assert all(0.0 <= summary["mask_share"][m] <= 1.0 for m in methods)
+
+    im = Image.open(out / "heatmaps.png")
+    assert im.format == "PNG"
+    arr = np.asarray(im.convert("RGB"))
+    cell, pad, columns = 2 * demo.SIZE, viz.PAD, 1 + len(methods)
+    # columns are right-aligned: the input column starts `columns` cells (+ gaps) from the right edge
+    x0 = im.width - columns * (cell + pad)
+    assert x0 > 0 and im.height > 2 * (cell + pad)
+    band = arr[:, x0:x0 + cell]
+    # runs of non-white pixel rows in the input column: exactly two image rows of `cell` pixels
+    nonwhite = (band != 255).any(axis=(1, 2)).astype(int)
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], nonwhite, [0]])))
+    starts, runs = edges[::2], edges[1::2] - edges[::2]
+    rows = [(y, r) for y, r in zip(starts, runs) if r > 40]
+    assert [r for _, r in rows] == [cell, cell]
+    assert rows[1][0] - rows[0][0] == cell + pad
+    for y, _ in rows:
+        assert (arr[y:y + cell, x0 - pad:x0] == 255).all()          # white gap left of the input cell
+        assert (arr[y:y + cell, x0 + cell:x0 + cell + pad] == 255).all()
+        assert arr[y:y + cell, x0:x0 + cell].std() > 5                  # a textured image, not a flat cell
+
+
+def test_demo_run_rejects_unknown_methods_before_work(tmp_path, no_training):
+    with pytest.raises(ValueError, match="unknown method.*'nope'"):
+        demo.run(tmp_path / "x", methods=["nope"])
+    assert not (tmp_path / "x").exists()
+
+
+def test_shapes_are_deterministic_and_labelled():
+    a = demo.make_shapes(8, torch.Generator().manual_seed(3), labels=torch.arange(8) % 4)
+    b = demo.make_shapes(8, torch.Generator().manual_seed(3), labels=torch.arange(8) % 4)
+    c = demo.make_shapes(8, torch.Generator().manual_seed(4), labels=torch.arange(8) % 4)
+    images, labels, masks = a
+    assert images.shape == (8, 3, demo.SIZE, demo.SIZE) and masks.shape == (8, demo.SIZE, demo.SIZE)
+    assert 0 <= images.min() and images.max() <= 1
+    assert labels.tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
+    assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2]) and not torch.equal(a[0], c[0])
+    area = masks.float().mean((1, 2))
+    assert (area > 0.02).all() and (area < 0.5).all()
+    # the shape differs in colour from its surroundings
+    inside = (images * masks[:, None]).sum((2, 3)) / masks.sum((1, 2))[:, None]
+    outside = (images * ~masks[:, None]).sum((2, 3)) / (~masks).sum((1, 2))[:, None]
+    assert ((inside - outside).abs().max(1).values > 0.2).all()
+
+
+def test_module_entry_point_exit_codes():
+    ok = subprocess.run([sys.executable, "-m", "relprop.cli", "methods"], capture_output=True, text=True)
+    assert ok.returncode == 0 and "rap" in ok.stdout and "sglrp" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "relprop.cli", "demo", "--methods", "nope"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown method(s) 'nope'" in bad.stderr
