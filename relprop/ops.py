@@ -77,29 +77,37 @@ class LinearMap:
             return b
         return self._cached("b", lambda: (0 if b is None else b) * self._scale + self._shift)
 
+    def split(self, name: str) -> torch.Tensor:
+        """Sign-split weights concatenated along output channels, built once per weight:
+        ``"pn"`` = ``[W+; W-]``, ``"pa"`` = ``[W+; |W-|]``.  The halves are views."""
+        def build():
+            w = self.weight
+            return torch.cat([w.clamp(min=0), w.clamp(max=0) if name == "pn" else (-w).clamp(min=0)], 0)
+        return self._cached("split-" + name, build)
+
+    def halves(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.split(name).chunk(2, dim=0)
+
     @property
     def pos(self) -> torch.Tensor:
-        """W+ = max(W, 0)."""
-        return self._cached("pos", lambda: self.weight.clamp(min=0))
+        """W+ = max(W, 0) (a view into whichever split is already built)."""
+        built = ("split-pa",) + self._key() in self._cache
+        return self.halves("pa" if built else "pn")[0]
 
     @property
     def neg(self) -> torch.Tensor:
         """W- = min(W, 0)."""
-        return self._cached("neg", lambda: self.weight.clamp(max=0))
+        return self.halves("pn")[1]
 
     @property
     def abs_neg(self) -> torch.Tensor:
         """|W-| = max(-W, 0)."""
-        return self._cached("absneg", lambda: (-self.weight).clamp(min=0))
+        return self.halves("pa")[1]
 
     @property
     def abs(self) -> torch.Tensor:
         """|W|."""
         return self._cached("abs", lambda: self.weight.abs())
-
-    def cat(self, name: str, v1: torch.Tensor, v2: torch.Tensor) -> torch.Tensor:
-        """``[v1; v2]`` along output channels, cached under ``name``."""
-        return self._cached("cat-" + name, lambda: torch.cat([v1, v2], 0))
 
     # ---- maps
     def fwd(self, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -116,18 +124,20 @@ class LinearMap:
                                       + m.dilation[i] * (m.kernel_size[i] - 1) + 1) for i in range(2)]
         return F.conv_transpose2d(s, v, None, m.stride, m.padding, out_pad, m.groups, m.dilation)
 
-    def fwd2(self, x: torch.Tensor, name: str, v1: torch.Tensor, v2: torch.Tensor):
-        """``(fwd(x, v1), fwd(x, v2))`` in one call over the concatenated weights."""
+    def fwd2(self, x: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(fwd(x, V1), fwd(x, V2))`` for the split ``name`` in one call."""
         if self.module_groups != 1:
+            v1, v2 = self.halves(name)
             return self.fwd(x, v1), self.fwd(x, v2)
-        z = self.fwd(x, self.cat(name, v1, v2))
-        return z.split(v1.shape[0], dim=1 if self.is_conv else -1)
+        z = self.fwd(x, self.split(name))
+        return z.chunk(2, dim=1 if self.is_conv else -1)
 
-    def bwd2(self, s1, s2, name: str, v1, v2, x_shape) -> torch.Tensor:
-        """``bwd(s1, v1) + bwd(s2, v2)`` in one call over the concatenated channels."""
+    def bwd2(self, s1: torch.Tensor, s2: torch.Tensor, name: str, x_shape) -> torch.Tensor:
+        """``bwd(s1, V1) + bwd(s2, V2)`` for the split ``name`` in one call."""
         if self.module_groups != 1:
+            v1, v2 = self.halves(name)
             return self.bwd(s1, v1, x_shape) + self.bwd(s2, v2, x_shape)
-        return self.bwd(torch.cat([s1, s2], dim=1 if self.is_conv else -1), self.cat(name, v1, v2), x_shape)
+        return self.bwd(torch.cat([s1, s2], dim=1 if self.is_conv else -1), self.split(name), x_shape)
 
     @property
     def module_groups(self) -> int:
@@ -192,11 +202,13 @@ def maxpool_ties_split(x: torch.Tensor, r: torch.Tensor, kernel, stride, padding
     extra_h = max(0, (oh - 1) * sh + dh * (kh - 1) + 1 - (h + 2 * ph))
     extra_w = max(0, (ow - 1) * sw + dw * (kw - 1) + 1 - (w + 2 * pw))
     xp = F.pad(x, (pw, pw + extra_w, ph, ph + extra_h), value=float("-inf"))
-    cols = F.unfold(xp.reshape(bsz * c, 1, *xp.shape[2:]), (kh, kw), (dh, dw), 0, (sh, sw))  # (BC, k, L)
-    ties = (cols == cols.max(dim=1, keepdim=True).values).to(x.dtype)
-    share = ties * (r.reshape(bsz * c, 1, -1) / ties.sum(dim=1, keepdim=True))
-    out = F.fold(share, xp.shape[2:], (kh, kw), (dh, dw), 0, (sh, sw))
-    return out[..., ph:ph + h, pw:pw + w].reshape(bsz, c, h, w)
+    span_h, span_w = dh * (kh - 1) + 1, dw * (kw - 1) + 1
+    windows = xp.unfold(2, span_h, sh).unfold(3, span_w, sw)[:, :, :oh, :ow, ::dh, ::dw]  # (B,C,OH,OW,kh,kw) view
+    ties = (windows == windows.amax(dim=(-2, -1), keepdim=True)).to(x.dtype)
+    share = ties * (r[..., None, None] / ties.sum(dim=(-2, -1), keepdim=True))
+    cols = share.permute(0, 1, 4, 5, 2, 3).reshape(bsz, c * kh * kw, oh * ow)
+    out = F.fold(cols, xp.shape[2:], (kh, kw), (dh, dw), 0, (sh, sw))
+    return out[..., ph:ph + h, pw:pw + w]
 
 
 def _pair(v):

@@ -42,11 +42,11 @@ def alphabeta(alpha: float, beta: float, eps: float):
     ``R_in = alpha * activating - beta * inhibiting``.  alpha=1, beta=0 is z+."""
     def rule(layer: Layer, r: torch.Tensor) -> list:
         lin, x = layer.lin, layer.x
-        wp, wn = lin.pos, lin.neg
         b = lin.bias
         xp = x.clamp(min=0)
         xn = None if layer.x_nonneg else x.clamp(max=0)
         if beta == 0:   # z+: only the activating terms
+            wp, wn = lin.pos, lin.neg
             zp = lin.fwd(xp, wp)
             if b is not None:
                 zp = zp + rules.bias_view(lin, b.clamp(min=0), zp)
@@ -55,18 +55,18 @@ def alphabeta(alpha: float, beta: float, eps: float):
             sp = alpha * r / stabilize(zp, eps)
             out = xp * lin.bwd(sp, wp, x.shape)
             return [out if xn is None else out + xn * lin.bwd(sp, wn, x.shape)]
-        zp, zn = lin.fwd2(xp, "pn", wp, wn)          # x+W+, x+W-
+        zp, zn = lin.fwd2(xp, "pn")          # x+W+, x+W-
         if b is not None:
             zp = zp + rules.bias_view(lin, b.clamp(min=0), zp)
             zn = zn + rules.bias_view(lin, b.clamp(max=0), zn)
         if xn is not None:
-            zn_x, zp_x = lin.fwd2(xn, "pn", wp, wn)   # x-W+ (inhibiting), x-W- (activating)
+            zn_x, zp_x = lin.fwd2(xn, "pn")   # x-W+ (inhibiting), x-W- (activating)
             zp, zn = zp + zp_x, zn + zn_x
         sp = alpha * r / stabilize(zp, eps)
         sn = beta * r / stabilize(zn, eps)
-        out = xp * lin.bwd2(sp, -sn, "pn", wp, wn, x.shape)
+        out = xp * lin.bwd2(sp, -sn, "pn", x.shape)
         if xn is not None:
-            out = out + xn * lin.bwd2(-sn, sp, "pn", wp, wn, x.shape)
+            out = out + xn * lin.bwd2(-sn, sp, "pn", x.shape)
         return [out]
     return rule
 
@@ -88,13 +88,12 @@ def alphabeta_rap_repo(alpha: float):
                 xn = x.clamp(max=0)
                 out = out + alpha * xn * lin.bwd(safe_divide(r, lin.fwd(xn, wn)), wn, x.shape)
             return [out]
-        z_pp, z_pn = lin.fwd2(xp, "pn", wp, wn)
-        out = xp * lin.bwd2(alpha * safe_divide(r, z_pp), -beta * safe_divide(r, z_pn), "pn", wp, wn, x.shape)
+        z_pp, z_pn = lin.fwd2(xp, "pn")
+        out = xp * lin.bwd2(alpha * safe_divide(r, z_pp), -beta * safe_divide(r, z_pn), "pn", x.shape)
         if not layer.x_nonneg:
             xn = x.clamp(max=0)
-            z_np, z_nn = lin.fwd2(xn, "pn", wp, wn)
-            out = out + xn * lin.bwd2(-beta * safe_divide(r, z_np), alpha * safe_divide(r, z_nn), "pn", wp, wn,
-                                      x.shape)
+            z_np, z_nn = lin.fwd2(xn, "pn")
+            out = out + xn * lin.bwd2(-beta * safe_divide(r, z_np), alpha * safe_divide(r, z_nn), "pn", x.shape)
         return [out]
     return rule
 

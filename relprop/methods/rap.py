@@ -31,18 +31,17 @@ from . import Method, register
 def first_propagation(layer: Layer, pd: torch.Tensor) -> list:
     """Output-layer rule of §2.3 for seed ``pd`` at the output."""
     lin, x = layer.lin, layer.x
-    wp, wn = lin.pos, lin.neg
     xp, xn = x.clamp(min=0), x.clamp(max=0)
-    z1, z2 = lin.fwd2(xp, "pn", wp, wn)
-    z3, z4 = lin.fwd2(xn, "pn", wp, wn)
+    z1, z2 = lin.fwd2(xp, "pn")
+    z3, z4 = lin.fwd2(xn, "pn")
     r_pp, r_pn, r_np, r_nn = z1 * pd, z2 * pd, z3 * pd, z4 * pd
     pos, neg = psum(r_pp + r_nn), psum(r_pn + r_np)
     b = lin.bias if lin.bias is not None else torch.zeros_like(pd[0])
     b_p = b * pd * safe_divide(pos, pos + neg)
     b_n = b * pd * safe_divide(neg, pos + neg)
     c = (xp * lin.bwd2(safe_divide(r_pp, z1) + safe_divide(b_p, z1), safe_divide(r_pn, z2) + safe_divide(b_n, z2),
-                       "pn", wp, wn, x.shape)
-         + xn * lin.bwd2(safe_divide(r_np, z3), safe_divide(r_nn, z4), "pn", wp, wn, x.shape))
+                       "pn", x.shape)
+         + xn * lin.bwd2(safe_divide(r_np, z3), safe_divide(r_nn, z4), "pn", x.shape))
     p, n = c.clamp(min=0), c.clamp(max=0)
     total = psum(p - n)
     return [(safe_divide(p, total) - safe_divide(n, total)) * psum(p + n)]
@@ -59,14 +58,13 @@ def _pos_prop(layer: Layer, x: torch.Tensor, r: torch.Tensor, conv_routing: bool
     ``[R != 0]`` and ``[Z+ + Z- != 0]`` never change the result: all terms are >= 0.)
     """
     lin = layer.lin
-    wp, wa = lin.pos, lin.abs_neg
-    zp, zn = lin.fwd2(x, "pa", wp, wa)
+    zp, zn = lin.fwd2(x, "pa")
     s_both = safe_divide(r, zp + zn)
     if conv_routing:   # R- through |W-| with denominator Z-
         s1, s2 = safe_divide(r.clamp(min=0), zp), s_both + safe_divide(r.clamp(max=0), zn)
     else:              # Linear: R- like R+ through W+ with denominator Z+
         s1, s2 = safe_divide(r, zp), s_both
-    c = x * lin.bwd2(s1, s2, "pa", wp, wa, x.shape)
+    c = x * lin.bwd2(s1, s2, "pa", x.shape)
     return shift_nonzero(c, psum(c) - psum(r))
 
 
