@@ -1,0 +1,95 @@
+"""Turn a pytest-benchmark JSON file into a markdown table and a PNG plot.
+
+    python bench/report.py bench/results/cpu-<date>.json [--out bench/results/cpu-<date>]
+
+Per case: images/s, median ms per batch, peak memory, ratio to the gradient pass of the
+same group, ratio to Zennit's equivalent composite in the same group.
+"""
+import argparse
+import json
+import pathlib
+from collections import defaultdict
+
+
+def rows(data):
+    out = []
+    for b in data["benchmarks"]:
+        info = b["extra_info"]
+        if "batch" not in info or "peak_memory_bytes" not in info:
+            continue
+        out.append(dict(group=b["group"], impl=info["impl"], method=info["method"], batch=info["batch"],
+                        model=info["model"], device=info["device"], median=b["stats"]["median"],
+                        peak=info["peak_memory_bytes"]))
+    return out
+
+
+def table(rs):
+    by_group = defaultdict(list)
+    for r in rs:
+        by_group[r["group"]].append(r)
+    lines = []
+    for group, items in by_group.items():
+        grad = next((r["median"] for r in items if r["impl"] == "baseline" and r["method"] == "gradient"), None)
+        zen = {r["method"]: r["median"] for r in items if r["impl"] == "zennit"}
+        lines += [f"\n### {group}\n", "| impl | method | images/s | median ms/batch | peak MiB | x gradient | x Zennit |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        for r in sorted(items, key=lambda r: (r["impl"] != "baseline", r["method"], r["impl"])):
+            xg = f"{r['median'] / grad:.2f}" if grad else "-"
+            xz = f"{r['median'] / zen[r['method']]:.2f}" if r["method"] in zen and r["impl"] != "baseline" else "-"
+            lines.append(f"| {r['impl']} | {r['method']} | {r['batch'] / r['median']:.2f} | {1e3 * r['median']:.1f} "
+                         f"| {r['peak'] / 2**20:.0f} | {xg} | {xz} |")
+    return "\n".join(lines)
+
+
+def memory_lines(data):
+    lines = []
+    for b in data["benchmarks"]:
+        info = b["extra_info"]
+        if "held_first10" in info:
+            lines.append(f"\n### {b['group']}: {info['method']}\n\nmemory held after calls 1-10: "
+                         f"{info['held_first10'] / 2**20:.1f} MiB, after calls 91-100: {info['held_last10'] / 2**20:.1f} MiB; "
+                         f"per-call peak {info['peak_first10'] / 2**20:.1f} -> {info['peak_last10'] / 2**20:.1f} MiB")
+    return "\n".join(lines)
+
+
+def plot(rs, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({(r["device"], r["model"]) for r in rs})
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    for ax, (device, model) in zip(axes[0], models):
+        series = defaultdict(list)
+        for r in rs:
+            if (r["device"], r["model"]) == (device, model):
+                series[f"{r['impl']} {r['method']}"].append((r["batch"], r["batch"] / r["median"]))
+        for label, pts in sorted(series.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        ax.set(title=f"{model} ({device})", xlabel="batch size", ylabel="images/s", xscale="log", yscale="log")
+    axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("json", type=pathlib.Path)
+    ap.add_argument("--out", type=pathlib.Path, help="output stem (default: next to the JSON)")
+    args = ap.parse_args(argv)
+    data = json.loads(args.json.read_text())
+    stem = args.out or args.json.with_suffix("")
+    rs = rows(data)
+    m = data.get("machine_info", {})
+    c = data.get("commit_info", {})
+    head = (f"# Benchmark {args.json.name}\n\nmachine: {m.get('cpu', {}).get('brand_raw', m.get('processor', '?'))}, "
+            f"{m.get('node', '')}; commit {c.get('id', '?')[:10]} ({c.get('time', '?')}); "
+            f"run {data.get('datetime', '?')}\n")
+    stem.with_suffix(".md").write_text(head + table(rs) + "\n" + memory_lines(data) + "\n")
+    plot(rs, stem.with_suffix(".png"))
+    print(f"wrote {stem.with_suffix('.md')} and {stem.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
