@@ -6,7 +6,7 @@ import os
 import shutil
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ext_modules, cmdclass = [], {}
 
@@ -50,7 +50,7 @@ if _want_extension():
     cmdclass = {"build_ext": BuildExtension}
 
 setup(
-    packages=["relprop", "relprop.methods", "relprop.kernels"],
+    packages=find_packages(include=["relprop", "relprop.*"]) + ["relprop.kernels"],
     package_dir={"relprop": "relprop", "relprop.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
