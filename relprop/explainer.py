@@ -103,20 +103,26 @@ class Explainer:
             raise ValueError(f"input contains NaN or Inf ({int(bad.sum())} of {x.numel()} values)")
 
 
+def as_targets(target, batch: int, device) -> torch.Tensor:
+    """``target`` (int, sequence or tensor of class indices) as a (batch,) long tensor."""
+    t = torch.as_tensor(target, device=device)
+    if t.is_floating_point() or t.dtype == torch.bool:
+        raise TypeError(f"target must hold integer class indices, got {t.dtype}")
+    t = t.long().reshape(-1)
+    if t.numel() == 1:
+        t = t.expand(batch)
+    if t.numel() != batch:
+        raise ValueError(f"got {t.numel()} targets for a batch of {batch}")
+    return t
+
+
 def _targets(target, logits: torch.Tensor) -> torch.Tensor:
     b, classes = logits.shape[0], logits.shape[-1]
     if logits.ndim != 2:
         raise ValueError(f"the model must output (B, classes) scores, got shape {tuple(logits.shape)}")
     if target is None:
         return logits.argmax(dim=1)
-    t = torch.as_tensor(target, device=logits.device)
-    if t.is_floating_point() or t.dtype == torch.bool:
-        raise TypeError(f"target must hold integer class indices, got {t.dtype}")
-    t = t.long().reshape(-1)
-    if t.numel() == 1:
-        t = t.expand(b)
-    if t.numel() != b:
-        raise ValueError(f"got {t.numel()} targets for a batch of {b}")
+    t = as_targets(target, b, logits.device)
     out = (t < 0) | (t >= classes)
     if out.any():
         raise ValueError(f"target {t[out][0].item()} out of range for a model with {classes} classes")

@@ -8,6 +8,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..explainer import as_targets
+
 __all__ = ["region_perturbation"]
 
 _ORDERS = ("morf", "lerf", "random")
@@ -24,18 +26,6 @@ def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     y = F.pad(x, (radius, radius, radius, radius), mode="replicate")
     y = F.conv2d(y, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
     return F.conv2d(y, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
-
-
-def _targets(target, b: int, device) -> torch.Tensor:
-    t = torch.as_tensor(target, device=device)
-    if t.is_floating_point() or t.dtype == torch.bool:
-        raise TypeError(f"target must hold integer class indices, got {t.dtype}")
-    t = t.long().reshape(-1)
-    if t.numel() == 1:
-        t = t.expand(b)
-    if t.numel() != b:
-        raise ValueError(f"got {t.numel()} targets for a batch of {b}")
-    return t
 
 
 def region_perturbation(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Tensor, target=None,
@@ -122,7 +112,7 @@ def region_perturbation(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch
             if target is None:
                 t = model(x).argmax(dim=1)
             else:
-                t = _targets(target, b, dev)
+                t = as_targets(target, b, dev)
             total = b * (steps + 1)
             chunk = total if batch_size is None else int(batch_size)
             scores = []
