@@ -58,7 +58,10 @@ def plot(rs, path):
     import matplotlib.pyplot as plt
 
     models = sorted({(r["device"], r["model"]) for r in rs})
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    labels = sorted({f"{r['impl']} {r['method']}" for r in rs})
+    cmap = plt.get_cmap("tab20")
+    colour = {label: cmap(i % 20) for i, label in enumerate(labels)}    # one colour per series, all panels
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models) + 3, 4.5), squeeze=False)
     for ax, (device, model) in zip(axes[0], models):
         series = defaultdict(list)
         for r in rs:
@@ -66,10 +69,13 @@ def plot(rs, path):
                 series[f"{r['impl']} {r['method']}"].append((r["batch"], r["batch"] / r["median"]))
         for label, pts in sorted(series.items()):
             pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=colour[label],
+                    linestyle="--" if label.startswith(("zennit", "captum", "baseline")) else "-")
         ax.set(title=f"{model} ({device})", xlabel="batch size", ylabel="images/s", xscale="log", yscale="log")
-    axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1, 0.5))
-    fig.tight_layout()
+    handles = [plt.Line2D([], [], color=colour[lb], marker="o",
+                          linestyle="--" if lb.startswith(("zennit", "captum", "baseline")) else "-") for lb in labels]
+    fig.legend(handles, labels, fontsize=7, loc="center right")
+    fig.tight_layout(rect=(0, 0, 1 - 2.6 / fig.get_figwidth(), 1))
     fig.savefig(path, dpi=110)
 
 
