@@ -83,7 +83,7 @@ class Explainer:
             raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
             raise TypeError(f"input must be a floating-point tensor, got {x.dtype}")
-        if x.shape[0] == 0 if x.ndim else True:
+        if x.ndim == 0 or x.shape[0] == 0:
             raise ValueError(f"empty batch: input has shape {tuple(x.shape)}")
         first = next((n for n in self.graph.nodes if n.kind in (g.CONV, g.LINEAR)), None)
         if first is not None and first.kind == g.CONV:

@@ -230,9 +230,7 @@ def _make_node(fn: fx.Node, model: nn.Module, i: int, index: dict) -> Node:
         kind = _FUNCTION_KINDS.get(fn.target)
     elif fn.op == "call_method":
         kind = _METHOD_KINDS.get(fn.target)
-    elif fn.op == "get_attr":
-        kind = None
-    else:
+    else:  # get_attr: a parameter or buffer used outside a module
         kind = None
     tensor_args = list(args) + list(kwargs.values())
     if kind == CAT:
