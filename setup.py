@@ -52,6 +52,8 @@ if _want_extension():
 setup(
     packages=find_packages(include=["relprop", "relprop.*"]) + ["relprop.kernels"],
     package_dir={"relprop": "relprop", "relprop.kernels": "kernels"},
+    package_data={"relprop.benchmark": ["weights/*.pt", "weights/README.md"]},
+    include_package_data=True,
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

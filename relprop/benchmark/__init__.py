@@ -14,8 +14,9 @@ Not imported by ``import relprop``; import it explicitly::
 
 Only torch, numpy and Pillow are used.
 """
+from . import models
 from .annotations import objects_to_masks, read_coco, read_voc
 from .shapes import CLASSES, MEAN, STD, ShapesDataset, collate, normalise, render_shape
 
 __all__ = ["CLASSES", "MEAN", "STD", "ShapesDataset", "collate", "normalise", "render_shape",
-           "read_voc", "read_coco", "objects_to_masks"]
+           "read_voc", "read_coco", "objects_to_masks", "models"]
