@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import viz
+from .benchmark.models import small_vgg
 from .explainer import Explainer, available_methods
 
 CLASSES = ("square", "disc", "triangle", "cross")
@@ -91,23 +92,8 @@ def normalise(images: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- model
 def make_model(width: int = 8, classes: int = len(CLASSES), batchnorm: bool = True) -> nn.Sequential:
-    """A small VGG: (conv-[BN]-ReLU-conv-[BN]-ReLU-maxpool) x 3, global average pool, MLP head."""
-    layers: list[nn.Module] = []
-    cin = 3
-    for cout in (width, 2 * width, 4 * width):
-        for _ in range(2):
-            layers.append(nn.Conv2d(cin, cout, 3, padding=1))
-            if batchnorm:
-                layers.append(nn.BatchNorm2d(cout))
-            layers.append(nn.ReLU())
-            cin = cout
-        layers.append(nn.MaxPool2d(2))
-    return nn.Sequential(
-        nn.Sequential(*layers),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Sequential(nn.Linear(cin, 64), nn.ReLU(), nn.Dropout(0.2), nn.Linear(64, classes)),
-    )
+    """The demo's small VGG (:func:`relprop.benchmark.models.small_vgg`, narrower, 4 classes)."""
+    return small_vgg(width, classes, batchnorm)
 
 
 def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: int, generator: torch.Generator,

@@ -28,12 +28,17 @@ MODELS = ("shapes-vgg", "shapes-resnet")
 INPUT_SIZE = 64
 
 
-def _vgg(classes: int = len(CLASSES)) -> nn.Sequential:
+def small_vgg(width: int = 16, classes: int = len(CLASSES), batchnorm: bool = True) -> nn.Sequential:
+    """A small VGG: (conv-[BN]-ReLU-conv-[BN]-ReLU-maxpool) x 3 with widths ``width``,
+    ``2 width``, ``4 width``; global average pool; Linear-ReLU-Dropout-Linear head."""
     layers: list[nn.Module] = []
     cin = 3
-    for cout in (16, 32, 64):
+    for cout in (width, 2 * width, 4 * width):
         for _ in range(2):
-            layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
+            layers.append(nn.Conv2d(cin, cout, 3, padding=1))
+            if batchnorm:
+                layers.append(nn.BatchNorm2d(cout))
+            layers.append(nn.ReLU())
             cin = cout
         layers.append(nn.MaxPool2d(2))
     return nn.Sequential(
@@ -84,7 +89,7 @@ class ShapesResNet(nn.Module):
         return self.fc(self.flatten(self.pool(self.layers(self.stem(x)))))
 
 
-_BUILDERS = {"shapes-vgg": _vgg, "shapes-resnet": ShapesResNet}
+_BUILDERS = {"shapes-vgg": small_vgg, "shapes-resnet": ShapesResNet}
 assert tuple(_BUILDERS) == MODELS
 
 
