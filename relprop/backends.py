@@ -1,45 +1,88 @@
-"""Which compute backends can run the relevance primitives, discovered lazily.
+"""Which compute backends can run the fused relevance primitives, discovered lazily.
 
-``torch`` (the pure-PyTorch reference) runs everywhere.  ``triton`` and ``cuda`` (the
-compiled extension) are looked up only when asked for; their absence is reported with a
-reason, never raised at import time.
+A backend is a module exposing the fused primitives of :mod:`relprop.ops` with the same
+signatures (``split_scale``, ``split_backward``, ``shift_nonzero``, ``ae_masses``):
+
+* ``torch``  -- :mod:`relprop.ops`, the pure-PyTorch reference; runs everywhere.
+* ``triton`` -- :mod:`relprop.kernels`; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
+* ``cuda``   -- :mod:`relprop.extension`, the compiled ops ``torch.ops.relprop.*`` (``relprop._C``).
+
+Nothing here imports Triton or the extension until a backend is asked for; an
+unavailable backend is reported with its reason, never raised at import time.  A fast
+backend falls back to the reference for a call it does not cover (e.g. grouped convs).
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import os
+from types import ModuleType
 
 import torch
 
 BACKENDS = ("torch", "triton", "cuda")
+_MODULES = {"torch": "relprop.ops", "triton": "relprop.kernels", "cuda": "relprop.extension"}
 
 
-def backends() -> dict[str, dict]:
-    """``{name: {"available": bool, "reason": str}}`` for every backend."""
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def backends(device: str | torch.device | None = None) -> dict[str, dict]:
+    """``{name: {"available": bool, "reason": str}}`` for every backend on ``device``
+    (default: CUDA if torch sees a GPU, else CPU)."""
+    device = torch.device(device) if device is not None else default_device()
     return {name: {"available": reason is None, "reason": reason or "ok"}
-            for name, reason in ((n, _unavailable(n)) for n in BACKENDS)}
+            for name, reason in ((n, unavailable(n, device)) for n in BACKENDS)}
 
 
-def _unavailable(name: str) -> str | None:
+def unavailable(name: str, device: torch.device) -> str | None:
+    """Why backend ``name`` cannot run tensors on ``device``, or None if it can."""
     if name == "torch":
         return None
     if name == "triton":
         if importlib.util.find_spec("triton") is None:
-            return "the triton package is not installed"
-        return "relprop's Triton kernels are not implemented yet (fused kernels issue)"
+            return "the triton package is not installed (pip install triton)"
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            return "Triton kernels need a CUDA device (CPU tensors run only under TRITON_INTERPRET=1)"
+        if device.type not in ("cpu", "cuda"):
+            return f"Triton kernels do not run on {device.type} tensors"
+        return None
     if importlib.util.find_spec("relprop._C") is None:
-        return "the C++/CUDA extension relprop._C is not built (pip install -e . on a machine with nvcc and CUDA torch)"
-    if not torch.cuda.is_available():
+        return ("the C++/CUDA extension relprop._C is not built "
+                "(pip install -e . --no-build-isolation on a machine with nvcc and a CUDA build of torch)")
+    if device.type == "cuda" and not torch.cuda.is_available():
         return "no CUDA device is visible to torch"
-    return "relprop's CUDA kernels are not implemented yet (fused kernels issue)"
+    if device.type not in ("cpu", "cuda"):
+        return f"the extension has no kernels for {device.type} tensors"
+    return None
 
 
-def resolve_backend(backend: str) -> str:
-    """The backend to use for ``backend`` ("auto" picks the fastest available)."""
+def check_backend(backend: str) -> None:
+    """Raise if ``backend`` is not a backend name, or names one that cannot run anywhere here."""
     if backend == "auto":
-        return next(n for n in reversed(BACKENDS) if _unavailable(n) is None)
+        return
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of auto, {', '.join(BACKENDS)}")
-    reason = _unavailable(backend)
+    reason = unavailable(backend, default_device())
     if reason is not None:
         raise RuntimeError(f"backend {backend!r} is unavailable: {reason}")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend to run tensors on ``device`` with: ``"auto"`` picks the fastest
+    available (cuda, then triton, on CUDA tensors; torch on CPU tensors)."""
+    if backend == "auto":
+        if device.type != "cuda":
+            return "torch"
+        return next(n for n in reversed(BACKENDS) if unavailable(n, device) is None)
+    check_backend(backend)
+    reason = unavailable(backend, device)
+    if reason is not None:
+        raise RuntimeError(f"backend {backend!r} is unavailable for {device.type} tensors: {reason}")
     return backend
+
+
+def operations(backend: str) -> ModuleType:
+    """The module implementing the fused primitives for a resolved backend name."""
+    return importlib.import_module(_MODULES[backend])

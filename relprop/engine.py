@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 
 from . import graph as g
+from . import ops as reference_ops
 from .ops import LinearMap
 
 
@@ -29,6 +30,7 @@ class Layer:
     lin: LinearMap | None = None
     z: torch.Tensor | None = None      # pre-activation incl. a folded BatchNorm (conv/linear)
     x_nonneg: bool = False             # the first input is provably >= 0 (comes from a ReLU)
+    ops: Any = reference_ops           # the backend's fused primitives (relprop.backends)
 
     @property
     def x(self) -> torch.Tensor:
@@ -76,6 +78,7 @@ class Context:
     user_seed: bool = False          # seed is the caller's ``initial_relevance``
     maps: dict = field(default_factory=dict)
     layer_sums: dict | None = None   # filled by propagate when not None
+    ops: Any = reference_ops         # the backend's fused primitives (relprop.backends)
 
     @property
     def logits(self) -> torch.Tensor:
@@ -133,7 +136,7 @@ class Context:
         args = g._substitute(node.args, self.values)
         kwargs = g._substitute(node.kwargs, self.values)
         lay = Layer(node, xs, self.values[node.index], args, kwargs,
-                    x_nonneg=bool(node.parents) and self.graph.nodes[node.parents[0]].nonneg)
+                    x_nonneg=bool(node.parents) and self.graph.nodes[node.parents[0]].nonneg, ops=self.ops)
         if node.kind in (g.CONV, g.LINEAR):
             lay.lin, lay.z = self.linear_map(node, fold_bn)
         return lay

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from . import graph as g
 from . import methods
-from .backends import resolve_backend
+from .backends import check_backend, operations, resolve_backend
 from .engine import Context
 
 
@@ -41,7 +41,8 @@ class Explainer:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
         self.method = methods.create(method, **params)
-        self.backend = resolve_backend(backend)
+        check_backend(backend)
+        self.backend = backend
         self.graph = g.capture(model)
         self._maps: dict = {}
 
@@ -74,7 +75,8 @@ class Explainer:
             targets = _targets(target, logits)
             seed = _seed(initial_relevance, targets, logits)
             ctx = Context(self.graph, values, targets, seed, user_seed=initial_relevance is not None,
-                          maps=self._maps, layer_sums={} if layer_sums else None)
+                          maps=self._maps, layer_sums={} if layer_sums else None,
+                          ops=operations(resolve_backend(self.backend, x.device)))
             relevance = self.method.run(ctx).detach()
         return Attribution(relevance, logits.detach(), targets, ctx.layer_sums)
 

@@ -213,3 +213,71 @@ def maxpool_ties_split(x: torch.Tensor, r: torch.Tensor, kernel, stride, padding
 
 def _pair(v):
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+# ----------------------------------------------------------------- fused primitives
+# The units a fast backend replaces (relprop.backends dispatches them): the split forward
+# with its scaling epilogue, the split transposed pass times the input (optionally with
+# the uniform shift), and the per-sample shift and mass normalisation on their own.
+# Each takes a non-negative input ``x``; rules keep signed inputs on the plain path.
+
+SPLIT_RULES = {"rap-conv": "pa", "rap-linear": "pa", "alphabeta": "pn", "alphabeta-repo": "pn"}
+
+
+def split_scale(lin: LinearMap, x: torch.Tensor, r: torch.Tensor, rule: str, alpha: float = 1.0,
+                beta: float = 0.0, eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scaled relevances ``(S1, S2)`` from ``Z1 = fwd(x, W+)`` and ``Z2 = fwd(x, V2)``.
+
+    * ``rap-conv``   (V2 = |W-|): ``S1 = SD(R+, Z1)``, ``S2 = SD(R, Z1 + Z2) + SD(R-, Z2)``
+    * ``rap-linear`` (V2 = |W-|): ``S1 = SD(R, Z1)``,  ``S2 = SD(R, Z1 + Z2)``
+    * ``alphabeta``  (V2 = W-, Zennit): ``Z1 += b+``, ``Z2 += b-``,
+      ``S1 = alpha R / stabilize(Z1, eps)``, ``S2 = -beta R / stabilize(Z2, eps)``
+    * ``alphabeta-repo`` (V2 = W-, RAP repository): ``S1 = alpha SD(R, Z1)``, ``S2 = -beta SD(R, Z2)``
+
+    With ``beta == 0`` the alpha-beta rules compute only ``Z1`` and return ``S2 = None``.
+    """
+    split = SPLIT_RULES[rule]
+    zennit = rule == "alphabeta"
+    b = lin.bias if zennit else None
+    if rule.startswith("alphabeta") and beta == 0:
+        z1 = lin.fwd(x, lin.pos)
+        if b is not None:
+            z1 = z1 + bias_view(lin, b.clamp(min=0), z1)
+        return (alpha * r / stabilize(z1, eps) if zennit else alpha * safe_divide(r, z1)), None
+    z1, z2 = lin.fwd2(x, split)
+    if rule == "rap-conv":
+        return safe_divide(r.clamp(min=0), z1), safe_divide(r, z1 + z2) + safe_divide(r.clamp(max=0), z2)
+    if rule == "rap-linear":
+        return safe_divide(r, z1), safe_divide(r, z1 + z2)
+    if zennit:
+        if b is not None:
+            z1 = z1 + bias_view(lin, b.clamp(min=0), z1)
+            z2 = z2 + bias_view(lin, b.clamp(max=0), z2)
+        return alpha * r / stabilize(z1, eps), -beta * r / stabilize(z2, eps)
+    return alpha * safe_divide(r, z1), -beta * safe_divide(r, z2)
+
+
+def split_backward(lin: LinearMap, x: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor | None, split: str,
+                   shift_to: torch.Tensor | None = None) -> torch.Tensor:
+    """``C = x * (bwd(S1, W+) + bwd(S2, V2))`` (``V2`` = W- for ``"pn"``, |W-| for ``"pa"``;
+    ``S2 = None`` drops the second term).  With ``shift_to`` (B,), ``C`` is then shifted
+    uniformly over its non-zero entries so that each sample sums to ``shift_to``."""
+    if s2 is None:
+        c = x * lin.bwd(s1, lin.pos, x.shape)
+    else:
+        c = x * lin.bwd2(s1, s2, split, x.shape)
+    if shift_to is None:
+        return c
+    return shift_nonzero(c, psum(c) - shift_to.reshape(-1, *([1] * (c.ndim - 1))))
+
+
+def ae_masses(r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """AE's target and hostile masses per sample: ``T = SD(R+, sum R+)`` (sums to 1) and
+    ``O = -SD(R-, sum R-)`` (sums to -1, or 0 where there is no negative relevance)."""
+    rp, rn = r.clamp(min=0), r.clamp(max=0)
+    return safe_divide(rp, psum(rp)), -safe_divide(rn, psum(rn))
+
+
+def bias_view(lin: LinearMap, b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Bias shaped to broadcast against a layer output."""
+    return b.reshape(1, -1, *([1] * (like.ndim - 2))) if lin.is_conv else b

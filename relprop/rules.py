@@ -140,8 +140,3 @@ def flat(eps: float = 1e-6) -> Rule:
         z = lin.fwd(torch.ones_like(x), ones_w)
         return [lin.bwd(r / stabilize(z, eps), ones_w, x.shape)]
     return rule
-
-
-def bias_view(lin, b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Bias shaped to broadcast against a layer output."""
-    return b.reshape(1, -1, *([1] * (like.ndim - 2))) if lin.is_conv else b

@@ -21,7 +21,7 @@ import torch
 from .. import graph as g
 from .. import rules
 from ..engine import Context, Layer, RuleTable
-from ..ops import psum, safe_divide, shift_nonzero
+from ..ops import psum, safe_divide
 from . import Method, register
 from .cam import channel_cam, resolve_layer
 from .rsp import _relu_plus_tiny
@@ -30,12 +30,10 @@ from .rsp import _relu_plus_tiny
 def conv(ratio: float):
     """AE hidden conv rule (§4.2), normalised per sample."""
     def rule(layer: Layer, r: torch.Tensor) -> list:
-        lin, x = layer.lin, layer.x
+        lin, x, ops = layer.lin, layer.x, layer.ops
         w = lin.abs
         a = x.clamp(min=0)
-        rp, rn = r.clamp(min=0), r.clamp(max=0)
-        t = safe_divide(rp, psum(rp))
-        o = -safe_divide(rn, psum(rn))
+        t, o = ops.ae_masses(r)
         act = (x > 0).to(x.dtype)
         ina = 1 - act
         active = act * lin.bwd(safe_divide(t, lin.fwd(act, w)), w, x.shape)
@@ -45,7 +43,7 @@ def conv(ratio: float):
             return [a * lin.bwd(safe_divide(t + o, z), w, x.shape) + (active + inactive)]
         tr = ratio * t
         c = a * lin.bwd(safe_divide(tr + o, z), w, x.shape)
-        return [shift_nonzero(c, safe_divide(psum(tr), psum(tr))) + (active + inactive)]
+        return [ops.shift_nonzero(c, safe_divide(psum(tr), psum(tr))) + (active + inactive)]
     return rule
 
 

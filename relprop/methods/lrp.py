@@ -21,7 +21,7 @@ import torch
 from .. import graph as g
 from .. import rules
 from ..engine import Context, Layer, RuleTable
-from ..ops import safe_divide, stabilize
+from ..ops import bias_view, safe_divide, stabilize
 from . import Method, register
 
 FIRST_LAYER_CHOICES = ("zb", "flat", "same")
@@ -39,35 +39,31 @@ def epsilon(eps: float):
 def alphabeta(alpha: float, beta: float, eps: float):
     """Zennit's alpha-beta: activating terms ``x+W+ (+b+)``, ``x-W-`` share one stabilised
     denominator, inhibiting terms ``x+W- (+b-)``, ``x-W+`` another;
-    ``R_in = alpha * activating - beta * inhibiting``.  alpha=1, beta=0 is z+."""
+    ``R_in = alpha * activating - beta * inhibiting``.  alpha=1, beta=0 is z+ (the
+    inhibiting terms are then not computed)."""
     def rule(layer: Layer, r: torch.Tensor) -> list:
-        lin, x = layer.lin, layer.x
+        lin, x, ops = layer.lin, layer.x, layer.ops
+        if layer.x_nonneg:
+            s1, s2 = ops.split_scale(lin, x, r, "alphabeta", alpha, beta, eps)
+            return [ops.split_backward(lin, x, s1, s2, "pn")]
         b = lin.bias
-        xp = x.clamp(min=0)
-        xn = None if layer.x_nonneg else x.clamp(max=0)
-        if beta == 0:   # z+: only the activating terms
+        xp, xn = x.clamp(min=0), x.clamp(max=0)
+        if beta == 0:
             wp, wn = lin.pos, lin.neg
-            zp = lin.fwd(xp, wp)
+            zp = lin.fwd(xp, wp) + lin.fwd(xn, wn)
             if b is not None:
-                zp = zp + rules.bias_view(lin, b.clamp(min=0), zp)
-            if xn is not None:
-                zp = zp + lin.fwd(xn, wn)
+                zp = zp + bias_view(lin, b.clamp(min=0), zp)
             sp = alpha * r / stabilize(zp, eps)
-            out = xp * lin.bwd(sp, wp, x.shape)
-            return [out if xn is None else out + xn * lin.bwd(sp, wn, x.shape)]
+            return [xp * lin.bwd(sp, wp, x.shape) + xn * lin.bwd(sp, wn, x.shape)]
         zp, zn = lin.fwd2(xp, "pn")          # x+W+, x+W-
+        zn_x, zp_x = lin.fwd2(xn, "pn")      # x-W+ (inhibiting), x-W- (activating)
+        zp, zn = zp + zp_x, zn + zn_x
         if b is not None:
-            zp = zp + rules.bias_view(lin, b.clamp(min=0), zp)
-            zn = zn + rules.bias_view(lin, b.clamp(max=0), zn)
-        if xn is not None:
-            zn_x, zp_x = lin.fwd2(xn, "pn")   # x-W+ (inhibiting), x-W- (activating)
-            zp, zn = zp + zp_x, zn + zn_x
+            zp = zp + bias_view(lin, b.clamp(min=0), zp)
+            zn = zn + bias_view(lin, b.clamp(max=0), zn)
         sp = alpha * r / stabilize(zp, eps)
         sn = beta * r / stabilize(zn, eps)
-        out = xp * lin.bwd2(sp, -sn, "pn", x.shape)
-        if xn is not None:
-            out = out + xn * lin.bwd2(-sn, sp, "pn", x.shape)
-        return [out]
+        return [xp * lin.bwd2(sp, -sn, "pn", x.shape) + xn * lin.bwd2(-sn, sp, "pn", x.shape)]
     return rule
 
 
@@ -79,22 +75,18 @@ def alphabeta_rap_repo(alpha: float):
     beta = alpha - 1
 
     def rule(layer: Layer, r: torch.Tensor) -> list:
-        lin, x = layer.lin, layer.x
-        wp, wn = lin.pos, lin.neg
+        lin, x, ops = layer.lin, layer.x, layer.ops
         xp = x.clamp(min=0)
-        if beta == 0:   # z+: only x+W+ (and x-W-)
-            out = alpha * xp * lin.bwd(safe_divide(r, lin.fwd(xp, wp)), wp, x.shape)
-            if not layer.x_nonneg:
-                xn = x.clamp(max=0)
-                out = out + alpha * xn * lin.bwd(safe_divide(r, lin.fwd(xn, wn)), wn, x.shape)
+        s1, s2 = ops.split_scale(lin, xp, r, "alphabeta-repo", alpha, beta)
+        out = ops.split_backward(lin, xp, s1, s2, "pn")
+        if layer.x_nonneg:
             return [out]
-        z_pp, z_pn = lin.fwd2(xp, "pn")
-        out = xp * lin.bwd2(alpha * safe_divide(r, z_pp), -beta * safe_divide(r, z_pn), "pn", x.shape)
-        if not layer.x_nonneg:
-            xn = x.clamp(max=0)
-            z_np, z_nn = lin.fwd2(xn, "pn")
-            out = out + xn * lin.bwd2(-beta * safe_divide(r, z_np), alpha * safe_divide(r, z_nn), "pn", x.shape)
-        return [out]
+        xn = x.clamp(max=0)
+        wp, wn = lin.pos, lin.neg
+        if beta == 0:   # z+: only x-W-
+            return [out + alpha * xn * lin.bwd(safe_divide(r, lin.fwd(xn, wn)), wn, x.shape)]
+        z_np, z_nn = lin.fwd2(xn, "pn")
+        return [out + xn * lin.bwd2(-beta * safe_divide(r, z_np), alpha * safe_divide(r, z_nn), "pn", x.shape)]
     return rule
 
 

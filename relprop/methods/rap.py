@@ -24,7 +24,7 @@ import torch
 from .. import graph as g
 from .. import rules
 from ..engine import Context, Layer, RuleTable
-from ..ops import psum, safe_divide, shift_nonzero
+from ..ops import psum, safe_divide
 from . import Method, register
 
 
@@ -57,15 +57,9 @@ def _pos_prop(layer: Layer, x: torch.Tensor, r: torch.Tensor, conv_routing: bool
     then the uniform shift of the non-zero entries restores ``sum R``.  (The authors' masks
     ``[R != 0]`` and ``[Z+ + Z- != 0]`` never change the result: all terms are >= 0.)
     """
-    lin = layer.lin
-    zp, zn = lin.fwd2(x, "pa")
-    s_both = safe_divide(r, zp + zn)
-    if conv_routing:   # R- through |W-| with denominator Z-
-        s1, s2 = safe_divide(r.clamp(min=0), zp), s_both + safe_divide(r.clamp(max=0), zn)
-    else:              # Linear: R- like R+ through W+ with denominator Z+
-        s1, s2 = safe_divide(r, zp), s_both
-    c = x * lin.bwd2(s1, s2, "pa", x.shape)
-    return shift_nonzero(c, psum(c) - psum(r))
+    lin, ops = layer.lin, layer.ops
+    s1, s2 = ops.split_scale(lin, x, r, "rap-conv" if conv_routing else "rap-linear")
+    return ops.split_backward(lin, x, s1, s2, "pa", shift_to=r.flatten(1).sum(1))
 
 
 def hidden(layer: Layer, r: torch.Tensor) -> list:

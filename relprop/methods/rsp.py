@@ -23,8 +23,7 @@ import torch
 from .. import graph as g
 from .. import rules
 from ..engine import Context, Layer, RuleTable
-from ..ops import (conv_per_sample, conv_transpose_per_sample, conv_weight_grad_per_sample, psum, safe_divide,
-                   shift_nonzero)
+from ..ops import conv_per_sample, conv_transpose_per_sample, conv_weight_grad_per_sample, psum, safe_divide
 from . import Method, register
 from .cam import channel_cam, resolve_layer
 
@@ -41,7 +40,7 @@ def conv(layer: Layer, r: torch.Tensor) -> list:
                                       a.shape)
     if lin.kernel_is_1x1:
         return [c]
-    return [shift_nonzero(2 * c, psum(p - n))]
+    return [layer.ops.shift_nonzero(2 * c, psum(p - n))]
 
 
 def _plus_tiny(x):
