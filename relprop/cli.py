@@ -6,6 +6,8 @@ import os
 import sys
 import tempfile
 
+from .images import INTERPOLATIONS, Preprocessing
+
 DESCRIPTION = """\
 relprop explains the predictions of PyTorch CNN classifiers with relevance propagation:
 for an input image and a class it returns a relevance map shaped like the image, red
@@ -150,42 +152,88 @@ def _demo(args) -> int:
     return 1 if summary["failed"] else 0
 
 
+MODEL_HELP = """\
+MODEL (--model), one of:
+  shapes-vgg, shapes-resnet   relprop's built-in classifiers of the synthetic shapes
+                              benchmark (trained weights included; 10 classes);
+                              preprocessing: 64x64, the benchmark's mean/std
+  a torchvision architecture  resnet50, vgg16, densenet121...  --weights is a state dict
+                              file (torch.save(model.state_dict(), PATH)) or a
+                              torchvision weights name (IMAGENET1K_V1, DEFAULT or
+                              ResNet50_Weights.IMAGENET1K_V1) whose file is already in
+                              the torch hub cache, $TORCH_HOME/hub/checkpoints/ (default
+                              ~/.cache/torch/hub/checkpoints/; nothing is downloaded);
+                              without --weights the weights are random.  Preprocessing:
+                              the weights' own for a weights name, else ImageNet
+                              (resize 256, crop 224, ImageNet mean/std)
+  package.module:function     a function on the Python path returning a
+                              torch.nn.Module (called with num_classes=N for
+                              --num-classes N); ImageNet preprocessing
+--size alone keeps the model's resize/crop ratio.
+"""
+
 ATTRIBUTE_DESCRIPTION = """\
-Attribute every image of a folder and store the relevance maps on disk, in shards.
+Attribute every image of a data set and store the relevance maps on disk, in shards.
 
-Images: every .jpg .jpeg .png .bmp .webp under --data (recursively, sorted).  With the
-torchvision ImageFolder layout (DATA/<class>/<image>) the sorted sub-folder names are
-the classes and give each image its label (needed for --targets label).  Each image is
-converted to RGB, its shorter side resized to --resize, centre-cropped to --size and
-normalised with --mean/--std (ImageNet statistics by default).  A file that cannot be
-read is reported with a warning, recorded as skipped and the run goes on.
+Data, one of:
+  --data DIR           every .jpg .jpeg .png .bmp .webp under DIR (recursively, sorted).
+                       With the torchvision ImageFolder layout (DIR/<class>/<image>) the
+                       sorted sub-folder names are the classes and give each image its
+                       label (for --targets label).
+  --dataset NAME       a torchvision.datasets class: FakeData (random images, no files)
+                       or CIFAR10, MNIST, ImageNet... already on disk under --data ROOT
+                       (never downloaded: a missing data set is an error saying how to
+                       get it); constructor options with --dataset-option, e.g.
+                       --dataset-option train=False or split='val'.
+Each image is converted to RGB, its shorter side resized to --resize, centre-cropped
+to --size and normalised with --mean/--std; the defaults are the model's own (see
+MODEL below).  An image that cannot be read is reported with a warning, recorded as
+skipped, and the run goes on.
 
-Model: a torchvision architecture name (e.g. resnet50, vgg16) with its weights from
---weights (a state dict saved with torch.save(model.state_dict(), PATH); without
---weights the model is randomly initialised), or package.module:function, a function
-on the Python path returning a torch.nn.Module.
-
+""" + MODEL_HELP + """
 Output (OUT):
   run.json                  the settings; a re-run must use the same ones
-  shards/shard-00000.npy    relevance maps, array (items, 3, size, size), float32
-                            (float16 with --float16)
-  shards/shard-00000.json   per item: image path, index, label, target, logit,
-                            relevance sum and delta = relevance sum - logit
-  index.jsonl               all shards' items (and skipped images) in order, one
-                            JSON object per line
-Shard k holds the images [k*N, (k+1)*N) for --shard-size N.  A shard is finished when
-its .json exists (files are written atomically), so an interrupted run is resumed by
-running the same command again: finished shards are skipped.  Under torchrun
-(torchrun --nproc-per-node G -m relprop.cli attribute ...) shard k is done by process
-k % G.  With --targets topk:K or a list, every image gives one item per target.
+  shards/shard-00000.npy    relevance maps: a numpy array (items, 3, size, size),
+                            float32 (float16 with --float16); read it with np.load
+  shards/shard-00000.json   {"shard", "first", "stop", "rank", "items": [...],
+                            "skipped": [...]}, written last: a shard is finished
+                            exactly when its .json exists
+  index.jsonl               every shard's items, then its skipped images, shard by
+                            shard, one JSON object per line
+Index columns (one line per image and target):
+  shard, row       the map is row `row` of shards/shard-<shard>.npy
+  index            position of the image in the data set (sorted order)
+  id               stable name: path relative to --data, or NAME[options]:index
+  path             the image file (null for a torchvision data set)
+  label            the data set's class of the image (null without labels)
+  target           the class explained
+  logit            the model's output for that class
+  relevance_sum    the sum of the relevance map
+  delta            relevance_sum - logit (conservation error)
+  skipped, error   instead of the above for an image that could not be read
+Shard k holds the images [k*N, (k+1)*N) for --shard-size N.  Files are written under
+a temporary name and renamed (atomic), so an interrupted run is resumed by running the
+same command again: finished shards are skipped, at most the shard in flight is
+recomputed.  With --targets topk:K or a list every image gives one item per target,
+all computed in one batched pass.  On a GPU, out-of-memory halves the items per pass
+(with a warning) and retries.  The progress bar shows images/s and the ETA.
+
+Several processes: torchrun --nproc-per-node G -m relprop.cli attribute ... (or
+several nodes) splits the shards across the processes (shard k by rank k % G, one GPU
+each); each writes its own shards and rank 0 writes index.jsonl at the end.  If one
+rank fails, all stop within a shard with an error naming the failed rank and the
+cause, and the job exits non-zero; the finished shards are kept for a resume.
 """
 
 ATTRIBUTE_EXAMPLES = """\
 examples:
-  relprop attribute --data imagenet/val --model resnet50 --weights resnet50.pth \\
+  relprop attribute --data imagenet/val --model resnet50 --weights IMAGENET1K_V2 \\
       --method rap --out attributions/
   relprop attribute --data imgs/ --model mypkg.models:build --method lrp-epsilon \\
       --param epsilon=0.01 --targets topk:3 --batch-size 16 --float16 --out out/
+  relprop attribute --dataset CIFAR10 --data ~/data/cifar --dataset-option train=False \\
+      --model mypkg.cifar:net --weights cifar.pth --size 32 --targets label --out cifar/
+  relprop attribute --dataset FakeData --dataset-option size=100 --model shapes-vgg --out fake/
   torchrun --nproc-per-node 4 -m relprop.cli attribute --data imgs/ --model vgg16 \\
       --weights vgg16.pth --method rsp --out out/
 """
@@ -195,43 +243,59 @@ Explain a few image files and write, for every image and target class,
   OUT/<image name>-<class>-heatmap.png   the relevance map (red = positive relevance,
                                          blue = negative, white = 0; summed over colours)
   OUT/<image name>-<class>-overlay.png   the (preprocessed) image blended with the map
-Preprocessing and the model spec are as for 'relprop attribute' (see its --help).
-The predicted class is explained unless --target is given.
-"""
+and print each image's class, logit and files.  The predicted class is explained
+unless --target is given.  Each image is converted to RGB, its shorter side resized
+to --resize, centre-cropped to --size and normalised with --mean/--std; the defaults
+are the model's own (see MODEL below).
+
+""" + MODEL_HELP
 
 EXPLAIN_EXAMPLES = """\
 examples:
   relprop explain cat.jpg dog.png --model resnet50 --weights resnet50.pth --method rap -o maps/
+  relprop explain cat.jpg --model vgg16 --weights DEFAULT --target 281,285 -o maps/
+  relprop explain shape.png --model shapes-resnet --method rsp -o maps/
   relprop explain img.png --model mypkg.models:build --method ae --param ratio=2 --target 3,7 -o maps/
 """
 
 
 def _add_model_options(p) -> None:
+    """--model, --weights, --num-classes, --method, --param and the preprocessing options."""
     p.add_argument("--model", required=True, metavar="MODEL",
-                   help="torchvision architecture name (e.g. resnet50) or package.module:function "
-                        "returning a torch.nn.Module")
-    p.add_argument("--weights", metavar="PATH", help="state dict to load into the model (strict; without it a "
-                                                     "torchvision model keeps random weights)")
+                   help="shapes-vgg, shapes-resnet, a torchvision architecture name (e.g. resnet50) or "
+                        "package.module:function returning a torch.nn.Module (see MODEL above)")
+    p.add_argument("--weights", metavar="PATH|NAME",
+                   help="state dict file to load into the model (strict), or for a torchvision model a weights "
+                        "name such as IMAGENET1K_V1 or DEFAULT, read from the torch hub cache (without it a "
+                        "torchvision model keeps random weights)")
     p.add_argument("--num-classes", type=_positive, metavar="N",
                    help="number of classes to build the model with (default: the model's own default)")
     p.add_argument("--method", default="rap", metavar="METHOD",
                    help="attribution method, see 'relprop methods' (default: %(default)s)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="a method parameter, repeatable, e.g. --param epsilon=0.01 (values are Python literals)")
-    p.add_argument("--size", type=_positive, default=224, metavar="PX",
-                   help="centre-crop size in pixels (default: %(default)s)")
-    p.add_argument("--resize", type=_positive, default=256, metavar="PX",
-                   help="shorter side is resized to this before cropping, >= --size (default: %(default)s)")
-    p.add_argument("--mean", default="0.485,0.456,0.406", metavar="R,G,B",
-                   help="normalisation mean (default: ImageNet, %(default)s)")
-    p.add_argument("--std", default="0.229,0.224,0.225", metavar="R,G,B",
-                   help="normalisation standard deviation (default: ImageNet, %(default)s)")
+    p.add_argument("--size", type=_positive, metavar="PX",
+                   help="centre-crop size in pixels (default: the model's, 224 for ImageNet models, 64 for shapes-*)")
+    p.add_argument("--resize", type=_positive, metavar="PX",
+                   help="shorter side is resized to this before cropping, >= --size (default: the model's, "
+                        "256 for ImageNet models, 64 for shapes-*)")
+    p.add_argument("--mean", metavar="R,G,B", help="normalisation mean (default: the model's, e.g. ImageNet "
+                                                   "0.485,0.456,0.406)")
+    p.add_argument("--std", metavar="R,G,B", help="normalisation standard deviation (default: the model's, "
+                                                  "e.g. ImageNet 0.229,0.224,0.225)")
+    p.add_argument("--interpolation", choices=INTERPOLATIONS, help="resize interpolation (default: the model's, "
+                                                                   "usually bilinear)")
 
 
 def _add_attribute_parser(sub, fmt) -> None:
-    p = sub.add_parser("attribute", help="attribute a whole image folder into resumable shards on disk",
+    p = sub.add_parser("attribute", help="attribute a whole data set into resumable shards on disk",
                        description=ATTRIBUTE_DESCRIPTION, epilog=ATTRIBUTE_EXAMPLES, formatter_class=fmt)
-    p.add_argument("--data", required=True, metavar="DIR", help="image folder (searched recursively)")
+    p.add_argument("--data", metavar="DIR", help="image folder (searched recursively), or the folder of --dataset")
+    p.add_argument("--dataset", metavar="NAME", help="a torchvision.datasets class (FakeData, CIFAR10, MNIST, "
+                                                     "ImageNet...) instead of an image folder; never downloaded")
+    p.add_argument("--dataset-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a --dataset constructor option, repeatable, e.g. train=False, split='val', size=100 "
+                        "(values are Python literals)")
     _add_model_options(p)
     p.add_argument("--targets", default="predicted", metavar="T",
                    help="classes to explain per image: predicted, label (ImageFolder layout), topk:K "
@@ -259,14 +323,14 @@ def _add_explain_parser(sub, fmt) -> None:
     p.set_defaults(subparser=p)
 
 
-def _params(parser, items) -> dict:
+def _params(parser, items, flag: str = "--param") -> dict:
     import ast
 
     params = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            parser.error(f"--param: expected KEY=VALUE, got {item!r}")
+            parser.error(f"{flag}: expected KEY=VALUE, got {item!r}")
         try:
             params[key.strip()] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -284,11 +348,10 @@ def _floats3(parser, name, text) -> tuple:
     return values
 
 
-def _check_common(args):
-    """Validate method, parameters, preprocessing, output folder and model; returns (model, params, mean, std)."""
+def method_params_from_args(args) -> dict:
+    """Check --method and --param (usage error if bad); the method parameters."""
     from . import methods
     from .explainer import available_methods
-    from .images import load_model
 
     parser = args.subparser
     if args.method not in available_methods():
@@ -298,38 +361,72 @@ def _check_common(args):
         methods.create(args.method, **params)
     except (TypeError, ValueError) as e:
         parser.error(f"--param: {e}")
-    if args.resize < args.size:
-        parser.error(f"--resize ({args.resize}) must be >= --size ({args.size})")
-    mean, std = _floats3(parser, "mean", args.mean), _floats3(parser, "std", args.std)
-    if any(s <= 0 for s in std):
-        parser.error("--std: values must be > 0")
-    _check_writable(parser, "--out", args.out)
+    return params
+
+
+def load_model_from_args(args):
+    """The options of :func:`_add_model_options` -> ``(model, Preprocessing)`` (usage error if bad).
+
+    The preprocessing is the model's own (:func:`relprop.models.load_model`) with the
+    options given overriding it; ``--size`` alone keeps the model's resize/crop ratio.
+    """
+    from .models import load_model
+
+    parser = args.subparser
+    mean = None if args.mean is None else _floats3(parser, "mean", args.mean)
+    std = None if args.std is None else _floats3(parser, "std", args.std)
     try:
-        model = load_model(args.model, args.weights, args.num_classes)
+        model, default = load_model(args.model, args.weights, args.num_classes)
     except ValueError as e:
         parser.error(f"--model/--weights: {e}")
-    return model, params, mean, std
+    size = args.size or default.size
+    resize = args.resize
+    if resize is None and default.resize is not None:
+        resize = max(size, round(size * default.resize / default.size))
+    try:
+        pre = Preprocessing(size, resize, mean or default.mean, std or default.std,
+                            args.interpolation or default.interpolation)
+    except ValueError as e:
+        parser.error(f"--size/--resize/--mean/--std: {e}")
+    return model, pre
+
+
+def _dataset_from_args(args, preprocessing):
+    from .images import ImageFolderDataset, TorchvisionDataset
+
+    parser = args.subparser
+    if args.dataset is None and args.data is None:
+        parser.error("--data: give an image folder, or --dataset NAME (with --data ROOT if it has files)")
+    if args.dataset is None and args.dataset_option:
+        parser.error("--dataset-option needs --dataset")
+    try:
+        if args.dataset is None:
+            return ImageFolderDataset(args.data, preprocessing)
+        options = _params(parser, args.dataset_option, "--dataset-option")
+        return TorchvisionDataset(args.dataset, args.data, preprocessing, options)
+    except (OSError, ValueError) as e:
+        parser.error(f"--{'dataset' if args.dataset else 'data'}: {e}")
 
 
 def _attribute(args) -> int:
-    from .attribute import attribute_dataset, parse_targets
-    from .images import ImageFolderDataset
+    from .attribute import DistributedRunError, attribute_dataset, parse_targets
 
     parser = args.subparser
     try:
         parse_targets(args.targets)
     except ValueError as e:
         parser.error(f"--targets: {e}")
-    try:
-        dataset = ImageFolderDataset(args.data, size=args.size, resize=args.resize)
-    except (OSError, ValueError) as e:
-        parser.error(f"--data: {e}")
+    params = method_params_from_args(args)
+    _check_writable(parser, "--out", args.out)
+    model, pre = load_model_from_args(args)
+    dataset = _dataset_from_args(args, pre)
     if args.targets == "label" and dataset.labels is None:
-        parser.error("--targets label needs the ImageFolder layout: DATA/<class>/<image>, every image in a "
-                     "class sub-folder")
-    model, params, mean, std = _check_common(args)
-    dataset.mean, dataset.std = mean, std
-    extra = {"model_spec": args.model, "weights": os.path.abspath(args.weights) if args.weights else None}
+        parser.error("--targets label needs labels: an image folder in the ImageFolder layout DATA/<class>/<image> "
+                     "(every image in a class sub-folder), or a --dataset with integer labels")
+    weights = args.weights
+    if weights is not None and os.path.exists(weights):
+        weights = os.path.abspath(weights)
+    extra = {"model_spec": args.model, "weights": weights}
     try:
         summary = attribute_dataset(model, dataset, args.method, params, args.out, targets=args.targets,
                                     batch_size=args.batch_size, shard_size=args.shard_size,
@@ -338,6 +435,9 @@ def _attribute(args) -> int:
     except ValueError as e:
         print(f"relprop attribute: error: {e}", file=sys.stderr)
         return 2
+    except DistributedRunError as e:
+        print(f"relprop attribute: error: {e}", file=sys.stderr)
+        return 1
     if "items" in summary:
         print(f"{summary['shards']} shards ({summary['done']} computed now, {summary['skipped_shards']} "
               f"already done): {summary['items']} items, {summary['skipped_images']} unreadable images "
@@ -354,7 +454,6 @@ def _explain(args) -> int:
 
     from . import viz
     from .explainer import Explainer
-    from .images import ImageFolderDataset
 
     parser = args.subparser
     missing = [p for p in args.images if not os.path.isfile(p)]
@@ -366,9 +465,9 @@ def _explain(args) -> int:
             targets = [int(t) for t in args.target.split(",")]
         except ValueError:
             parser.error(f"--target: expected class indices like 3 or 3,7, got {args.target!r}")
-    model, params, mean, std = _check_common(args)
-    pre = ImageFolderDataset.__new__(ImageFolderDataset)
-    pre.size, pre.resize, pre.mean, pre.std = args.size, args.resize, mean, std
+    params = method_params_from_args(args)
+    _check_writable(parser, "--out", args.out)
+    model, pre = load_model_from_args(args)
     images = []
     for path in args.images:
         try:
@@ -384,7 +483,7 @@ def _explain(args) -> int:
             att = explainer.attribute(xi.repeat(len(ts), 1, 1, 1), None if targets is None else ts)
         except ValueError as e:
             parser.error(str(e))
-        rgb = viz.image_to_rgb(xi[0], mean, std)
+        rgb = viz.image_to_rgb(xi[0], pre.mean, pre.std)
         stem = os.path.splitext(os.path.basename(path))[0]
         for r, t in zip(att.relevance, att.target.tolist()):
             heat = viz.to_rgb(r.sum(0))

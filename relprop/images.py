@@ -1,37 +1,82 @@
-"""Image folders and models for attributing data sets (``relprop attribute``/``explain``).
+"""Data sets for attributing (``relprop attribute``/``explain``): image folders, torchvision.
 
+* :class:`Preprocessing`: resize the shorter side, centre-crop, normalise (the
+  ``torchvision`` ImageNet evaluation recipe); :data:`IMAGENET` is 256 -> 224 with the
+  ImageNet mean/std.
 * :func:`list_images` lists the images under a folder (recursive, sorted, extensions
   ``.jpg .jpeg .png .bmp .webp``, case-insensitive).  If every image lies inside a
   first-level sub-folder (the torchvision ``ImageFolder`` layout ``root/<class>/...``)
   the sub-folder names, sorted, are the classes and give each image its label;
   otherwise there are no labels.
-* :class:`ImageFolderDataset` loads one image with Pillow, converts it to RGB, resizes
-  its shorter side to ``resize``, centre-crops ``size`` x ``size`` and normalises with
-  ``mean``/``std`` (ImageNet statistics by default).  An unreadable or corrupt file does
-  not raise: the item is a marker ``(index, None, error message)`` that
-  :func:`collate` drops and reports, so a run goes on without it.
-* :func:`load_model` resolves a model spec: a torchvision architecture name or
-  ``package.module:function``.
+* :class:`ImageFolderDataset` (the images of a folder) and :class:`TorchvisionDataset`
+  (a ``torchvision.datasets`` class such as ``FakeData`` or ``CIFAR10``, never
+  downloaded) both return ``(index, image tensor, None)`` per item, or for an item that
+  cannot be read the marker ``(index, None, error message)`` that :func:`collate` drops
+  and reports, so a run goes on without it.  ``item_id(i)`` is a stable name of item
+  ``i``: the path relative to the folder, or ``NAME[options]:i``.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import importlib
+import inspect
 import os
 from typing import Sequence
 
 import torch
-import torch.nn as nn
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_RESIZE = 256
 DEFAULT_SIZE = 224
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
-MODEL_SPEC_HELP = ("a model is either a torchvision architecture name (e.g. resnet50, vgg16; "
-                   "weights from --weights PATH, a state dict) or 'package.module:function', a function "
-                   "importable from the Python path that returns a torch.nn.Module")
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """PIL image -> RGB, shorter side resized to ``resize`` (None: not resized), centre crop
+    ``size`` x ``size``, normalised with ``mean``/``std``: a (3, size, size) float32 tensor."""
+
+    size: int = DEFAULT_SIZE
+    resize: int | None = DEFAULT_RESIZE
+    mean: Sequence[float] = IMAGENET_MEAN
+    std: Sequence[float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+
+    def __post_init__(self):
+        if self.size < 1 or (self.resize is not None and self.resize < self.size):
+            raise ValueError(f"need size >= 1 and resize >= size, got size={self.size}, resize={self.resize}")
+        if len(self.mean) != 3 or len(self.std) != 3 or any(s <= 0 for s in self.std):
+            raise ValueError(f"mean and std need 3 values each (std > 0), got mean={self.mean}, std={self.std}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
+        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+
+    def __call__(self, image) -> torch.Tensor:
+        import torchvision.transforms.functional as TF
+
+        image = image.convert("RGB")
+        if self.resize is not None:
+            mode = TF.InterpolationMode(self.interpolation)
+            image = TF.resize(image, self.resize, interpolation=mode, antialias=True)
+        image = TF.center_crop(image, [self.size, self.size])
+        return TF.normalize(TF.to_tensor(image), self.mean, self.std)
+
+    def load(self, path) -> torch.Tensor:
+        """One image file -> tensor (raises on an unreadable file)."""
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return self(im)
+
+    def as_dict(self) -> dict:
+        return {"size": self.size, "resize": self.resize, "mean": list(self.mean), "std": list(self.std),
+                "interpolation": self.interpolation}
+
+
+IMAGENET = Preprocessing()
 
 
 def list_images(root) -> tuple[list[str], list[int] | None, list[str]]:
@@ -72,44 +117,120 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     cannot read, the marker ``(i, None, "error message")``.
     """
 
-    def __init__(self, root, size: int = DEFAULT_SIZE, resize: int | None = DEFAULT_RESIZE,
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
-        if size < 1 or (resize is not None and resize < size):
-            raise ValueError(f"need size >= 1 and resize >= size, got size={size}, resize={resize}")
-        if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
-            raise ValueError(f"mean and std need 3 values each (std > 0), got mean={mean}, std={std}")
+    def __init__(self, root, preprocessing: Preprocessing = IMAGENET):
         self.root = os.fspath(root)
         self.paths, self.labels, self.classes = list_images(root)
-        self.size, self.resize = int(size), (int(resize) if resize is not None else None)
-        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        self.preprocessing = preprocessing
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    def item_id(self, i: int) -> str:
+        """The path of item ``i`` relative to the folder, with ``/`` separators."""
+        return os.path.relpath(self.paths[i], self.root).replace(os.sep, "/")
+
     def fingerprint(self) -> dict:
         """What identifies the items and their preprocessing (stored in ``run.json``)."""
-        names = "\n".join(os.path.relpath(p, self.root) for p in self.paths)
+        names = "\n".join(self.item_id(i) for i in range(len(self)))
         return {"root": os.path.abspath(self.root), "images": len(self.paths),
-                "files_sha256": hashlib.sha256(names.encode()).hexdigest(), "size": self.size,
-                "resize": self.resize, "mean": list(self.mean), "std": list(self.std)}
-
-    def load(self, path) -> torch.Tensor:
-        """One image file -> normalised (3, size, size) float32 tensor (raises on a bad file)."""
-        from PIL import Image
-        import torchvision.transforms.functional as TF
-
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-        if self.resize is not None:
-            im = TF.resize(im, self.resize, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
-        im = TF.center_crop(im, [self.size, self.size])
-        return TF.normalize(TF.to_tensor(im), self.mean, self.std)
+                "files_sha256": hashlib.sha256(names.encode()).hexdigest(), **self.preprocessing.as_dict()}
 
     def __getitem__(self, i: int):
         try:
-            return i, self.load(self.paths[i]), None
+            return i, self.preprocessing.load(self.paths[i]), None
         except Exception as e:   # unreadable, corrupt, truncated: reported and skipped by the caller
             return i, None, f"{type(e).__name__}: {e}"
+
+
+class TorchvisionDataset(torch.utils.data.Dataset):
+    """``torchvision.datasets.<name>(root, **options)``, preprocessed; never downloaded.
+
+    ``root`` is required by the data sets that store files (CIFAR10, ImageNet...) and
+    refused by those that do not (FakeData).  Labels come from the data set's
+    ``targets`` or, when it has none, from its items (integer targets only; otherwise
+    there are no labels).  Raises ValueError for an unknown name or bad options and
+    FileNotFoundError (saying how to get the files) when the data are not under ``root``.
+    """
+
+    def __init__(self, name: str, root=None, preprocessing: Preprocessing = IMAGENET, options: dict | None = None):
+        import torchvision.datasets
+
+        cls = getattr(torchvision.datasets, name, None)
+        if name.startswith("_") or not (inspect.isclass(cls) and issubclass(cls, torch.utils.data.Dataset)):
+            raise ValueError(f"unknown torchvision data set {name!r}; use a class of torchvision.datasets such as "
+                             "FakeData, CIFAR10, MNIST, ImageNet or Food101")
+        self.name, self.options, self.preprocessing = name, dict(options or {}), preprocessing
+        params = inspect.signature(cls).parameters
+        if "download" in self.options:
+            raise ValueError("relprop never downloads data sets: drop the download option")
+        kwargs = dict(self.options, **({"download": False} if "download" in params else {}))
+        if "root" in params:
+            if root is None:
+                raise ValueError(f"torchvision data set {name} needs its folder: --data ROOT")
+            if not os.path.isdir(root):
+                raise FileNotFoundError(f"data folder {os.fspath(root)!r} of torchvision data set {name} does not exist")
+            kwargs["root"] = os.fspath(root)
+        elif root is not None:
+            raise ValueError(f"torchvision data set {name} has no folder; drop --data")
+        self.root = None if root is None else os.fspath(root)
+        try:
+            self.data = cls(**kwargs)
+        except TypeError as e:
+            raise ValueError(f"bad options for torchvision data set {name}: {e}") from None
+        except (RuntimeError, OSError) as e:
+            raise FileNotFoundError(
+                f"torchvision data set {name} is not under {self.root!r} ({type(e).__name__}: {e}); relprop never "
+                f"downloads: run torchvision.datasets.{name}(ROOT, download=True) on a machine with internet and copy "
+                "ROOT here") from None
+        self.paths = None
+        self.labels = self._labels()
+
+    def _labels(self):
+        targets = getattr(self.data, "targets", None)
+        if targets is not None and len(targets) == len(self.data):
+            return [int(t) for t in targets]
+        if len(self.data) and _as_int(self.data[0][1]) is not None:
+            return _ItemLabels(self.data)
+        return None
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def item_id(self, i: int) -> str:
+        """``NAME[key=value,...]:i`` (the options that select the items, e.g. ``train=False``)."""
+        opts = ",".join(f"{k}={v!r}" for k, v in sorted(self.options.items()))
+        return f"{self.name}{f'[{opts}]' if opts else ''}:{i}"
+
+    def fingerprint(self) -> dict:
+        return {"dataset": self.name, "root": None if self.root is None else os.path.abspath(self.root),
+                "options": {k: repr(v) for k, v in sorted(self.options.items())}, "images": len(self),
+                **self.preprocessing.as_dict()}
+
+    def __getitem__(self, i: int):
+        try:
+            return i, self.preprocessing(self.data[i][0]), None
+        except Exception as e:   # unreadable or corrupt item: reported and skipped by the caller
+            return i, None, f"{type(e).__name__}: {e}"
+
+
+class _ItemLabels:
+    """``labels[i]``: the integer target of item ``i``, read from the data set on demand."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> int:
+        return int(self.data[i][1])
+
+
+def _as_int(value):
+    try:
+        return int(value) if not isinstance(value, (str, bytes, float)) else None
+    except (TypeError, ValueError, RuntimeError):
+        return None
 
 
 def collate(samples):
@@ -121,80 +242,3 @@ def collate(samples):
     skipped = [(s[0], s[2]) for s in samples if s[1] is None]
     x = torch.stack([s[1] for s in good]) if good else None
     return x, [s[0] for s in good], skipped
-
-
-def load_model(spec: str, weights=None, num_classes: int | None = None) -> nn.Module:
-    """Resolve ``spec`` to a model in eval mode.
-
-    ``spec``: a torchvision architecture name (built with ``weights=None``, i.e. random
-    initialisation, then ``weights`` loaded) or ``"package.module:function"`` (called,
-    with ``num_classes=`` if given, and must return an ``nn.Module``).  ``weights``: path
-    of a state dict (``torch.save(model.state_dict(), path)``; a checkpoint dict holding
-    it under ``"state_dict"`` or ``"model"`` works too), loaded strictly.  Raises
-    ValueError with a clear message for an unknown spec or a bad weights file.  The model
-    is built with the random seed 0 (the caller's random state is left alone), so a
-    model without ``weights`` is the same in every process and run.
-    """
-    kwargs = {} if num_classes is None else {"num_classes": int(num_classes)}
-    # seeded (without touching the caller's RNG): a model without --weights gets the same
-    # random weights in every process and every run, so runs can be resumed and split
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = _build(spec, kwargs)
-    if weights is not None:
-        load_weights(model, weights)
-    return model.eval()
-
-
-def _build(spec: str, kwargs: dict) -> nn.Module:
-    import torchvision
-
-    if ":" in spec:
-        mod_name, _, fn_name = spec.partition(":")
-        try:
-            fn = getattr(importlib.import_module(mod_name), fn_name)
-        except (ImportError, AttributeError) as e:
-            raise ValueError(f"cannot import model function {spec!r} ({type(e).__name__}: {e}); "
-                             f"{MODEL_SPEC_HELP}") from None
-        model = fn(**kwargs)
-        if not isinstance(model, nn.Module):
-            raise ValueError(f"{spec!r} returned {type(model).__name__}, not a torch.nn.Module")
-    else:
-        names = torchvision.models.list_models()
-        if spec not in names:
-            raise ValueError(f"unknown model {spec!r}; {MODEL_SPEC_HELP}. torchvision architectures: "
-                             f"{', '.join(names)}")
-        model = torchvision.models.get_model(spec, weights=None, **kwargs)
-    return model
-
-
-def load_weights(model: nn.Module, path) -> None:
-    """Load a state dict file into ``model`` strictly; ValueError if it does not fit."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ValueError(f"weights file {path!r} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"cannot read weights file {path!r}: {type(e).__name__}: {e}") from None
-    if isinstance(state, dict):
-        for key in ("state_dict", "model"):
-            if isinstance(state.get(key), dict):
-                state = state[key]
-                break
-    if not isinstance(state, dict):
-        raise ValueError(f"weights file {path!r} holds a {type(state).__name__}, not a state dict")
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"weights file {path!r} does not fit the model: {e}") from None
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """sha256 over the names, shapes and values of the parameters and buffers."""
-    h = hashlib.sha256(type(model).__name__.encode())
-    for name, t in list(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()

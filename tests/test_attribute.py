@@ -15,7 +15,8 @@ import relprop
 from relprop import attribute as attr_mod
 from relprop import cli, demo
 from relprop.attribute import attribute_dataset, shard_paths
-from relprop.images import ImageFolderDataset, list_images, load_model
+from relprop.images import ImageFolderDataset, Preprocessing, list_images
+from relprop.models import load_model
 
 TESTS = pathlib.Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -69,7 +70,7 @@ def labelled(tmp_path):
 
 
 def _dataset(root):
-    return ImageFolderDataset(root, size=SIZE, resize=SIZE)
+    return ImageFolderDataset(root, Preprocessing(SIZE, SIZE))
 
 
 def _run(root, out, **kw):
@@ -106,7 +107,7 @@ def test_dataset_preprocesses_like_resize_crop_normalise(tmp_path):
     arr = (np.arange(40 * 60 * 3) % 251).astype(np.uint8).reshape(40, 60, 3)
     (tmp_path / "d").mkdir()
     Image.fromarray(arr).save(tmp_path / "d" / "x.png")
-    ds = ImageFolderDataset(tmp_path / "d", size=16, resize=20, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    ds = ImageFolderDataset(tmp_path / "d", Preprocessing(16, 20, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)))
     i, x, err = ds[0]
     assert i == 0 and err is None and x.shape == (3, 16, 16)
     ref = Image.fromarray(arr).resize((30, 20), Image.BILINEAR)       # shorter side 40 -> 20
@@ -251,16 +252,17 @@ def test_batch_size_may_change_on_resume(data, tmp_path):
 
 # --------------------------------------------------------------------------- models
 def test_load_model_specs_and_weights(tmp_path):
-    m = load_model(SPEC)
-    assert isinstance(m, torch.nn.Module) and not m.training
-    assert load_model(SPEC, num_classes=7)[-1][-1].out_features == 7
+    m, pre = load_model(SPEC)
+    assert isinstance(m, torch.nn.Module) and not m.training and pre == Preprocessing()     # ImageNet, 224
+    assert load_model(SPEC, num_classes=7)[0][-1][-1].out_features == 7
     state = torch.random.get_rng_state()
-    r = load_model("resnet18", num_classes=3)
+    r, pre = load_model("resnet18", num_classes=3)
     assert r.fc.out_features == 3 and torch.equal(torch.random.get_rng_state(), state)
-    again = load_model("resnet18", num_classes=3)                    # random weights, but reproducible
+    assert (pre.size, pre.resize, pre.mean) == (224, 256, (0.485, 0.456, 0.406))
+    again, _ = load_model("resnet18", num_classes=3)                 # random weights, but reproducible
     assert all(torch.equal(a, b) for a, b in zip(r.state_dict().values(), again.state_dict().values()))
     torch.save(r.state_dict(), tmp_path / "w.pth")
-    r2 = load_model("resnet18", weights=tmp_path / "w.pth", num_classes=3)
+    r2, _ = load_model("resnet18", weights=tmp_path / "w.pth", num_classes=3)
     assert all(torch.equal(a, b) for a, b in zip(r.state_dict().values(), r2.state_dict().values()))
     with pytest.raises(ValueError, match="does not fit"):
         load_model("resnet18", weights=tmp_path / "w.pth")               # 1000 classes

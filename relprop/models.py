@@ -1,0 +1,172 @@
+"""Model specs for the command line: built-in, torchvision or ``package.module:function``.
+
+:func:`load_model` resolves a spec to ``(model in eval mode, default preprocessing)``:
+
+* ``shapes-vgg`` / ``shapes-resnet``: relprop's built-in classifiers of the "shapes in
+  clutter" benchmark (:mod:`relprop.benchmark.models`, trained weights shipped with the
+  package); preprocessing 64 x 64 with the benchmark's mean/std
+  (:func:`relprop.benchmark.normalise`);
+* a torchvision architecture name (``resnet50``, ``vgg16``...): ``weights`` is a state
+  dict file or a torchvision weights name (``IMAGENET1K_V1``, ``DEFAULT``,
+  ``ResNet50_Weights.IMAGENET1K_V1``) read from the torch hub cache
+  (``$TORCH_HOME/hub/checkpoints/<file>``, never downloaded); preprocessing: the weights'
+  own (resize, crop, mean/std, interpolation) for a weights name, else ImageNet at 224;
+* ``package.module:function``: called (with ``num_classes=`` if given), must return an
+  ``nn.Module``; ImageNet preprocessing.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+import re
+import urllib.parse
+
+import torch
+import torch.nn as nn
+
+from .images import IMAGENET, Preprocessing
+
+MODEL_SPEC_HELP = ("a model is a built-in one (shapes-vgg, shapes-resnet), a torchvision architecture name "
+                   "(e.g. resnet50, vgg16; --weights a state dict file or a torchvision weights name such as "
+                   "IMAGENET1K_V1 or DEFAULT) or 'package.module:function', a function importable from the "
+                   "Python path that returns a torch.nn.Module")
+_WEIGHTS_NAME = re.compile(r"([A-Za-z0-9]+_Weights\.)?[A-Z][A-Z0-9_]*")
+
+
+def load_model(spec: str, weights=None, num_classes: int | None = None) -> tuple[nn.Module, Preprocessing]:
+    """``(model, preprocessing)`` for ``spec`` (see the module docstring).
+
+    ``weights``: path of a state dict (``torch.save(model.state_dict(), path)``; a
+    checkpoint dict holding it under ``"state_dict"`` or ``"model"`` works too), loaded
+    strictly, or for torchvision architectures a weights name.  Raises ValueError with a
+    clear message for an unknown spec, a bad weights file or weights missing from the
+    cache.  Randomly initialised models are built with the seed 0 (the caller's random
+    state is left alone), so they are the same in every process and run.
+    """
+    from .benchmark import models as builtin
+
+    kwargs = {} if num_classes is None else {"num_classes": int(num_classes)}
+    preprocessing = IMAGENET
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        if spec in builtin.MODELS:
+            if num_classes is not None:
+                raise ValueError(f"{spec!r} is a built-in model with {len(builtin.CLASSES)} classes; "
+                                 "drop --num-classes")
+            model = builtin.load(spec) if weights is None else builtin.build(spec)
+            preprocessing = builtin_preprocessing()
+        elif ":" in spec:
+            model = _from_function(spec, kwargs)
+        else:
+            tv_weights = _torchvision_weights(spec, weights)
+            model = _from_torchvision(spec, tv_weights, kwargs)
+            if tv_weights is not None:
+                preprocessing = weights_preprocessing(tv_weights)
+                weights = None
+    if weights is not None:
+        load_weights(model, weights)
+    return model.eval(), preprocessing
+
+
+def builtin_preprocessing() -> Preprocessing:
+    """64 x 64, normalised like :func:`relprop.benchmark.normalise`."""
+    from .benchmark import MEAN, STD
+    from .benchmark.models import INPUT_SIZE
+
+    return Preprocessing(INPUT_SIZE, INPUT_SIZE, MEAN, STD)
+
+
+def weights_preprocessing(weights) -> Preprocessing:
+    """The preprocessing of torchvision ``weights`` (its ``transforms()``), ImageNet if it has none."""
+    t = weights.transforms()
+    if not all(hasattr(t, a) for a in ("crop_size", "resize_size", "mean", "std", "interpolation")):
+        return IMAGENET
+    return Preprocessing(t.crop_size[0], t.resize_size[0], t.mean, t.std, t.interpolation.value)
+
+
+def weights_cache_path(weights) -> str:
+    """Where torch hub (and so torchvision) looks for the file of ``weights``."""
+    name = os.path.basename(urllib.parse.urlparse(weights.url).path)
+    return os.path.join(torch.hub.get_dir(), "checkpoints", name)
+
+
+def _from_function(spec: str, kwargs: dict) -> nn.Module:
+    mod_name, _, fn_name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(mod_name), fn_name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"cannot import model function {spec!r} ({type(e).__name__}: {e}); "
+                         f"{MODEL_SPEC_HELP}") from None
+    model = fn(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"{spec!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _torchvision_weights(spec: str, weights):
+    """The torchvision weights enum member named by ``weights``, or None for a path / no weights."""
+    import torchvision
+
+    names = torchvision.models.list_models()
+    if spec not in names:
+        raise ValueError(f"unknown model {spec!r}; {MODEL_SPEC_HELP}. torchvision architectures: "
+                         f"{', '.join(names)}")
+    if weights is None or not _WEIGHTS_NAME.fullmatch(os.fspath(weights)):
+        return None
+    enum = torchvision.models.get_model_weights(spec)
+    short = os.fspath(weights).removeprefix(enum.__name__ + ".")
+    if short not in enum.__members__:
+        raise ValueError(f"{spec} has no torchvision weights {weights!r}; its weights are: "
+                         f"{', '.join(enum.__members__)} (or give a state dict file)")
+    member = enum[short]
+    path = weights_cache_path(member)
+    if not os.path.isfile(path):
+        raise ValueError(f"torchvision weights {member!r} are not available offline: put the file "
+                         f"{os.path.basename(path)} (from {member.url}) at {path} (the torch hub cache; "
+                         "set TORCH_HOME to use another folder), or give --weights a state dict file")
+    return member
+
+
+def _from_torchvision(spec: str, weights, kwargs: dict) -> nn.Module:
+    import torchvision
+
+    try:
+        return torchvision.models.get_model(spec, weights=weights, progress=False, **kwargs)
+    except (RuntimeError, ValueError) as e:
+        if weights is None:
+            raise
+        raise ValueError(f"cannot load torchvision weights {weights!r} from {weights_cache_path(weights)}: "
+                         f"{e}") from None
+
+
+def load_weights(model: nn.Module, path) -> None:
+    """Load a state dict file into ``model`` strictly; ValueError if it does not fit."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"weights file {path!r} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read weights file {path!r}: {type(e).__name__}: {e}") from None
+    if isinstance(state, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict):
+        raise ValueError(f"weights file {path!r} holds a {type(state).__name__}, not a state dict")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"weights file {path!r} does not fit the model: {e}") from None
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 over the names, shapes and values of the parameters and buffers."""
+    h = hashlib.sha256(type(model).__name__.encode())
+    for name, t in list(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
