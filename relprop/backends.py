@@ -59,11 +59,11 @@ def unavailable(name: str, device: torch.device) -> str | None:
 
 
 def check_backend(backend: str) -> None:
-    """Raise if ``backend`` is not a backend name, or names one that cannot run anywhere here."""
+    """Raise if ``backend`` is not a backend name, or names one that cannot run here at all
+    (on this machine's default device)."""
     if backend == "auto":
         return
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of auto, {', '.join(BACKENDS)}")
+    _check_name(backend)
     reason = unavailable(backend, default_device())
     if reason is not None:
         raise RuntimeError(f"backend {backend!r} is unavailable: {reason}")
@@ -76,11 +76,16 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if device.type != "cuda":
             return "torch"
         return next(n for n in reversed(BACKENDS) if unavailable(n, device) is None)
-    check_backend(backend)
+    _check_name(backend)
     reason = unavailable(backend, device)
     if reason is not None:
         raise RuntimeError(f"backend {backend!r} is unavailable for {device.type} tensors: {reason}")
     return backend
+
+
+def _check_name(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of auto, {', '.join(BACKENDS)}")
 
 
 def operations(backend: str) -> ModuleType:
