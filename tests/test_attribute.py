@@ -2,9 +2,12 @@
 import json
 import os
 import pathlib
+import re
 import socket
 import subprocess
 import sys
+import warnings
+import weakref
 
 import numpy as np
 import pytest
@@ -15,8 +18,10 @@ import relprop
 from relprop import attribute as attr_mod
 from relprop import cli, demo
 from relprop.attribute import attribute_dataset, shard_paths
-from relprop.images import ImageFolderDataset, Preprocessing, list_images
-from relprop.models import load_model
+from relprop.benchmark import models as builtin
+from relprop.benchmark import normalise
+from relprop.images import ImageFolderDataset, Preprocessing, TorchvisionDataset, list_images
+from relprop.models import load_model, weights_preprocessing
 
 TESTS = pathlib.Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -250,6 +255,106 @@ def test_batch_size_may_change_on_resume(data, tmp_path):
     assert summary["done"] == 0 and summary["items"] == 10
 
 
+def test_progress_bar_shows_images_per_second_and_eta(data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)          # the bar is drawn on terminals only
+    attribute_dataset(tiny_model(), _dataset(data), out_dir=tmp_path / "out", batch_size=3, shard_size=4)
+    err = capsys.readouterr().err
+    # tqdm: "attributing: 100%|...| 10/10 [00:01<00:00,  7.50img/s]" -- elapsed<ETA, rate
+    assert re.search(r"attributing.*10/10 \[\d\d:\d\d<\d\d:\d\d, +[\d.]+img/s\]", err), err[-500:]
+
+
+# --------------------------------------------------------------------------- torchvision data sets
+FAKE = {"size": 7, "image_size": (3, 40, 36), "num_classes": 4}
+
+
+def test_torchvision_dataset_end_to_end_with_stable_ids(tmp_path):
+    import torchvision
+
+    pre = Preprocessing(SIZE, SIZE)
+    ds = TorchvisionDataset("FakeData", preprocessing=pre, options=FAKE)
+    fake = torchvision.datasets.FakeData(**FAKE)
+    assert len(ds) == 7 and [ds.labels[i] for i in range(7)] == [int(fake[i][1]) for i in range(7)]
+    out = tmp_path / "out"
+    summary = attribute_dataset(tiny_model(), ds, "rap", out_dir=out, targets="label", batch_size=3,
+                                shard_size=4, progress=False)
+    assert summary["items"] == 7 and summary["shards"] == 2
+    index = _index(out)
+    assert [r["id"] for r in index] == [f"FakeData[image_size=(3, 40, 36),num_classes=4,size=7]:{i}"
+                                        for i in range(7)]
+    assert all(r["path"] is None for r in index)
+    assert [r["target"] for r in index] == [r["label"] for r in index] == [int(fake[i][1]) for i in range(7)]
+    x = torch.stack([pre(fake[i][0]) for i in range(7)])
+    ref = relprop.Explainer(tiny_model(), "rap")(x, [r["label"] for r in index])
+    got = torch.from_numpy(np.concatenate(_shard_arrays(out, 2)))
+    assert torch.allclose(got, ref, atol=1e-6, rtol=0)
+    assert json.loads((out / "run.json").read_text())["data"]["dataset"] == "FakeData"
+
+
+def test_torchvision_dataset_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown torchvision data set 'NoSuchSet'.*FakeData"):
+        TorchvisionDataset("NoSuchSet")
+    with pytest.raises(FileNotFoundError, match=r"CIFAR10.*never downloads.*download=True"):
+        TorchvisionDataset("CIFAR10", tmp_path)                          # an empty folder
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        TorchvisionDataset("CIFAR10", tmp_path / "missing")
+    with pytest.raises(ValueError, match="needs its folder"):
+        TorchvisionDataset("CIFAR10")
+    with pytest.raises(ValueError, match="has no folder"):
+        TorchvisionDataset("FakeData", tmp_path)
+    with pytest.raises(ValueError, match="never downloads"):
+        TorchvisionDataset("CIFAR10", tmp_path, options={"download": True})
+    with pytest.raises(ValueError, match="bad options.*FakeData"):
+        TorchvisionDataset("FakeData", options={"no_such_option": 1})
+
+
+# --------------------------------------------------------------------------- out of memory
+def _oom_above(limit, calls, freed):
+    """An Explainer.attribute that raises CUDA out-of-memory for more than ``limit`` items."""
+    orig = relprop.Explainer.attribute
+
+    def attribute(self, x, *a, **k):
+        calls.append(len(x))
+        freed.append(all(ref() is None for ref in held))     # the failed attempts' tensors are gone
+        if len(x) > limit:
+            scratch = torch.empty(len(x), 1000)                # "the memory the failed pass held"
+            held.append(weakref.ref(scratch))
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return orig(self, x, *a, **k)
+
+    held = []
+    return attribute
+
+
+def test_out_of_memory_splits_the_batch_with_a_warning(data, tmp_path, monkeypatch):
+    _run(data, tmp_path / "whole", batch_size=4)
+    calls, freed = [], []
+    monkeypatch.setattr(relprop.Explainer, "attribute", _oom_above(2, calls, freed))
+    with pytest.warns(UserWarning, match="out of memory with 4 items at once: retrying with 2") as record:
+        summary = _run(data, tmp_path / "split", batch_size=4)
+    assert len([w for w in record if "out of memory" in str(w.message)]) == 1      # halved once, then kept
+    assert calls == [4, 2, 2, 2, 2, 2] and all(freed)
+    assert summary["items"] == 10
+    whole, split = _index(tmp_path / "whole"), _index(tmp_path / "split")
+    assert [(r["id"], r["target"]) for r in split] == [(r["id"], r["target"]) for r in whole]
+    for a, b in zip(whole, split):
+        assert b["logit"] == pytest.approx(a["logit"], abs=1e-6)
+        assert b["relevance_sum"] == pytest.approx(a["relevance_sum"], abs=1e-5)
+    for a, b in zip(_shard_arrays(tmp_path / "whole", 3), _shard_arrays(tmp_path / "split", 3)):
+        assert a.shape == b.shape and np.allclose(a, b, atol=1e-6, rtol=0)
+
+
+def test_out_of_memory_for_a_single_image_is_a_clear_error(data, tmp_path, monkeypatch):
+    calls, freed = [], []
+    monkeypatch.setattr(relprop.Explainer, "attribute", _oom_above(0, calls, freed))
+    with warnings.catch_warnings(record=True) as record, \
+            pytest.raises(torch.cuda.OutOfMemoryError, match="even for one item at a time.*smaller --size"):
+        warnings.simplefilter("always")
+        _run(data, tmp_path / "out", batch_size=3)
+    assert calls == [3, 1] and all(freed)
+    assert ["retrying with 1" in str(w.message) for w in record] == [True]
+    assert not os.path.exists(shard_paths(tmp_path / "out", 0)[1])
+
+
 # --------------------------------------------------------------------------- models
 def test_load_model_specs_and_weights(tmp_path):
     m, pre = load_model(SPEC)
@@ -273,6 +378,91 @@ def test_load_model_specs_and_weights(tmp_path):
         load_model("no_such_net")
     with pytest.raises(ValueError, match="cannot import"):
         load_model("no_such_module:f")
+
+
+@pytest.mark.parametrize("name", ["shapes-vgg", "shapes-resnet"])
+def test_builtin_models_with_their_preprocessing(name):
+    model, pre = load_model(name)
+    assert pre == Preprocessing(64, 64, (0.490, 0.496, 0.501), (0.261, 0.258, 0.263))
+    trained = builtin.load(name)
+    assert not model.training
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), trained.state_dict().values()))
+    with pytest.raises(ValueError, match="built-in model with 10 classes"):
+        load_model(name, num_classes=3)
+
+
+def test_builtin_model_explain_matches_the_benchmark_preprocessing(tmp_path, capsys):
+    from relprop import viz
+    from relprop.benchmark import ShapesDataset
+
+    image = ShapesDataset(1, split="test")[0]["image"]                # (3, 64, 64) in [0, 1]
+    png = tmp_path / "shape.png"
+    Image.fromarray((image * 255).round().byte().permute(1, 2, 0).numpy()).save(png)
+    assert cli.main(["explain", str(png), "--model", "shapes-resnet", "--method", "rap", "-o",
+                     str(tmp_path / "maps")]) == 0
+    model = builtin.load("shapes-resnet")
+    x = normalise(torch.from_numpy(np.array(Image.open(png))).permute(2, 0, 1).float()[None] / 255)
+    predicted = model(x).argmax(1).item()
+    r = relprop.Explainer(model, "rap")(x)[0].sum(0)
+    heat = np.asarray(Image.open(tmp_path / "maps" / f"shape-{predicted}-heatmap.png"))
+    assert heat.shape == (64, 64, 3) and np.array_equal(heat, viz.to_rgb(r))
+
+
+def _model_args(*extra):
+    args = cli.build_parser().parse_args(["explain", "x.png", "-o", "out", *extra])
+    return cli.load_model_from_args(args)[1]
+
+
+def test_preprocessing_defaults_are_the_models_and_can_be_overridden():
+    assert _model_args("--model", "shapes-vgg") == Preprocessing(64, 64, (0.490, 0.496, 0.501), (0.261, 0.258, 0.263))
+    assert _model_args("--model", "resnet18") == Preprocessing(224, 256)
+    assert _model_args("--model", SPEC) == Preprocessing(224, 256)
+    assert _model_args("--model", "resnet18", "--size", "112") == Preprocessing(112, 128)   # ratio kept
+    assert _model_args("--model", "shapes-vgg", "--size", "32", "--mean", "0.5,0.5,0.5", "--std", "1,1,1",
+                       "--interpolation", "bicubic") == Preprocessing(32, 32, (0.5,) * 3, (1.0,) * 3, "bicubic")
+    assert _model_args("--model", "resnet18", "--size", "100", "--resize", "100").resize == 100
+
+
+def test_weights_preprocessing_comes_from_the_torchvision_weights():
+    import torchvision
+
+    assert weights_preprocessing(torchvision.models.EfficientNet_B3_Weights.DEFAULT) == Preprocessing(
+        300, 320, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bicubic")
+
+
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    return tmp_path / "torch-home"
+
+
+def test_torchvision_weights_names_load_from_the_hub_cache(torch_home, tmp_path, capsys):
+    cached = torch_home / "hub" / "checkpoints" / "resnet18-f37072fd.pth"    # file name of torchvision's url
+    with pytest.raises(ValueError, match=re.escape(str(cached)) + ".*TORCH_HOME"):
+        load_model("resnet18", "IMAGENET1K_V1")
+    with pytest.raises(ValueError, match="has no torchvision weights 'IMAGENET1K_V9'.*IMAGENET1K_V1, DEFAULT"):
+        load_model("resnet18", "IMAGENET1K_V9")
+    err = _cli_error(["explain", str(tmp_path), "--model", "resnet18", "--weights", "DEFAULT", "-o",
+                      str(tmp_path / "o")], capsys)
+    assert "image file(s) not found" in err
+    img = tmp_path / "x.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(img)
+    err = _cli_error(["explain", str(img), "--model", "resnet18", "--weights", "DEFAULT", "-o", str(tmp_path / "o")],
+                     capsys)
+    assert "not available offline" in err and str(cached) in err
+
+    with torch.random.fork_rng():
+        torch.manual_seed(7)
+        state = __import__("torchvision").models.resnet18().state_dict()
+    cached.parent.mkdir(parents=True)
+    torch.save(state, cached)
+    for name in ("IMAGENET1K_V1", "DEFAULT", "ResNet18_Weights.IMAGENET1K_V1"):
+        model, pre = load_model("resnet18", name)
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+        assert pre == Preprocessing(224, 256)
+    torch.save({"fc.weight": torch.zeros(2)}, cached)
+    with pytest.raises(ValueError, match="cannot load torchvision weights"):
+        load_model("resnet18", "DEFAULT")
 
 
 # --------------------------------------------------------------------------- CLI
@@ -326,6 +516,40 @@ def test_cli_attribute_end_to_end_and_settings_mismatch(data, tmp_path, capsys):
     assert "different settings" in capsys.readouterr().err
 
 
+def test_cli_attribute_torchvision_dataset_with_a_builtin_model(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["attribute", "--dataset", "FakeData", "--dataset-option", "size=5", "--dataset-option",
+            "image_size=(3, 64, 64)", "--model", "shapes-vgg", "--targets", "label", "--batch-size", "2",
+            "--shard-size", "3", "--out", str(out), "-q"]
+    assert cli.main(argv) == 0
+    data = json.loads((out / "run.json").read_text())["data"]
+    assert data["dataset"] == "FakeData" and data["size"] == 64 and data["mean"] == [0.490, 0.496, 0.501]
+    model, pre = load_model("shapes-vgg")
+    ds = TorchvisionDataset("FakeData", preprocessing=pre, options={"size": 5, "image_size": (3, 64, 64)})
+    attribute_dataset(model, ds, "rap", out_dir=tmp_path / "api", targets="label", batch_size=2, shard_size=3,
+                      progress=False)
+    index = _index(out)
+    assert index == _index(tmp_path / "api")
+    assert [r["id"] for r in index] == [f"FakeData[image_size=(3, 64, 64),size=5]:{i}" for i in range(5)]
+    for a, b in zip(_shard_arrays(out, 2), _shard_arrays(tmp_path / "api", 2)):
+        assert np.array_equal(a, b)
+
+
+def test_cli_dataset_errors_come_before_any_work(tmp_path, capsys, no_work):
+    out = str(tmp_path / "out")
+    base = ["attribute", "--model", "shapes-vgg", "--out", out]
+    assert "--data: give an image folder, or --dataset" in _cli_error(base, capsys)
+    assert "unknown torchvision data set 'Nope'" in _cli_error(base + ["--dataset", "Nope"], capsys)
+    assert "never downloads" in _cli_error(base + ["--dataset", "CIFAR10", "--data", str(tmp_path)], capsys)
+    assert "never downloads" in _cli_error(base + ["--dataset", "FakeData", "--dataset-option", "download=True"],
+                                           capsys)
+    assert "--dataset-option needs --dataset" in _cli_error(base + ["--data", str(tmp_path), "--dataset-option",
+                                                                    "train=False"], capsys)
+    assert "expected KEY=VALUE" in _cli_error(base + ["--dataset", "FakeData", "--dataset-option", "x"], capsys)
+    assert "10 classes" in _cli_error(base + ["--dataset", "FakeData", "--num-classes", "3"], capsys)
+    assert not os.path.exists(os.path.join(out, "run.json"))
+
+
 def test_cli_explain_writes_heatmap_and_overlay(data, tmp_path, capsys):
     img = data / "a" / "img00.png"
     out = tmp_path / "maps"
@@ -351,11 +575,15 @@ def test_help_is_complete_with_an_example(command, capsys):
         cli.main([command, "--help"])
     out = capsys.readouterr().out
     assert f"relprop {command}" in out.split("example", 1)[1]
-    for option in ("--model", "--weights", "--method", "--param", "--size", "--resize"):
+    for option in ("--model", "--weights", "--method", "--param", "--size", "--resize", "--mean", "--std",
+                   "--interpolation", "shapes-vgg", "shapes-resnet", "IMAGENET1K_V1", "DEFAULT", "TORCH_HOME",
+                   "hub/checkpoints", "package.module:function"):
         assert option in out
     if command == "attribute":
         for word in ("--targets", "topk:K", "--shard-size", "--float16", "--workers", "index.jsonl", "run.json",
-                     "torchrun", "resume"):
+                     "torchrun", "resume", "--dataset", "--dataset-option", "FakeData", "never downloaded",
+                     "np.load", "relevance_sum", "delta", "logit", "label", "target", "skipped", "ETA",
+                     "images/s", "out-of-memory", "rank"):
             assert word in out
 
 
@@ -366,13 +594,16 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_give_the_same_index_as_one(data, tmp_path):
-    out = tmp_path / "dist"
+def _torchrun(*program, timeout=120):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), str(ROOT)]), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-           "-m", "relprop.cli", *_attr_args(data, out, "--batch-size", "3", "--shard-size", "2")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), *program]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_two_processes_give_the_same_index_as_one(data, tmp_path):
+    out = tmp_path / "dist"
+    proc = _torchrun("-m", "relprop.cli", *_attr_args(data, out, "--batch-size", "3", "--shard-size", "2"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads(pathlib.Path(shard_paths(out, k)[1]).read_text())["rank"] for k in range(5)]
     assert ranks == [0, 1, 0, 1, 0]                              # shard k by rank k % 2
@@ -380,3 +611,47 @@ def test_two_processes_give_the_same_index_as_one(data, tmp_path):
     assert _index(out) == _index(tmp_path / "single")
     for a, b in zip(_shard_arrays(out, 5), _shard_arrays(tmp_path / "single", 5)):
         assert np.array_equal(a, b)
+
+
+def test_a_failing_rank_stops_every_rank_and_the_run_resumes(data, tmp_path):
+    out = tmp_path / "dist"
+    argv = _attr_args(data, out, "--batch-size", "3", "--shard-size", "2")
+    # rank 1 fails in its second shard (shard 3); rank 0 must not wait for it forever
+    proc = _torchrun(__file__, "--fail-rank", "1", *argv)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    for rank in (0, 1):
+        assert f"rank 1 of 2 failed: RuntimeError: injected failure (seen by rank {rank}" in log, log[-3000:]
+    assert not (out / "index.jsonl").exists()
+    finished = [k for k in range(5) if os.path.exists(shard_paths(out, k)[1])]
+    assert 3 not in finished and {0, 1} <= set(finished)
+    for k in finished:                                      # every finished shard is complete and loads
+        meta = json.loads(pathlib.Path(shard_paths(out, k)[1]).read_text())
+        assert np.load(shard_paths(out, k)[0]).shape[0] == len(meta["items"]) == 2
+    stamps = {k: os.stat(shard_paths(out, k)[0]).st_mtime_ns for k in finished}
+
+    assert cli.main(argv) == 0                              # resume in one process
+    assert {k: os.stat(shard_paths(out, k)[0]).st_mtime_ns for k in finished} == stamps
+    _run(data, tmp_path / "single", shard_size=2)
+    index = _index(out)
+    assert [r["index"] for r in index] == list(range(10))  # every image exactly once
+    assert index == _index(tmp_path / "single")
+    for a, b in zip(_shard_arrays(out, 5), _shard_arrays(tmp_path / "single", 5)):
+        assert np.array_equal(a, b)
+
+
+if __name__ == "__main__":
+    # a torchrun worker for the test above: `test_attribute.py --fail-rank R relprop-attribute-args...`
+    # runs `relprop attribute`, failing in rank R's second call of Explainer.attribute
+    assert sys.argv[1] == "--fail-rank"
+    if int(os.environ["RANK"]) == int(sys.argv[2]):
+        _orig, _calls = relprop.Explainer.attribute, []
+
+        def _failing(self, x, *a, **k):
+            _calls.append(len(x))
+            if len(_calls) == 2:
+                raise RuntimeError("injected failure")
+            return _orig(self, x, *a, **k)
+
+        relprop.Explainer.attribute = _failing
+    sys.exit(cli.main(sys.argv[3:]))
