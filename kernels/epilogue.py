@@ -1,0 +1,56 @@
+"""Device helpers shared by the GEMM kernels: the safe divide, the stabiliser, the
+relevance-split epilogue of ``relprop.ops.split_scale`` and the per-sample statistics
+of the transposed pass.  All arithmetic is fp32."""
+import triton
+import triton.language as tl
+
+# Rule codes of the split-scale epilogue (``RULES`` maps the names of relprop.ops.SPLIT_RULES).
+RAP_CONV = tl.constexpr(0)
+RAP_LINEAR = tl.constexpr(1)
+ALPHABETA = tl.constexpr(2)
+ALPHABETA_REPO = tl.constexpr(3)
+RULES = {"rap-conv": 0, "rap-linear": 1, "alphabeta": 2, "alphabeta-repo": 3}
+
+
+@triton.jit
+def safe_div(a, b):
+    """``a / b`` where ``b != 0``, exactly 0 where ``b == 0`` (no division by zero is evaluated)."""
+    zero = b == 0
+    return tl.where(zero, 0.0, a / tl.where(zero, 1.0, b))
+
+
+@triton.jit
+def stabilize(z, eps):
+    """Zennit's ``z + eps * sign(z)`` with ``sign(0) = +1``."""
+    return z + eps * tl.where(z < 0, -1.0, 1.0)
+
+
+@triton.jit
+def split_scale_epilogue(z1, z2, r, alpha, beta, eps, RULE: tl.constexpr, TWO: tl.constexpr):
+    """``(S1, S2)`` of ``relprop.ops.split_scale`` from the products ``Z1``, ``Z2`` (bias
+    already added for ALPHABETA) and the relevance ``R``; ``S2`` is meaningless unless TWO."""
+    if RULE == RAP_CONV:
+        s1 = safe_div(tl.maximum(r, 0.0), z1)
+        s2 = safe_div(r, z1 + z2) + safe_div(tl.minimum(r, 0.0), z2)
+    elif RULE == RAP_LINEAR:
+        s1 = safe_div(r, z1)
+        s2 = safe_div(r, z1 + z2)
+    elif RULE == ALPHABETA:
+        s1 = alpha * r / stabilize(z1, eps)
+        s2 = s1
+        if TWO:
+            s2 = -beta * r / stabilize(z2, eps)
+    else:
+        s1 = alpha * safe_div(r, z1)
+        s2 = s1
+        if TWO:
+            s2 = -beta * safe_div(r, z2)
+    return s1, s2
+
+
+@triton.jit
+def accumulate_stats(c, sample, row_mask, sum_ptr, cnt_ptr):
+    """Add each row's sum of ``c`` and its count of non-zeros to ``sum[sample]`` /
+    ``cnt[sample]`` (one atomic per row; masked-out columns of ``c`` must be 0)."""
+    tl.atomic_add(sum_ptr + sample, tl.sum(c, axis=1), mask=row_mask)
+    tl.atomic_add(cnt_ptr + sample, tl.sum((c != 0).to(tl.int32), axis=1), mask=row_mask)
