@@ -370,7 +370,12 @@ def _init_distributed() -> tuple[int, int, bool]:
         return 1, 0, False
     if dist.is_initialized():
         return dist.get_world_size(), dist.get_rank(), False
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))     # one GPU per process
+    if torch.cuda.is_available():                                       # one GPU per process
+        local, gpus = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+        if local >= gpus:
+            raise RuntimeError(f"local rank {local} needs GPU {local} but {gpus} GPU(s) are visible: start at most "
+                               f"{gpus} processes per node (torchrun --nproc-per-node {gpus}), or run on the CPU "
+                               "with CUDA_VISIBLE_DEVICES=")
+        torch.cuda.set_device(local)
     dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_world_size(), dist.get_rank(), True

@@ -168,7 +168,8 @@ class TorchvisionDataset(torch.utils.data.Dataset):
             if root is None:
                 raise ValueError(f"torchvision data set {name} needs its folder: --data ROOT")
             if not os.path.isdir(root):
-                raise FileNotFoundError(f"data folder {os.fspath(root)!r} of torchvision data set {name} does not exist")
+                raise FileNotFoundError(f"data folder {os.fspath(root)!r} of torchvision data set {name} "
+                                        "does not exist")
             kwargs["root"] = os.fspath(root)
         elif root is not None:
             raise ValueError(f"torchvision data set {name} has no folder; drop --data")

@@ -640,6 +640,16 @@ def test_a_failing_rank_stops_every_rank_and_the_run_resumes(data, tmp_path):
         assert np.array_equal(a, b)
 
 
+def test_more_processes_than_gpus_is_a_clear_error(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **k: pytest.fail("joined a group"))
+    with pytest.raises(RuntimeError, match=r"local rank 1 needs GPU 1 but 1 GPU\(s\) are visible.*--nproc-per-node 1"):
+        _run(data, tmp_path / "out")
+
+
 if __name__ == "__main__":
     # a torchrun worker for the test above: `test_attribute.py --fail-rank R relprop-attribute-args...`
     # runs `relprop attribute`, failing in rank R's second call of Explainer.attribute
