@@ -381,7 +381,11 @@ def test_load_model_specs_and_weights(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["shapes-vgg", "shapes-resnet"])
-def test_builtin_models_with_their_preprocessing(name):
+def test_builtin_models_with_their_preprocessing(name, tmp_path):
+    untrained = builtin.build(name)
+    torch.save(untrained.state_dict(), tmp_path / "w.pt")
+    own, _ = load_model(name, tmp_path / "w.pt")                      # --weights PATH replaces the shipped ones
+    assert all(torch.equal(a, b) for a, b in zip(own.state_dict().values(), untrained.state_dict().values()))
     model, pre = load_model(name)
     assert pre == Preprocessing(64, 64, (0.490, 0.496, 0.501), (0.261, 0.258, 0.263))
     trained = builtin.load(name)
