@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(subparser=demo)
 
+    _add_evaluate_parser(sub, fmt)
     _add_attribute_parser(sub, fmt)
     _add_explain_parser(sub, fmt)
     sub.add_parser("methods", help="list the attribution methods with a one-line description",
@@ -112,6 +113,8 @@ def main(argv=None) -> int:
         return _attribute(args)
     if args.command == "explain":
         return _explain(args)
+    if args.command == "evaluate":
+        return _evaluate(args)
     return _demo(args)
 
 
@@ -285,6 +288,21 @@ def _add_model_options(p) -> None:
                                                   "e.g. ImageNet 0.229,0.224,0.225)")
     p.add_argument("--interpolation", choices=INTERPOLATIONS, help="resize interpolation (default: the model's, "
                                                                    "usually bilinear)")
+
+
+def _add_evaluate_parser(sub, fmt) -> None:
+    from . import evaluate
+
+    p = sub.add_parser("evaluate", help="score the methods on a localisation benchmark, write a report folder",
+                       description=evaluate.DESCRIPTION, epilog=evaluate.EXAMPLES, formatter_class=fmt)
+    evaluate.add_arguments(p)
+    p.set_defaults(subparser=p)
+
+
+def _evaluate(args) -> int:
+    from . import evaluate
+
+    return evaluate.command(args, args.subparser)
 
 
 def _add_attribute_parser(sub, fmt) -> None:

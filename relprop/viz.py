@@ -6,7 +6,8 @@
   maps.
 * :func:`image_to_rgb` undoes the input normalisation of an image tensor.
 * :func:`save_grid` writes one PNG: a row per image, the input first, then one column
-  per method, with the column titles on top.
+  per method, with the column titles on top and, optionally, each row's object outline
+  drawn on every cell.
 
 matplotlib is used only for its colour map and only imported when a map is coloured
 (``import relprop`` stays light); nothing here opens a window.  Files are written
@@ -27,6 +28,7 @@ LINE_SPACING = 2    # extra pixels between lines of a title
 FONT_SIZE = 12
 BACKGROUND = (255, 255, 255)
 TEXT = (0, 0, 0)
+OUTLINE = (0, 0, 0)
 
 _CMAP = None
 
@@ -93,7 +95,8 @@ def write_atomic(path, data: bytes) -> None:
 
 
 def save_grid(path, images: Sequence, heatmaps_by_column: Sequence[Sequence], column_titles: Sequence[str],
-              row_titles: Sequence[str] | None = None, scale: int = 1, caption: str | None = None) -> tuple[int, int]:
+              row_titles: Sequence[str] | None = None, scale: int = 1, caption: str | None = None,
+              outlines: Sequence | None = None) -> tuple[int, int]:
     """Write one PNG grid of images and their heatmaps; returns its (width, height).
 
     ``images``: one (H, W, 3) uint8 array per row (see :func:`image_to_rgb`).
@@ -103,7 +106,9 @@ def save_grid(path, images: Sequence, heatmaps_by_column: Sequence[Sequence], co
     ``len(heatmaps_by_column) + 1``); long titles wrap at hyphens.  ``row_titles``:
     optional labels drawn left of each row.  ``scale``: integer upscaling of every cell
     (nearest neighbour, so pixels stay exact).  ``caption``: optional text under the
-    grid, wrapped to its width.
+    grid, wrapped to its width.  ``outlines``: optional (H, W) bool mask per row; its
+    outline (see :func:`outline`, at the upscaled resolution) is drawn in black on every
+    cell of the row.
 
     Layout (no row titles, no caption): width ``PAD + cols * (W*scale + PAD)``; the
     cells of the last row end ``PAD`` pixels above the bottom edge.
@@ -118,6 +123,8 @@ def save_grid(path, images: Sequence, heatmaps_by_column: Sequence[Sequence], co
         raise ValueError(f"got {len(column_titles)} column titles for {n_cols} columns (input + {n_cols - 1} maps)")
     if row_titles is not None and len(row_titles) != n_rows:
         raise ValueError(f"got {len(row_titles)} row titles for {n_rows} rows")
+    if outlines is not None and len(outlines) != n_rows:
+        raise ValueError(f"got {len(outlines)} outlines for {n_rows} rows")
     for j, col in enumerate(heatmaps_by_column):
         if len(col) != n_rows:
             raise ValueError(f"column {column_titles[j + 1]!r} has {len(col)} maps for {n_rows} images")
@@ -152,13 +159,19 @@ def save_grid(path, images: Sequence, heatmaps_by_column: Sequence[Sequence], co
             raise ValueError(f"image {i} is {im.shape[:2]}, expected {(h, w)} like the first")
         y0 = PAD + title_h + i * (ch + PAD)
         cells = [im.astype(np.uint8)] + [to_rgb(col[i]) for col in heatmaps_by_column]
+        edge = None
+        if outlines is not None:
+            m = _as_numpy(outlines[i]).astype(bool)
+            if m.shape != (h, w):
+                raise ValueError(f"outline of row {i} is {m.shape}, expected {(h, w)}")
+            edge = outline(m.repeat(scale, 0).repeat(scale, 1))
         for j, cell in enumerate(cells):
             if cell.shape[:2] != (h, w):
                 raise ValueError(f"map for row {i}, column {column_titles[j]!r} is {cell.shape[:2]}, expected {(h, w)}")
-            tile = Image.fromarray(np.ascontiguousarray(cell[..., :3]), "RGB")
-            if scale != 1:
-                tile = tile.resize((cw, ch), Image.NEAREST)
-            canvas.paste(tile, (PAD + left + j * (cw + PAD), y0))
+            cell = np.ascontiguousarray(cell[..., :3].repeat(scale, 0).repeat(scale, 1))
+            if edge is not None:
+                cell[edge] = OUTLINE
+            canvas.paste(Image.fromarray(cell, "RGB"), (PAD + left + j * (cw + PAD), y0))
         if row_titles:
             draw.text((PAD, y0 + (ch - line_h) // 2), str(row_titles[i]), fill=TEXT, font=font)
     for k, line in enumerate(caption_lines):
@@ -168,6 +181,18 @@ def save_grid(path, images: Sequence, heatmaps_by_column: Sequence[Sequence], co
     canvas.save(buf, format="PNG")
     write_atomic(path, buf.getvalue())
     return width, height
+
+
+def outline(mask: np.ndarray) -> np.ndarray:
+    """The outline of a 2-D bool mask: its pixels with a 4-neighbour outside the mask (the
+    image border counts as outside)."""
+    m = np.pad(mask.astype(bool), 1, constant_values=False)
+    interior = m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
+    return mask.astype(bool) & ~interior
+
+
+def _as_numpy(a) -> np.ndarray:
+    return a.detach().cpu().numpy() if hasattr(a, "detach") else np.asarray(a)
 
 
 def _wrap(title: str, width: int, text_w) -> list[str]:

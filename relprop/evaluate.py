@@ -1,0 +1,454 @@
+"""``relprop evaluate``: attribution methods scored on a localisation benchmark, as a report.
+
+Data: the built-in "shapes in clutter" test split (:class:`relprop.benchmark.ShapesDataset`,
+64 x 64, one object per image) with the shipped models, or user images with PASCAL VOC or
+COCO annotations and a user model (:mod:`relprop.benchmark.userdata`).  An *item* is one
+(image, ground-truth class) pair with that class's object mask and box mask; every method
+explains the ground-truth class and its map is the channel sum of the relevance.
+
+Metrics per method (:mod:`relprop.metrics`; the mean over items unless said otherwise):
+
+* ``pointing_game``: hit rate of the map's arg-max within ``15 * size / 224`` px of the
+  box (TorchRay's 15 px at 224, scaled to the input size), mean over classes;
+* ``outside_inside``: outside-inside ratio of positive relevance w.r.t. the box, the
+  **median** over items (an item without positive relevance on the box is ``inf``);
+  lower is better;
+* ``relevance_mass``: share of the positive relevance on the object mask;
+* ``iou``: IoU of the positive part of the map (``R > 0``) with the object mask;
+* ``ap``: average precision of the pixels ranked by relevance against the object mask;
+* ``aopc_morf`` / ``aopc_lerf``: region perturbation (Samek et al.): the ``PERTURB_STEPS``
+  most (least) relevant of the ``size/8 x size/8`` patches replaced by uniform noise one
+  after another, AOPC of the target logit, on the first ``perturb_images`` items; MoRF
+  higher is better, LeRF lower is better;
+* ``sanity_top`` / ``sanity_all``: cascading model randomisation (Adebayo et al.) on the
+  first ``sanity_images`` items: Spearman rank correlation of ``|map|`` with the trained
+  model's, after randomising the output layer / every layer; lower means the map depends
+  more on the learned weights;
+* ``ms_per_image``: wall time of the attribution calls per item.
+
+The report folder holds ``metrics.md`` and ``metrics.json`` (one table / row list per
+model, one row per method) and ``grid-<model>.png`` (rows = the first ``grid_images`` items,
+columns = the input and each method, symmetric blue-white-red maps, the object outline in
+black).  It is written to a temporary sibling folder and renamed into place when complete.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from . import viz
+from .explainer import Explainer, available_methods
+from .metrics import (cascading_randomization, outside_inside_ratio, pointing_game, pointing_game_accuracy,
+                      region_perturbation, relevance_mass_accuracy, segmentation_scores)
+
+DEFAULT_METHODS = ("lrp-epsilon", "lrp-alphabeta", "lrp-epsilon-plus-flat", "clrp", "sglrp", "rap", "rsp", "ae",
+                   "gradient", "gradient-x-input")
+BUILTIN_MODELS = ("shapes-vgg", "shapes-resnet")
+DEFAULT_IMAGES, FULL_IMAGES = 300, 2000
+PERTURB_STEPS = 8
+GRID_IMAGES = 8
+COLUMNS = (  # key, markdown header, format
+    ("pointing_game", "pointing game ↑", "{:.3f}"),
+    ("outside_inside", "outside/inside (median) ↓", "{:.3f}"),
+    ("relevance_mass", "relevance mass ↑", "{:.3f}"),
+    ("iou", "IoU (R>0) ↑", "{:.3f}"),
+    ("ap", "AP ↑", "{:.3f}"),
+    ("aopc_morf", "AOPC MoRF ↑", "{:.2f}"),
+    ("aopc_lerf", "AOPC LeRF ↓", "{:.2f}"),
+    ("sanity_top", "rand. ρ top ↓", "{:.2f}"),
+    ("sanity_all", "rand. ρ all ↓", "{:.2f}"),
+    ("ms_per_image", "ms / image", "{:.1f}"),
+)
+
+
+@dataclass
+class Source:
+    """Items to evaluate one model on: ``batches(batch_size)`` yields dicts with ``x``
+    (B, 3, S, S) normalised, ``target`` (B,), ``mask`` and ``box`` (B, S, S) bool."""
+    name: str
+    model: torch.nn.Module
+    count: int
+    size: int
+    mean: tuple
+    std: tuple
+    classes: tuple
+    batches: Callable[[int], Iterator[dict]]
+    notes: dict = field(default_factory=dict)
+
+
+def check_methods(text: str) -> list[str]:
+    """``"default"``, ``"all"`` or a comma-separated list -> method names; ValueError naming unknown ones."""
+    known = available_methods()
+    if text == "default":
+        return list(DEFAULT_METHODS)
+    if text == "all":
+        return list(known)
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in known]
+    if unknown or not names:
+        raise ValueError(f"unknown method(s) {', '.join(unknown) or repr(text)}; choose from: default, all, "
+                         f"{', '.join(known)}")
+    return list(dict.fromkeys(names))
+
+
+def shapes_source(model_name: str, images: int, seed: int) -> Source:
+    """The built-in model ``model_name`` on the first ``images`` items of the shapes test split."""
+    from .benchmark import CLASSES, MEAN, STD, ShapesDataset, models, normalise
+    from .metrics import boxes_to_masks
+
+    model = models.load(model_name)
+    data = ShapesDataset(images, size=models.INPUT_SIZE, seed=seed, split="test")
+
+    def batches(batch_size):
+        for s in range(0, images, batch_size):
+            b = data.make_batch(range(s, min(s + batch_size, images)))
+            S = b["images"].shape[-1]
+            yield {"x": normalise(b["images"]), "target": b["labels"], "mask": b["masks"],
+                   "box": boxes_to_masks([bx[0] for bx in b["boxes"]], S, S)}
+
+    return Source(model_name, model, images, models.INPUT_SIZE, MEAN, STD, CLASSES, batches,
+                  {"data": f"ShapesDataset({images}, size={models.INPUT_SIZE}, seed={seed}, split='test')"})
+
+
+def annotated_source(name: str, model: torch.nn.Module, records: list, size: int, mean, std, classes,
+                     images: int | None) -> Source:
+    """A user model on VOC/COCO records (see :mod:`relprop.benchmark.userdata`), at most ``images`` items."""
+    from .benchmark import userdata
+
+    items = userdata.class_items(records)[:images]
+
+    def batches(batch_size):
+        for s in range(0, len(items), batch_size):
+            loaded = [userdata.load_item(records[r], c, size, mean, std) for r, c in items[s:s + batch_size]]
+            yield {"x": torch.stack([d["x"] for d in loaded]), "target": torch.tensor([c for _, c in items[s:s + batch_size]]),
+                   "mask": torch.stack([d["mask"] for d in loaded]), "box": torch.stack([d["box"] for d in loaded])}
+
+    return Source(name, model, len(items), size, tuple(mean), tuple(std), tuple(classes), batches,
+                  {"data": f"{len(records)} annotated images, {len(items)} (image, class) items"})
+
+
+def _nanmean(v: torch.Tensor) -> float:
+    v = v.double()
+    keep = ~v.isnan()
+    return v[keep].mean().item() if bool(keep.any()) else math.nan
+
+
+def _scores(model, items: dict, heat: torch.Tensor, num_classes: int, perturb_images: int, seed: int) -> dict:
+    """Every metric but the randomisation test, for the maps ``heat`` of ``items``."""
+    size = heat.shape[-1]
+    hits = pointing_game(heat, items["box"], tolerance=15 * size / 224)
+    seg = segmentation_scores(heat, items["mask"])
+    row = {"pointing_game": pointing_game_accuracy(hits, items["target"], num_classes)["mean"],
+           "outside_inside": outside_inside_ratio(heat, items["box"]).double().median().item(),
+           "relevance_mass": _nanmean(relevance_mass_accuracy(heat, items["mask"])),
+           "iou": _nanmean(seg["iou"]), "ap": _nanmean(seg["average_precision"])}
+    n = perturb_images
+    for order in ("morf", "lerf"):
+        r = region_perturbation(model, items["x"][:n], heat[:n], items["target"][:n], patch=max(1, size // 8),
+                                steps=PERTURB_STEPS, order=order, generator=torch.Generator().manual_seed(seed),
+                                batch_size=512)
+        row[f"aopc_{order}"] = _nanmean(r["aopc"])
+    return row
+
+
+def _sanity(model, items: dict, method: str, n: int, seed: int) -> dict:
+    """Cascading randomisation on the first ``n`` items: mean Spearman of |map| after the first and the last step."""
+    steps = cascading_randomization(model, items["x"][:n], items["target"][:n], method, seed=seed)
+    return {"sanity_top": _nanmean(steps[0]["spearman"]), "sanity_all": _nanmean(steps[-1]["spearman"])}
+
+
+def evaluate_source(src: Source, methods: list[str], batch_size: int, perturb_images: int, sanity_images: int,
+                    grid_images: int, seed: int, progress) -> tuple[list[dict], dict]:
+    """Score every method on ``src``: (one row dict per method, the grid's inputs, outlines,
+    maps per method and the model's accuracy on the items)."""
+    batches = list(src.batches(batch_size))
+    items = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+    with torch.no_grad():
+        correct = sum((src.model(b["x"]).argmax(1) == b["target"]).sum().item() for b in batches)
+    grid = {"images": [viz.image_to_rgb(x, src.mean, src.std) for x in items["x"][:grid_images]],
+            "outlines": list(items["mask"][:grid_images]), "maps": {}, "accuracy": correct / src.count}
+    rows = []
+    for method in methods:
+        explainer = Explainer(src.model, method)
+        heats, seconds = [], 0.0
+        for b in batches:
+            t0 = time.perf_counter()
+            heats.append(explainer.heatmap(b["x"], b["target"]).detach())
+            seconds += time.perf_counter() - t0
+            progress(1)
+        heat = torch.cat(heats)
+        row = {"method": method, **_scores(src.model, items, heat, len(src.classes), perturb_images, seed),
+               **_sanity(src.model, items, method, sanity_images, seed), "ms_per_image": 1000 * seconds / src.count}
+        progress(1)
+        rows.append(row)
+        grid["maps"][method] = list(heat[:grid_images])
+    return rows, grid
+
+
+def format_table(rows: list[dict]) -> str:
+    """The markdown table of one model's rows."""
+    head = "| method | " + " | ".join(h for _, h, _ in COLUMNS) + " |"
+    lines = [head, "|---|" + "---:|" * len(COLUMNS)]
+    for r in rows:
+        cells = ["n/a" if math.isnan(r[k]) else f.format(r[k]) for k, _, f in COLUMNS]
+        lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _markdown(results: dict) -> str:
+    out = ["# relprop evaluate", "", "Metrics as defined in `relprop/evaluate.py` (↑ higher is better, ↓ lower is "
+           "better; every method explains the ground-truth class).", ""]
+    for name, res in results["models"].items():
+        out += [f"## {name}", "", f"{res['data']}; {res['items']} items; model accuracy on them "
+                f"{res['accuracy']:.3f}; AOPC on the first {res['perturb_images']} items, randomisation on the "
+                f"first {res['sanity_images']}; total {res['seconds']:.0f} s.", "", format_table(res["rows"]), ""]
+    return "\n".join(out)
+
+
+def run(sources: list[Callable[[], Source]], methods: list[str], out: str, batch_size: int = 50,
+        perturb_images: int = 64, sanity_images: int = 8, grid_images: int = GRID_IMAGES, seed: int = 0,
+        show_progress: bool = True, settings: dict | None = None) -> dict:
+    """Evaluate ``methods`` on each source (built lazily by the callables) and write the report to ``out``."""
+    from tqdm import tqdm
+
+    out = os.path.abspath(out)
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=parent)
+    results = {"settings": dict(settings or {}, methods=methods, seed=seed), "models": {}}
+    try:
+        with tqdm(total=None, disable=not show_progress, unit="step", desc="evaluate") as bar:
+            for make in sources:
+                t0 = time.time()
+                src = make()
+                n_batches = math.ceil(src.count / batch_size)
+                bar.total = (bar.total or 0) + len(methods) * (n_batches + 1)
+                bar.set_description(src.name)
+                rows, grid = evaluate_source(src, methods, batch_size, min(perturb_images, src.count),
+                                             min(sanity_images, src.count), grid_images, seed, bar.update)
+                viz.save_grid(os.path.join(tmp, f"grid-{src.name}.png"), grid["images"],
+                              [grid["maps"][m] for m in methods], ["input"] + methods, scale=3 if src.size <= 96 else 1,
+                              outlines=grid["outlines"])
+                results["models"][src.name] = {**src.notes, "items": src.count, "accuracy": grid["accuracy"],
+                                               "perturb_images": min(perturb_images, src.count),
+                                               "sanity_images": min(sanity_images, src.count),
+                                               "seconds": time.time() - t0, "rows": rows}
+        with open(os.path.join(tmp, "metrics.json"), "w") as fh:
+            json.dump(_finite(results), fh, indent=2, allow_nan=False)
+        with open(os.path.join(tmp, "metrics.md"), "w") as fh:
+            fh.write(_markdown(results))
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return results
+
+
+def _finite(obj):
+    """``obj`` with every NaN / infinite float replaced by None (strict JSON)."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return None if isinstance(obj, float) and not math.isfinite(obj) else obj
+
+
+def _replace(tmp: str, out: str) -> None:
+    """Move the finished folder ``tmp`` to ``out``, replacing an earlier report there."""
+    old = None
+    if os.path.exists(out):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old.", dir=os.path.dirname(out))
+        os.replace(out, os.path.join(old, "report"))
+    os.replace(tmp, out)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def check_out(out: str) -> None:
+    """ValueError unless ``out`` is absent, empty or an earlier report (never overwrite other files)."""
+    if not os.path.exists(out):
+        return
+    if not os.path.isdir(out):
+        raise ValueError(f"{out!r} exists and is not a folder")
+    entries = os.listdir(out)
+    if entries and "metrics.json" not in entries:
+        raise ValueError(f"{out!r} is a non-empty folder that is not a relprop report (no metrics.json); "
+                         f"choose another --out or empty it")
+
+
+# --------------------------------------------------------------------------- command line
+DESCRIPTION = """\
+Evaluate attribution methods on a localisation benchmark and write a report folder.
+
+Default (nothing to download or train): the built-in models shapes-vgg and shapes-resnet
+(trained weights ship with relprop) on the first N images of the procedural "shapes in
+clutter" test split (64x64, exact object masks).  With --voc or --coco: your own model
+(--model, --weights) on your annotated images, each resized to --size x --size.
+
+Every method explains the ground-truth class of each (image, class) item.  Metrics, per
+method: pointing game, outside/inside relevance ratio (median), relevance mass, IoU of
+R > 0 with the object mask, average precision, AOPC of region perturbation (MoRF and
+LeRF, first 64 items), Spearman correlation after cascading model randomisation (first 8
+items) and milliseconds per image; definitions in relprop/evaluate.py.
+
+Output (OUT, replaced as a whole when the run has finished):
+  metrics.md, metrics.json   one table / row list per model, one row per method
+  grid-<model>.png           the first 8 items: input and one map per method, red =
+                             positive, blue = negative relevance, object outline in black
+"""
+
+EXAMPLES = """\
+examples:
+  relprop evaluate --out relprop-report                 default methods, both built-in models
+  relprop evaluate --model shapes-vgg --methods rap,gradient --images 50
+  relprop evaluate --full                               2000 images
+  relprop evaluate --voc VOCdevkit/VOC2007 --model mypkg.nets:voc_vgg --weights voc.pt
+  relprop evaluate --coco instances.json --images-dir images/ --model resnet50 \\
+      --weights coco.pt --num-classes 80
+"""
+
+
+def add_arguments(p) -> None:
+    """The options of ``relprop evaluate``."""
+    from .cli import _positive
+
+    p.add_argument("--methods", default="default", metavar="LIST",
+                   help=f"'default' ({','.join(DEFAULT_METHODS)}), 'all' (every method of 'relprop methods') "
+                        f"or a comma-separated list")
+    p.add_argument("--model", default="all", metavar="MODEL",
+                   help="built-in data: shapes-vgg, shapes-resnet or all (default: all); with --voc/--coco: "
+                        "a torchvision architecture name or package.module:function returning your model")
+    p.add_argument("--weights", metavar="PATH", help="state dict of your model (with --voc/--coco)")
+    p.add_argument("--num-classes", type=_positive, metavar="N", help="build your model with N classes")
+    p.add_argument("--images", type=_positive, metavar="N",
+                   help=f"evaluate the first N items (default: {DEFAULT_IMAGES} built-in, every item of user data)")
+    p.add_argument("--full", action="store_true", help=f"the longer run: {FULL_IMAGES} built-in images, AOPC on "
+                                                       f"500 and randomisation on 32 of them")
+    p.add_argument("--seed", type=int, default=0, metavar="S",
+                   help="seed of the built-in test images and of the perturbation noise (default: %(default)s)")
+    p.add_argument("--batch-size", type=_positive, default=50, metavar="N", help="items per batch (default: %(default)s)")
+    p.add_argument("--out", default="relprop-report", metavar="DIR", help="report folder (default: %(default)s)")
+    p.add_argument("--voc", metavar="DIR", help="PASCAL VOC folder: DIR/Annotations/*.xml, images in DIR/JPEGImages")
+    p.add_argument("--coco", metavar="JSON", help="COCO instances file (needs --images-dir)")
+    p.add_argument("--images-dir", metavar="DIR", help="folder of the annotated images (COCO; overrides VOC's)")
+    p.add_argument("--classes", metavar="LIST|FILE",
+                   help="the model's class names in output order, comma-separated or a file with one per line "
+                        "(default: the 20 VOC classes, or the COCO categories in id order)")
+    p.add_argument("--size", type=_positive, metavar="PX",
+                   help="user images are resized to PX x PX (default: the model's input size, 224 for ImageNet "
+                        "models)")
+    p.add_argument("--mean", metavar="R,G,B", help="normalisation mean of user images (default: the model's, "
+                                                   "e.g. ImageNet 0.485,0.456,0.406)")
+    p.add_argument("--std", metavar="R,G,B", help="normalisation std of user images (default: the model's, e.g. "
+                                                  "ImageNet 0.229,0.224,0.225)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def command(args, parser) -> int:
+    """``relprop evaluate``: check every option, then run and print the tables."""
+    from functools import partial
+
+    try:
+        methods = check_methods(args.methods)
+    except ValueError as e:
+        parser.error(f"--methods: {e}")
+    if args.full and args.images is not None:
+        parser.error("give --images N or --full, not both")
+    if args.voc and args.coco:
+        parser.error("give --voc or --coco, not both")
+    if args.coco and not args.images_dir:
+        parser.error("--coco needs --images-dir DIR, the folder of the images")
+    try:
+        check_out(args.out)
+    except ValueError as e:
+        parser.error(f"--out: {e}")
+    from .cli import _check_writable
+
+    _check_writable(parser, "--out", os.path.dirname(os.path.abspath(args.out)))
+    perturb, sanity = (500, 32) if args.full else (64, 8)
+    if args.voc or args.coco:
+        sources = [_user_source(args, parser, methods)]
+    else:
+        if args.model not in BUILTIN_MODELS + ("all",):
+            parser.error(f"--model: the built-in benchmark runs {', '.join(BUILTIN_MODELS)} or all; "
+                         f"your own model {args.model!r} needs your data: --voc DIR or --coco JSON")
+        for flag in ("weights", "num_classes", "images_dir", "classes", "size", "mean", "std"):
+            if getattr(args, flag) is not None:
+                parser.error(f"--{flag.replace('_', '-')} is only for your own data (--voc or --coco)")
+        names = BUILTIN_MODELS if args.model == "all" else (args.model,)
+        images = FULL_IMAGES if args.full else (args.images or DEFAULT_IMAGES)
+        sources = [partial(shapes_source, name, images, args.seed) for name in names]
+    settings = {k: getattr(args, k) for k in ("model", "weights", "images", "full", "voc", "coco", "images_dir",
+                                              "batch_size")}
+    results = run(sources, methods, args.out, batch_size=args.batch_size, perturb_images=perturb,
+                  sanity_images=sanity, seed=args.seed, show_progress=not args.quiet, settings=settings)
+    print(_markdown(results))
+    print(f"report: {os.path.abspath(args.out)}")
+    return 0
+
+
+def _user_source(args, parser, methods):
+    from functools import partial
+
+    from .benchmark import userdata
+    from .cli import _floats3
+    from .models import load_model
+
+    if args.model in BUILTIN_MODELS + ("all",):
+        parser.error(f"--model: {args.model!r} is a built-in shapes model; --voc/--coco need your own model "
+                     f"(a torchvision name or package.module:function)")
+    flag = "--voc" if args.voc else "--coco"
+    try:
+        if args.classes is None:
+            classes = userdata.VOC_CLASSES if args.voc else None
+        else:
+            classes = _read_classes(args.classes)
+        if args.voc:
+            records = userdata.voc_records(args.voc, args.images_dir, classes)
+        else:
+            records = userdata.coco_records(args.coco, args.images_dir, classes)
+            classes = classes or userdata.coco_classes(args.coco)
+    except (OSError, ValueError) as e:
+        parser.error(f"{flag}: {e}")
+    try:
+        model, pre = load_model(args.model, args.weights, args.num_classes)
+    except ValueError as e:
+        parser.error(f"--model/--weights: {e}")
+    size = args.size or pre.size
+    mean = pre.mean if args.mean is None else _floats3(parser, "mean", args.mean)
+    std = pre.std if args.std is None else _floats3(parser, "std", args.std)
+    if any(s <= 0 for s in std):
+        parser.error("--std: values must be > 0")
+    try:
+        with torch.no_grad():
+            outputs = model(torch.zeros(1, 3, size, size)).shape[-1]
+    except RuntimeError as e:
+        parser.error(f"--model: the model fails on a {size}x{size} input: {e}")
+    if outputs < len(classes):
+        parser.error(f"--model: the model has {outputs} outputs but there are {len(classes)} classes "
+                     f"(set --num-classes or --classes)")
+    for m in methods:
+        try:
+            Explainer(model, m)
+        except Exception as e:
+            parser.error(f"--model: method {m} cannot explain this model: {e}")
+    return partial(annotated_source, "user-model", model, records, size, mean, std, classes, args.images)
+
+
+def _read_classes(text: str) -> tuple[str, ...]:
+    if os.path.isfile(text):
+        with open(text, encoding="utf-8") as fh:
+            names = tuple(line.strip() for line in fh if line.strip())
+    else:
+        names = tuple(c.strip() for c in text.split(",") if c.strip())
+    if not names:
+        raise ValueError(f"--classes {text!r} names no class")
+    return names

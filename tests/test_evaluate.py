@@ -1,0 +1,229 @@
+"""``relprop evaluate`` end to end, its report, its input checks, and the VOC / COCO adapters."""
+import json
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from relprop import cli, evaluate
+from relprop.benchmark import userdata
+
+BOUNDED = ("pointing_game", "relevance_mass", "iou", "ap")          # each in [0, 1]
+TINY_NET = '''
+import torch.nn as nn
+
+def build(num_classes=3):
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, num_classes))
+'''
+
+
+def _run(argv):
+    return cli.main(["evaluate", *argv])
+
+
+def _error(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        _run(argv)
+    assert info.value.code == 2
+    return capsys.readouterr().err
+
+
+def _strict_json(path):
+    def reject(name):
+        raise AssertionError(f"non-standard JSON constant {name}")
+    return json.loads(path.read_text(), parse_constant=reject)
+
+
+def _check_rows(rows, methods):
+    assert [r["method"] for r in rows] == methods
+    for r in rows:
+        for key in BOUNDED:
+            assert 0.0 <= r[key] <= 1.0, (r["method"], key, r[key])
+        assert r["outside_inside"] is None or r["outside_inside"] >= 0
+        for key in ("sanity_top", "sanity_all"):
+            assert r[key] is None or -1.0 <= r[key] <= 1.0
+        assert r["ms_per_image"] > 0
+        assert math.isfinite(r["aopc_morf"]) and math.isfinite(r["aopc_lerf"])
+
+
+# --------------------------------------------------------------------------- built-in benchmark
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "report"
+    assert _run(["--model", "shapes-vgg", "--images", "10", "--methods", "rap,gradient", "--out", str(out),
+                 "-q"]) == 0
+    return out
+
+
+def test_report_files(report):
+    assert sorted(p.name for p in report.iterdir()) == ["grid-shapes-vgg.png", "metrics.json", "metrics.md"]
+    assert not [p for p in report.parent.iterdir() if p.name.startswith(".")]      # no temporary folder left
+    data = _strict_json(report / "metrics.json")
+    res = data["models"]["shapes-vgg"]
+    assert res["items"] == 10 and 0 <= res["accuracy"] <= 1
+    _check_rows(res["rows"], ["rap", "gradient"])
+    table = [line for line in (report / "metrics.md").read_text().splitlines() if line.startswith("| ")]
+    assert [line.split("|")[1].strip() for line in table[1:]] == ["rap", "gradient"]
+    assert len(table[0].split("|")) == len(table[-1].split("|")) == len(evaluate.COLUMNS) + 3
+
+
+def test_grid_has_a_row_per_image_and_a_column_per_method(report):
+    with Image.open(report / "grid-shapes-vgg.png") as im:
+        w, h = im.size
+    cell = 64 * 3                                     # 64 px images drawn 3x
+    assert w == 4 + 3 * (cell + 4)                    # input + 2 methods
+    assert h > 8 * (cell + 4)                         # 8 grid rows (the first 8 of 10 images)
+
+
+def test_rap_puts_relevance_on_the_object(report):
+    rows = {r["method"]: r for r in _strict_json(report / "metrics.json")["models"]["shapes-vgg"]["rows"]}
+    # a mask covers about 11 % of the image; RAP's positive relevance concentrates on it
+    assert rows["rap"]["relevance_mass"] > 0.25
+    assert rows["rap"]["pointing_game"] >= 0.7
+
+
+def test_rerun_replaces_the_report(report, tmp_path):
+    out = tmp_path / "r"
+    assert _run(["--model", "shapes-resnet", "--images", "2", "--methods", "gradient", "--out", str(out), "-q"]) == 0
+    (out / "stale.txt").write_text("old")
+    assert _run(["--model", "shapes-vgg", "--images", "2", "--methods", "gradient", "--out", str(out), "-q"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["grid-shapes-vgg.png", "metrics.json", "metrics.md"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+
+
+def test_check_methods():
+    assert evaluate.check_methods("default") == list(evaluate.DEFAULT_METHODS)
+    assert {"gradient", "gradient-x-input", "rap", "rsp", "ae", "clrp"} <= set(evaluate.DEFAULT_METHODS)
+    assert "lrp-zplus" in evaluate.check_methods("all")
+    assert evaluate.check_methods("rap, gradient,rap") == ["rap", "gradient"]
+    with pytest.raises(ValueError, match="nope"):
+        evaluate.check_methods("rap,nope")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "rap,nope"], "unknown method(s) nope"),
+    (["--images", "5", "--full"], "not both"),
+    (["--model", "resnet50"], "needs your data"),
+    (["--weights", "w.pt"], "--weights is only for your own data"),
+    (["--voc", "missing-folder", "--model", "m:f"], "does not exist"),
+    (["--coco", "a.json", "--model", "m:f"], "--coco needs --images-dir"),
+    (["--voc", "a", "--coco", "b", "--images-dir", "c"], "not both"),
+    (["--images", "0"], "must be >= 1"),
+])
+def test_bad_input_is_reported_before_any_work(argv, message, capsys, tmp_path):
+    out = tmp_path / "never"
+    assert message in _error([*argv, "--out", str(out)], capsys)
+    assert not out.exists()
+
+
+def test_out_that_is_not_a_report_is_left_alone(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert "not a relprop report" in _error(["--out", str(tmp_path)], capsys)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+# --------------------------------------------------------------------------- user data
+def _image(path, w, h):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
+
+
+def _voc(root, objects_per_image):
+    (root / "Annotations").mkdir(parents=True)
+    (root / "JPEGImages").mkdir()
+    for k, objects in enumerate(objects_per_image):
+        _image(root / "JPEGImages" / f"im{k}.jpg", 40, 20)
+        objs = "".join(f"<object><name>{n}</name><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin><xmax>{b[2]}</xmax>"
+                       f"<ymax>{b[3]}</ymax></bndbox></object>" for n, b in objects)
+        (root / "Annotations" / f"im{k}.xml").write_text(
+            f"<annotation><filename>im{k}.jpg</filename><size><width>40</width><height>20</height></size>"
+            f"{objs}</annotation>")
+
+
+@pytest.fixture
+def tiny_net(tmp_path, monkeypatch):
+    (tmp_path / "tinynet_eval.py").write_text(TINY_NET)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "tinynet_eval:build"
+    sys.modules.pop("tinynet_eval", None)
+
+
+def test_voc_boxes_are_rescaled_to_the_model_input(tmp_path):
+    _voc(tmp_path / "voc", [[("cat", (1, 1, 20, 10)), ("dog", (31, 11, 40, 20)), ("cat", (21, 1, 22, 2))]])
+    records = userdata.voc_records(tmp_path / "voc", classes=("cat", "dog"))
+    assert userdata.class_items(records) == [(0, 0), (0, 1)]
+    cat = userdata.load_item(records[0], 0, 20, (0, 0, 0), (1, 1, 1))
+    assert cat["x"].shape == (3, 20, 20) and 0 <= cat["x"].min() and cat["x"].max() <= 1
+    expected = torch.zeros(20, 20, dtype=torch.bool)
+    expected[:10, :10] = True                        # VOC (1, 1, 20, 10) of 40x20 -> cols 0-9, rows 0-9
+    expected[:2, 10] = True                          # second cat (cols 20-21, rows 0-1): nearest of col 10 is 21
+    assert torch.equal(cat["box"], expected) and torch.equal(cat["mask"], expected)   # VOC: mask = box
+    dog = userdata.load_item(records[0], 1, 20, (0, 0, 0), (1, 1, 1))
+    expected = torch.zeros(20, 20, dtype=torch.bool)
+    expected[10:, 15:] = True
+    assert torch.equal(dog["box"], expected)
+
+
+def test_coco_masks_and_boxes_are_rescaled(tmp_path):
+    _image(tmp_path / "a.png", 20, 20)
+    coco = {"images": [{"id": 7, "file_name": "a.png", "width": 20, "height": 20},
+                       {"id": 8, "file_name": "unannotated.png", "width": 20, "height": 20}],
+            "categories": [{"id": 3, "name": "kite"}, {"id": 1, "name": "bird"}],
+            "annotations": [{"id": 1, "image_id": 7, "category_id": 3, "bbox": [4, 6, 8, 4],
+                             "segmentation": [[4, 6, 11, 6, 4, 9]]}]}
+    (tmp_path / "c.json").write_text(json.dumps(coco))
+    assert userdata.coco_classes(tmp_path / "c.json") == ("bird", "kite")
+    records = userdata.coco_records(tmp_path / "c.json", tmp_path)
+    assert len(records) == 1 and records[0]["objects"][0]["label"] == 1
+    item = userdata.load_item(records[0], 1, 10, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    expected = torch.zeros(10, 10, dtype=torch.bool)
+    expected[3:5, 2:6] = True                         # box (4, 6, 12, 10) at half resolution
+    assert torch.equal(item["box"], expected)
+    assert item["mask"].any() and not (item["mask"] & ~item["box"]).any() and item["mask"].sum() < 8
+    assert -1 <= item["x"].min() and item["x"].max() <= 1
+
+
+def test_user_data_errors(tmp_path):
+    _voc(tmp_path / "voc", [[("zebra", (1, 1, 5, 5))]])
+    with pytest.raises(ValueError, match="zebra"):
+        userdata.voc_records(tmp_path / "voc", classes=("cat",))
+    (tmp_path / "voc" / "JPEGImages" / "im0.jpg").unlink()
+    with pytest.raises(FileNotFoundError, match="im0.jpg"):
+        userdata.voc_records(tmp_path / "voc", classes=("zebra",))
+
+
+def test_evaluate_voc_end_to_end(tmp_path, tiny_net):
+    _voc(tmp_path / "voc", [[("cat", (1, 1, 20, 10))], [("dog", (5, 5, 30, 18)), ("cat", (31, 1, 40, 8))]])
+    out = tmp_path / "rep"
+    assert _run(["--voc", str(tmp_path / "voc"), "--classes", "cat,dog", "--model", tiny_net, "--num-classes", "2",
+                 "--size", "32", "--methods", "rap,gradient-x-input", "--out", str(out), "-q"]) == 0
+    res = _strict_json(out / "metrics.json")["models"]["user-model"]
+    assert res["items"] == 3                          # (im0, cat), (im1, cat), (im1, dog)
+    _check_rows(res["rows"], ["rap", "gradient-x-input"])
+    assert (out / "grid-user-model.png").is_file()
+
+
+def test_evaluate_coco_end_to_end_and_its_checks(tmp_path, tiny_net, capsys):
+    for k in range(2):
+        _image(tmp_path / f"{k}.jpg", 24, 16)
+    coco = {"images": [{"id": k, "file_name": f"{k}.jpg", "width": 24, "height": 16} for k in range(2)],
+            "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}, {"id": 5, "name": "c"}],
+            "annotations": [{"id": 1, "image_id": 0, "category_id": 5, "bbox": [2, 2, 10, 8]},
+                            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [12, 4, 10, 10],
+                             "segmentation": [[12, 4, 22, 4, 22, 14]]}]}
+    (tmp_path / "c.json").write_text(json.dumps(coco))
+    base = ["--coco", str(tmp_path / "c.json"), "--images-dir", str(tmp_path), "--model", tiny_net,
+            "--size", "32", "--methods", "rsp,gradient"]
+    assert _run([*base, "--out", str(tmp_path / "rep"), "-q"]) == 0
+    res = _strict_json(tmp_path / "rep" / "metrics.json")["models"]["user-model"]
+    assert res["items"] == 2
+    _check_rows(res["rows"], ["rsp", "gradient"])
+    assert "2 outputs but there are 3 classes" in _error([*base, "--num-classes", "2", "--out",
+                                                          str(tmp_path / "x")], capsys)
+    assert "shapes-vgg" in _error([*base[:4], "--model", "shapes-vgg", "--out", str(tmp_path / "x")], capsys)
+    assert not (tmp_path / "x").exists()
