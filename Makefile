@@ -1,4 +1,4 @@
-# Set-up and the two everyday commands.  `make demo` and `make test` create the virtual
+# Set-up and the everyday commands.  `make evaluate`, `make demo` and `make test` create the virtual
 # environment on first use (torch 2.14.1 + torchvision 0.29.1 come from the machine's local
 # package cache), install relprop editable with its test extras, then run.
 PYTHON ?= python3
@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.relprop-installed
 
-.PHONY: install demo test test-fast golden
+.PHONY: install evaluate demo test test-fast golden
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml setup.py
 	touch $(STAMP)
 
 install: $(STAMP)
+
+evaluate: $(STAMP)
+	$(BIN)/relprop evaluate --out relprop-report
 
 demo: $(STAMP)
 	$(BIN)/relprop demo --out relprop-demo
