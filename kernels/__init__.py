@@ -9,7 +9,9 @@ in :mod:`relprop.ops`:
 * :func:`ae_masses`      -- AE's per-sample positive / negative mass normalisation
 
 A call falls back to the :mod:`relprop.ops` reference when a kernel does not cover it:
-dtypes other than float32 / float16 / bfloat16 (e.g. float64), tensors of mixed dtypes
+dtypes other than float32 / float16 (split GEMMs) or float32 / float16 / bfloat16
+(shift, AE masses) -- so float64 always, and bfloat16 GEMMs, which Triton's CPU
+interpreter cannot compute correctly and so are untested --, tensors of mixed dtypes
 or devices, CPU tensors without ``TRITON_INTERPRET=1``, empty tensors or tensors of 2**31
 elements or more, grouped convolutions, string paddings (``"same"``), Linear inputs that
 are not (B, C), batches over 65535 (the per-sample kernels' grid), and per-sample
@@ -23,14 +25,14 @@ import torch
 from relprop import ops as _ref
 
 from . import elementwise, split_conv, split_linear
-from ._common import MAX_GRID_Y, per_sample_stats, runnable
+from ._common import GEMM_DTYPES, MAX_GRID_Y, per_sample_stats, runnable
 from .epilogue import RULES
 
 __all__ = ["split_scale", "split_backward", "shift_nonzero", "ae_masses"]
 
 
 def _layer_runnable(lin: _ref.LinearMap, x: torch.Tensor, *others) -> bool:
-    if not runnable(x, lin.weight, *others):
+    if not runnable(x, lin.weight, *others, dtypes=GEMM_DTYPES):
         return False
     if lin.is_conv:
         m = lin.module

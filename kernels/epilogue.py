@@ -54,3 +54,11 @@ def accumulate_stats(c, sample, row_mask, sum_ptr, cnt_ptr):
     ``cnt[sample]`` (one atomic per row; masked-out columns of ``c`` must be 0)."""
     tl.atomic_add(sum_ptr + sample, tl.sum(c, axis=1), mask=row_mask)
     tl.atomic_add(cnt_ptr + sample, tl.sum((c != 0).to(tl.int32), axis=1), mask=row_mask)
+
+
+@triton.jit
+def split_weights(w, ABS_NEG: tl.constexpr):
+    """``(W+, V2)`` of a loaded weight tile, in its dtype: V2 = |W-| if ABS_NEG else W-."""
+    zero = tl.zeros_like(w)
+    v2 = tl.maximum(-w, zero) if ABS_NEG else tl.minimum(w, zero)
+    return tl.maximum(w, zero), v2

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ._common import dot_precision, gemm_blocks, new_output
-from .epilogue import ALPHABETA, accumulate_stats, split_scale_epilogue
+from .epilogue import ALPHABETA, accumulate_stats, split_scale_epilogue, split_weights
 
 
 @triton.jit
@@ -46,9 +46,9 @@ def _split_conv_fwd_kernel(x_ptr, w_ptr, b_ptr, r_ptr, s1_ptr, s2_ptr,
         x_mask = (m_mask[:, None] & k_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))
         xt = tl.load(x_ptr + x_row[:, None] + c[None, :] * (H * W) + ih * W + iw, mask=x_mask, other=0.0)
         wt = tl.load(w_ptr + rn[None, :] * K + rk[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc1 = tl.dot(xt, tl.maximum(wt, 0.0), acc1, input_precision=PRECISION)
+        wp, v2 = split_weights(wt, ABS_NEG)
+        acc1 = tl.dot(xt, wp, acc1, input_precision=PRECISION)
         if TWO:
-            v2 = tl.maximum(-wt, 0.0) if ABS_NEG else tl.minimum(wt, 0.0)
             acc2 = tl.dot(xt, v2, acc2, input_precision=PRECISION)
     if HAS_BIAS:
         if RULE == ALPHABETA:
@@ -93,10 +93,9 @@ def _split_conv_bwd_kernel(s1_ptr, s2_ptr, w_ptr, x_ptr, c_ptr, sum_ptr, cnt_ptr
         s_offs = s_row[:, None] + o[None, :] * (OH * OW) + oh * OW + ow
         w_offs = (o * (C * KH * KW) + ij)[:, None] + rn[None, :] * (KH * KW)
         wt = tl.load(w_ptr + w_offs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = tl.dot(tl.load(s1_ptr + s_offs, mask=s_mask, other=0.0), tl.maximum(wt, 0.0), acc,
-                     input_precision=PRECISION)
+        wp, v2 = split_weights(wt, ABS_NEG)
+        acc = tl.dot(tl.load(s1_ptr + s_offs, mask=s_mask, other=0.0), wp, acc, input_precision=PRECISION)
         if TWO:
-            v2 = tl.maximum(-wt, 0.0) if ABS_NEG else tl.minimum(wt, 0.0)
             acc = tl.dot(tl.load(s2_ptr + s_offs, mask=s_mask, other=0.0), v2, acc, input_precision=PRECISION)
     offs = (b * (C * hw) + q)[:, None] + rn[None, :] * hw
     mask = m_mask[:, None] & n_mask[None, :]

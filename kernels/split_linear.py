@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ._common import dot_precision, gemm_blocks, new_output
-from .epilogue import ALPHABETA, accumulate_stats, split_scale_epilogue
+from .epilogue import ALPHABETA, accumulate_stats, split_scale_epilogue, split_weights
 
 
 @triton.jit
@@ -32,9 +32,9 @@ def _split_linear_fwd_kernel(x_ptr, w_ptr, b_ptr, r_ptr, s1_ptr, s2_ptr, B, C, O
         k_mask = rk < C
         xt = tl.load(x_ptr + rm[:, None] * C + rk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         wt = tl.load(w_ptr + rn[None, :] * C + rk[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc1 = tl.dot(xt, tl.maximum(wt, 0.0), acc1, input_precision=PRECISION)
+        wp, v2 = split_weights(wt, ABS_NEG)
+        acc1 = tl.dot(xt, wp, acc1, input_precision=PRECISION)
         if TWO:
-            v2 = tl.maximum(-wt, 0.0) if ABS_NEG else tl.minimum(wt, 0.0)
             acc2 = tl.dot(xt, v2, acc2, input_precision=PRECISION)
     if HAS_BIAS:
         if RULE == ALPHABETA:
@@ -66,10 +66,9 @@ def _split_linear_bwd_kernel(s1_ptr, s2_ptr, w_ptr, x_ptr, c_ptr, sum_ptr, cnt_p
         s_offs = rm[:, None] * O + rk[None, :]
         s_mask = m_mask[:, None] & k_mask[None, :]
         wt = tl.load(w_ptr + rk[:, None] * C + rn[None, :], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = tl.dot(tl.load(s1_ptr + s_offs, mask=s_mask, other=0.0), tl.maximum(wt, 0.0), acc,
-                     input_precision=PRECISION)
+        wp, v2 = split_weights(wt, ABS_NEG)
+        acc = tl.dot(tl.load(s1_ptr + s_offs, mask=s_mask, other=0.0), wp, acc, input_precision=PRECISION)
         if TWO:
-            v2 = tl.maximum(-wt, 0.0) if ABS_NEG else tl.minimum(wt, 0.0)
             acc = tl.dot(tl.load(s2_ptr + s_offs, mask=s_mask, other=0.0), v2, acc, input_precision=PRECISION)
     offs = rm[:, None] * C + rn[None, :]
     mask = m_mask[:, None] & n_mask[None, :]
