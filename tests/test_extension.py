@@ -1,0 +1,348 @@
+"""The C++/CUDA extension backend (csrc/, relprop.extension).
+
+* every .cu kernel file compiles with plain nvcc for Hopper (no torch headers), with no spills;
+* the CUDA binding (csrc/cuda_ops.cpp) passes a syntax-only compile against the CUDA torch headers;
+* the op library's CPU part (csrc/ops.cpp) is JIT-built once per session (cached under
+  build/relprop-ext-cpu) and each op is compared with the relprop.ops reference, checked with
+  torch.library.opcheck, and run end to end through relprop.Explainer(backend="cuda").
+
+No GPU is needed; the CUDA kernels' numerics are checked on a GPU machine (csrc/README.md).
+"""
+import glob
+import importlib
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sysconfig
+
+import pytest
+import torch
+import torch.nn as nn
+
+import relprop
+from relprop import ops
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CSRC = ROOT / "csrc"
+backends = importlib.import_module("relprop.backends")
+
+
+def _nvcc():
+    for cand in (shutil.which("nvcc"), os.path.join(os.environ.get("CUDA_HOME", ""), "bin", "nvcc"),
+                 "/usr/local/cuda/bin/nvcc", *sorted(glob.glob("/usr/local/cuda-*/bin/nvcc"))[::-1]):
+        if cand and os.path.exists(cand):
+            return cand
+    return None
+
+
+# ------------------------------------------------------------------ compile checks (no torch)
+CU_FILES = sorted(CSRC.glob("*.cu"))
+
+
+@pytest.mark.parametrize("cu", CU_FILES, ids=[p.name for p in CU_FILES])
+def test_cuda_kernels_compile_for_hopper_without_torch(cu, tmp_path):
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found (PATH, $CUDA_HOME/bin, /usr/local/cuda*/bin): cannot compile-check the kernels")
+    proc = subprocess.run([nvcc, "-std=c++17", "-O3", "-c", str(cu), "-o", str(tmp_path / "k.o"),
+                           "-gencode", "arch=compute_90,code=sm_90", "-Xptxas", "-v"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", proc.stderr)]
+    assert spills and not any(spills), "register spills:\n" + proc.stderr
+
+
+def _torch_includes():
+    from torch.utils.cpp_extension import include_paths
+    return include_paths()
+
+
+def test_cuda_binding_compiles_against_torch_headers():
+    torch_inc = _torch_includes()
+    if not any(os.path.exists(os.path.join(p, "c10", "cuda", "impl", "cuda_cmake_macros.h")) for p in torch_inc):
+        pytest.skip("torch is a CPU-only build: it ships no c10/cuda headers to compile csrc/cuda_ops.cpp against")
+    nvcc, cxx = _nvcc(), shutil.which("c++") or shutil.which("g++")
+    if nvcc is None or cxx is None:
+        pytest.skip("needs nvcc (for the CUDA runtime headers) and a C++ compiler")
+    cuda_inc = os.path.join(os.path.dirname(os.path.dirname(nvcc)), "include")
+    extra = glob.glob(os.path.join(sysconfig.get_paths()["purelib"], "nvidia", "cu*", "include"))
+    cmd = [cxx, "-std=c++20", "-fsyntax-only", str(CSRC / "cuda_ops.cpp")]
+    cmd += [f"-I{p}" for p in [*torch_inc, cuda_inc, *extra]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+
+
+# ------------------------------------------------------------------ the CPU op library
+def _registered():
+    try:
+        torch.ops.relprop.split_scale
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+@pytest.fixture(scope="session")
+def ext():
+    """``relprop.extension`` on torch.ops.relprop: the installed relprop._C if importable, else
+    csrc/ops.cpp JIT-built (CPU kernels only) into build/relprop-ext-cpu."""
+    if not _registered():
+        try:
+            importlib.import_module("relprop._C")
+        except ImportError:
+            if shutil.which("c++") is None and shutil.which("g++") is None:
+                pytest.skip("no C++ compiler to build csrc/ops.cpp")
+            from torch.utils.cpp_extension import load
+            build = ROOT / "build" / "relprop-ext-cpu"
+            build.mkdir(parents=True, exist_ok=True)
+            os.environ.setdefault("MAX_JOBS", "2")
+            load(name="relprop_ops_cpu", sources=[str(CSRC / "ops.cpp")], extra_cflags=["-O2"],
+                 is_python_module=False, build_directory=str(build), verbose=False)
+    assert _registered()
+    return importlib.import_module("relprop.extension")
+
+
+R = lambda: torch.ops.relprop  # noqa: E731
+
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-12, atol=1e-13)}
+
+
+def close(got, ref, dtype):
+    if ref is None:
+        assert got is None or got.numel() == 0
+        return
+    scale = ref.abs().nan_to_num(0, 0, 0).max().item() or 1.0
+    tol = TOL[dtype]
+    torch.testing.assert_close(got, ref, rtol=tol["rtol"], atol=tol["atol"] * scale, equal_nan=True)
+
+
+def nonneg(*shape, dtype):
+    """A ReLU-like input: about a third exact zeros, plus an all-zero corner per sample."""
+    x = (torch.rand(*shape, dtype=dtype) - 0.35).clamp(min=0)
+    if x.ndim == 4:
+        x[:, :, :x.shape[2] // 2, :x.shape[3] // 2] = 0
+    else:
+        x[..., :2] = 0
+    return x
+
+
+# (in, out, kernel, stride, padding, dilation, batch, H, W)
+CONVS = {
+    "3x3-s2-p1": (5, 7, 3, 2, 1, 1, 3, 9, 11),
+    "1x1": (3, 6, 1, 1, 0, 1, 2, 5, 7),
+    "7x7-s2-p3": (3, 5, 7, 2, 3, 1, 2, 15, 12),
+    "3x5-nonsquare-dil2": (4, 5, (3, 5), (2, 1), (1, 2), 2, 2, 10, 13),
+    "b64-tiny": (7, 9, 3, 1, 1, 1, 64, 2, 3),
+    "b1-odd": (9, 3, 3, 1, 0, 1, 1, 6, 5),
+}
+LINEARS = {"linear": (13, 7, (5,)), "linear-b1": (11, 3, (1,)), "linear-3d": (6, 5, (4, 3))}
+LAYERS = [*CONVS, *LINEARS]
+
+
+def make_layer(name, dtype):
+    if name in CONVS:
+        cin, cout, k, s, p, d, b, h, w = CONVS[name]
+        m = nn.Conv2d(cin, cout, k, stride=s, padding=p, dilation=d).to(dtype)
+        x = nonneg(b, cin, h, w, dtype=dtype)
+    else:
+        fin, fout, lead = LINEARS[name]
+        m = nn.Linear(fin, fout).to(dtype)
+        x = nonneg(*lead, fin, dtype=dtype)
+    with torch.no_grad():
+        out = m(x)
+    r = torch.randn_like(out)
+    r.view(-1)[::7] = 0
+    return ops.LinearMap(m), x, r
+
+
+RULES = [("rap-conv", 1.0, 0.0, 0.0), ("rap-linear", 1.0, 0.0, 0.0), ("alphabeta", 2.0, 1.0, 1e-6),
+         ("alphabeta", 1.0, 0.0, 0.0), ("alphabeta", 1.0, 0.5, 0.0), ("alphabeta-repo", 2.0, 1.0, 0.0),
+         ("alphabeta-repo", 1.0, 0.0, 0.0)]
+RULE_IDS = [f"{r}-a{a:g}-b{b:g}-e{e:g}" for r, a, b, e in RULES]
+DTYPES = [torch.float32, torch.float64]
+
+
+def geometry(lin):
+    m = lin.module
+    return (list(m.stride), list(m.padding), list(m.dilation)) if lin.is_conv else ([1], [0], [1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rule", RULES, ids=RULE_IDS)
+@pytest.mark.parametrize("layer", LAYERS)
+def test_split_scale_op_matches_reference(ext, layer, rule, dtype):
+    name, alpha, beta, eps = rule
+    lin, x, r = make_layer(layer, dtype)
+    ref = ops.split_scale(lin, x, r, name, alpha, beta, eps)
+    bias = lin.bias if name == "alphabeta" else None
+    for w in (lin.split(ops.SPLIT_RULES[name]), lin.weight):   # presplit [W+; V2] and plain W
+        s1, s2 = R().split_scale(x, w, r, bias, *geometry(lin), name, alpha, beta, eps)
+        close(s1, ref[0], dtype)
+        close(s2, ref[1], dtype)
+    got = ext.split_scale(lin, x, r, name, alpha, beta, eps)
+    close(got[0], ref[0], dtype)
+    assert (got[1] is None) == (ref[1] is None)
+    close(got[1], ref[1], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shift", [False, True], ids=["plain", "shift"])
+@pytest.mark.parametrize("split, two", [("pa", True), ("pn", True), ("pn", False)], ids=["pa", "pn", "pos-only"])
+@pytest.mark.parametrize("layer", LAYERS)
+def test_split_backward_op_matches_reference(ext, layer, split, two, shift, dtype):
+    lin, x, r = make_layer(layer, dtype)
+    rule = "rap-conv" if split == "pa" else "alphabeta-repo"
+    s1, s2 = ops.split_scale(lin, x, r, rule, 1.0, 1.0 if two else 0.0)
+    shift_to = r.reshape(r.shape[0], -1).sum(1) if shift else None
+    ref = ops.split_backward(lin, x, s1, s2, split, shift_to)
+    for w in (lin.split(split), lin.weight):
+        close(R().split_backward(x, s1, s2, w, *geometry(lin), split, shift_to), ref, dtype)
+    close(ext.split_backward(lin, x, s1, s2, split, shift_to), ref, dtype)
+    if shift:   # the point of the shift: each sample sums to shift_to
+        got = ext.split_backward(lin, x, s1, s2, split, shift_to)
+        torch.testing.assert_close(got.reshape(got.shape[0], -1).sum(1), shift_to,
+                                   rtol=1e-4 if dtype == torch.float32 else 1e-10, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(3, 5, 9, 11), (64, 7, 2, 3), (1, 13), (4, 3, 6)], ids=str)
+def test_shift_nonzero_and_ae_masses_match_reference(ext, shape, dtype):
+    c = nonneg(*shape, dtype=dtype) - nonneg(*shape, dtype=dtype)
+    excess = torch.randn(shape[0], *[1] * (len(shape) - 1), dtype=dtype)
+    ref = ops.shift_nonzero(c, excess)
+    close(R().shift_nonzero(c, excess.reshape(-1)), ref, dtype)
+    close(ext.shift_nonzero(c, excess), ref, dtype)
+    scalar = torch.tensor(0.25, dtype=dtype)
+    close(ext.shift_nonzero(c, scalar), ops.shift_nonzero(c, scalar), dtype)
+
+    r = torch.randn(*shape, dtype=dtype)
+    r[0] = r[0].abs()             # a sample without negative relevance: O = 0 there
+    r.view(-1)[::5] = 0
+    for got, want in zip(ext.ae_masses(r), ops.ae_masses(r)):
+        close(got, want, dtype)
+    t, o = R().ae_masses(r)
+    assert torch.all(o[0] == 0)
+    torch.testing.assert_close(t.reshape(shape[0], -1).sum(1), torch.ones(shape[0], dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_ops_stay_close_to_the_reference(ext, dtype):
+    lin, x, r = make_layer("3x3-s2-p1", torch.float32)
+    lin16 = ops.LinearMap(lin.module.to(dtype))
+    x16, r16 = x.to(dtype), r.to(dtype)
+    tol = dict(rtol=2e-2, atol=2e-2)
+    for name, a, b, e in (RULES[0], RULES[1], RULES[5]):   # SD rules: no overflow of r / eps in half
+        ref = ops.split_scale(lin16, x16, r16, name, a, b, e)
+        got = ext.split_scale(lin16, x16, r16, name, a, b, e)
+        for g, w in zip(got, ref):
+            assert g.dtype == dtype
+            scale = w.float().abs().max()
+            torch.testing.assert_close(g.float() / scale, w.float() / scale, **tol)
+    s1, s2 = ops.split_scale(lin16, x16, r16, "rap-conv")
+    shift_to = r16.flatten(1).float().sum(1).to(dtype)
+    ref = ops.split_backward(lin16, x16, s1, s2, "pa", shift_to).float()
+    got = ext.split_backward(lin16, x16, s1, s2, "pa", shift_to).float()
+    torch.testing.assert_close(got / ref.abs().max(), ref / ref.abs().max(), **tol)
+    for g, w in zip(ext.ae_masses(r16), ops.ae_masses(r16)):
+        torch.testing.assert_close(g.float(), w.float(), **tol)
+
+
+def test_ops_pass_opcheck(ext):
+    lin, x, r = make_layer("3x3-s2-p1", torch.float64)
+    lin_l, xl, rl = make_layer("linear", torch.float64)
+    geo, geo_l = geometry(lin), geometry(lin_l)
+    w, wl = lin.split("pa"), lin_l.split("pn")
+    s1, s2 = ops.split_scale(lin, x, r, "rap-conv")
+    cases = [
+        (R().split_scale.default, (x, w, r, None, *geo, "rap-conv", 1.0, 0.0, 0.0)),
+        (R().split_scale.default, (x, lin.split("pn"), r, lin.bias, *geo, "alphabeta", 2.0, 1.0, 1e-6)),
+        (R().split_scale.default, (x, lin.weight, r, None, *geo, "alphabeta", 1.0, 0.0, 0.0)),
+        (R().split_scale.default, (xl, wl, rl, None, *geo_l, "alphabeta-repo", 1.0, 1.0, 0.0)),
+        (R().split_backward.default, (x, s1, s2, w, *geo, "pa", r.flatten(1).sum(1))),
+        (R().split_backward.default, (x, s1, None, w, *geo, "pa", None)),
+        (R().split_backward.default, (xl, rl, rl, wl, *geo_l, "pn", None)),
+        (R().shift_nonzero.default, (x, torch.randn(x.shape[0], dtype=x.dtype))),
+        (R().ae_masses.default, (r,)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_ops_reject_bad_arguments(ext):
+    lin, x, r = make_layer("1x1", torch.float32)
+    with pytest.raises(RuntimeError, match="unknown split rule 'zplus'"):
+        R().split_scale(x, lin.weight, r, None, *geometry(lin), "zplus", 1.0, 0.0, 0.0)
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        R().split_scale(x.double(), lin.weight, r, None, *geometry(lin), "rap-conv", 1.0, 0.0, 0.0)
+    with pytest.raises(RuntimeError, match="excess must have shape"):
+        R().shift_nonzero(x, torch.zeros(x.shape[0] + 1))
+
+
+def test_uncovered_calls_fall_back_to_the_reference(ext):
+    grouped = ops.LinearMap(nn.Conv2d(4, 6, 3, padding=1, groups=2))
+    x, r = nonneg(2, 4, 6, 6, dtype=torch.float32), torch.randn(2, 6, 6, 6)
+    for rule in ("rap-conv", "alphabeta"):
+        got = ext.split_scale(grouped, x, r, rule, 1.0, 1.0)
+        ref = ops.split_scale(grouped, x, r, rule, 1.0, 1.0)
+        for g, w in zip(got, ref):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+    s1, s2 = ops.split_scale(grouped, x, r, "rap-conv")
+    torch.testing.assert_close(ext.split_backward(grouped, x, s1, s2, "pa", r.flatten(1).sum(1)),
+                               ops.split_backward(grouped, x, s1, s2, "pa", r.flatten(1).sum(1)), rtol=0, atol=0)
+    c = torch.randn(3, 4, 5)
+    full = torch.randn(3, 4, 5)     # not one value per sample
+    torch.testing.assert_close(ext.shift_nonzero(c, full), ops.shift_nonzero(c, full), rtol=0, atol=0)
+    lin, x, r = make_layer("1x1", torch.float32)
+    xg = x.clone().requires_grad_(True)     # autograd wants the differentiable reference
+    s1, _ = ext.split_scale(lin, xg, r, "alphabeta", 1.0, 0.0)
+    assert s1.requires_grad
+
+
+# ------------------------------------------------------------------ whole networks
+def _tiny_cnn():
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 5, 3, stride=2), nn.ReLU(),
+                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(5 * 2 * 2, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+
+
+class _Counting:
+    def __init__(self, inner):
+        self.inner, self.calls = inner, {}
+
+    def __getattr__(self, name):
+        op = getattr(self.inner, name)
+
+        def call(*args):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return op(*args)
+        return call
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("method", ["rap", "lrp-alphabeta", "lrp-zplus", "lrp-epsilon-plus", "lrp-rap-repo",
+                                    "ae", "rsp"])
+def test_explainer_on_the_extension_matches_the_torch_backend(ext, monkeypatch, method, dtype):
+    monkeypatch.setattr(backends, "unavailable", lambda name, device: None)   # the JIT library stands in for _C
+    counting = _Counting(ext._OPS)
+    monkeypatch.setattr(ext, "_OPS", counting)
+    model, x = _tiny_cnn().to(dtype), torch.rand(2, 3, 9, 9, dtype=dtype)
+    init = {"init_layer": "3"} if method in ("ae", "rsp") else {}
+    ref = relprop.Explainer(model, method, backend="torch", **init)(x)
+    got = relprop.Explainer(model, method, backend="cuda", **init)(x)
+    assert counting.calls, "the extension's ops were not called"
+    tol = TOL[dtype]
+    torch.testing.assert_close(got, ref, rtol=tol["rtol"], atol=tol["atol"] * ref.abs().max().item())
+
+
+@pytest.mark.slow
+def test_cmake_builds_the_standalone_kernels(tmp_path):
+    cmake, nvcc = shutil.which("cmake"), _nvcc()
+    if cmake is None or nvcc is None:
+        pytest.skip("needs cmake and nvcc")
+    env = {**os.environ, "CUDACXX": nvcc}
+    conf = subprocess.run([cmake, "-S", str(ROOT), "-B", str(tmp_path), "-DRELPROP_WITH_TORCH=OFF"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert conf.returncode == 0, conf.stdout + conf.stderr
+    build = subprocess.run([cmake, "--build", str(tmp_path), "--target", "relprop_kernels", "-j", "2"],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert build.returncode == 0, build.stdout + build.stderr
