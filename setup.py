@@ -1,53 +1,110 @@
-"""Build script: the Python package always; the C++/CUDA extension ``relprop._C`` only when a
-CUDA build of torch and nvcc are present (or ``RELPROP_BUILD_EXT=1`` forces it,
-``RELPROP_BUILD_EXT=0`` skips it)."""
+"""Build script: the Python package always; the C++/CUDA op library ``relprop._C`` on request
+or on a GPU machine.
+
+``RELPROP_BUILD_EXT`` decides whether ``relprop._C`` (csrc/, see csrc/README.md) is built:
+
+* unset / ``auto``: build the CUDA extension only when torch is importable at build time, is a
+  CUDA build, nvcc is found AND torch sees a CUDA device.  So ``pip install -e .`` (build
+  isolation: no torch in the build env) and any build on a CPU-only machine skip it -- the
+  full build takes minutes and the ``torch`` backend needs none of it.  On a GPU machine:
+  ``pip install -e . --no-build-isolation`` or ``python setup.py build_ext --inplace``.
+* ``1``: build it or fail: the CUDA extension when a CUDA torch and nvcc are present (no device
+  needed; compiling on a CPU-only machine works), else the CPU-only op library
+  (csrc/ops.cpp, a CppExtension).
+* ``0``: never build it.
+
+nvcc is looked up as $CUDA_HOME/bin/nvcc, then on PATH, then /usr/local/cuda, then the newest
+/usr/local/cuda-*; CUDA_HOME is set from it before torch.utils.cpp_extension reads it.  The
+CUDA 13 wheels keep cusparse.h & co. in <site-packages>/nvidia/cu13/include, which is added to
+the include path.  Kernels target Hopper (sm_90 SASS + compute_90 PTX) unless
+TORCH_CUDA_ARCH_LIST is set, which then takes over.
+"""
 import glob
 import os
 import shutil
+import site
 import sys
+import sysconfig
 
 from setuptools import find_packages, setup
 
-ext_modules, cmdclass = [], {}
+CPU_SOURCES = ["csrc/ops.cpp", "csrc/module.cpp"]
+CUDA_SOURCES = CPU_SOURCES + ["csrc/cuda_ops.cpp"] + sorted(glob.glob("csrc/*.cu"))
 
 
-def _want_extension() -> bool:
+def _find_cuda_home():
+    """The CUDA toolkit root (sets $CUDA_HOME), or None if no nvcc is found."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates += ["/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]
+    for home in candidates:
+        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+            os.environ["CUDA_HOME"] = home
+            return home
+    return None
+
+
+def _nvidia_includes():
+    roots = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    try:
+        roots.update(site.getsitepackages())
+    except AttributeError:   # virtualenv's old site module
+        pass
+    return sorted({p for r in roots for p in glob.glob(os.path.join(r, "nvidia", "cu*", "include"))})
+
+
+def _plan():
+    """'cuda', 'cpu' or None, with the reason when None."""
     flag = os.environ.get("RELPROP_BUILD_EXT", "auto").lower()
-    if flag in ("0", "no", "false"):
-        return False
-    sources = glob.glob("csrc/*.cpp") + glob.glob("csrc/*.cu")
-    if not sources:
-        reason = "csrc/ holds no sources yet"
-    else:
-        try:
-            import torch
-            from torch.utils.cpp_extension import CUDA_HOME
-        except ImportError:
-            reason = "torch is not installed at build time"
-        else:
-            reason = None
-            if torch.version.cuda is None:
-                reason = "torch is a CPU-only build"
-            elif CUDA_HOME is None or shutil.which("nvcc") is None and not os.path.exists(
-                    os.path.join(CUDA_HOME or "", "bin", "nvcc")):
-                reason = "nvcc was not found"
-    if flag in ("1", "yes", "true"):
-        if reason:
+    if flag in ("0", "no", "false", "off"):
+        return None, "RELPROP_BUILD_EXT=0"
+    forced = flag in ("1", "yes", "true", "on")
+    if not all(os.path.exists(s) for s in CPU_SOURCES):
+        return None, "csrc/ sources are missing"
+    cuda_home = _find_cuda_home()
+    try:
+        import torch
+    except ImportError:
+        reason = "torch is not importable at build time (use --no-build-isolation)"
+        if forced:
             sys.exit(f"RELPROP_BUILD_EXT=1 but the extension cannot be built: {reason}")
-        return True
-    if reason:
-        print(f"relprop: skipping the C++/CUDA extension ({reason}); the torch backend works without it")
-        return False
-    return True
+        return None, reason
+    if torch.version.cuda is None:
+        reason = "torch is a CPU-only build"
+    elif cuda_home is None:
+        reason = "nvcc was not found"
+    else:
+        reason = None
+    if forced:
+        return ("cuda" if reason is None else "cpu"), reason
+    if reason is None and not torch.cuda.is_available():
+        reason = "no CUDA device is visible (RELPROP_BUILD_EXT=1 builds it anyway)"
+    return ("cuda" if reason is None else None), reason
 
 
-if _want_extension():
-    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+def _extensions():
+    kind, reason = _plan()
+    if kind is None:
+        print(f"relprop: not building the C++/CUDA extension ({reason}); the torch backend works without it")
+        return [], {}
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    ext_modules = [CUDAExtension(
-        "relprop._C", sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/*.cu")),
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-gencode", "arch=compute_90,code=sm_90"]})]
-    cmdclass = {"build_ext": BuildExtension}
+    cxx = ["-O3"]
+    if kind == "cpu":
+        print(f"relprop: building the CPU-only op library relprop._C ({reason})")
+        ext = CppExtension("relprop._C", CPU_SOURCES, extra_compile_args={"cxx": cxx})
+    else:
+        nvcc = ["-O3"]   # no --use_fast_math: the epilogues' divisions must stay IEEE (parity with ops.py)
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            nvcc += ["-gencode", "arch=compute_90,code=sm_90", "-gencode", "arch=compute_90,code=compute_90"]
+        ext = CUDAExtension("relprop._C", CUDA_SOURCES, include_dirs=_nvidia_includes(),
+                            extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = _extensions()
 
 setup(
     packages=find_packages(include=["relprop", "relprop.*"]) + ["relprop.kernels"],
