@@ -13,10 +13,12 @@ or on a GPU machine.
   (csrc/ops.cpp, a CppExtension).
 * ``0``: never build it.
 
-nvcc is looked up as $CUDA_HOME/bin/nvcc, then on PATH, then /usr/local/cuda, then the newest
-/usr/local/cuda-*; CUDA_HOME is set from it before torch.utils.cpp_extension reads it.  The
+The CUDA toolkit is looked up as $CUDA_HOME, $CUDA_PATH, the root of the nvcc on PATH (symlinks
+resolved), /usr/local/cuda, then the newest /usr/local/cuda-*, keeping the first holding both
+bin/nvcc and include/cuda_runtime_api.h (so a wrapper script /usr/local/bin/nvcc does not make
+/usr/local the root); CUDA_HOME is set to it before torch.utils.cpp_extension reads it.  The
 CUDA 13 wheels keep cusparse.h & co. in <site-packages>/nvidia/cu13/include, which is added to
-the include path.  Kernels target Hopper (sm_90 SASS + compute_90 PTX) unless
+the C++ include path after the toolkit's (-idirafter).  Kernels target Hopper (sm_90 SASS + compute_90 PTX) unless
 TORCH_CUDA_ARCH_LIST is set, which then takes over.
 """
 import glob
@@ -39,8 +41,9 @@ def _find_cuda_home():
     if nvcc:
         candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
     candidates += ["/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]
-    for home in candidates:
-        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+    for home in candidates:   # a real toolkit root, not e.g. /usr/local with a wrapper bin/nvcc
+        if home and os.path.exists(os.path.join(home, "bin", "nvcc")) and os.path.exists(
+                os.path.join(home, "include", "cuda_runtime_api.h")):
             os.environ["CUDA_HOME"] = home
             return home
     return None
@@ -99,8 +102,9 @@ def _extensions():
         nvcc = ["-O3"]   # no --use_fast_math: the epilogues' divisions must stay IEEE (parity with ops.py)
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
             nvcc += ["-gencode", "arch=compute_90,code=sm_90", "-gencode", "arch=compute_90,code=compute_90"]
-        ext = CUDAExtension("relprop._C", CUDA_SOURCES, include_dirs=_nvidia_includes(),
-                            extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+        # -idirafter: these dirs also hold a cuda_runtime_api.h that must not shadow the toolkit's
+        cxx += [f for d in _nvidia_includes() for f in ("-idirafter", d)]
+        ext = CUDAExtension("relprop._C", CUDA_SOURCES, extra_compile_args={"cxx": cxx, "nvcc": nvcc})
     return [ext], {"build_ext": BuildExtension}
 
 

@@ -29,12 +29,20 @@ CSRC = ROOT / "csrc"
 backends = importlib.import_module("relprop.backends")
 
 
-def _nvcc():
-    for cand in (shutil.which("nvcc"), os.path.join(os.environ.get("CUDA_HOME", ""), "bin", "nvcc"),
-                 "/usr/local/cuda/bin/nvcc", *sorted(glob.glob("/usr/local/cuda-*/bin/nvcc"))[::-1]):
-        if cand and os.path.exists(cand):
-            return cand
+def _cuda_home():
+    """A CUDA toolkit root holding bin/nvcc and include/cuda_runtime_api.h, or None."""
+    nvcc = shutil.which("nvcc")
+    for home in (os.environ.get("CUDA_HOME"), nvcc and os.path.dirname(os.path.dirname(os.path.realpath(nvcc))),
+                 "/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)):
+        if home and os.path.exists(os.path.join(home, "bin", "nvcc")) and os.path.exists(
+                os.path.join(home, "include", "cuda_runtime_api.h")):
+            return home
     return None
+
+
+def _nvcc():
+    home = _cuda_home()
+    return os.path.join(home, "bin", "nvcc") if home else None
 
 
 # ------------------------------------------------------------------ compile checks (no torch)
@@ -66,10 +74,10 @@ def test_cuda_binding_compiles_against_torch_headers():
     nvcc, cxx = _nvcc(), shutil.which("c++") or shutil.which("g++")
     if nvcc is None or cxx is None:
         pytest.skip("needs nvcc (for the CUDA runtime headers) and a C++ compiler")
-    cuda_inc = os.path.join(os.path.dirname(os.path.dirname(nvcc)), "include")
+    cuda_inc = os.path.join(_cuda_home(), "include")
     extra = glob.glob(os.path.join(sysconfig.get_paths()["purelib"], "nvidia", "cu*", "include"))
     cmd = [cxx, "-std=c++20", "-fsyntax-only", str(CSRC / "cuda_ops.cpp")]
-    cmd += [f"-I{p}" for p in [*torch_inc, cuda_inc, *extra]]
+    cmd += [f"-I{p}" for p in [*torch_inc, cuda_inc]] + [f for p in extra for f in ("-idirafter", p)]   # as setup.py
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
 
@@ -257,7 +265,7 @@ def test_ops_pass_opcheck(ext):
     cases = [
         (R().split_scale.default, (x, w, r, None, *geo, "rap-conv", 1.0, 0.0, 0.0)),
         (R().split_scale.default, (x, lin.split("pn"), r, lin.bias, *geo, "alphabeta", 2.0, 1.0, 1e-6)),
-        (R().split_scale.default, (x, lin.weight, r, None, *geo, "alphabeta", 1.0, 0.0, 0.0)),
+        (R().split_scale.default, (x, lin.weight, r, None, *geo, "alphabeta", 1.0, 0.0, 1e-6)),   # eps: no NaN
         (R().split_scale.default, (xl, wl, rl, None, *geo_l, "alphabeta-repo", 1.0, 1.0, 0.0)),
         (R().split_backward.default, (x, s1, s2, w, *geo, "pa", r.flatten(1).sum(1))),
         (R().split_backward.default, (x, s1, None, w, *geo, "pa", None)),
@@ -266,7 +274,7 @@ def test_ops_pass_opcheck(ext):
         (R().ae_masses.default, (r,)),
     ]
     for op, args in cases:
-        torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+        torch.library.opcheck(op, args)   # schema, autograd registration, fake tensors, aot dispatch (dynamic)
 
 
 def test_ops_reject_bad_arguments(ext):
@@ -346,3 +354,34 @@ def test_cmake_builds_the_standalone_kernels(tmp_path):
     build = subprocess.run([cmake, "--build", str(tmp_path), "--target", "relprop_kernels", "-j", "2"],
                            capture_output=True, text=True, env=env, timeout=300)
     assert build.returncode == 0, build.stdout + build.stderr
+
+
+# ------------------------------------------------------------------ CUDA kernels (GPU machines)
+def _has_cuda_kernels():
+    return _registered() and torch._C._dispatch_has_kernel_for_dispatch_key("relprop::split_scale", "CUDA")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layer", ["3x3-s2-p1", "1x1", "7x7-s2-p3", "b64-tiny", "linear", "linear-3d"])
+def test_cuda_ops_match_the_reference_on_gpu(ext, layer, dtype):
+    if not torch.cuda.is_available() or not _has_cuda_kernels():
+        pytest.skip("needs a CUDA device and relprop._C built with its CUDA kernels (setup.py on a GPU machine)")
+    lin, x, r = make_layer(layer, dtype)
+    lin = ops.LinearMap(lin.module.cuda())
+    x, r = x.cuda(), r.cuda()
+    for name, a, b, e in RULES:
+        ref = ops.split_scale(lin, x, r, name, a, b, e)
+        got = ext.split_scale(lin, x, r, name, a, b, e)
+        close(got[0], ref[0], dtype)
+        close(got[1], ref[1], dtype)
+        split = ops.SPLIT_RULES[name]
+        for shift_to in (None, r.reshape(r.shape[0], -1).sum(1)):
+            close(ext.split_backward(lin, x, *ref, split, shift_to), ops.split_backward(lin, x, *ref, split, shift_to),
+                  dtype)
+    c = x - x.roll(1, 0)
+    excess = torch.randn(c.shape[0], *[1] * (c.ndim - 1), dtype=dtype, device="cuda")
+    close(ext.shift_nonzero(c, excess), ops.shift_nonzero(c, excess), dtype)
+    for g, w in zip(ext.ae_masses(r), ops.ae_masses(r)):
+        close(g, w, dtype)
+    for op, args in [(R().ae_masses.default, (r,)), (R().shift_nonzero.default, (c, excess.reshape(-1)))]:
+        torch.library.opcheck(op, args)
