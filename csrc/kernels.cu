@@ -57,6 +57,7 @@ template <class U, class V> __device__ __forceinline__ void block_sum2(U& a, V& 
   __shared__ U sa[kThreads / 32];
   __shared__ V sb[kThreads / 32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();   // a previous call's warp 0 may still be reading sa / sb
   a = warp_sum(a);
   b = warp_sum(b);
   if (lane == 0) { sa[warp] = a; sb[warp] = b; }
