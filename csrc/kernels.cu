@@ -39,6 +39,9 @@ inline unsigned blocks_for(int64_t total) {
   return b < 1 ? 1u : unsigned(b);
 }
 
+// every index below total, plus one grid stride, fits in int32
+inline bool fits32(int64_t total) { return total + int64_t(kThreads) * (1 << 20) < (int64_t(1) << 31); }
+
 inline dim3 reduce_grid(int64_t B, int64_t n) {
   int64_t gx = (n + kThreads * 4 - 1) / (kThreads * 4);
   if (gx > 1024) gx = 1024;
@@ -70,17 +73,19 @@ template <class U, class V> __device__ __forceinline__ void block_sum2(U& a, V& 
   }
 }
 
-template <class T>
+// I: the index type, 32-bit whenever the tensor allows (divisions by runtime 32-bit values are
+// several times cheaper than 64-bit ones).
+template <class T, class I>
 __global__ void __launch_bounds__(kThreads) k_split_scale(
     int rule, const T* __restrict__ z, int nz, const T* __restrict__ r, const T* __restrict__ bias,
-    T* __restrict__ s1, T* __restrict__ s2, int64_t total, int64_t O, int64_t inner,
+    T* __restrict__ s1, T* __restrict__ s2, I total, I O, I inner,
     typename acc<T>::type alpha, typename acc<T>::type beta, typename acc<T>::type eps) {
   using A = typename acc<T>::type;
   const A zero(0);
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t q = i / inner, hw = i - q * inner;
-    const int64_t b = q / O, o = q - b * O;
-    const T* zp = z + (b * nz * O + o) * inner + hw;
+  for (I i = blockIdx.x * I(blockDim.x) + threadIdx.x; i < total; i += I(gridDim.x) * blockDim.x) {
+    const I q = i / inner, hw = i - q * inner;
+    const I b = q / O, o = q - b * O;
+    const T* zp = z + (int64_t(b) * nz * O + o) * inner + hw;
     const A rr = to_acc(r[i]);
     A z1 = to_acc(zp[0]);
     if (rule == RELPROP_RAP_CONV) {
@@ -132,13 +137,13 @@ __global__ void __launch_bounds__(kThreads) k_mul_sum_count(
   }
 }
 
-template <class T>
+template <class T, class I>
 __global__ void __launch_bounds__(kThreads) k_shift(
     const T* c, const typename acc<T>::type* __restrict__ sum, const T* __restrict__ target,
-    const unsigned long long* __restrict__ count, T* out, int64_t total, int64_t n) {
+    const unsigned long long* __restrict__ count, T* out, I total, I n) {
   using A = typename acc<T>::type;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t b = i / n;
+  for (I i = blockIdx.x * I(blockDim.x) + threadIdx.x; i < total; i += I(gridDim.x) * blockDim.x) {
+    const I b = i / n;
     const A v = to_acc(c[i]);
     if (v != A(0)) {
       const A excess = sum ? to_acc(from_acc<T>(sum[b])) - to_acc(target[b]) : to_acc(target[b]);
@@ -169,13 +174,13 @@ __global__ void __launch_bounds__(kThreads) k_sign_sums(
   }
 }
 
-template <class T>
+template <class T, class I>
 __global__ void __launch_bounds__(kThreads) k_ae(
     const T* __restrict__ r, const typename acc<T>::type* __restrict__ pos,
-    const typename acc<T>::type* __restrict__ neg, T* __restrict__ t, T* __restrict__ o, int64_t total, int64_t n) {
+    const typename acc<T>::type* __restrict__ neg, T* __restrict__ t, T* __restrict__ o, I total, I n) {
   using A = typename acc<T>::type;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t b = i / n;
+  for (I i = blockIdx.x * I(blockDim.x) + threadIdx.x; i < total; i += I(gridDim.x) * blockDim.x) {
+    const I b = i / n;
     const A v = to_acc(r[i]);
     const A P = to_acc(from_acc<T>(pos[b])), N = to_acc(from_acc<T>(neg[b]));
     t[i] = from_acc<T>(sd(v > A(0) ? v : A(0), P));
@@ -191,9 +196,16 @@ void launch_split_scale(int rule, const void* z, int nz, const void* r, const vo
   using A = typename acc<T>::type;
   const int64_t total = outer * O * inner;
   if (total == 0) return;
-  k_split_scale<T><<<blocks_for(total), kThreads, 0, stream>>>(
-      rule, static_cast<const T*>(z), nz, static_cast<const T*>(r), static_cast<const T*>(bias),
-      static_cast<T*>(s1), static_cast<T*>(s2), total, O, inner, A(alpha), A(beta), A(eps));
+  // 32-bit indices when every index (Z has nz * total elements) fits, with room for the grid stride
+  if (nz * total + int64_t(kThreads) * (1 << 20) < (int64_t(1) << 31))
+    k_split_scale<T, int32_t><<<blocks_for(total), kThreads, 0, stream>>>(
+        rule, static_cast<const T*>(z), nz, static_cast<const T*>(r), static_cast<const T*>(bias),
+        static_cast<T*>(s1), static_cast<T*>(s2), int32_t(total), int32_t(O), int32_t(inner), A(alpha), A(beta),
+        A(eps));
+  else
+    k_split_scale<T, int64_t><<<blocks_for(total), kThreads, 0, stream>>>(
+        rule, static_cast<const T*>(z), nz, static_cast<const T*>(r), static_cast<const T*>(bias),
+        static_cast<T*>(s1), static_cast<T*>(s2), total, O, inner, A(alpha), A(beta), A(eps));
 }
 
 template <class T>
@@ -210,9 +222,14 @@ void launch_shift(const void* c, const void* sum, const void* target, const unsi
                   int64_t B, int64_t n, cudaStream_t stream) {
   using A = typename acc<T>::type;
   if (B * n == 0) return;
-  k_shift<T><<<blocks_for(B * n), kThreads, 0, stream>>>(
-      static_cast<const T*>(c), static_cast<const A*>(sum), static_cast<const T*>(target), count,
-      static_cast<T*>(out), B * n, n);
+  if (fits32(B * n))
+    k_shift<T, int32_t><<<blocks_for(B * n), kThreads, 0, stream>>>(
+        static_cast<const T*>(c), static_cast<const A*>(sum), static_cast<const T*>(target), count,
+        static_cast<T*>(out), int32_t(B * n), int32_t(n));
+  else
+    k_shift<T, int64_t><<<blocks_for(B * n), kThreads, 0, stream>>>(
+        static_cast<const T*>(c), static_cast<const A*>(sum), static_cast<const T*>(target), count,
+        static_cast<T*>(out), B * n, n);
 }
 
 template <class T>
@@ -223,9 +240,14 @@ void launch_ae(const void* r, void* t, void* o, void* pos, void* neg, int64_t B,
   cudaMemsetAsync(neg, 0, sizeof(A) * B, stream);
   k_sign_sums<T><<<reduce_grid(B, n), kThreads, 0, stream>>>(static_cast<const T*>(r), static_cast<A*>(pos),
                                                              static_cast<A*>(neg), B, n);
-  k_ae<T><<<blocks_for(B * n), kThreads, 0, stream>>>(static_cast<const T*>(r), static_cast<const A*>(pos),
-                                                       static_cast<const A*>(neg), static_cast<T*>(t),
-                                                       static_cast<T*>(o), B * n, n);
+  if (fits32(B * n))
+    k_ae<T, int32_t><<<blocks_for(B * n), kThreads, 0, stream>>>(
+        static_cast<const T*>(r), static_cast<const A*>(pos), static_cast<const A*>(neg), static_cast<T*>(t),
+        static_cast<T*>(o), int32_t(B * n), int32_t(n));
+  else
+    k_ae<T, int64_t><<<blocks_for(B * n), kThreads, 0, stream>>>(
+        static_cast<const T*>(r), static_cast<const A*>(pos), static_cast<const A*>(neg), static_cast<T*>(t),
+        static_cast<T*>(o), B * n, n);
 }
 
 #define RELPROP_DISPATCH(dtype, fn, ...)                                  \
