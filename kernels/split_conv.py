@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ._common import dot_precision, gemm_blocks, new_output
-from .epilogue import ALPHABETA, accumulate_stats, split_scale_epilogue, split_weights
+from .epilogue import accumulate_stats, split_scale_epilogue, split_weights
 
 
 @triton.jit
@@ -50,11 +50,10 @@ def _split_conv_fwd_kernel(x_ptr, w_ptr, b_ptr, r_ptr, s1_ptr, s2_ptr,
         acc1 = tl.dot(xt, wp, acc1, input_precision=PRECISION)
         if TWO:
             acc2 = tl.dot(xt, v2, acc2, input_precision=PRECISION)
-    if HAS_BIAS:
-        if RULE == ALPHABETA:
-            bias = tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
-            acc1 += tl.maximum(bias, 0.0)[None, :]
-            acc2 += tl.minimum(bias, 0.0)[None, :]
+    if HAS_BIAS:                            # ALPHABETA only: Z1 += b+, Z2 += b-
+        bias = tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+        acc1 += tl.maximum(bias, 0.0)[None, :]
+        acc2 += tl.minimum(bias, 0.0)[None, :]
     offs = (b * (O * ohw) + p)[:, None] + rn[None, :] * ohw
     mask = m_mask[:, None] & n_mask[None, :]
     r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -110,7 +109,8 @@ def _geometry(module):
 
 
 def split_scale(module, x, w, bias, r, rule: int, abs_neg: bool, two: bool, alpha, beta, eps):
-    """(S1, S2 or None) for contiguous x (B, C, H, W), w (O, C, KH, KW), r (B, O, OH, OW)."""
+    """(S1, S2 or None) for contiguous x (B, C, H, W), w (O, C, KH, KW), r (B, O, OH, OW);
+    ``bias`` (or None) is added to Z1 / Z2 by sign, as the ALPHABETA rule does."""
     bsz, c, h, wd = x.shape
     o, _, kh, kw = w.shape
     oh, ow = r.shape[2:]

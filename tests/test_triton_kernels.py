@@ -4,7 +4,8 @@ Triton's interpreter (TRITON_INTERPRET=1, set before Triton is imported).
 Inputs are non-negative with exact zeros (ReLU of Gaussians, plus an all-zero band so
 that whole receptive fields vanish and every safe-divide guard is hit); relevance has
 both signs.  Every output buffer the kernels allocate is poisoned with NaN, so an
-element a kernel forgets to write fails the comparison.
+element a kernel forgets to write fails the comparison.  With no GPU at hand, one test
+also compiles representative kernel variants to a Hopper (sm_90) cubin in a subprocess.
 
 Tolerances (scale-free: ``atol`` is relative to the reference's largest magnitude):
 fp32 ``rtol=1e-4, atol=1e-5*max|ref|`` (only the summation order differs); fp16/bf16
@@ -14,6 +15,8 @@ fp32 ``rtol=1e-4, atol=1e-5*max|ref|``.
 """
 import copy
 import os
+import subprocess
+import sys
 
 os.environ["TRITON_INTERPRET"] = "1"
 
@@ -246,3 +249,51 @@ def test_network_parity(method, request):
     request.getfixturevalue("reference_disabled")
     got = relprop.Explainer(model, method, backend="triton", **init)(x)
     assert_matches(got, ref)
+
+
+# ---------------------------------------------------------------- GPU compilation
+
+SM90_COMPILE = '''
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from relprop.kernels import elementwise as E, split_conv as C, split_linear as L
+
+def signature(fn, dtype):
+    def kind(name):
+        if name in ("sum_ptr", "pos_ptr", "neg_ptr"):
+            return "*fp32"
+        if name == "cnt_ptr":
+            return "*i32"
+        return "*" + dtype if name.endswith("_ptr") else "fp32" if name in ("alpha", "beta", "eps") else "i32"
+    return {p.name: "constexpr" if p.is_constexpr else kind(p.name) for p in fn.params}
+
+tiles = dict(BM=64, BN=64, BK=32)
+cases = [
+    (C._split_conv_fwd_kernel, "fp32", dict(KH=3, KW=3, RULE=0, TWO=True, ABS_NEG=True, HAS_BIAS=False,
+                                            PRECISION="ieee", **tiles)),
+    (C._split_conv_fwd_kernel, "fp16", dict(KH=3, KW=5, RULE=2, TWO=True, ABS_NEG=False, HAS_BIAS=True,
+                                            PRECISION="tf32", **tiles)),
+    (C._split_conv_bwd_kernel, "fp16", dict(KH=7, KW=7, TWO=True, ABS_NEG=True, STATS=True, PRECISION="tf32", **tiles)),
+    (L._split_linear_fwd_kernel, "fp32", dict(RULE=3, TWO=False, ABS_NEG=False, HAS_BIAS=False, PRECISION="ieee",
+                                              **tiles)),
+    (L._split_linear_bwd_kernel, "fp32", dict(TWO=True, ABS_NEG=False, STATS=True, PRECISION="ieee", **tiles)),
+    (E._shift_kernel, "bf16", dict(FROM_SUM=True, BLOCK=1024)),
+    (E._masses_kernel, "fp16", dict(BLOCK=1024)),
+]
+for fn, dtype, consts in cases:
+    k = triton.compile(ASTSource(fn, signature(fn, dtype), consts), target=GPUTarget("cuda", 90, 32))
+    assert k.asm["cubin"], fn
+print("compiled", len(cases))
+'''
+
+
+def test_kernels_compile_for_sm90(tmp_path):
+    """Representative variants go through Triton's whole NVIDIA pipeline to a Hopper cubin
+    (no GPU needed), in a fresh process without the interpreter and a fresh cache."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    out = subprocess.run([sys.executable, "-c", SM90_COMPILE], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "compiled 7"
