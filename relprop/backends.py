@@ -48,14 +48,29 @@ def unavailable(name: str, device: torch.device) -> str | None:
         if device.type not in ("cpu", "cuda"):
             return f"Triton kernels do not run on {device.type} tensors"
         return None
-    if importlib.util.find_spec("relprop._C") is None:
-        return ("the C++/CUDA extension relprop._C is not built "
-                "(pip install -e . --no-build-isolation on a machine with nvcc and a CUDA build of torch)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        return "no CUDA device is visible to torch"
+    return _extension_unavailable(device)
+
+
+def _extension_unavailable(device: torch.device) -> str | None:
+    """The compiled ops are usable when registered (by ``relprop._C`` or a library the user
+    loaded) and, for CUDA tensors, when they have CUDA kernels (a CPU-only build has none)."""
     if device.type not in ("cpu", "cuda"):
         return f"the extension has no kernels for {device.type} tensors"
+    if not _ops_registered() and importlib.util.find_spec("relprop._C") is None:
+        return ("the C++/CUDA extension relprop._C is not built "
+                "(RELPROP_BUILD_EXT=1 pip install -e . --no-build-isolation; see csrc/README.md)")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "no CUDA device is visible to torch"
+        if not _ops_registered():
+            importlib.import_module("relprop._C")
+        if not torch._C._dispatch_has_kernel_for_dispatch_key("relprop::split_scale", "CUDA"):
+            return "relprop._C was built without CUDA kernels (a CPU-only build)"
     return None
+
+
+def _ops_registered() -> bool:
+    return torch._C._dispatch_has_kernel("relprop::split_scale")
 
 
 def check_backend(backend: str) -> None:
