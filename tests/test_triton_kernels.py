@@ -1,5 +1,6 @@
-"""The Triton backend (relprop.kernels) against the relprop.ops reference, on CPU under
-Triton's interpreter (TRITON_INTERPRET=1, set before Triton is imported).
+"""The Triton backend (relprop.kernels) against the relprop.ops reference: on CPU under
+Triton's interpreter (TRITON_INTERPRET=1, set before Triton is imported), or on CUDA
+tensors with the compiled kernels where a GPU is visible.
 
 Inputs are non-negative with exact zeros (ReLU of Gaussians, plus an all-zero band so
 that whole receptive fields vanish and every safe-divide guard is hit); relevance has
@@ -18,20 +19,34 @@ import os
 import subprocess
 import sys
 
-os.environ["TRITON_INTERPRET"] = "1"
+import pytest
+import torch
+import torch.nn as nn
 
-import pytest  # noqa: E402
+#: Compiled kernels on CUDA tensors where a GPU is visible, else the interpreter on CPU
+#: tensors (the variable must be set before Triton decorates the kernels).
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+if DEVICE.type == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
 
 pytest.importorskip("triton")
-
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
 
 import relprop  # noqa: E402
 from relprop import ops  # noqa: E402
 
 kernels = pytest.importorskip("relprop.kernels")
 from relprop.kernels import _common, split_conv, split_linear  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _on_device():
+    """Every tensor and layer a test makes lives on DEVICE; the CUDA reference in full fp32."""
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    torch.set_default_device(DEVICE)
+    yield
+    torch.set_default_device("cpu")
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 @pytest.fixture(autouse=True)
