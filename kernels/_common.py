@@ -47,9 +47,13 @@ def per_sample_stats(batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
             torch.zeros(batch, dtype=torch.int32, device=device))
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 products in full precision (``ieee``), not TF32; halves use the tensor cores."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+def dot_precision(x: torch.Tensor, conv: bool) -> str:
+    """``tl.dot`` precision for products of ``x``'s dtype, following the reference's own:
+    fp32 in TF32 only where torch would run that layer in TF32 (CUDA tensors and
+    ``torch.backends.cudnn.allow_tf32`` for convs, ``torch.backends.cuda.matmul.allow_tf32``
+    for linears), else in full precision (``ieee``); halves use the tensor cores either way."""
+    flag = torch.backends.cudnn.allow_tf32 if conv else torch.backends.cuda.matmul.allow_tf32
+    return "tf32" if x.dtype != torch.float32 or (x.is_cuda and flag) else "ieee"
 
 
 def gemm_blocks(m: int, n: int, k: int) -> tuple[int, int, int]:

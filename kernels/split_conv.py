@@ -122,7 +122,7 @@ def split_scale(module, x, w, bias, r, rule: int, abs_neg: bool, two: bool, alph
     _split_conv_fwd_kernel[grid](x, w, x if bias is None else bias, r, s1, s1 if s2 is None else s2,
                                  c, h, wd, o, oh, ow, m, k, *_geometry(module),
                                  float(alpha), float(beta), float(eps), KH=kh, KW=kw, RULE=rule, TWO=two,
-                                 ABS_NEG=abs_neg, HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype),
+                                 ABS_NEG=abs_neg, HAS_BIAS=bias is not None, PRECISION=dot_precision(x, conv=True),
                                  BM=bm, BN=bn, BK=bk)
     return s1, s2
 
@@ -141,5 +141,5 @@ def split_backward(module, x, w, s1, s2, abs_neg: bool, stats):
     _split_conv_bwd_kernel[grid](s1, s1 if s2 is None else s2, w, x, out, sums, counts,
                                  c, h, wd, o, oh, ow, m, k, *_geometry(module),
                                  KH=kh, KW=kw, TWO=s2 is not None, ABS_NEG=abs_neg, STATS=stats is not None,
-                                 PRECISION=dot_precision(x.dtype), BM=bm, BN=bn, BK=bk)
+                                 PRECISION=dot_precision(x, conv=True), BM=bm, BN=bn, BK=bk)
     return out

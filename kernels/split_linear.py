@@ -86,7 +86,8 @@ def split_scale(x, w, bias, r, rule: int, abs_neg: bool, two: bool, alpha, beta,
     grid = (triton.cdiv(b, bm), triton.cdiv(o, bn))
     _split_linear_fwd_kernel[grid](x, w, x if bias is None else bias, r, s1, s2 if two else s1, b, c, o,
                                    float(alpha), float(beta), float(eps), RULE=rule, TWO=two, ABS_NEG=abs_neg,
-                                   HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype), BM=bm, BN=bn, BK=bk)
+                                   HAS_BIAS=bias is not None, PRECISION=dot_precision(x, conv=False),
+                                   BM=bm, BN=bn, BK=bk)
     return s1, s2
 
 
@@ -100,5 +101,5 @@ def split_backward(x, w, s1, s2, abs_neg: bool, stats):
     sums, counts = stats if stats is not None else (out, out)
     _split_linear_bwd_kernel[grid](s1, s1 if s2 is None else s2, w, x, out, sums, counts, b, c, o,
                                    TWO=s2 is not None, ABS_NEG=abs_neg, STATS=stats is not None,
-                                   PRECISION=dot_precision(x.dtype), BM=bm, BN=bn, BK=bk)
+                                   PRECISION=dot_precision(x, conv=False), BM=bm, BN=bn, BK=bk)
     return out

@@ -287,7 +287,7 @@ def signature(fn, dtype):
 tiles = dict(BM=64, BN=64, BK=32)
 cases = [
     (C._split_conv_fwd_kernel, "fp32", dict(KH=3, KW=3, RULE=0, TWO=True, ABS_NEG=True, HAS_BIAS=False,
-                                            PRECISION="ieee", **tiles)),
+                                            PRECISION="tf32", **tiles)),
     (C._split_conv_fwd_kernel, "fp16", dict(KH=3, KW=5, RULE=2, TWO=True, ABS_NEG=False, HAS_BIAS=True,
                                             PRECISION="tf32", **tiles)),
     (C._split_conv_bwd_kernel, "fp16", dict(KH=7, KW=7, TWO=True, ABS_NEG=True, STATS=True, PRECISION="tf32", **tiles)),
