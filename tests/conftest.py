@@ -1,7 +1,10 @@
-"""Shared test fixtures: the golden reference folder and its model builders."""
+"""Shared test fixtures: the golden reference folder and its model builders, and the
+compiled op library of the ``cuda`` backend."""
+import importlib
 import importlib.util
 import os
 import pathlib
+import shutil
 
 import pytest
 import torch
@@ -27,3 +30,23 @@ def golden_models():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def ext():
+    """``relprop.extension`` on torch.ops.relprop: the installed relprop._C if importable, else
+    csrc/ops.cpp JIT-built (CPU kernels only) into build/relprop-ext-cpu."""
+    if not torch._C._dispatch_has_kernel("relprop::split_scale"):
+        try:
+            importlib.import_module("relprop._C")
+        except ImportError:
+            if shutil.which("c++") is None and shutil.which("g++") is None:
+                pytest.skip("no C++ compiler to build csrc/ops.cpp")
+            from torch.utils.cpp_extension import load
+            build = ROOT / "build" / "relprop-ext-cpu"
+            build.mkdir(parents=True, exist_ok=True)
+            os.environ.setdefault("MAX_JOBS", "2")
+            load(name="relprop_ops_cpu", sources=[str(ROOT / "csrc" / "ops.cpp")], extra_cflags=["-O2"],
+                 is_python_module=False, build_directory=str(build), verbose=False)
+    assert torch._C._dispatch_has_kernel("relprop::split_scale")
+    return importlib.import_module("relprop.extension")

@@ -9,7 +9,6 @@
 No GPU is needed; the CUDA kernels' numerics are checked on a GPU machine (csrc/README.md).
 """
 import glob
-import importlib
 import os
 import pathlib
 import re
@@ -82,33 +81,7 @@ def test_cuda_binding_compiles_against_torch_headers():
 
 
 # ------------------------------------------------------------------ the CPU op library
-def _registered():
-    try:
-        torch.ops.relprop.split_scale
-    except (AttributeError, RuntimeError):
-        return False
-    return True
-
-
-@pytest.fixture(scope="session")
-def ext():
-    """``relprop.extension`` on torch.ops.relprop: the installed relprop._C if importable, else
-    csrc/ops.cpp JIT-built (CPU kernels only) into build/relprop-ext-cpu."""
-    if not _registered():
-        try:
-            importlib.import_module("relprop._C")
-        except ImportError:
-            if shutil.which("c++") is None and shutil.which("g++") is None:
-                pytest.skip("no C++ compiler to build csrc/ops.cpp")
-            from torch.utils.cpp_extension import load
-            build = ROOT / "build" / "relprop-ext-cpu"
-            build.mkdir(parents=True, exist_ok=True)
-            os.environ.setdefault("MAX_JOBS", "2")
-            load(name="relprop_ops_cpu", sources=[str(CSRC / "ops.cpp")], extra_cflags=["-O2"],
-                 is_python_module=False, build_directory=str(build), verbose=False)
-    assert _registered()
-    return importlib.import_module("relprop.extension")
-
+# the ``ext`` fixture (relprop.extension on the installed or JIT-built op library) is in conftest.py
 
 R = lambda: torch.ops.relprop  # noqa: E731
 
@@ -356,14 +329,10 @@ def test_cmake_builds_the_standalone_kernels(tmp_path):
 
 
 # ------------------------------------------------------------------ CUDA kernels (GPU machines)
-def _has_cuda_kernels():
-    return _registered() and torch._C._dispatch_has_kernel_for_dispatch_key("relprop::split_scale", "CUDA")
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layer", ["3x3-s2-p1", "1x1", "7x7-s2-p3", "b64-tiny", "linear", "linear-3d"])
 def test_cuda_ops_match_the_reference_on_gpu(ext, layer, dtype):
-    if not torch.cuda.is_available() or not _has_cuda_kernels():
+    if not relprop.backends("cuda")["cuda"]["available"]:
         pytest.skip("needs a CUDA device and relprop._C built with its CUDA kernels (setup.py on a GPU machine)")
     lin, x, r = make_layer(layer, dtype)
     lin = ops.LinearMap(lin.module.cuda())
