@@ -3,7 +3,8 @@
     python bench/report.py bench/results/cpu-<date>.json [--out bench/results/cpu-<date>]
 
 Per case: images/s, median ms per batch, peak memory, ratio to the gradient pass of the
-same group, ratio to Zennit's equivalent composite in the same group.
+same group, ratio to relprop's own torch backend (the reference the kernels must beat) and
+to Zennit's equivalent composite in the same group.
 """
 import argparse
 import json
@@ -31,13 +32,17 @@ def table(rs):
     for group, items in by_group.items():
         grad = next((r["median"] for r in items if r["impl"] == "baseline" and r["method"] == "gradient"), None)
         zen = {r["method"]: r["median"] for r in items if r["impl"] == "zennit"}
-        lines += [f"\n### {group}\n", "| impl | method | images/s | median ms/batch | peak MiB | x gradient | x Zennit |",
-                  "|---|---|---:|---:|---:|---:|---:|"]
+        ref = {r["method"]: r["median"] for r in items if r["impl"] == "relprop-torch"}
+        lines += [f"\n### {group}\n",
+                  "| impl | method | images/s | median ms/batch | peak MiB | x gradient | x torch backend | x Zennit |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]
         for r in sorted(items, key=lambda r: (r["impl"] != "baseline", r["method"], r["impl"])):
+            relprop = r["impl"].startswith("relprop")
             xg = f"{r['median'] / grad:.2f}" if grad else "-"
-            xz = f"{r['median'] / zen[r['method']]:.2f}" if r["method"] in zen and r["impl"] != "baseline" else "-"
+            xt = f"{r['median'] / ref[r['method']]:.2f}" if relprop and r["method"] in ref else "-"
+            xz = f"{r['median'] / zen[r['method']]:.2f}" if relprop and r["method"] in zen else "-"
             lines.append(f"| {r['impl']} | {r['method']} | {r['batch'] / r['median']:.2f} | {1e3 * r['median']:.1f} "
-                         f"| {r['peak'] / 2**20:.0f} | {xg} | {xz} |")
+                         f"| {r['peak'] / 2**20:.0f} | {xg} | {xt} | {xz} |")
     return "\n".join(lines)
 
 
