@@ -11,8 +11,8 @@ from relprop.metrics import relevance_mass_accuracy
 
 ACC_MARGIN = 0.05           # first 256 test images vs the documented 1000-image accuracy
 # Mean relevance-mass accuracy (RAP, true class, first 32 test images) must beat the mean
-# mask area (0.112) by this much.  Measured: shapes-vgg 0.455 (+0.343), shapes-resnet 0.200 (+0.088).
-RMA_MARGIN = {"shapes-vgg": 0.20, "shapes-resnet": 0.05}
+# mask area (0.112) by this much.  Measured: shapes-vgg 0.481 (+0.370), shapes-resnet 0.298 (+0.187).
+RMA_MARGIN = {"shapes-vgg": 0.20, "shapes-resnet": 0.10}
 
 
 def _documented_accuracy(name):

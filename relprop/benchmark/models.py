@@ -9,9 +9,9 @@ MaxPool2d, AdaptiveAvgPool2d, Flatten, Linear, Dropout and residual additions):
 
 * ``"shapes-vgg"``: VGG-style, widths 16-16-M-32-32-M-64-64-M, global average pool,
   classifier Linear(64, 64)-ReLU-Dropout-Linear(64, 10);
-* ``"shapes-resnet"``: ResNet-style, stem conv-BN-ReLU (16), three stages of one
-  BasicBlock each (16, 32 /2, 64 /2; 1x1 conv + BN downsample shortcuts), global average
-  pool, Linear(64, 10).
+* ``"shapes-resnet"``: ResNet-style, stem conv-BN-ReLU (16) and 2x2 max pool, three
+  stages of one BasicBlock each (16, 32 /2, 64 /2; 1x1 conv + BN downsample shortcuts),
+  global average pool, Linear(64, 10).
 
 The weights were trained by ``scripts/train_builtin.py`` (see ``weights/README.md``).
 """
@@ -72,10 +72,13 @@ class BasicBlock(nn.Module):
 
 
 class ShapesResNet(nn.Module):
+    """Stem conv3x3-BN-ReLU-maxpool, one :class:`BasicBlock` per width (stride 2 from the
+    second on), global average pool, Linear."""
+
     def __init__(self, classes: int = len(CLASSES), widths=(16, 32, 64)):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]),
-                                  nn.ReLU())
+                                  nn.ReLU(), nn.MaxPool2d(2))
         blocks, cin = [], widths[0]
         for i, w in enumerate(widths):
             blocks.append(BasicBlock(cin, w, stride=1 if i == 0 else 2))
