@@ -37,6 +37,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -393,8 +394,12 @@ def command(args, parser) -> int:
         torch.set_num_threads(args.threads or 1)
     settings = {k: getattr(args, k) for k in ("model", "weights", "images", "full", "voc", "coco", "images_dir",
                                               "batch_size")}
-    results = run(sources, methods, args.out, batch_size=args.batch_size, perturb_images=perturb,
-                  sanity_images=sanity, seed=args.seed, show_progress=not args.quiet, settings=settings)
+    try:
+        results = run(sources, methods, args.out, batch_size=args.batch_size, perturb_images=perturb,
+                      sanity_images=sanity, seed=args.seed, show_progress=not args.quiet, settings=settings)
+    except ValueError as e:                 # e.g. an unreadable image: no report is left behind
+        print(f"relprop evaluate: error: {e}", file=sys.stderr)
+        return 2
     print(_markdown(results))
     print(f"report: {os.path.abspath(args.out)}")
     return 0

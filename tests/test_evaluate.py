@@ -227,3 +227,34 @@ def test_evaluate_coco_end_to_end_and_its_checks(tmp_path, tiny_net, capsys):
                                                           str(tmp_path / "x")], capsys)
     assert "shapes-vgg" in _error([*base[:4], "--model", "shapes-vgg", "--out", str(tmp_path / "x")], capsys)
     assert not (tmp_path / "x").exists()
+
+
+def test_unreadable_user_image_fails_cleanly(tmp_path, tiny_net, capsys):
+    _voc(tmp_path / "voc", [[("cat", (1, 1, 20, 10))], [("dog", (5, 5, 30, 18))]])
+    (tmp_path / "voc" / "JPEGImages" / "im1.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "rep"
+    assert _run(["--voc", str(tmp_path / "voc"), "--classes", "cat,dog", "--model", tiny_net, "--num-classes", "2",
+                 "--size", "32", "--methods", "gradient", "--out", str(out), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read image" in err and "im1.jpg" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tinynet_eval.py", "voc"]     # no report, no temp folder
+
+
+def test_grid_outline_is_drawn_on_every_cell(tmp_path):
+    from relprop import viz
+
+    mask = np.zeros((8, 8), dtype=bool)
+    mask[2:6, 3:7] = True
+    edge = viz.outline(mask)
+    assert edge.sum() == 12 and not edge[3:5, 4:6].any() and edge[2, 3] and edge[5, 6]
+    image = np.full((8, 8, 3), 200, dtype=np.uint8)
+    heat = np.zeros((8, 8))
+    viz.save_grid(tmp_path / "g.png", [image], [[heat], [heat]], ["in", "a", "b"], outlines=[mask])
+    grid = np.asarray(Image.open(tmp_path / "g.png"))
+    top = grid.shape[0] - viz.PAD - 8                                   # the row's first pixel row
+    for col in range(3):
+        left = viz.PAD + col * (8 + viz.PAD)
+        cell = grid[top:top + 8, left:left + 8]
+        assert (cell[edge] == 0).all() and (cell[~edge] != 0).any(axis=-1).all()
+    with pytest.raises(ValueError, match="outlines"):
+        viz.save_grid(tmp_path / "h.png", [image], [[heat]], ["in", "a"], outlines=[mask, mask])

@@ -99,13 +99,17 @@ def _resize_masks(masks: torch.Tensor, size: int) -> torch.Tensor:
 
 def load_item(record: dict, label: int, size: int, mean, std) -> dict:
     """One (image, class) item: ``x`` (3, size, size) normalised, ``mask`` and ``box``
-    (size, size) bool: the union of the class's object masks / boxes, resized."""
+    (size, size) bool: the union of the class's object masks / boxes, resized.  ValueError
+    for an unreadable image or a mask whose size is not the image's."""
     from PIL import Image
 
-    with Image.open(record["path"]) as im:
-        im = im.convert("RGB")
-        W, H = im.size
-        im = im.resize((size, size), Image.BILINEAR)
+    try:
+        with Image.open(record["path"]) as im:
+            im = im.convert("RGB")
+            W, H = im.size
+            im = im.resize((size, size), Image.BILINEAR)
+    except OSError as e:
+        raise ValueError(f"cannot read image {record['path']!r}: {e}") from None
     x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
     x = (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
     objects = [o for o in record["objects"] if o["label"] == label]
