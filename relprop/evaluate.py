@@ -128,8 +128,9 @@ def annotated_source(name: str, model: torch.nn.Module, records: list, size: int
 
     def batches(batch_size):
         for s in range(0, len(items), batch_size):
-            loaded = [userdata.load_item(records[r], c, size, mean, std) for r, c in items[s:s + batch_size]]
-            yield {"x": torch.stack([d["x"] for d in loaded]), "target": torch.tensor([c for _, c in items[s:s + batch_size]]),
+            chunk = items[s:s + batch_size]
+            loaded = [userdata.load_item(records[r], c, size, mean, std) for r, c in chunk]
+            yield {"x": torch.stack([d["x"] for d in loaded]), "target": torch.tensor([c for _, c in chunk]),
                    "mask": torch.stack([d["mask"] for d in loaded]), "box": torch.stack([d["box"] for d in loaded])}
 
     return Source(name, model, len(items), size, tuple(mean), tuple(std), tuple(classes), batches,
@@ -148,7 +149,7 @@ def _scores(model, items: dict, heat: torch.Tensor, num_classes: int, perturb_im
     hits = pointing_game(heat, items["box"], tolerance=15 * size / 224)
     seg = segmentation_scores(heat, items["mask"])
     row = {"pointing_game": pointing_game_accuracy(hits, items["target"], num_classes)["mean"],
-           "outside_inside": outside_inside_ratio(heat, items["box"]).double().median().item(),
+           "outside_inside": outside_inside_ratio(heat, items["box"]).double().nanmedian().item(),
            "relevance_mass": _nanmean(relevance_mass_accuracy(heat, items["mask"])),
            "iou": _nanmean(seg["iou"]), "ap": _nanmean(seg["average_precision"])}
     n = perturb_images
@@ -224,6 +225,9 @@ def run(sources: list[Callable[[], Source]], methods: list[str], out: str, batch
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)           # mkdtemp's folder is private; the report is an ordinary folder
     results = {"settings": dict(settings or {}, methods=methods, seed=seed), "models": {}}
     try:
         with tqdm(total=None, disable=not show_progress, unit="step", desc="evaluate") as bar:
@@ -335,7 +339,8 @@ def add_arguments(p) -> None:
                                                        f"500 and randomisation on 32 of them")
     p.add_argument("--seed", type=int, default=0, metavar="S",
                    help="seed of the built-in test images and of the perturbation noise (default: %(default)s)")
-    p.add_argument("--batch-size", type=_positive, default=50, metavar="N", help="items per batch (default: %(default)s)")
+    p.add_argument("--batch-size", type=_positive, default=50, metavar="N",
+                   help="items per batch (default: %(default)s)")
     p.add_argument("--out", default="relprop-report", metavar="DIR", help="report folder (default: %(default)s)")
     p.add_argument("--voc", metavar="DIR", help="PASCAL VOC folder: DIR/Annotations/*.xml, images in DIR/JPEGImages")
     p.add_argument("--coco", metavar="JSON", help="COCO instances file (needs --images-dir)")
