@@ -10,7 +10,10 @@ Not imported by ``import relprop``; import it explicitly::
   per-object masks and boxes (single-object for classification, two-object for the
   contrastive case);
 * :mod:`relprop.benchmark.annotations` -- readers for user annotations (PASCAL VOC XML,
-  COCO JSON) converted to the box / mask conventions of :mod:`relprop.metrics`.
+  COCO JSON) converted to the box / mask conventions of :mod:`relprop.metrics`;
+* :mod:`relprop.benchmark.userdata` -- annotated user images resized to a model's input,
+  with their masks and boxes (``relprop evaluate --voc / --coco``);
+* :mod:`relprop.benchmark.models` -- the built-in classifiers with their trained weights.
 
 Only torch, numpy and Pillow are used.
 """
