@@ -1,4 +1,4 @@
-"""The ``relprop`` command line: ``relprop demo``, ``attribute``, ``explain``, ``methods``, ``backends``."""
+"""The ``relprop`` command line: ``relprop evaluate``, ``explain``, ``attribute``, ``demo``, ``methods``, ``backends``."""
 from __future__ import annotations
 
 import argparse
@@ -21,6 +21,9 @@ Attribution Equilibrium (AE) and gradient baselines.  In Python:
 
 EXAMPLES = """\
 examples:
+  relprop evaluate                          score every method on the built-in benchmark (report folder)
+  relprop evaluate --voc VOC2012/ --model resnet50 --weights resnet50.pth
+                                            the same metrics on your annotated images
   relprop demo                              train a small CNN, explain it with every method
   relprop demo --methods rap,lrp-epsilon    only two methods
   relprop explain cat.jpg --model resnet50 --weights resnet50.pth -o maps/
