@@ -122,8 +122,13 @@ def test_throughput(benchmark, model_cache, case):
     with torch.no_grad():
         t = model(x).argmax(1)
     call = make_call(impl, method, model, model_name)
-    with PeakMemory(device) as mem:   # the warm-up call: capture and weight caches count too
-        call(x, t)
+    try:
+        with PeakMemory(device) as mem:   # the warm-up call: capture and weight caches count too
+            call(x, t)
+    except Exception as e:                # Captum's LRP rejects some layer types: not comparable there
+        if impl != "captum":
+            raise
+        pytest.skip(f"Captum's LRP cannot explain {model_name}: {type(e).__name__}: {str(e)[:200]}")
 
     def timed():
         out = call(x, t)
