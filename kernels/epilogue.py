@@ -49,6 +49,22 @@ def split_scale_epilogue(z1, z2, r, alpha, beta, eps, RULE: tl.constexpr, TWO: t
 
 
 @triton.jit
+def scale_and_store(z1, z2, b_ptr, rn, n_mask, r_ptr, s1_ptr, s2_ptr, offs, mask, alpha, beta, eps,
+                    RULE: tl.constexpr, TWO: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The forward GEMMs' epilogue: add the split bias (ALPHABETA only: ``Z1 += b+``,
+    ``Z2 += b-``), load ``R`` at ``offs``, store ``S1`` (and ``S2`` if TWO) there."""
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+        z1 += tl.maximum(bias, 0.0)[None, :]
+        z2 += tl.minimum(bias, 0.0)[None, :]
+    r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    s1, s2 = split_scale_epilogue(z1, z2, r, alpha, beta, eps, RULE, TWO)
+    tl.store(s1_ptr + offs, s1.to(s1_ptr.dtype.element_ty), mask=mask)
+    if TWO:
+        tl.store(s2_ptr + offs, s2.to(s2_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def accumulate_stats(c, sample, row_mask, sum_ptr, cnt_ptr):
     """Add each row's sum of ``c`` and its count of non-zeros to ``sum[sample]`` /
     ``cnt[sample]`` (one atomic per row; masked-out columns of ``c`` must be 0)."""

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ._common import dot_precision, gemm_blocks, new_output
-from .epilogue import accumulate_stats, split_scale_epilogue, split_weights
+from .epilogue import accumulate_stats, scale_and_store, split_weights
 
 
 @triton.jit
@@ -50,17 +50,9 @@ def _split_conv_fwd_kernel(x_ptr, w_ptr, b_ptr, r_ptr, s1_ptr, s2_ptr,
         acc1 = tl.dot(xt, wp, acc1, input_precision=PRECISION)
         if TWO:
             acc2 = tl.dot(xt, v2, acc2, input_precision=PRECISION)
-    if HAS_BIAS:                            # ALPHABETA only: Z1 += b+, Z2 += b-
-        bias = tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
-        acc1 += tl.maximum(bias, 0.0)[None, :]
-        acc2 += tl.minimum(bias, 0.0)[None, :]
     offs = (b * (O * ohw) + p)[:, None] + rn[None, :] * ohw
-    mask = m_mask[:, None] & n_mask[None, :]
-    r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    s1, s2 = split_scale_epilogue(acc1, acc2, r, alpha, beta, eps, RULE, TWO)
-    tl.store(s1_ptr + offs, s1.to(s1_ptr.dtype.element_ty), mask=mask)
-    if TWO:
-        tl.store(s2_ptr + offs, s2.to(s2_ptr.dtype.element_ty), mask=mask)
+    scale_and_store(acc1, acc2, b_ptr, rn, n_mask, r_ptr, s1_ptr, s2_ptr, offs, m_mask[:, None] & n_mask[None, :],
+                    alpha, beta, eps, RULE, TWO, HAS_BIAS)
 
 
 @triton.jit
