@@ -91,12 +91,13 @@ def zennit_lrp(model: nn.Module, composite, x: torch.Tensor, target: torch.Tenso
     with Gradient(model, composite) as attributor:
         # Zennit's BatchNorm merge resets a BN to mean 0, var 1, weight 1, bias 0 but keeps
         # its eps, so the "identity" BN still scales by 1/sqrt(1 + eps); over ResNet50's 53
-        # BNs that alone moves Zennit's relevance by ~1e-4 (1e-2 for LRP-epsilon).  eps=0
-        # on the merged BNs makes them the exact identity the merge intends; the weights
-        # were already folded with the real eps, which relprop must reproduce.
+        # BNs that alone moves Zennit's relevance by ~1e-4 (1e-2 for LRP-epsilon).  The
+        # smallest positive eps (1 + eps == 1 exactly; torch <= 2.11 rejects eps = 0) makes
+        # the merged BNs the exact identity the merge intends; the weights were already
+        # folded with the real eps, which relprop must reproduce.
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
-                m.eps = 0.0
+                m.eps = torch.finfo(torch.float64).tiny
         _, rel = attributor(x, lambda out: out * onehot)
     return rel
 
