@@ -10,9 +10,8 @@ import triton
 #: Dtypes the elementwise / per-sample kernels run; anything else (e.g. float64) goes to
 #: the ``relprop.ops`` reference.
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-#: Dtypes the split GEMMs run.  bfloat16 is left to the reference: Triton 3.8's CPU
-#: interpreter computes bf16 ``tl.dot`` wrongly, so a bf16 GEMM could not be tested here.
-GEMM_DTYPES = (torch.float32, torch.float16)
+#: Dtypes the split GEMMs run (fp32 accumulation throughout).
+GEMM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: Read once, like ``triton.jit`` does when it decides between compiling and interpreting.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 #: Largest grid extent along axis 1 (the batch axis of the per-sample kernels) on CUDA.
@@ -48,10 +47,13 @@ def per_sample_stats(batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dot_precision(x: torch.Tensor, conv: bool) -> str:
-    """``tl.dot`` precision for products of ``x``'s dtype, following the reference's own:
-    fp32 in TF32 only where torch would run that layer in TF32 (CUDA tensors and
-    ``torch.backends.cudnn.allow_tf32`` for convs, ``torch.backends.cuda.matmul.allow_tf32``
-    for linears), else in full precision (``ieee``); halves use the tensor cores either way."""
+    """``tl.dot`` precision for products of ``x``'s dtype (``epilogue.dot``), following the
+    reference's own: fp32 in TF32 only where torch would run that layer in TF32 (CUDA tensors
+    and ``torch.backends.cudnn.allow_tf32`` for convs, ``torch.backends.cuda.matmul.allow_tf32``
+    for linears), else in full precision (``ieee``); halves use the tensor cores either way,
+    except bf16 under the interpreter (``upcast``: its bf16 ``tl.dot`` computes garbage)."""
+    if INTERPRET and x.dtype == torch.bfloat16:
+        return "upcast"
     flag = torch.backends.cudnn.allow_tf32 if conv else torch.backends.cuda.matmul.allow_tf32
     return "tf32" if x.dtype != torch.float32 or (x.is_cuda and flag) else "ieee"
 

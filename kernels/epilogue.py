@@ -73,8 +73,30 @@ def accumulate_stats(c, sample, row_mask, sum_ptr, cnt_ptr):
 
 
 @triton.jit
+def operand(t, PRECISION: tl.constexpr):
+    """A loaded GEMM tile as the kernel computes with it: in its own dtype, or for
+    ``"upcast"`` (bf16 under Triton's CPU interpreter, whose bf16 negation and ``tl.dot``
+    are wrong) as its exact fp32 copy.  W+ / V2 of a bf16 tile are exact either way and a
+    product of two bf16 values is exact in fp32, so the upcast GEMM differs from the bf16
+    tensor-core one only in summation order."""
+    if PRECISION == "upcast":
+        return t.to(tl.float32)
+    return t
+
+
+@triton.jit
+def dot(a, b, acc, PRECISION: tl.constexpr):
+    """``acc + a @ b`` with fp32 accumulation at ``tl.dot``'s input precision ``PRECISION``
+    (``"upcast"`` operands are fp32 copies: full precision)."""
+    if PRECISION == "upcast":
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
 def split_weights(w, ABS_NEG: tl.constexpr):
-    """``(W+, V2)`` of a loaded weight tile, in its dtype: V2 = |W-| if ABS_NEG else W-."""
+    """``(W+, V2)`` of a loaded weight tile, in its dtype: V2 = |W-| if ABS_NEG else W-.
+    (``tl.maximum`` / ``tl.minimum`` compute bf16 in fp32; the cast back is exact.)"""
     zero = tl.zeros_like(w)
     v2 = tl.maximum(-w, zero) if ABS_NEG else tl.minimum(w, zero)
-    return tl.maximum(w, zero), v2
+    return tl.maximum(w, zero).to(w.dtype), v2.to(w.dtype)

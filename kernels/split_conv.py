@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ._common import dot_precision, gemm_blocks, new_output
-from .epilogue import accumulate_stats, scale_and_store, split_weights
+from .epilogue import accumulate_stats, dot, operand, scale_and_store, split_weights
 
 
 @triton.jit
@@ -45,11 +45,13 @@ def _split_conv_fwd_kernel(x_ptr, w_ptr, b_ptr, r_ptr, s1_ptr, s2_ptr,
         iw = iw0[:, None] + (ij % KW)[None, :] * dw
         x_mask = (m_mask[:, None] & k_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))
         xt = tl.load(x_ptr + x_row[:, None] + c[None, :] * (H * W) + ih * W + iw, mask=x_mask, other=0.0)
+        xt = operand(xt, PRECISION)
         wt = tl.load(w_ptr + rn[None, :] * K + rk[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        wt = operand(wt, PRECISION)
         wp, v2 = split_weights(wt, ABS_NEG)
-        acc1 = tl.dot(xt, wp, acc1, input_precision=PRECISION)
+        acc1 = dot(xt, wp, acc1, PRECISION)
         if TWO:
-            acc2 = tl.dot(xt, v2, acc2, input_precision=PRECISION)
+            acc2 = dot(xt, v2, acc2, PRECISION)
     offs = (b * (O * ohw) + p)[:, None] + rn[None, :] * ohw
     scale_and_store(acc1, acc2, b_ptr, rn, n_mask, r_ptr, s1_ptr, s2_ptr, offs, m_mask[:, None] & n_mask[None, :],
                     alpha, beta, eps, RULE, TWO, HAS_BIAS)
@@ -83,11 +85,13 @@ def _split_conv_bwd_kernel(s1_ptr, s2_ptr, w_ptr, x_ptr, c_ptr, sum_ptr, cnt_ptr
                   & (oh * sh == th) & (ow * sw == tw) & (oh < OH) & (ow < OW))
         s_offs = s_row[:, None] + o[None, :] * (OH * OW) + oh * OW + ow
         w_offs = (o * (C * KH * KW) + ij)[:, None] + rn[None, :] * (KH * KW)
-        wt = tl.load(w_ptr + w_offs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        wt = operand(tl.load(w_ptr + w_offs, mask=k_mask[:, None] & n_mask[None, :], other=0.0), PRECISION)
         wp, v2 = split_weights(wt, ABS_NEG)
-        acc = tl.dot(tl.load(s1_ptr + s_offs, mask=s_mask, other=0.0), wp, acc, input_precision=PRECISION)
+        s1 = operand(tl.load(s1_ptr + s_offs, mask=s_mask, other=0.0), PRECISION)
+        acc = dot(s1, wp, acc, PRECISION)
         if TWO:
-            acc = tl.dot(tl.load(s2_ptr + s_offs, mask=s_mask, other=0.0), v2, acc, input_precision=PRECISION)
+            s2 = operand(tl.load(s2_ptr + s_offs, mask=s_mask, other=0.0), PRECISION)
+            acc = dot(s2, v2, acc, PRECISION)
     offs = (b * (C * hw) + q)[:, None] + rn[None, :] * hw
     mask = m_mask[:, None] & n_mask[None, :]
     c = (tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) * acc).to(c_ptr.dtype.element_ty)

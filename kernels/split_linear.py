@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from ._common import dot_precision, gemm_blocks, new_output
-from .epilogue import accumulate_stats, scale_and_store, split_weights
+from .epilogue import accumulate_stats, dot, operand, scale_and_store, split_weights
 
 
 @triton.jit
@@ -30,11 +30,13 @@ def _split_linear_fwd_kernel(x_ptr, w_ptr, b_ptr, r_ptr, s1_ptr, s2_ptr, B, C, O
         rk = k0 + tl.arange(0, BK)
         k_mask = rk < C
         xt = tl.load(x_ptr + rm[:, None] * C + rk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        xt = operand(xt, PRECISION)
         wt = tl.load(w_ptr + rn[None, :] * C + rk[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        wt = operand(wt, PRECISION)
         wp, v2 = split_weights(wt, ABS_NEG)
-        acc1 = tl.dot(xt, wp, acc1, input_precision=PRECISION)
+        acc1 = dot(xt, wp, acc1, PRECISION)
         if TWO:
-            acc2 = tl.dot(xt, v2, acc2, input_precision=PRECISION)
+            acc2 = dot(xt, v2, acc2, PRECISION)
     offs = rm[:, None] * O + rn[None, :]
     scale_and_store(acc1, acc2, b_ptr, rn, n_mask, r_ptr, s1_ptr, s2_ptr, offs, m_mask[:, None] & n_mask[None, :],
                     alpha, beta, eps, RULE, TWO, HAS_BIAS)
@@ -56,10 +58,13 @@ def _split_linear_bwd_kernel(s1_ptr, s2_ptr, w_ptr, x_ptr, c_ptr, sum_ptr, cnt_p
         s_offs = rm[:, None] * O + rk[None, :]
         s_mask = m_mask[:, None] & k_mask[None, :]
         wt = tl.load(w_ptr + rk[:, None] * C + rn[None, :], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        wt = operand(wt, PRECISION)
         wp, v2 = split_weights(wt, ABS_NEG)
-        acc = tl.dot(tl.load(s1_ptr + s_offs, mask=s_mask, other=0.0), wp, acc, input_precision=PRECISION)
+        s1 = operand(tl.load(s1_ptr + s_offs, mask=s_mask, other=0.0), PRECISION)
+        acc = dot(s1, wp, acc, PRECISION)
         if TWO:
-            acc = tl.dot(tl.load(s2_ptr + s_offs, mask=s_mask, other=0.0), v2, acc, input_precision=PRECISION)
+            s2 = operand(tl.load(s2_ptr + s_offs, mask=s_mask, other=0.0), PRECISION)
+            acc = dot(s2, v2, acc, PRECISION)
     offs = rm[:, None] * C + rn[None, :]
     mask = m_mask[:, None] & n_mask[None, :]
     c = (tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) * acc).to(c_ptr.dtype.element_ty)
