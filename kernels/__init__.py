@@ -9,13 +9,12 @@ in :mod:`relprop.ops`:
 * :func:`ae_masses`      -- AE's per-sample positive / negative mass normalisation
 
 A call falls back to the :mod:`relprop.ops` reference when a kernel does not cover it:
-dtypes other than float32 / float16 (split GEMMs) or float32 / float16 / bfloat16
-(shift, AE masses) -- so float64 always, and bfloat16 GEMMs, which Triton's CPU
-interpreter cannot compute correctly and so are untested --, tensors of mixed dtypes
-or devices, CPU tensors without ``TRITON_INTERPRET=1``, empty tensors or tensors of 2**31
-elements or more, grouped convolutions, string paddings (``"same"``), Linear inputs that
-are not (B, C), batches over 65535 (the per-sample kernels' grid), and per-sample
-``excess`` / ``shift_to`` that do not hold exactly one value per sample.
+dtypes other than float32 / float16 / bfloat16 (so float64 always), tensors of mixed
+dtypes or devices, CPU tensors without ``TRITON_INTERPRET=1``, empty tensors or tensors
+of 2**31 elements or more, grouped convolutions, Linear inputs that are not (B, C),
+batches over 65535 (the per-sample kernels' grid), and per-sample ``excess`` /
+``shift_to`` that do not hold exactly one value per sample.  (String paddings never
+arrive: graph capture writes ``"valid"`` / ``"same"`` out as integers.)
 Half-precision inputs are accumulated in fp32; see README.md here for the kernels' tiling.
 """
 from __future__ import annotations
@@ -36,7 +35,7 @@ def _layer_runnable(lin: _ref.LinearMap, x: torch.Tensor, *others) -> bool:
         return False
     if lin.is_conv:
         m = lin.module
-        return m.groups == 1 and not isinstance(m.padding, str) and x.ndim == 4
+        return m.groups == 1 and x.ndim == 4
     return x.ndim == 2
 
 

@@ -9,8 +9,7 @@ library loaded with ``torch.ops.load_library`` or ``torch.utils.cpp_extension.lo
 
 A call the ops do not cover runs the reference instead, with the same result:
 
-* grouped convolutions (``groups != 1``), string paddings (``padding="same"``), layers other
-  than ``nn.Conv2d`` / ``nn.Linear``;
+* grouped convolutions (``groups != 1``), layers other than ``nn.Conv2d`` / ``nn.Linear``;
 * inputs of mixed dtypes or devices, dtypes other than float32/float64/float16/bfloat16,
   devices other than CPU and CUDA;
 * autograd: any input that requires grad while grad mode is on (the ops have no derivative);
@@ -55,7 +54,7 @@ def _covered(*tensors: torch.Tensor | None) -> bool:
 def _layer_covered(lin: LinearMap) -> bool:
     m = lin.module
     if isinstance(m, nn.Conv2d):
-        return m.groups == 1 and not isinstance(m.padding, str)
+        return m.groups == 1
     return isinstance(m, nn.Linear)
 
 

@@ -17,6 +17,7 @@ called again.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import operator
 from dataclasses import dataclass, field
@@ -78,16 +79,18 @@ class Node:
     parents: tuple[int, ...] = ()   # indices of tensor-valued inputs, in argument order
     nonneg: bool = False            # output provably >= 0 (after a ReLU)
     first_layer: bool = False       # conv/linear reading the network input directly
+    why: str = ""                   # for an unsupported node (kind None): what relprop lacks, if known
 
     @property
     def module(self) -> nn.Module | None:
         return self.target if isinstance(self.target, nn.Module) else None
 
     def describe(self) -> str:
+        why = f": {self.why}" if self.why else ""
         if self.module is not None:
-            return f"{self.name} ({type(self.module).__name__})"
+            return f"{self.name} ({type(self.module).__name__}){why}"
         t = self.target if isinstance(self.target, str) else getattr(self.target, "__name__", repr(self.target))
-        return f"{self.name} ({self.op} {t})"
+        return f"{self.name} ({self.op} {t}){why}"
 
 
 class _Tracer(fx.Tracer):
@@ -214,6 +217,7 @@ def _make_node(fn: fx.Node, model: nn.Module, i: int, index: dict) -> Node:
     kind: str | None
     target: Any = fn.target
     name = fn.name
+    why = ""
     if fn.op == "placeholder":
         kind = INPUT
     elif fn.op == "output":
@@ -222,8 +226,12 @@ def _make_node(fn: fx.Node, model: nn.Module, i: int, index: dict) -> Node:
         target = model.get_submodule(fn.target)
         name = fn.target
         kind = _MODULE_KINDS.get(type(target))
-        if kind == CONV and (target.padding_mode != "zeros" or isinstance(target.padding, str)):
-            kind = None  # non-zero padding modes and padding="same" have no transposed map here
+        if kind == CONV:
+            target, why = _explicit_padding(target)
+            if target.padding_mode != "zeros":
+                why = f"padding_mode={target.padding_mode!r} has no transposed map here (only 'zeros')"
+            if why:
+                kind = None
         if kind == BN and (target.running_mean is None or target.running_var is None):
             kind = None
     elif fn.op == "call_function":
@@ -236,7 +244,7 @@ def _make_node(fn: fx.Node, model: nn.Module, i: int, index: dict) -> Node:
     if kind == CAT:
         tensor_args = list(args[0]) if args else list(kwargs.get("tensors", []))
     parents = tuple(int(a) for a in _flatten(tensor_args) if isinstance(a, Ref))
-    node = Node(i, name, kind, fn.op, target, args, kwargs)
+    node = Node(i, name, kind, fn.op, target, args, kwargs, why=why)
     if kind == HELPER:
         node.parents = ()
     elif kind in (ADD, CAT):
@@ -246,6 +254,27 @@ def _make_node(fn: fx.Node, model: nn.Module, i: int, index: dict) -> Node:
     elif kind not in (INPUT, None):
         node.parents = parents[:1]
     return node
+
+
+def _explicit_padding(conv: nn.Conv2d) -> tuple[nn.Conv2d, str]:
+    """``(conv, "")``, with a string padding written out as integers: ``"valid"`` is 0 and
+    ``"same"`` is ``dilation * (kernel - 1) / 2`` per side.  That conv is a shallow twin of the
+    user's (the same Parameter objects; the user's module is never changed).  A ``"same"``
+    whose total ``dilation * (kernel - 1)`` is odd pads one side more than the other and has
+    no symmetric integer padding: ``(conv, reason)``."""
+    if not isinstance(conv.padding, str):
+        return conv, ""
+    if conv.padding == "valid":
+        pad = (0, 0)
+    else:
+        totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+        if any(t % 2 for t in totals):
+            return conv, (f"padding='same' with kernel {tuple(conv.kernel_size)} and dilation "
+                          f"{tuple(conv.dilation)} pads unevenly; use an odd kernel or explicit padding")
+        pad = tuple(t // 2 for t in totals)
+    twin = copy.copy(conv)
+    twin.padding = pad
+    return twin, ""
 
 
 def _mark_signs_and_first_layers(nodes: list[Node]) -> None:

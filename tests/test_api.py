@@ -141,6 +141,28 @@ def test_inplace_and_functional_relus_are_captured():
     torch.testing.assert_close(att.relevance.sum((1, 2, 3)), z_t)
 
 
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_string_paddings_explain_like_their_integer_padding(method):
+    """padding="same" (odd kernels, dilation too) and "valid" give exactly the maps of the
+    same convs with integer padding; the user's convs keep their string padding."""
+    def net(same, valid):
+        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=same), nn.ReLU(),
+                             nn.Conv2d(4, 5, 3, padding=same, dilation=2), nn.ReLU(), nn.MaxPool2d(2),
+                             nn.Conv2d(5, 6, 3, padding=valid), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 2 * 2, 4))
+    torch.manual_seed(1)
+    strings = net("same", "valid").double().eval()
+    ints = net((1, 1), 0).double().eval()
+    ints[2].padding = (2, 2)
+    ints.load_state_dict(strings.state_dict())
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(strings(x), ints(x), rtol=0, atol=0)
+    params = {"init_layer": "5"} if method in ("rsp", "ae") else {}
+    got = relprop.explain(strings, x, method=method, **params)
+    torch.testing.assert_close(got, relprop.explain(ints, x, method=method, **params), rtol=0, atol=0)
+    assert got.abs().sum() > 0
+    assert [strings[i].padding for i in (0, 2, 5)] == ["same", "same", "valid"]
+
+
 def test_import_is_light():
     """``import relprop`` needs only torch: Triton, matplotlib, torchvision stay unloaded."""
     code = ("import sys, relprop; heavy = [m for m in ('triton', 'matplotlib', 'torchvision', 'relprop.kernels') "

@@ -31,6 +31,17 @@ def test_unsupported_layers_are_all_listed():
         assert part in msg
 
 
+def test_unevenly_padding_same_conv_and_other_padding_modes_say_why():
+    net = nn.Sequential(nn.Conv2d(3, 4, 2, padding="same"), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1,
+                        padding_mode="reflect"), nn.Flatten(), nn.LazyLinear(2))
+    net(torch.rand(1, 3, 6, 6))
+    with pytest.raises(relprop.UnsupportedModelError) as err:
+        relprop.Explainer(net, "rap")
+    msg = str(err.value)
+    assert "0 (Conv2d): padding='same' with kernel (2, 2) and dilation (1, 1) pads unevenly" in msg
+    assert "2 (Conv2d): padding_mode='reflect' has no transposed map" in msg
+
+
 def test_untraceable_model():
     class Branchy(nn.Module):
         def forward(self, x):
