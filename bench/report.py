@@ -1,6 +1,6 @@
-"""Turn a pytest-benchmark JSON file into a markdown table and a PNG plot.
+"""Turn pytest-benchmark JSON files (one run, or one per model) into a markdown table and a PNG plot.
 
-    python bench/report.py bench/results/cpu-<date>.json [--out bench/results/cpu-<date>]
+    python bench/report.py bench/results/cpu-<date>.json [more.json ...] [--out bench/results/cpu-<date>]
 
 Per case: images/s, median ms per batch, peak memory, ratio to the gradient pass of the
 same group, ratio to relprop's own torch backend (the reference the kernels must beat) and
@@ -86,17 +86,20 @@ def plot(rs, path):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("json", type=pathlib.Path)
-    ap.add_argument("--out", type=pathlib.Path, help="output stem (default: next to the JSON)")
+    ap.add_argument("json", type=pathlib.Path, nargs="+")
+    ap.add_argument("--out", type=pathlib.Path, help="output stem (default: next to the first JSON)")
+    ap.add_argument("--commit", help="the commit measured (default: the JSON's own git record)")
     args = ap.parse_args(argv)
-    data = json.loads(args.json.read_text())
-    stem = args.out or args.json.with_suffix("")
+    runs = [json.loads(p.read_text()) for p in args.json]
+    data = dict(runs[0], benchmarks=[b for r in runs for b in r["benchmarks"]])
+    stem = args.out or args.json[0].with_suffix("")
     rs = rows(data)
     m = data.get("machine_info", {})
     c = data.get("commit_info", {})
-    head = (f"# Benchmark {args.json.name}\n\nmachine: {m.get('cpu', {}).get('brand_raw', m.get('processor', '?'))}, "
-            f"{m.get('node', '')}; commit {c.get('id', '?')[:10]} ({c.get('time', '?')}); "
-            f"run {data.get('datetime', '?')}\n")
+    commit = args.commit or c.get("id", "?")[:10]
+    head = (f"# Benchmark {', '.join(p.name for p in args.json)}\n\n"
+            f"machine: {m.get('cpu', {}).get('brand_raw', m.get('processor', '?'))}, "
+            f"{m.get('node', '')}; commit {commit} ({c.get('time', '?')}); run {data.get('datetime', '?')}\n")
     stem.with_suffix(".md").write_text(head + table(rs) + "\n" + memory_lines(data) + "\n")
     plot(rs, stem.with_suffix(".png"))
     print(f"wrote {stem.with_suffix('.md')} and {stem.with_suffix('.png')}")
