@@ -176,9 +176,14 @@ def reference_conv(layer: Layer):
     return lambda: torch.nn.functional.linear(x, w)
 
 
-def run(layers, batch, device, dtype, backends, quick) -> dict:
+def run(layers, batch, device, dtype, backends, quick, save) -> dict:
+    """Every (layer, primitive, backend) row; ``save(result)`` after each layer, so a run cut
+    short still leaves the layers it finished."""
     ceil = ceilings(device, dtype, quick)
     rows = []
+    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              "dtype": str(dtype).replace("torch.", ""), "batch": batch, "torch": torch.__version__,
+              "ceilings": ceil, "rows": rows}
     for name, spec in layers:
         layer = make_layer(name, spec, batch, device, dtype)
         is_conv = isinstance(layer.module, nn.Conv2d)
@@ -197,11 +202,10 @@ def run(layers, batch, device, dtype, backends, quick) -> dict:
                              "bound": "compute" if flops / rate >= nbytes / ceil["bandwidth"] else "memory",
                              "flops": flops, "bytes": nbytes, "conv_seconds": one_f,
                              "tflops": flops / seconds / 1e12, "gbps": nbytes / seconds / 1e9})
-            print(f"{name:26s} {primitive:24s} floor {floor * 1e3:8.3f} ms  " + "  ".join(
+            print(f"{name:26s} {primitive:24s} floor {floor * 1e3:9.4g} ms  " + "  ".join(
                 f"{r['backend']} {r['seconds'] * 1e3:9.4g} ms" for r in rows[-len(backends):]), flush=True)
-    return {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-            "dtype": str(dtype).replace("torch.", ""), "batch": batch, "torch": torch.__version__,
-            "ceilings": ceil, "rows": rows}
+        save(result)
+    return result
 
 
 def markdown(result: dict) -> str:
@@ -237,12 +241,15 @@ def main(argv=None) -> int:
         n for n, v in relprop.backends(device).items() if v["available"]]
     for n in names:
         resolve_backend(n, device)       # an unavailable backend fails here, with its reason
-    result = run(QUICK_LAYERS if args.quick else LAYERS, args.batch or (2 if args.quick else 64), device,
-                 getattr(torch, args.dtype), names, args.quick)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    out.with_suffix(".md").write_text(markdown(result))
+
+    def save(result):
+        out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+        out.with_suffix(".md").write_text(markdown(result))
+
+    result = run(QUICK_LAYERS if args.quick else LAYERS, args.batch or (2 if args.quick else 64), device,
+                 getattr(torch, args.dtype), names, args.quick, save)
     print(markdown(result))
     return 0
 
