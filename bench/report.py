@@ -101,6 +101,9 @@ def main(argv=None):
             f"machine: {m.get('cpu', {}).get('brand_raw', m.get('processor', '?'))}, "
             f"{m.get('node', '')}; commit {commit} ({c.get('time', '?')}); run {data.get('datetime', '?')}\n")
     stem.with_suffix(".md").write_text(head + table(rs) + "\n" + memory_lines(data) + "\n")
+    if not rs:
+        print(f"wrote {stem.with_suffix('.md')}; no throughput case in the JSON, so no plot")
+        return
     plot(rs, stem.with_suffix(".png"))
     print(f"wrote {stem.with_suffix('.md')} and {stem.with_suffix('.png')}")
 
