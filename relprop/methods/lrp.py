@@ -82,7 +82,7 @@ def alphabeta_rap_repo(alpha: float):
         if layer.x_nonneg:
             return [out]
         xn = x.clamp(max=0)
-        wp, wn = lin.pos, lin.neg
+        wn = lin.neg
         if beta == 0:   # z+: only x-W-
             return [out + alpha * xn * lin.bwd(safe_divide(r, lin.fwd(xn, wn)), wn, x.shape)]
         z_np, z_nn = lin.fwd2(xn, "pn")
