@@ -29,32 +29,35 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # --------------------------------------------------------------------------- kinds
-# Relevance kinds.  "pass" nodes hand relevance through unchanged (elementwise identities
-# for relevance: ReLU, Dropout, Identity, BatchNorm in every published method).
+# Relevance kinds.  "relu", "leaky_relu" and "pass" nodes hand relevance through unchanged
+# (elementwise identities for relevance: ReLU, Dropout, Identity, BatchNorm in every published
+# method; ReLU6 and LeakyReLU by the same rule, as Zennit does).  "relu" outputs are >= 0
+# (ReLU, ReLU6); "leaky_relu" keeps the sign; "pass" is the identity in the forward pass too.
 CONV, LINEAR = "conv", "linear"
-RELU, BN, PASS = "relu", "bn", "pass"
+RELU, LEAKY_RELU, BN, PASS = "relu", "leaky_relu", "bn", "pass"
 MAXPOOL, AVGPOOL, ADAPTIVE_AVGPOOL = "maxpool", "avgpool", "adaptive_avgpool"
 RESHAPE, ADD, CAT = "reshape", "add", "cat"
 INPUT, OUTPUT, HELPER = "input", "output", "helper"
 
 _MODULE_KINDS = {
-    nn.Conv2d: CONV, nn.Linear: LINEAR, nn.ReLU: RELU, nn.BatchNorm2d: BN,
+    nn.Conv2d: CONV, nn.Linear: LINEAR, nn.ReLU: RELU, nn.ReLU6: RELU, nn.LeakyReLU: LEAKY_RELU, nn.BatchNorm2d: BN,
     nn.Dropout: PASS, nn.Identity: PASS, nn.MaxPool2d: MAXPOOL, nn.AvgPool2d: AVGPOOL,
     nn.AdaptiveAvgPool2d: ADAPTIVE_AVGPOOL, nn.Flatten: RESHAPE,
 }
 _FUNCTION_KINDS = {
-    F.relu: RELU, torch.relu: RELU, torch.relu_: RELU, F.dropout: PASS,
+    F.relu: RELU, torch.relu: RELU, torch.relu_: RELU, F.relu6: RELU, F.leaky_relu: LEAKY_RELU,
+    F.leaky_relu_: LEAKY_RELU, F.dropout: PASS,
     F.max_pool2d: MAXPOOL, torch.max_pool2d: MAXPOOL, F.avg_pool2d: AVGPOOL,
-    torch._C._nn.avg_pool2d: AVGPOOL, F.adaptive_avg_pool2d: ADAPTIVE_AVGPOOL,
+    torch._C._nn.avg_pool2d: AVGPOOL, F.adaptive_avg_pool2d: ADAPTIVE_AVGPOOL, torch.mean: ADAPTIVE_AVGPOOL,
     torch.flatten: RESHAPE, torch.reshape: RESHAPE, operator.add: ADD, operator.iadd: ADD,
     torch.add: ADD, torch.cat: CAT, torch.concat: CAT, getattr: HELPER,
 }
 _METHOD_KINDS = {
-    "relu": RELU, "relu_": RELU, "view": RESHAPE, "reshape": RESHAPE, "flatten": RESHAPE,
+    "relu": RELU, "relu_": RELU, "mean": ADAPTIVE_AVGPOOL, "view": RESHAPE, "reshape": RESHAPE, "flatten": RESHAPE,
     "add": ADD, "add_": ADD, "size": HELPER, "dim": HELPER,
 }
 # Kinds whose output is >= 0 whenever all their tensor inputs are.
-_SIGN_PRESERVING = {PASS, MAXPOOL, AVGPOOL, ADAPTIVE_AVGPOOL, RESHAPE, ADD, CAT}
+_SIGN_PRESERVING = {LEAKY_RELU, PASS, MAXPOOL, AVGPOOL, ADAPTIVE_AVGPOOL, RESHAPE, ADD, CAT}
 
 
 class Ref(int):
@@ -77,7 +80,7 @@ class Node:
     args: tuple                     # fx args with parent nodes replaced by their indices
     kwargs: dict
     parents: tuple[int, ...] = ()   # indices of tensor-valued inputs, in argument order
-    nonneg: bool = False            # output provably >= 0 (after a ReLU)
+    nonneg: bool = False            # output provably >= 0 (after a ReLU or ReLU6)
     first_layer: bool = False       # conv/linear reading the network input directly
     why: str = ""                   # for an unsupported node (kind None): what relprop lacks, if known
 
@@ -253,7 +256,35 @@ def _make_node(fn: fx.Node, model: nn.Module, i: int, index: dict) -> Node:
             node.kind = None  # adding a constant is not a relevance-preserving op
     elif kind not in (INPUT, None):
         node.parents = parents[:1]
+    if kind == LEAKY_RELU and not _is_number(slope := _negative_slope(node), minimum=0):
+        node.kind, node.why = None, f"negative_slope={slope!r}: only a constant slope >= 0 keeps the sign"
+    if target in _MEANS and not (isinstance(dims := _mean_dims(node), tuple) and 0 not in dims):
+        node.kind, node.why = None, (f"a mean over dim={dims!r} averages across the batch; average over "
+                                     "the feature dims only, e.g. x.mean((2, 3))")
     return node
+
+
+_MEANS = ("mean", torch.mean)
+
+
+def _mean_dims(n: Node):
+    """The dims a ``mean`` node averages over, as a tuple of ints (else as given)."""
+    dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+    if isinstance(dim, int):
+        return (dim,)
+    if isinstance(dim, (tuple, list)) and all(isinstance(d, int) and not isinstance(d, Ref) for d in dim):
+        return tuple(dim)
+    return dim
+
+
+def _negative_slope(n: Node):
+    if n.module is not None:
+        return n.module.negative_slope
+    return n.args[1] if len(n.args) > 1 else n.kwargs.get("negative_slope", 0.01)
+
+
+def _is_number(v, minimum: float) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, (bool, Ref)) and v >= minimum
 
 
 def _explicit_padding(conv: nn.Conv2d) -> tuple[nn.Conv2d, str]:
@@ -307,8 +338,8 @@ def _evaluate(n: Node, args: tuple, kwargs: dict) -> Any:
             return F.linear(x, m.weight, m.bias)
         if n.kind == BN:
             return F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
-        if n.kind == RELU:
-            return F.relu(x)
+        if n.kind in (RELU, LEAKY_RELU):
+            return _activation(n, x)
         if n.kind == PASS:
             return x
         if n.kind == MAXPOOL:
@@ -321,16 +352,28 @@ def _evaluate(n: Node, args: tuple, kwargs: dict) -> Any:
         if n.kind == RESHAPE:
             return x.flatten(m.start_dim, m.end_dim)
         raise AssertionError(n.kind)
-    if n.kind == RELU:
-        return F.relu(args[0])
+    if n.kind in (RELU, LEAKY_RELU):
+        return _activation(n, args[0])
     if n.kind == PASS:  # F.dropout
         return args[0]
+    if n.target in _MEANS and any(d % args[0].ndim == 0 for d in _mean_dims(n)):
+        raise UnsupportedModelError(f"{n.name}: mean over dims {_mean_dims(n)} of a {args[0].ndim}-d "
+                                    "tensor averages across the batch (dim 0)")
     if n.op == "call_method":
         name = n.target.rstrip("_") if n.kind in (RELU, ADD) else n.target
         return getattr(args[0], name)(*args[1:], **kwargs)
     if n.kind == ADD:
         return torch.add(*args, **kwargs)
     return n.target(*args, **kwargs)
+
+
+def _activation(n: Node, x: torch.Tensor) -> torch.Tensor:
+    """ReLU, ReLU6 or LeakyReLU of ``x``, never in place."""
+    if n.kind == LEAKY_RELU:
+        return F.leaky_relu(x, _negative_slope(n))
+    if isinstance(n.module, nn.ReLU6) or n.target is F.relu6:
+        return F.relu6(x)
+    return F.relu(x)
 
 
 def _substitute(obj, table):

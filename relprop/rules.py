@@ -29,7 +29,7 @@ def plus_divide(eps: float) -> Divide:
 
 # ----------------------------------------------------------------- structural rules
 def passthrough(layer: Layer, r: torch.Tensor) -> list:
-    """ReLU, Dropout, Identity (and BatchNorm for Zennit): relevance passes unchanged."""
+    """ReLU, ReLU6, LeakyReLU, Dropout, Identity (and BatchNorm for Zennit): relevance passes unchanged."""
     return [r]
 
 
@@ -95,7 +95,7 @@ def maxpool_ties_shared(layer: Layer, r: torch.Tensor) -> list:
 
 def shared_layers(pool: Rule, add: Rule, maxpool: Rule | None = None, bn: Rule = batchnorm_authors) -> dict:
     """The rule table entries every method shares, with its own pooling and add rules."""
-    return {g.RELU: passthrough, g.PASS: passthrough, g.BN: bn, g.RESHAPE: reshape,
+    return {g.RELU: passthrough, g.LEAKY_RELU: passthrough, g.PASS: passthrough, g.BN: bn, g.RESHAPE: reshape,
             g.CAT: cat, g.ADD: add, g.MAXPOOL: maxpool or pool, g.AVGPOOL: pool, g.ADAPTIVE_AVGPOOL: pool}
 
 

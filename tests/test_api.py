@@ -141,6 +141,92 @@ def test_inplace_and_functional_relus_are_captured():
     torch.testing.assert_close(att.relevance.sum((1, 2, 3)), z_t)
 
 
+class _SpatialMean(nn.Module):
+    def __init__(self, form):
+        super().__init__()
+        self.form = form
+
+    def forward(self, x):
+        if self.form == "function":
+            return torch.mean(x, dim=(-1, -2), keepdim=True).flatten(1)
+        return x.mean((2, 3))
+
+
+def test_relu6_leaky_relu_and_spatial_means_compute_like_the_model():
+    """The captured graph evaluates ReLU6 (clipping at 6), LeakyReLU (its slope) and spatial
+    means exactly like the model, module, functional and in-place forms alike, and never
+    writes into the input."""
+    F = torch.nn.functional
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 6, 1)
+            self.conv3, self.conv4 = nn.Conv2d(6, 6, 1), nn.Conv2d(6, 6, 3, padding=1)
+            self.six, self.leaky = nn.ReLU6(inplace=True), nn.LeakyReLU(0.1, inplace=True)
+            self.fc = nn.Linear(18, 3)
+
+        def forward(self, x):
+            a = self.six(self.conv1(x))
+            b = self.leaky(self.conv2(a))
+            c = F.leaky_relu(self.conv3(a), 0.3)
+            d = F.relu6(self.conv4(a), inplace=True)
+            return self.fc(torch.cat([b.mean((2, 3)), torch.mean(c, dim=(-2, -1)), d.mean(-1).mean(-1)], 1))
+
+    torch.manual_seed(0)
+    net = Net().double().eval()
+    net.conv4.weight.data *= 4
+    x = 8 * torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    x0 = x.clone()
+    att = relprop.Explainer(net, "rap").attribute(x)
+    torch.testing.assert_close(x, x0, rtol=0, atol=0)
+    torch.testing.assert_close(att.logits, net(x.clone()), rtol=0, atol=0)
+    with torch.no_grad():  # the clips and the slopes all matter here
+        a = net.conv1(x).clamp(0, 6)
+        assert (net.conv1(x) > 6).any() and (net.conv4(a) > 6).any()
+        assert (net.conv2(a) < 0).any() and (net.conv3(a) < 0).any()
+
+
+def _clipped_net(six: bool, mean: str | None):
+    act = nn.ReLU6 if six else nn.ReLU
+    pool = [_SpatialMean(mean), nn.Identity()] if mean else [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), act(), nn.MaxPool2d(2), nn.Conv2d(4, 5, 3, padding=1),
+                         nn.BatchNorm2d(5), act(inplace=True), *pool, nn.Linear(5, 4))
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_relu6_and_spatial_mean_explain_like_relu_and_global_average_pool(method):
+    """ReLU6 is ReLU for relevance (inputs below 6 give bit-identical maps), and a spatial
+    ``mean`` is AdaptiveAvgPool2d(1) + Flatten (the same maps up to summation order)."""
+    torch.manual_seed(2)
+    reference = _clipped_net(six=False, mean=None).double().eval()
+    reference[4].running_var.uniform_(0.5, 1.5)
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    params = {"init_layer": "3"} if method in ("rsp", "ae") else {}
+    want = relprop.explain(reference, x, method=method, **params)
+    assert want.abs().sum() > 0
+    for six, mean in ((True, None), (False, "method"), (True, "function")):
+        net = _clipped_net(six, mean).double().eval()
+        net.load_state_dict(reference.state_dict())
+        torch.testing.assert_close(net(x), reference(x))
+        got = relprop.explain(net, x, method=method, **params)
+        exact = {"rtol": 0, "atol": 0} if not mean else {}
+        torch.testing.assert_close(got, want, **exact, msg=f"ReLU6={six} mean={mean}")
+
+
+def test_leaky_relu_lrp0_is_gradient_times_input():
+    """Without biases a LeakyReLU net is positively homogeneous, so LRP-0 (epsilon 0, on every
+    layer) equals gradient x input; a LeakyReLU passed as ReLU would not."""
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Conv2d(3, 5, 3, bias=False), nn.LeakyReLU(0.2), nn.Conv2d(5, 6, 3, stride=2, bias=False),
+                        nn.LeakyReLU(0.05, inplace=True), nn.Flatten(), nn.Linear(6 * 2 * 2, 4, bias=False)).double()
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    lrp0 = relprop.explain(net, x, method="lrp-epsilon", epsilon=0.0, first_layer="same")
+    torch.testing.assert_close(lrp0, relprop.explain(net, x, method="gradient-x-input"))
+    as_relu = nn.Sequential(*[nn.ReLU() if isinstance(m, nn.LeakyReLU) else m for m in net])
+    assert not torch.allclose(lrp0, relprop.explain(as_relu, x, method="gradient-x-input"))
+
+
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_string_paddings_explain_like_their_integer_padding(method):
     """padding="same" (odd kernels, dilation too) and "valid" give exactly the maps of the

@@ -11,14 +11,15 @@ ARCHS = {  # name -> the other (non-square) input size it is tested at
     "vgg11": (48, 80), "vgg13": (48, 80), "vgg16": (64, 96), "vgg19": (48, 80),
     "vgg11_bn": (48, 80), "vgg13_bn": (48, 80), "vgg16_bn": (64, 96), "vgg19_bn": (48, 80),
     "resnet18": (64, 96), "resnet34": (48, 80), "resnet50": (64, 96), "resnet101": (48, 80), "resnet152": (48, 80),
-    "densenet121": (64, 96), "inception_v3": (107, 139), "alexnet": (127, 160),
+    "resnext50_32x4d": (48, 80), "densenet121": (64, 96), "inception_v3": (107, 139), "googlenet": (64, 96),
+    "alexnet": (127, 160), "squeezenet1_1": (64, 96), "mobilenet_v2": (64, 96), "mnasnet0_5": (48, 80),
 }
 METHODS = sorted(relprop.available_methods())
 
 
 def build(name):
     kwargs = {"weights": None}
-    if name == "inception_v3":
+    if name in ("inception_v3", "googlenet"):
         kwargs.update(aux_logits=False, init_weights=False)
     model = getattr(torchvision.models, name)(**kwargs).eval()
     for m in model.modules():  # realistic BatchNorm statistics instead of the identity init

@@ -22,13 +22,46 @@ def test_unsupported_layers_are_all_listed():
 
         def forward(self, x):
             x = self.gate(self.act(self.conv(x))) * 2
-            return self.fc(x.mean((2, 3)))
+            return self.fc(x.sum((2, 3)))
 
     with pytest.raises(relprop.UnsupportedModelError) as err:
         relprop.Explainer(Net(), "rap")
     msg = str(err.value)
-    for part in ("act (GELU)", "gate (Sigmoid)", "mul", "mean"):
+    for part in ("act (GELU)", "gate (Sigmoid)", "mul", "sum"):
         assert part in msg
+
+
+class _Mean(nn.Module):
+    def __init__(self, *dims):
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x):
+        return x.mean(*self.dims)
+
+
+@pytest.mark.parametrize("dims, match", [((), r"mean \(call_method mean\): a mean over dim=None averages across "
+                                               r"the batch; average over the feature dims only, e.g. x.mean\(\(2, 3\)\)"),
+                                         (((0, 2, 3),), r"a mean over dim=\(0, 2, 3\) averages across the batch")])
+def test_means_over_the_batch_are_refused(dims, match):
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), _Mean(*dims))
+    with pytest.raises(relprop.UnsupportedModelError, match=match):
+        relprop.Explainer(net, "rap")
+
+
+def test_a_negative_dim_that_is_the_batch_is_refused_when_run(model):
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), _Mean((-4, -1)), nn.Linear(4, 2))
+    ex = relprop.Explainer(net, "rap")  # -4 is only known to be the batch once the input is 4-d
+    with pytest.raises(relprop.UnsupportedModelError, match=r"mean over dims \(-4, -1\) of a 4-d tensor averages "
+                                                           r"across the batch \(dim 0\)"):
+        ex(torch.rand(1, 3, 6, 6))
+
+
+def test_negative_leaky_relu_slope_is_refused():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LeakyReLU(-0.5), nn.Flatten(), nn.LazyLinear(2))
+    with pytest.raises(relprop.UnsupportedModelError,
+                       match=r"1 \(LeakyReLU\): negative_slope=-0.5: only a constant slope >= 0 keeps the sign"):
+        relprop.Explainer(net, "rap")
 
 
 def test_unevenly_padding_same_conv_and_other_padding_modes_say_why():

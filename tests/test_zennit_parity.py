@@ -87,7 +87,6 @@ def images(batch: int, side: int) -> torch.Tensor:
 def zennit_lrp(model: nn.Module, composite, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Zennit's relevance for ``output * onehot(target)``, on a copy of ``model``."""
     model = copy.deepcopy(model)
-    onehot = F.one_hot(target, 1000).to(x.dtype)
     with Gradient(model, composite) as attributor:
         # Zennit's BatchNorm merge resets a BN to mean 0, var 1, weight 1, bias 0 but keeps
         # its eps, so the "identity" BN still scales by 1/sqrt(1 + eps); over ResNet50's 53
@@ -98,7 +97,7 @@ def zennit_lrp(model: nn.Module, composite, x: torch.Tensor, target: torch.Tenso
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.eps = torch.finfo(torch.float64).tiny
-        _, rel = attributor(x, lambda out: out * onehot)
+        _, rel = attributor(x, lambda out: out * F.one_hot(target, out.shape[1]).to(x.dtype))
     return rel
 
 
@@ -127,3 +126,39 @@ def test_comparison_is_sensitive(net):
     ours = relprop.explain(model, x, target, method="lrp-epsilon-plus-flat")
     ref = zennit_lrp(model, EpsilonAlpha2Beta1Flat(canonizers=[canonizer()]), x, target)
     assert rel_error(ours, ref) > 1e-3
+
+
+class SpatialMean(nn.Module):
+    def forward(self, x):
+        return x.mean((2, 3))
+
+
+@pytest.mark.parametrize("case", ["epsilon-plus-flat", "epsilon-alpha2beta1-flat"])
+def test_relu6_leaky_relu_and_mean_match_zennit(case):
+    """ReLU6 and LeakyReLU (Zennit's Pass rule for activations; LeakyReLU feeds signed inputs to
+    the next conv) and a spatial ``mean`` in relprop's copy where Zennit's has
+    AdaptiveAvgPool2d(1) + Flatten (its Norm rule) give Zennit's relevance."""
+    torch.manual_seed(4)
+    layers = [nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(inplace=True), nn.MaxPool2d(2),
+              nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.LeakyReLU(0.1), nn.Conv2d(8, 6, 3, padding=1),
+              nn.LeakyReLU(0.3, inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5)]
+    zennit_net = nn.Sequential(*layers).double().eval()
+    with torch.no_grad():
+        zennit_net[0].weight.mul_(6)  # the first ReLU6 clips
+        for bn in (zennit_net[1], zennit_net[5]):
+            bn.running_mean.normal_(0, 0.1)
+            bn.running_var.uniform_(0.5, 1.5)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_(0, 0.1)
+    ours_net = copy.deepcopy(zennit_net)
+    ours_net[9], ours_net[10] = SpatialMean(), nn.Identity()
+    # pixel noise, not images(): their flat borders tie in max-pool windows, and the tie then
+    # goes by the last bit of BatchNorm-merged (Zennit) vs. folded (relprop) convs
+    x = (torch.rand(2, 3, 32, 32, dtype=torch.float64) - MEAN.view(1, 3, 1, 1)) / STD.view(1, 3, 1, 1)
+    target = torch.tensor([1, 3])
+    assert (zennit_net[:2](x) > 6).any() and (zennit_net[:6](x) < 0).any()
+    method, params, composite, _ = CASES[case]
+    ours = relprop.explain(ours_net, x, target, method=method, **params)
+    ref = zennit_lrp(zennit_net, composite(VGGCanonizer()), x, target)
+    assert ref.norm() > 0
+    assert rel_error(ours, ref) < TOL
