@@ -160,8 +160,9 @@ class Context:
                 outs = [r]
             else:
                 outs = table.rule(node, head)(self.layer(node, table.fold_bn), r)
-            for p, ri in zip(node.parents, outs):
+            outs = [(p, ri) for p, ri in zip(node.parents, outs) if ri is not None]  # None: no relevance
+            for p, ri in outs:
                 relevance[p] = relevance[p] + ri if p in relevance else ri
             if self.layer_sums is not None and node.kind not in (g.OUTPUT, g.HELPER):
-                self.layer_sums[node.name] = sum(ri.flatten(1).sum(1) for ri in outs)
+                self.layer_sums[node.name] = sum(ri.flatten(1).sum(1) for _, ri in outs)
         return result

@@ -2,6 +2,7 @@
 per batch."""
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple, Sequence
 
 import torch
@@ -78,6 +79,7 @@ class Explainer:
                           maps=self._maps, layer_sums={} if layer_sums else None,
                           ops=operations(resolve_backend(self.backend, x.device)))
             relevance = self.method.run(ctx).detach()
+        _warn_if_not_finite(relevance, self.method.name)
         return Attribution(relevance, logits.detach(), targets, ctx.layer_sums)
 
     def _check_input(self, x) -> None:
@@ -103,6 +105,16 @@ class Explainer:
         bad = ~torch.isfinite(x)
         if bad.any():
             raise ValueError(f"input contains NaN or Inf ({int(bad.sum())} of {x.numel()} values)")
+
+
+def _warn_if_not_finite(relevance: torch.Tensor, method: str) -> None:
+    """A rule's division can overflow (a denominator near 0, e.g. a residual add of two
+    branches that nearly cancel); say so instead of returning NaN silently."""
+    bad = ~torch.isfinite(relevance.flatten(1)).all(1)
+    if bad.any():
+        warnings.warn(f"method {method!r} gave NaN or Inf relevance for sample(s) {bad.nonzero()[:, 0].tolist()}: "
+                      f"a division in its rules overflowed {relevance.dtype}; try float64 (model.double()) or a "
+                      "method with stabilised denominators (lrp-epsilon-plus, rsp, ae)", RuntimeWarning, stacklevel=3)
 
 
 def as_targets(target, batch: int, device) -> torch.Tensor:

@@ -29,35 +29,57 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # --------------------------------------------------------------------------- kinds
-# Relevance kinds.  "relu", "leaky_relu" and "pass" nodes hand relevance through unchanged
-# (elementwise identities for relevance: ReLU, Dropout, Identity, BatchNorm in every published
-# method; ReLU6 and LeakyReLU by the same rule, as Zennit does).  "relu" outputs are >= 0
-# (ReLU, ReLU6); "leaky_relu" keeps the sign; "pass" is the identity in the forward pass too.
+# Relevance kinds.  "relu", "leaky_relu", "activation" and "pass" nodes hand relevance
+# through unchanged (elementwise identities for relevance: ReLU, Dropout, Identity, BatchNorm
+# in every published method; the other activations by the same rule, as Zennit does).
+# "relu" outputs are >= 0 (ReLU, ReLU6), "leaky_relu" keeps the sign, "activation" (SiLU,
+# Hardswish, GELU) need not, and "pass" is the identity in the forward pass too.  A "gate"
+# multiplies a signal by a "gate_activation" (Sigmoid, Hardsigmoid: squeeze-excitation),
+# possibly reshaped or expanded on the way; the signal takes all the relevance.
 CONV, LINEAR = "conv", "linear"
-RELU, LEAKY_RELU, BN, PASS = "relu", "leaky_relu", "bn", "pass"
+RELU, LEAKY_RELU, ACTIVATION, BN, PASS = "relu", "leaky_relu", "activation", "bn", "pass"
+GATE, GATE_ACTIVATION, EXPAND = "gate", "gate_activation", "expand"
 MAXPOOL, AVGPOOL, ADAPTIVE_AVGPOOL = "maxpool", "avgpool", "adaptive_avgpool"
 RESHAPE, ADD, CAT = "reshape", "add", "cat"
 INPUT, OUTPUT, HELPER = "input", "output", "helper"
 
 _MODULE_KINDS = {
-    nn.Conv2d: CONV, nn.Linear: LINEAR, nn.ReLU: RELU, nn.ReLU6: RELU, nn.LeakyReLU: LEAKY_RELU, nn.BatchNorm2d: BN,
+    nn.Conv2d: CONV, nn.Linear: LINEAR, nn.BatchNorm2d: BN,
+    nn.ReLU: RELU, nn.ReLU6: RELU, nn.LeakyReLU: LEAKY_RELU, nn.SiLU: ACTIVATION, nn.Hardswish: ACTIVATION,
+    nn.GELU: ACTIVATION, nn.Sigmoid: GATE_ACTIVATION, nn.Hardsigmoid: GATE_ACTIVATION,
     nn.Dropout: PASS, nn.Identity: PASS, nn.MaxPool2d: MAXPOOL, nn.AvgPool2d: AVGPOOL,
     nn.AdaptiveAvgPool2d: ADAPTIVE_AVGPOOL, nn.Flatten: RESHAPE,
 }
 _FUNCTION_KINDS = {
     F.relu: RELU, torch.relu: RELU, torch.relu_: RELU, F.relu6: RELU, F.leaky_relu: LEAKY_RELU,
-    F.leaky_relu_: LEAKY_RELU, F.dropout: PASS,
-    F.max_pool2d: MAXPOOL, torch.max_pool2d: MAXPOOL, F.avg_pool2d: AVGPOOL,
+    F.leaky_relu_: LEAKY_RELU, F.silu: ACTIVATION, F.hardswish: ACTIVATION, F.gelu: ACTIVATION,
+    torch.sigmoid: GATE_ACTIVATION, F.hardsigmoid: GATE_ACTIVATION, operator.mul: GATE, torch.mul: GATE,
+    F.dropout: PASS, F.max_pool2d: MAXPOOL, torch.max_pool2d: MAXPOOL, F.avg_pool2d: AVGPOOL,
     torch._C._nn.avg_pool2d: AVGPOOL, F.adaptive_avg_pool2d: ADAPTIVE_AVGPOOL, torch.mean: ADAPTIVE_AVGPOOL,
     torch.flatten: RESHAPE, torch.reshape: RESHAPE, operator.add: ADD, operator.iadd: ADD,
     torch.add: ADD, torch.cat: CAT, torch.concat: CAT, getattr: HELPER,
 }
 _METHOD_KINDS = {
-    "relu": RELU, "relu_": RELU, "mean": ADAPTIVE_AVGPOOL, "view": RESHAPE, "reshape": RESHAPE, "flatten": RESHAPE,
+    "relu": RELU, "relu_": RELU, "sigmoid": GATE_ACTIVATION, "mul": GATE, "expand": EXPAND, "expand_as": EXPAND,
+    "mean": ADAPTIVE_AVGPOOL, "view": RESHAPE, "reshape": RESHAPE, "flatten": RESHAPE,
     "add": ADD, "add_": ADD, "size": HELPER, "dim": HELPER,
 }
 # Kinds whose output is >= 0 whenever all their tensor inputs are.
 _SIGN_PRESERVING = {LEAKY_RELU, PASS, MAXPOOL, AVGPOOL, ADAPTIVE_AVGPOOL, RESHAPE, ADD, CAT}
+# The elementwise activations, as out-of-place functions of the input.
+_ACTIVATIONS = {
+    nn.ReLU: F.relu, F.relu: F.relu, torch.relu: F.relu, torch.relu_: F.relu, "relu": F.relu, "relu_": F.relu,
+    nn.ReLU6: F.relu6, F.relu6: F.relu6, nn.SiLU: F.silu, F.silu: F.silu, nn.Hardswish: F.hardswish,
+    F.hardswish: F.hardswish, nn.Sigmoid: torch.sigmoid, torch.sigmoid: torch.sigmoid, "sigmoid": torch.sigmoid,
+    nn.Hardsigmoid: F.hardsigmoid, F.hardsigmoid: F.hardsigmoid,
+}
+
+
+def _function_kind(fn) -> str | None:
+    """Kind of a called function; torchvision's stochastic depth is off at inference, like dropout."""
+    if getattr(fn, "__module__", None) == "torchvision.ops.stochastic_depth":
+        return PASS
+    return _FUNCTION_KINDS.get(fn)
 
 
 class Ref(int):
@@ -81,6 +103,8 @@ class Node:
     kwargs: dict
     parents: tuple[int, ...] = ()   # indices of tensor-valued inputs, in argument order
     nonneg: bool = False            # output provably >= 0 (after a ReLU or ReLU6)
+    act: Any = None                 # activation kinds: the elementwise function, out of place
+    gate: int = -1                  # a gate: the position of the gate factor among the parents
     first_layer: bool = False       # conv/linear reading the network input directly
     why: str = ""                   # for an unsupported node (kind None): what relprop lacks, if known
 
@@ -185,7 +209,6 @@ def capture(model: nn.Module) -> Graph:
 
     index: dict[fx.Node, int] = {}
     nodes: list[Node] = []
-    problems: list[str] = []
     placeholders = [n for n in fx_graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
         raise UnsupportedModelError(f"the model's forward must take exactly one tensor; it takes {len(placeholders)}")
@@ -197,10 +220,10 @@ def capture(model: nn.Module) -> Graph:
             node.name = f"{node.name}#{seen[node.name]}"
         else:
             seen[node.name] = 0
-        if node.kind is None:
-            problems.append(node.describe())
         index[fn] = node.index
         nodes.append(node)
+    _resolve_gates(nodes)
+    problems = [n.describe() for n in nodes if n.kind is None]
     if problems:
         raise UnsupportedModelError(
             "relprop has no relevance rule for these operations of "
@@ -238,7 +261,7 @@ def _make_node(fn: fx.Node, model: nn.Module, i: int, index: dict) -> Node:
         if kind == BN and (target.running_mean is None or target.running_var is None):
             kind = None
     elif fn.op == "call_function":
-        kind = _FUNCTION_KINDS.get(fn.target)
+        kind = _function_kind(fn.target)
     elif fn.op == "call_method":
         kind = _METHOD_KINDS.get(fn.target)
     else:  # get_attr: a parameter or buffer used outside a module
@@ -250,7 +273,7 @@ def _make_node(fn: fx.Node, model: nn.Module, i: int, index: dict) -> Node:
     node = Node(i, name, kind, fn.op, target, args, kwargs, why=why)
     if kind == HELPER:
         node.parents = ()
-    elif kind in (ADD, CAT):
+    elif kind in (ADD, CAT, GATE):
         node.parents = parents
         if kind == ADD and len(parents) != 2:
             node.kind = None  # adding a constant is not a relevance-preserving op
@@ -258,6 +281,8 @@ def _make_node(fn: fx.Node, model: nn.Module, i: int, index: dict) -> Node:
         node.parents = parents[:1]
     if kind == LEAKY_RELU and not _is_number(slope := _negative_slope(node), minimum=0):
         node.kind, node.why = None, f"negative_slope={slope!r}: only a constant slope >= 0 keeps the sign"
+    if node.kind in (RELU, LEAKY_RELU, ACTIVATION, GATE_ACTIVATION):
+        node.act = _activation(node)
     if target in _MEANS and not (isinstance(dims := _mean_dims(node), tuple) and 0 not in dims):
         node.kind, node.why = None, (f"a mean over dim={dims!r} averages across the batch; average over "
                                      "the feature dims only, e.g. x.mean((2, 3))")
@@ -275,6 +300,47 @@ def _mean_dims(n: Node):
     if isinstance(dim, (tuple, list)) and all(isinstance(d, int) and not isinstance(d, Ref) for d in dim):
         return tuple(dim)
     return dim
+
+
+def _activation(n: Node):
+    """The node's elementwise activation as an out-of-place function of its input."""
+    key = type(n.module) if n.module is not None else n.target
+    if n.kind == LEAKY_RELU:
+        return functools.partial(F.leaky_relu, negative_slope=_negative_slope(n))
+    if key in (nn.GELU, F.gelu):
+        approximate = n.module.approximate if n.module is not None else n.kwargs.get("approximate", "none")
+        return functools.partial(F.gelu, approximate=approximate)
+    return _ACTIVATIONS[key]
+
+
+def _resolve_gates(nodes: list[Node]) -> None:
+    """A product is a gate when exactly one of its two factors is a Sigmoid/Hardsigmoid output
+    (through reshapes and expands); those may feed nothing but gates, since no relevance
+    reaches them."""
+    def is_gate(i: int) -> bool:
+        n = nodes[i]
+        while n.kind in (RESHAPE, EXPAND) and n.parents:
+            n = nodes[n.parents[0]]
+        return n.kind == GATE_ACTIVATION
+
+    for n in nodes:
+        if n.kind == GATE:
+            gates = [is_gate(p) for p in n.parents]
+            if len(gates) == 2 and sum(gates) == 1:
+                n.gate = gates.index(True)
+            else:
+                n.kind, n.why = None, "only a signal times a Sigmoid/Hardsigmoid gate (squeeze-excitation) is supported"
+    feeds_gates = [False] * len(nodes)
+    consumers: list[list[tuple[Node, int]]] = [[] for _ in nodes]
+    for n in nodes:
+        for k, p in enumerate(n.parents):
+            consumers[p].append((n, k))
+    for n in reversed(nodes):
+        feeds_gates[n.index] = bool(consumers[n.index]) and all(
+            (c.kind == GATE and k == c.gate) or (c.kind in (RESHAPE, EXPAND) and feeds_gates[c.index])
+            for c, k in consumers[n.index])
+        if n.kind in (GATE_ACTIVATION, EXPAND) and not feeds_gates[n.index]:
+            n.kind, n.why = None, "supported only as the gate of a product (squeeze-excitation)"
 
 
 def _negative_slope(n: Node):
@@ -314,6 +380,8 @@ def _mark_signs_and_first_layers(nodes: list[Node]) -> None:
         n.parents = tuple(p for p in n.parents if p not in helpers)
         if n.kind == RELU:
             n.nonneg = True
+        elif n.kind == GATE:  # the gate factor is >= 0: the signal decides
+            n.nonneg = nodes[n.parents[1 - n.gate]].nonneg
         elif n.kind in _SIGN_PRESERVING and n.parents:
             n.nonneg = all(nodes[p].nonneg for p in n.parents)
     for n in nodes:
@@ -338,8 +406,8 @@ def _evaluate(n: Node, args: tuple, kwargs: dict) -> Any:
             return F.linear(x, m.weight, m.bias)
         if n.kind == BN:
             return F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
-        if n.kind in (RELU, LEAKY_RELU):
-            return _activation(n, x)
+        if n.act is not None:
+            return n.act(x)
         if n.kind == PASS:
             return x
         if n.kind == MAXPOOL:
@@ -352,9 +420,9 @@ def _evaluate(n: Node, args: tuple, kwargs: dict) -> Any:
         if n.kind == RESHAPE:
             return x.flatten(m.start_dim, m.end_dim)
         raise AssertionError(n.kind)
-    if n.kind in (RELU, LEAKY_RELU):
-        return _activation(n, args[0])
-    if n.kind == PASS:  # F.dropout
+    if n.act is not None:
+        return n.act(args[0])
+    if n.kind == PASS:  # F.dropout, stochastic depth
         return args[0]
     if n.target in _MEANS and any(d % args[0].ndim == 0 for d in _mean_dims(n)):
         raise UnsupportedModelError(f"{n.name}: mean over dims {_mean_dims(n)} of a {args[0].ndim}-d "
@@ -365,15 +433,6 @@ def _evaluate(n: Node, args: tuple, kwargs: dict) -> Any:
     if n.kind == ADD:
         return torch.add(*args, **kwargs)
     return n.target(*args, **kwargs)
-
-
-def _activation(n: Node, x: torch.Tensor) -> torch.Tensor:
-    """ReLU, ReLU6 or LeakyReLU of ``x``, never in place."""
-    if n.kind == LEAKY_RELU:
-        return F.leaky_relu(x, _negative_slope(n))
-    if isinstance(n.module, nn.ReLU6) or n.target is F.relu6:
-        return F.relu6(x)
-    return F.relu(x)
 
 
 def _substitute(obj, table):

@@ -29,8 +29,18 @@ def plus_divide(eps: float) -> Divide:
 
 # ----------------------------------------------------------------- structural rules
 def passthrough(layer: Layer, r: torch.Tensor) -> list:
-    """ReLU, ReLU6, LeakyReLU, Dropout, Identity (and BatchNorm for Zennit): relevance passes unchanged."""
+    """ReLU and the other activations, Dropout, Identity (and BatchNorm for Zennit): relevance
+    passes unchanged."""
     return [r]
+
+
+def signal_take_all(layer: Layer, r: torch.Tensor) -> list:
+    """Gate ``y = x * g`` (squeeze-excitation): the signal ``x`` takes all the relevance and the
+    gate ``g`` none (its branch is not visited), as LRP treats LSTM gates (Arras et al. 2017)."""
+    outs = [None, None]
+    signal = 1 - layer.node.gate
+    outs[signal] = r.sum_to_size(layer.xs[signal].shape)
+    return outs
 
 
 def batchnorm_authors(layer: Layer, r: torch.Tensor) -> list:
@@ -95,7 +105,8 @@ def maxpool_ties_shared(layer: Layer, r: torch.Tensor) -> list:
 
 def shared_layers(pool: Rule, add: Rule, maxpool: Rule | None = None, bn: Rule = batchnorm_authors) -> dict:
     """The rule table entries every method shares, with its own pooling and add rules."""
-    return {g.RELU: passthrough, g.LEAKY_RELU: passthrough, g.PASS: passthrough, g.BN: bn, g.RESHAPE: reshape,
+    return {g.RELU: passthrough, g.LEAKY_RELU: passthrough, g.ACTIVATION: passthrough, g.GATE: signal_take_all,
+            g.PASS: passthrough, g.BN: bn, g.RESHAPE: reshape,
             g.CAT: cat, g.ADD: add, g.MAXPOOL: maxpool or pool, g.AVGPOOL: pool, g.ADAPTIVE_AVGPOOL: pool}
 
 

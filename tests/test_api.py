@@ -227,6 +227,61 @@ def test_leaky_relu_lrp0_is_gradient_times_input():
     assert not torch.allclose(lrp0, relprop.explain(as_relu, x, method="gradient-x-input"))
 
 
+class _SqueezeExcite(nn.Module):
+    """A squeeze-excitation block with the gate reshaped and expanded, Hu et al. style."""
+
+    def __init__(self, c, gate):
+        super().__init__()
+        self.fc1, self.fc2, self.act, self.gate = nn.Linear(c, 3), nn.Linear(3, c), nn.GELU(), gate
+
+    def forward(self, x):
+        g = self.gate(self.fc2(self.act(self.fc1(x.mean((2, 3))))))
+        return x * g.view(x.size(0), x.size(1), 1, 1).expand_as(x)
+
+
+def _gated_net(gate_kind: str):
+    """conv-SiLU-conv-BN-Hardswish, a squeeze-excitation gate (torchvision style: broadcast
+    product, or Hu et al.'s reshaped and expanded one), pool, linear; or, for ``"diagonal"``,
+    a bias-free depthwise 1x1 conv in the gate's place."""
+    head = [nn.Conv2d(3, 4, 3, padding=1), nn.SiLU(), nn.Conv2d(4, 5, 3, padding=1), nn.BatchNorm2d(5),
+            nn.Hardswish(inplace=True)]
+    if gate_kind == "torchvision":
+        from torchvision.ops import SqueezeExcitation
+        gate = SqueezeExcitation(5, 3, scale_activation=nn.Hardsigmoid)
+    elif gate_kind == "expanded":
+        gate = _SqueezeExcite(5, nn.Sigmoid())
+    else:
+        gate = nn.Conv2d(5, 5, 1, groups=5, bias=False)
+    return nn.Sequential(*head, gate, nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(20, 3))
+
+
+@pytest.mark.parametrize("gate_kind", ["torchvision", "expanded"])
+def test_squeeze_excitation_gate_gives_the_signal_all_relevance(gate_kind):
+    """SiLU, Hardswish, GELU, Sigmoid and Hardsigmoid compute like the model; a gate
+    ``x * g(x)`` passes all its relevance to ``x`` and none into its branch: for one image, the
+    map is that of the net with the gate frozen into a diagonal (depthwise 1x1) conv, whose
+    LRP-epsilon rule is the identity up to epsilon."""
+    pytest.importorskip("torchvision")
+    torch.manual_seed(5)
+    net = _gated_net(gate_kind).double().eval()
+    net[3].running_var.uniform_(0.5, 1.5)
+    x = torch.randn(1, 3, 6, 6, dtype=torch.float64)
+    ex = relprop.Explainer(net, "lrp-epsilon", epsilon=1e-12, first_layer="same")
+    att = ex.attribute(x, layer_sums=True)
+    torch.testing.assert_close(att.logits, net(x), rtol=0, atol=0)
+    gate_branch = [n.name for n in ex.graph.nodes if n.name.startswith("5.") or n.kind == "gate_activation"]
+    assert gate_branch and not set(gate_branch) & set(att.layer_sums)   # never visited
+    with torch.no_grad():
+        before = net[:5](x)
+        g = net[5](before) / before
+    frozen = _gated_net("diagonal").double().eval()
+    frozen.load_state_dict({k: v for k, v in net.state_dict().items() if not k.startswith("5.")}, strict=False)
+    frozen[5].weight.data = g[0, :, :1, :1].reshape(5, 1, 1, 1).clone()
+    torch.testing.assert_close(frozen(x), net(x))
+    want = relprop.explain(frozen, x, method="lrp-epsilon", epsilon=1e-12, first_layer="same")
+    torch.testing.assert_close(att.relevance, want, rtol=1e-8, atol=1e-12)
+
+
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_string_paddings_explain_like_their_integer_padding(method):
     """padding="same" (odd kernels, dilation too) and "valid" give exactly the maps of the

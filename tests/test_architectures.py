@@ -13,6 +13,7 @@ ARCHS = {  # name -> the other (non-square) input size it is tested at
     "resnet18": (64, 96), "resnet34": (48, 80), "resnet50": (64, 96), "resnet101": (48, 80), "resnet152": (48, 80),
     "resnext50_32x4d": (48, 80), "densenet121": (64, 96), "inception_v3": (107, 139), "googlenet": (64, 96),
     "alexnet": (127, 160), "squeezenet1_1": (64, 96), "mobilenet_v2": (64, 96), "mnasnet0_5": (48, 80),
+    "mobilenet_v3_small": (64, 96), "efficientnet_b0": (64, 96), "regnet_y_400mf": (48, 80),
 }
 METHODS = sorted(relprop.available_methods())
 

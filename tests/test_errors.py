@@ -16,7 +16,7 @@ def test_unsupported_layers_are_all_listed():
         def __init__(self):
             super().__init__()
             self.conv = nn.Conv2d(3, 4, 3)
-            self.act = nn.GELU()
+            self.act = nn.Tanh()
             self.gate = nn.Sigmoid()
             self.fc = nn.Linear(4, 2)
 
@@ -27,8 +27,29 @@ def test_unsupported_layers_are_all_listed():
     with pytest.raises(relprop.UnsupportedModelError) as err:
         relprop.Explainer(Net(), "rap")
     msg = str(err.value)
-    for part in ("act (GELU)", "gate (Sigmoid)", "mul", "sum"):
+    for part in ("act (Tanh)", "gate (Sigmoid): supported only as the gate of a product (squeeze-excitation)",
+                 "mul (call_function mul): only a signal times a Sigmoid/Hardsigmoid gate", "sum"):
         assert part in msg
+
+
+@pytest.mark.parametrize("product", ["signals", "gates"])
+def test_products_other_than_a_signal_times_a_gate_are_refused(product):
+    class Net(nn.Module):
+        def forward(self, x):
+            a, b = (x, x.relu()) if product == "signals" else (torch.sigmoid(x), x.sigmoid())
+            return (a * b).flatten(1)
+
+    with pytest.raises(relprop.UnsupportedModelError,
+                       match=r"mul \(call_function mul\): only a signal times a Sigmoid/Hardsigmoid gate"):
+        relprop.Explainer(Net(), "rap")
+
+
+def test_a_sigmoid_that_is_not_a_gate_is_refused():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sigmoid(), nn.Flatten(), nn.LazyLinear(2))
+    net(torch.rand(1, 3, 5, 5))
+    with pytest.raises(relprop.UnsupportedModelError,
+                       match=r"1 \(Sigmoid\): supported only as the gate of a product \(squeeze-excitation\)"):
+        relprop.Explainer(net, "rap")
 
 
 class _Mean(nn.Module):
@@ -154,3 +175,13 @@ def test_unknown_init_layer(model):
 def test_not_a_module():
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         relprop.Explainer(lambda x: x, "rap")
+
+
+def test_non_finite_relevance_is_reported(model, monkeypatch):
+    ex = relprop.Explainer(model, "rap")
+    run = ex.method.run
+    monkeypatch.setattr(ex.method, "run", lambda ctx: run(ctx).index_fill(0, torch.tensor([1]), float("nan")))
+    with pytest.warns(RuntimeWarning, match=r"method 'rap' gave NaN or Inf relevance for sample\(s\) \[1\]: a division "
+                                            r"in its rules overflowed torch.float32; try float64"):
+        rel = ex(torch.rand(3, 3, 8, 8))
+    assert rel[1].isnan().all() and rel[[0, 2]].isfinite().all()
