@@ -49,7 +49,7 @@ def split_scale(lin: _ref.LinearMap, x: torch.Tensor, r: torch.Tensor, rule: str
     bias = lin.bias if rule == "alphabeta" else None
     if not _layer_runnable(lin, x, r, bias):
         return _ref.split_scale(lin, x, r, rule, alpha, beta, eps)
-    two = not (rule.startswith("alphabeta") and beta == 0)
+    two = not _ref.one_sided(rule, beta)
     abs_neg = _ref.SPLIT_RULES[rule] == "pa"
     args = (x.contiguous(), lin.weight.contiguous(), None if bias is None else bias.contiguous(), r.contiguous(),
             RULES[rule], abs_neg, two, alpha, beta, eps)

@@ -9,7 +9,7 @@ RAP_CONV = tl.constexpr(0)
 RAP_LINEAR = tl.constexpr(1)
 ALPHABETA = tl.constexpr(2)
 ALPHABETA_REPO = tl.constexpr(3)
-RULES = {"rap-conv": 0, "rap-linear": 1, "alphabeta": 2, "alphabeta-repo": 3}
+RULES = {"rap-conv": 0, "rap-linear": 1, "alphabeta": 2, "alphabeta-repo": 3, "zplus": 2}  # zplus: no bias
 
 
 @triton.jit

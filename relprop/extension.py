@@ -74,10 +74,10 @@ def split_scale(lin: LinearMap, x: torch.Tensor, r: torch.Tensor, rule: str, alp
     bias = lin.bias if rule == "alphabeta" else None
     if w is None or not _covered(x, w, r) or (bias is not None and not _covered(x, bias)):
         return _ref.split_scale(lin, x, r, rule, alpha, beta, eps)
+    if rule == "zplus":   # the op's alpha-beta, one-sided, with no bias
+        rule, beta = "alphabeta", 0.0
     s1, s2 = _OPS.split_scale(x, w, r, bias, *_geometry(lin), rule, float(alpha), float(beta), float(eps))
-    if rule.startswith("alphabeta") and beta == 0:
-        s2 = None
-    return s1, s2
+    return s1, None if _ref.one_sided(rule, beta) else s2
 
 
 def split_backward(lin: LinearMap, x: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor | None, split: str,

@@ -221,7 +221,7 @@ def _pair(v):
 # the uniform shift), and the per-sample shift and mass normalisation on their own.
 # Each takes a non-negative input ``x``; rules keep signed inputs on the plain path.
 
-SPLIT_RULES = {"rap-conv": "pa", "rap-linear": "pa", "alphabeta": "pn", "alphabeta-repo": "pn"}
+SPLIT_RULES = {"rap-conv": "pa", "rap-linear": "pa", "alphabeta": "pn", "alphabeta-repo": "pn", "zplus": "pn"}
 
 
 def split_scale(lin: LinearMap, x: torch.Tensor, r: torch.Tensor, rule: str, alpha: float = 1.0,
@@ -233,13 +233,15 @@ def split_scale(lin: LinearMap, x: torch.Tensor, r: torch.Tensor, rule: str, alp
     * ``alphabeta``  (V2 = W-, Zennit): ``Z1 += b+``, ``Z2 += b-``,
       ``S1 = alpha R / stabilize(Z1, eps)``, ``S2 = -beta R / stabilize(Z2, eps)``
     * ``alphabeta-repo`` (V2 = W-, RAP repository): ``S1 = alpha SD(R, Z1)``, ``S2 = -beta SD(R, Z2)``
+    * ``zplus`` (Gu's CLRP z+): ``alphabeta`` with ``beta = 0`` and the bias ignored,
+      ``S1 = alpha R / stabilize(Z1, eps)`` (``= R / (Z1 + eps)``, as ``Z1 >= 0``)
 
-    With ``beta == 0`` the alpha-beta rules compute only ``Z1`` and return ``S2 = None``.
+    With ``beta == 0`` (always for ``zplus``) only ``Z1`` is computed and ``S2 = None``.
     """
     split = SPLIT_RULES[rule]
-    zennit = rule == "alphabeta"
-    b = lin.bias if zennit else None
-    if rule.startswith("alphabeta") and beta == 0:
+    zennit = rule in ("alphabeta", "zplus")
+    b = lin.bias if rule == "alphabeta" else None
+    if one_sided(rule, beta):
         z1 = lin.fwd(x, lin.pos)
         if b is not None:
             z1 = z1 + bias_view(lin, b.clamp(min=0), z1)
@@ -255,6 +257,11 @@ def split_scale(lin: LinearMap, x: torch.Tensor, r: torch.Tensor, rule: str, alp
             z2 = z2 + bias_view(lin, b.clamp(max=0), z2)
         return alpha * r / stabilize(z1, eps), -beta * r / stabilize(z2, eps)
     return alpha * safe_divide(r, z1), -beta * safe_divide(r, z2)
+
+
+def one_sided(rule: str, beta: float) -> bool:
+    """Whether ``split_scale`` computes only ``S1`` for this rule."""
+    return rule == "zplus" or (rule.startswith("alphabeta") and beta == 0)
 
 
 def split_backward(lin: LinearMap, x: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor | None, split: str,

@@ -50,3 +50,19 @@ def ext():
                  is_python_module=False, build_directory=str(build), verbose=False)
     assert torch._C._dispatch_has_kernel("relprop::split_scale")
     return importlib.import_module("relprop.extension")
+
+
+class CountingOps:
+    """Stands in for the extension's op library (``relprop.extension._OPS``) and counts the
+    calls into it by op name, so a test can tell the native kernels ran."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, {}
+
+    def __getattr__(self, name):
+        op = getattr(self.inner, name)
+
+        def call(*args):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return op(*args)
+        return call

@@ -6,12 +6,14 @@ Runs on CUDA tensors when torch sees a GPU (TF32 off, so fp32 is compared as fp3
 CPU machine the ``cuda`` backend runs the op library's CPU kernels (JIT-built by the
 ``ext`` fixture) and Triton is skipped here: its interpreter is too slow for 224x224 nets
 (tests/test_triton_kernels.py checks it whole-network on a tiny CNN)."""
+import importlib
+
 import pytest
 import torch
 
 import golden_adapter
 import relprop
-from conftest import GOLDEN
+from conftest import GOLDEN, CountingOps
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CASES = sorted(p.stem for p in GOLDEN.glob("*.pt"))
@@ -39,6 +41,18 @@ def backend(request):
     return name
 
 
+@pytest.fixture
+def native_calls(backend, monkeypatch):
+    """For the ``cuda`` backend, the dict of its native op calls (filled while the test runs),
+    so that a backend that fell back to the reference everywhere cannot pass."""
+    if backend != "cuda":
+        return None
+    extension = importlib.import_module("relprop.extension")   # importable once the ops are registered
+    counting = CountingOps(extension._OPS)
+    monkeypatch.setattr(extension, "_OPS", counting)
+    return counting.calls
+
+
 @pytest.fixture(autouse=True)
 def _no_tf32():
     old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
@@ -49,7 +63,7 @@ def _no_tf32():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("name", CASES)
-def test_golden_case_on_the_backend(name, dtype, backend, golden_models):
+def test_golden_case_on_the_backend(name, dtype, backend, native_calls, golden_models):
     if backend == "triton" and dtype == torch.float64:
         pytest.skip("the Triton backend computes float64 with the reference")
     case = torch.load(GOLDEN / f"{name}.pt", weights_only=True)
@@ -59,6 +73,7 @@ def test_golden_case_on_the_backend(name, dtype, backend, golden_models):
     x, target = case["input"].to(DEVICE, dtype), case["target"].to(DEVICE)
     ref = golden_adapter.explain(model, x, target, case["method"], case["params"], backend="torch")
     got = golden_adapter.explain(model, x, target, case["method"], case["params"], backend=backend)
+    assert native_calls is None or native_calls, f"{name}: the {backend} backend ran no native op"
     assert _rel_l2(got, ref) < TOL[dtype]
     tol = 1e-2 if case["arch"]["family"] == "resnet" else 1e-4    # the golden README's own bound
     assert _rel_l2(got.cpu(), case["relevance"]) < tol
@@ -67,7 +82,7 @@ def test_golden_case_on_the_backend(name, dtype, backend, golden_models):
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["vgg16", "resnet50"])
 @pytest.mark.parametrize("method", ["lrp-epsilon-plus-flat", "lrp-epsilon-alpha2beta1-flat", "lrp-zplus", "rap"])
-def test_torchvision_models_on_the_backend(arch, method, backend):
+def test_torchvision_models_on_the_backend(arch, method, backend, native_calls):
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
     model = getattr(torchvision.models, arch)(weights=None)
@@ -80,4 +95,5 @@ def test_torchvision_models_on_the_backend(arch, method, backend):
     target = torch.tensor([417, 3], device=DEVICE)
     ref = relprop.Explainer(model, method, backend="torch")(x, target)
     got = relprop.Explainer(model, method, backend=backend)(x, target)
+    assert native_calls is None or native_calls, f"the {backend} backend ran no native op"
     assert _rel_l2(got, ref) < TOL[torch.float32]

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 import relprop
+from conftest import CountingOps
 from relprop import ops
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -138,8 +139,9 @@ def make_layer(name, dtype):
 
 RULES = [("rap-conv", 1.0, 0.0, 0.0), ("rap-linear", 1.0, 0.0, 0.0), ("alphabeta", 2.0, 1.0, 1e-6),
          ("alphabeta", 1.0, 0.0, 0.0), ("alphabeta", 1.0, 0.5, 0.0), ("alphabeta-repo", 2.0, 1.0, 0.0),
-         ("alphabeta-repo", 1.0, 0.0, 0.0)]
+         ("alphabeta-repo", 1.0, 0.0, 0.0), ("zplus", 1.0, 0.0, 1e-9)]
 RULE_IDS = [f"{r}-a{a:g}-b{b:g}-e{e:g}" for r, a, b, e in RULES]
+OP_RULE = {"zplus": "alphabeta"}   # Gu's z+ is the op's one-sided alpha-beta without a bias
 DTYPES = [torch.float32, torch.float64]
 
 
@@ -157,7 +159,7 @@ def test_split_scale_op_matches_reference(ext, layer, rule, dtype):
     ref = ops.split_scale(lin, x, r, name, alpha, beta, eps)
     bias = lin.bias if name == "alphabeta" else None
     for w in (lin.split(ops.SPLIT_RULES[name]), lin.weight):   # presplit [W+; V2] and plain W
-        s1, s2 = R().split_scale(x, w, r, bias, *geometry(lin), name, alpha, beta, eps)
+        s1, s2 = R().split_scale(x, w, r, bias, *geometry(lin), OP_RULE.get(name, name), alpha, beta, eps)
         close(s1, ref[0], dtype)
         close(s2, ref[1], dtype)
     got = ext.split_scale(lin, x, r, name, alpha, beta, eps)
@@ -285,31 +287,30 @@ def _tiny_cnn():
                          nn.MaxPool2d(2), nn.Flatten(), nn.Linear(5 * 2 * 2, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
 
 
-class _Counting:
-    def __init__(self, inner):
-        self.inner, self.calls = inner, {}
-
-    def __getattr__(self, name):
-        op = getattr(self.inner, name)
-
-        def call(*args):
-            self.calls[name] = self.calls.get(name, 0) + 1
-            return op(*args)
-        return call
+# the extension's op calls per explanation of _tiny_cnn: one split_scale + split_backward per
+# hidden conv/linear with a ReLU input (conv 2, linear 6, and the output linear 8 except for
+# RAP, whose first propagation is its own rule), twice for the two seeds of CLRP and SGLRP;
+# AE's masses and RSP's shift at the one conv below init_layer "3".
+NATIVE_CALLS = {
+    "rap": {"split_scale": 2, "split_backward": 2}, "lrp-alphabeta": {"split_scale": 3, "split_backward": 3},
+    "lrp-zplus": {"split_scale": 3, "split_backward": 3}, "lrp-epsilon-plus": {"split_scale": 1, "split_backward": 1},
+    "lrp-rap-repo": {"split_scale": 3, "split_backward": 3}, "clrp": {"split_scale": 6, "split_backward": 6},
+    "sglrp": {"split_scale": 6, "split_backward": 6}, "ae": {"ae_masses": 1, "shift_nonzero": 1},
+    "rsp": {"shift_nonzero": 1},
+}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("method", ["rap", "lrp-alphabeta", "lrp-zplus", "lrp-epsilon-plus", "lrp-rap-repo",
-                                    "ae", "rsp"])
+@pytest.mark.parametrize("method", list(NATIVE_CALLS))
 def test_explainer_on_the_extension_matches_the_torch_backend(ext, monkeypatch, method, dtype):
     assert relprop.backends("cpu")["cuda"]["available"]   # the JIT-built library stands in for _C
-    counting = _Counting(ext._OPS)
+    counting = CountingOps(ext._OPS)
     monkeypatch.setattr(ext, "_OPS", counting)
     model, x = _tiny_cnn().to(dtype), torch.rand(2, 3, 9, 9, dtype=dtype)
     init = {"init_layer": "3"} if method in ("ae", "rsp") else {}
     ref = relprop.Explainer(model, method, backend="torch", **init)(x)
     got = relprop.Explainer(model, method, backend="cuda", **init)(x)
-    assert counting.calls, "the extension's ops were not called"
+    assert counting.calls == NATIVE_CALLS[method], "the extension's ops were not all called"
     tol = TOL[dtype]
     torch.testing.assert_close(got, ref, rtol=tol["rtol"], atol=tol["atol"] * ref.abs().max().item())
 

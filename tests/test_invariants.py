@@ -413,6 +413,32 @@ def test_rap_repo_alphabeta_linear_signed_input_doubles(alpha):
     close(psum(run_rule(lrp_mod.alphabeta_rap_repo(alpha), lin, xp, r, nonneg=True)), psum(r))
 
 
+@pytest.mark.parametrize("negate", [False, True])
+@pytest.mark.parametrize("name", CONV_IDS + ["linear"])
+def test_gu_zplus_dense_and_conserves_on_signed_input(name, negate):
+    """Gu's z+ (bias ignored, ``+1e-9``; CLRP2's output layer with -W): ``x W+`` on ReLU
+    inputs; on inputs not provably >= 0 one non-negative denominator ``x+ V+ + x- V-``
+    (Zennit's z+), so relevance is conserved there too, except where that denominator is 0."""
+    if name == "linear":
+        mod = make_linear(seed=3)
+        in_shape = (9,)
+        gen = torch.Generator().manual_seed(8)
+        x, r = torch.randn(3, 9, generator=gen, dtype=D), torch.randn(3, 6, generator=gen, dtype=D)
+    else:
+        mod, in_shape, x, r = conv_data(name, nonneg=False, seed=5)
+    M = -dense_matrix(mod, in_shape) if negate else dense_matrix(mod, in_shape)
+    no_bias = torch.zeros(M.shape[0], dtype=D)
+    rule = lrp_mod.zplus_plain(negate=negate)
+    out = run_rule(rule, mod, x, r, nonneg=False)
+    close(out, per_sample(d_zennit_ab, x, r, M, no_bias, 1.0, 0.0, 1e-9))
+    z = [M.clamp(min=0) @ xb.clamp(min=0).reshape(-1) + M.clamp(max=0) @ xb.clamp(max=0).reshape(-1) for xb in x]
+    kept = torch.stack([(rb.reshape(-1) * (zb > 0)).sum() for rb, zb in zip(r, z)])  # lost only where z+ == 0
+    close(psum(out), kept, rtol=1e-6)
+    xp = x.clamp(min=0)
+    close(run_rule(rule, mod, xp, r, nonneg=True), per_sample(lambda xv, rv: xv * (M.clamp(min=0).T @ (
+        rv / (M.clamp(min=0) @ xv + 1e-9))), xp, r))
+
+
 # ============================================================ 3. Zennit alpha-beta, epsilon
 @pytest.mark.parametrize("params", [(1.0, 0.0, 1e-6), (2.0, 1.0, 1e-6), (2.0, 1.0, 0.25)])
 @pytest.mark.parametrize("name", CONV_IDS + ["linear"])

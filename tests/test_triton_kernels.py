@@ -86,7 +86,8 @@ def sparse_input(*shape, dtype=torch.float32):
 
 # (rule, alpha, beta, eps): every branch of ops.split_scale, incl. beta == 0 (z+)
 RULES = [("rap-conv", 1.0, 0.0, 0.0), ("rap-linear", 1.0, 0.0, 0.0), ("alphabeta", 2.0, 1.0, 1e-2),
-         ("alphabeta", 1.0, 0.0, 1e-6), ("alphabeta-repo", 2.0, 1.0, 0.0), ("alphabeta-repo", 1.0, 0.0, 0.0)]
+         ("alphabeta", 1.0, 0.0, 1e-6), ("alphabeta-repo", 2.0, 1.0, 0.0), ("alphabeta-repo", 1.0, 0.0, 0.0),
+         ("zplus", 1.0, 0.0, 1e-6)]
 RULE_IDS = [f"{r}-b{b:g}" for r, _, b, _ in RULES]
 
 # (C, O, kernel, stride, padding, dilation, (H, W), batch, bias)
@@ -263,7 +264,7 @@ def reference_disabled(monkeypatch):
 
 
 @pytest.mark.parametrize("method", ["rap", "lrp-alphabeta", "lrp-zplus", "lrp-epsilon-plus", "lrp-rap-repo",
-                                    "ae", "rsp"])
+                                    "clrp", "sglrp", "ae", "rsp"])
 def test_network_parity(method, request):
     model, x = tiny_cnn(), torch.rand(2, 3, 8, 8)
     init = {"init_layer": "5"} if method in ("ae", "rsp") else {}

@@ -42,7 +42,7 @@ def gu_table(bounds, negate_head: bool) -> RuleTable:
 
 def negated_head(table: RuleTable) -> RuleTable:
     """``table`` with the output layer's weights negated (CLRP2's dual concept)."""
-    return RuleTable(table.by_kind, first=table.first, head=zplus_plain(negate=True, divide=safe_divide),
+    return RuleTable(table.by_kind, first=table.first, head=zplus_plain(negate=True, eps=None),
                      fold_bn=table.fold_bn, name=table.name)
 
 

@@ -90,14 +90,27 @@ def alphabeta_rap_repo(alpha: float):
     return rule
 
 
-def zplus_plain(negate: bool = False, divide=rules.plus_divide(1e-9)):
-    """z+ for non-negative inputs, bias ignored: ``R_in = x * bwd(divide(R, fwd(x, V)), V)``
-    with ``V = W+``, or ``V = (-W)+`` for the negated output layer of CLRP2.  With the
-    default ``+1e-9`` it is Gu's CLRP code; with ``SD`` the RAP repository's alpha=1."""
+def zplus_plain(negate: bool = False, eps: float | None = 1e-9):
+    """z+, bias ignored: ``R_in = x * bwd(R / (fwd(x, V) + eps), V)`` with ``V = W+``, or
+    ``V = (-W)+`` for the negated output layer of CLRP2.  ``eps=1e-9`` is Gu's CLRP code;
+    ``eps=None`` divides by ``SD`` (the RAP repository's alpha=1).  Generalised to inputs that
+    are not provably >= 0 (the authors only have ReLU inputs): ``x-`` takes the negative
+    weights into the same, non-negative denominator, ``Z = fwd(x+, V+) + fwd(x-, V-)``, as
+    Zennit's z+."""
+    divide = safe_divide if eps is None else rules.plus_divide(eps)
+
     def rule(layer: Layer, r: torch.Tensor) -> list:
-        lin, x = layer.lin, layer.x
-        v = (-lin.weight).clamp(min=0) if negate else lin.pos
-        return [x * lin.bwd(divide(r, lin.fwd(x, v)), v, x.shape)]
+        lin, x, ops = layer.lin, layer.x, layer.ops
+        if layer.x_nonneg and not negate and eps is not None:   # the fused split passes
+            s1, _ = ops.split_scale(lin, x, r, "zplus", eps=eps)
+            return [ops.split_backward(lin, x, s1, None, "pn")]
+        vp = (-lin.weight).clamp(min=0) if negate else lin.pos
+        if layer.x_nonneg:
+            return [x * lin.bwd(divide(r, lin.fwd(x, vp)), vp, x.shape)]
+        xp, xn = x.clamp(min=0), x.clamp(max=0)
+        vn = (-lin.weight).clamp(max=0) if negate else lin.neg
+        s = divide(r, lin.fwd(xp, vp) + lin.fwd(xn, vn))
+        return [xp * lin.bwd(s, vp, x.shape) + xn * lin.bwd(s, vn, x.shape)]
     return rule
 
 
