@@ -570,7 +570,9 @@ def test_cli_explain_writes_heatmap_and_overlay(data, tmp_path, capsys):
     overlay = np.asarray(Image.open(out / "img00-3-overlay.png")).astype(int)
     rgb = viz.image_to_rgb(x[0], (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)).astype(int)
     assert np.abs(overlay - (rgb + heat) / 2).max() <= 1
-    assert _cli_error(["explain", str(tmp_path / "nope.png"), "--model", SPEC, "-o", str(out)], capsys)
+    missing = tmp_path / "nope.png"
+    err = _cli_error(["explain", str(missing), "--model", SPEC, "-o", str(out)], capsys)
+    assert f"relprop explain: error: image file(s) not found: {missing}" in err
 
 
 @pytest.mark.parametrize("command", ["attribute", "explain"])

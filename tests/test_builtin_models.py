@@ -59,5 +59,7 @@ def test_builtin_model(name, test_batch):
 
 def test_missing_weights(monkeypatch):
     monkeypatch.setitem(models._BUILDERS, "shapes-missing", models._BUILDERS["shapes-vgg"])
-    with pytest.raises(FileNotFoundError, match="missing"):
+    explanation = (r"^the weights of 'shapes-missing' are missing \(.*shapes-missing\.pt\); "
+                   r"train them with scripts/train_builtin\.py or reinstall relprop with its package data$")
+    with pytest.raises(FileNotFoundError, match=explanation):
         models.load("shapes-missing")

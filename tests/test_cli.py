@@ -2,7 +2,6 @@
 import json
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -97,10 +96,14 @@ def test_unwritable_output_folder_exits_2_before_training(tmp_path, capsys, no_t
     assert "--out" in err and "sub" in err
 
 
-@pytest.mark.parametrize("args", [["--images", "0"], ["--steps", "-1"], ["--images", "two"]])
-def test_bad_numbers_exit_2(args, tmp_path, capsys, no_training):
+@pytest.mark.parametrize("args, message", [
+    (["--images", "0"], "relprop demo: error: argument --images: must be >= 1, got 0"),
+    (["--steps", "-1"], "relprop demo: error: argument --steps: must be >= 0, got -1"),
+    (["--images", "two"], "relprop demo: error: argument --images: not an integer: 'two'"),
+])
+def test_bad_numbers_exit_2(args, message, tmp_path, capsys, no_training):
     assert _exit_code(["demo", "--out", str(tmp_path)] + args) == 2
-    assert args[0] in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 def test_tiny_demo_writes_grid_and_summary(tmp_path, capsys, monkeypatch):
@@ -108,11 +111,8 @@ def test_tiny_demo_writes_grid_and_summary(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(demo, "TEST_IMAGES", 16)
     out = tmp_path / "demo"
     methods = ["rap", "lrp-epsilon", "gradient"]
-    start = time.perf_counter()
     code = cli.main(["demo", "--out", str(out), "--steps", "3", "--images", "2", "--methods", ",".join(methods), "-q"])
-    seconds = time.perf_counter() - start
     assert code == 0
-    assert seconds < 30, f"tiny demo took {seconds:.1f} s"
     assert sorted(p.name for p in out.iterdir()) == ["heatmaps.png", "summary.json"]
 
     console = capsys.readouterr().out

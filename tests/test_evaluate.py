@@ -72,12 +72,49 @@ def test_report_files(report):
     assert len(table[0].split("|")) == len(table[-1].split("|")) == len(evaluate.COLUMNS) + 3
 
 
-def test_grid_has_a_row_per_image_and_a_column_per_method(report):
+def test_report_numbers_match_an_independent_recomputation(report):
+    """Rebuild the items `relprop evaluate --model shapes-vgg --images 10` scored (the first
+    10 images of the seed-0 shapes test split, ground-truth targets) and recompute the
+    gradient row's localisation metrics with relprop.metrics."""
+    import relprop
+    from relprop.benchmark import CLASSES, ShapesDataset, models, normalise
+    from relprop.metrics import (boxes_to_masks, pointing_game, pointing_game_accuracy, relevance_mass_accuracy,
+                                 segmentation_scores)
+
+    res = _strict_json(report / "metrics.json")["models"]["shapes-vgg"]
+    size = models.INPUT_SIZE
+    assert res["data"] == f"ShapesDataset(10, size={size}, seed=0, split='test')"
+    batch = ShapesDataset(10, size=size, seed=0, split="test").make_batch(range(10))
+    x, target, mask = normalise(batch["images"]), batch["labels"], batch["masks"]
+    box = boxes_to_masks([b[0] for b in batch["boxes"]], size, size)
+    heat = relprop.Explainer(models.load("shapes-vgg"), "gradient").heatmap(x, target).detach()
+    assert heat.shape == (10, size, size)
+
+    hits = pointing_game(heat, box, tolerance=15 * size / 224)
+    expected = {
+        "pointing_game": pointing_game_accuracy(hits, target, len(CLASSES))["mean"],
+        "relevance_mass": relevance_mass_accuracy(heat, mask).double().mean().item(),
+        "iou": segmentation_scores(heat, mask)["iou"].double().mean().item(),
+    }
+    row, = [r for r in res["rows"] if r["method"] == "gradient"]
+    for key, value in expected.items():
+        assert math.isfinite(value)
+        assert row[key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_grid_has_a_row_per_image_and_a_column_per_method(report, tmp_path):
+    from relprop import viz
+
     with Image.open(report / "grid-shapes-vgg.png") as im:
         w, h = im.size
     cell = 64 * 3                                     # 64 px images drawn 3x
     assert w == 4 + 3 * (cell + 4)                    # input + 2 methods
-    assert h > 8 * (cell + 4)                         # 8 grid rows (the first 8 of 10 images)
+    # the same titles over one row give the title band; each further row adds cell + PAD
+    image, heat = np.zeros((64, 64, 3), dtype=np.uint8), np.zeros((64, 64))
+    _, one_row = viz.save_grid(tmp_path / "one.png", [image], [[heat], [heat]], ["input", "rap", "gradient"],
+                               scale=3)
+    assert one_row > cell + viz.PAD
+    assert h == one_row + 7 * (cell + viz.PAD)        # 8 grid rows (the first 8 of 10 images)
 
 
 def test_rap_puts_relevance_on_the_object(report):

@@ -53,7 +53,14 @@ def test_golden_case_float64_hits_the_noise_floor(name, golden_models):
     floor = noise if noise >= 0 else 5e-6   # clrp_gu: no float64 run of Gu's code; README §6 bound
     model = golden_models.build(case["arch"])
     model.load_state_dict(case["state_dict"], strict=True)
-    rel = golden_adapter.explain(model.double(), case["input"].double(), case["target"], case["method"],
-                                 dict(case["params"]))
-    err = _rel_l2(rel, case["relevance"])
-    assert err <= 1.5 * floor + 1e-7, f"{name}: float64 relative L2 {err:.3g}, noise floor {floor:.3g}"
+    model = model.double()
+    jobs = [(None, case["relevance"])] + sorted(case.get("extra_relevance", {}).items())
+    for output, gold in jobs:                     # clrp_gu: also its raw "lrp" and "dual" maps
+        params = dict(case["params"])
+        if output is not None:
+            params["output"] = output
+        rel = golden_adapter.explain(model, case["input"].double(), case["target"].clone(), case["method"], params)
+        assert rel.shape == gold.shape
+        err = _rel_l2(rel, gold)
+        assert err <= 1.5 * floor + 1e-7, (f"{name}[{output or 'main'}]: float64 relative L2 {err:.3g}, "
+                                           f"noise floor {floor:.3g}")

@@ -1,5 +1,6 @@
 """relprop.metrics: evaluation metrics checked on hand-made maps with known answers."""
 import math
+import re
 import subprocess
 import sys
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import relprop
 from relprop import metrics as M
 from relprop.metrics import sensitivity as S
 
@@ -190,7 +192,7 @@ def test_binarize_threshold_and_quantile():
     assert q.flatten(1).sum(1).tolist() == [4, 4]
     assert torch.equal(q[0].flatten(), torch.arange(16) >= 12)
     assert torch.equal(M.binarize(maps, threshold=9.0)[0].flatten(), torch.arange(16) >= 15)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=re.escape("quantile must lie in [0, 1], got 1.5")):
         M.binarize(maps, quantile=1.5)
 
 
@@ -309,7 +311,7 @@ def test_region_perturbation_replaces_exactly_the_top_cells():
         # the noise is drawn once per image: a cell keeps its values once replaced
         c0 = cell_of == out["ranking"][b, 0]
         assert torch.equal(imgs[b, 1][:, c0], imgs[b, 6][:, c0])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=re.escape("steps must lie in [0, 6] (the number of 4x4 cells), got 7")):
         M.region_perturbation(model, x, maps, 0, patch=4, steps=7)
 
 
@@ -453,26 +455,87 @@ def test_cascading_randomization_is_cumulative_from_the_top(monkeypatch):
     assert torch.equal(seen[1]["6.weight"], orig["6.weight"])
     assert torch.equal(seen[2]["2.weight"], orig["2.weight"])
     assert seen[1]["target"].tolist() == [2, 0]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=re.escape("module '1' (ReLU) has no >= 2-D weight to randomise")):
         M.cascading_randomization(model, x, None, "gradient", layers=["1"])   # ReLU: no weight
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_metrics_stay_on_the_gpu():
-    """CUDA inputs give CUDA outputs with the CPU numbers (generator on the GPU too)."""
+MODEL_TOL = {"rtol": 1e-4, "atol": 1e-5}          # values that went through a model (float32 convolutions)
+
+
+def _check_metrics_agree(ref, dev):
+    """Every metric run on device ``dev`` returns tensors on ``dev`` with the numbers of a run
+    on ``ref``.  Random draws come from a generator on the inputs' device (CPU and CUDA
+    streams differ), so: region perturbation is compared with the deterministic
+    replacements; cascading randomisation by its reference map, its layer order and its
+    similarities recomputed on the CPU from the randomised maps it returns (and, on one
+    device type, with the same seed, as a whole)."""
+    ref, dev = torch.device(ref), torch.device(dev)
+
+    def same(got, want, **tol):
+        assert got.device.type == dev.type
+        torch.testing.assert_close(got.cpu(), want.cpu(), equal_nan=True, **tol)
+
     torch.manual_seed(0)
     maps, masks = torch.randn(2, 20, 20), torch.rand(2, 20, 20) > 0.5
-    dev = torch.device("cuda")
     for f in (M.pointing_game, M.outside_inside_ratio, M.relevance_mass_accuracy):
-        out = f(maps.to(dev), masks.to(dev))
-        assert out.device.type == "cuda"
-        torch.testing.assert_close(out.cpu(), f(maps, masks))
-    seg = M.segmentation_scores(maps.to(dev), masks.to(dev))
-    assert all(v.device.type == "cuda" for v in seg.values())
-    x = torch.randn(2, 2, 8, 8)
-    out = M.region_perturbation(TopLeftSum().to(dev), x.to(dev), maps[:, :8, :8].to(dev), 0, patch=4,
-                                steps=4, generator=torch.Generator(device=dev).manual_seed(0))
-    assert out["aopc"].device.type == "cuda"
-    model = tiny_cnn().to(dev)
-    res = M.cascading_randomization(model, torch.randn(2, 3, 12, 12, device=dev), None, "gradient")
-    assert res[0]["ssim"].device.type == "cuda"
+        same(f(maps.to(dev), masks.to(dev)), f(maps.to(ref), masks.to(ref)))
+    seg, seg_ref = M.segmentation_scores(maps.to(dev), masks.to(dev)), M.segmentation_scores(maps.to(ref),
+                                                                                             masks.to(ref))
+    assert set(seg) == set(seg_ref) >= {"iou", "iou_background", "pixel_accuracy", "average_precision"}
+    for key in seg_ref:
+        same(seg[key], seg_ref[key])
+
+    x, heat = torch.randn(2, 2, 8, 8), maps[:, :8, :8]
+    out = M.region_perturbation(TopLeftSum().to(dev), x.to(dev), heat.to(dev), 0, patch=4, steps=4,
+                                generator=torch.Generator(device=dev).manual_seed(0))
+    assert out["aopc"].device.type == dev.type and out["aopc"].shape == (2,)
+    for replace in ("mean", "blur"):
+        got, want = (M.region_perturbation(TopLeftSum().to(d), x.to(d), heat.to(d), 0, patch=4, steps=4,
+                                           replace=replace) for d in (dev, ref))
+        assert torch.equal(got["ranking"].cpu(), want["ranking"].cpu())
+        for key in ("scores", "drop", "aopc"):
+            same(got[key], want[key], **MODEL_TOL)
+
+    model = tiny_cnn()                                # reseeds: x is the same on every call
+    x, target = torch.randn(2, 3, 12, 12), torch.tensor([2, 0])
+    h0, h0_ref = (relprop.Explainer(tiny_cnn().to(d), "gradient").heatmap(x.to(d), target.to(d))
+                  for d in (dev, ref))
+    same(h0, h0_ref, **MODEL_TOL)                     # the unrandomised reference map
+    res = M.cascading_randomization(model.to(dev), x.to(dev), target.to(dev), "gradient", seed=0,
+                                    return_maps=True)
+    assert [r["layer"] for r in res] == ["6", "2", "0"]
+    h0 = h0.cpu()
+
+    def by_max(h):
+        return h.abs() / h.abs().flatten(1).amax(1)[:, None, None]
+
+    def min_max(h):
+        lo, hi = h.flatten(1).amin(1)[:, None, None], h.flatten(1).amax(1)[:, None, None]
+        return (h - lo) / (hi - lo)
+
+    for step in res:
+        h = step["heatmap"].cpu()
+        assert h.shape == (2, 12, 12) and h.abs().amax() > 0
+        same(step["spearman"], S.spearman(h0.abs(), h.abs()), **MODEL_TOL)
+        same(step["spearman_signed"], S.spearman(h0, h), **MODEL_TOL)
+        same(step["ssim"], S.ssim(by_max(h0), by_max(h)), **MODEL_TOL)
+        same(step["ssim_signed"], S.ssim(min_max(h0), min_max(h)), **MODEL_TOL)
+    if ref.type == dev.type:
+        again = M.cascading_randomization(tiny_cnn().to(ref), x.to(ref), target.to(ref), "gradient", seed=0)
+        for step, want in zip(res, again):
+            for key in ("spearman", "spearman_signed", "ssim", "ssim_signed"):
+                same(step[key], want[key])
+
+
+def test_metric_device_comparison_runs_on_the_cpu():
+    """The comparison of the GPU test below, CPU against CPU: the checking code itself works."""
+    _check_metrics_agree("cpu", "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_metrics_stay_on_the_gpu(monkeypatch):
+    """CUDA inputs give CUDA outputs with the CPU numbers (generator on the GPU too); TF32
+    is off so that the GPU's float32 convolutions compare with the CPU's."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    _check_metrics_agree("cpu", "cuda")
