@@ -165,6 +165,8 @@ def attribute_dataset(model: torch.nn.Module, dataset, method: str = "rap", meth
         with ranks.step():
             if rank == 0:
                 summary.update(write_index(out_dir, n_shards))
+        if own_group:   # every rank idle before any tears its group down (a gloo peer aborted once without)
+            torch.distributed.barrier()
         return summary
     finally:
         if own_group:
