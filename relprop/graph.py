@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,13 +36,16 @@ import torch.nn.functional as F
 # "relu" outputs are >= 0 (ReLU, ReLU6), "leaky_relu" keeps the sign, "activation" (SiLU,
 # Hardswish, GELU) need not, and "pass" is the identity in the forward pass too.  A "gate"
 # multiplies a signal by a "gate_activation" (Sigmoid, Hardsigmoid: squeeze-excitation),
-# possibly reshaped or expanded on the way; the signal takes all the relevance.
+# possibly reshaped or expanded on the way; the signal takes all the relevance.  A "scale"
+# multiplies or divides by a constant number, which relevance passes unchanged.
 CONV, LINEAR = "conv", "linear"
 RELU, LEAKY_RELU, ACTIVATION, BN, PASS = "relu", "leaky_relu", "activation", "bn", "pass"
-GATE, GATE_ACTIVATION, EXPAND = "gate", "gate_activation", "expand"
+GATE, GATE_ACTIVATION, EXPAND, SCALE = "gate", "gate_activation", "expand", "scale"
+PRODUCT = "product"   # at capture only: a product or quotient, resolved to a gate or a scale (or refused)
 MAXPOOL, AVGPOOL, ADAPTIVE_AVGPOOL = "maxpool", "avgpool", "adaptive_avgpool"
 RESHAPE, ADD, CAT = "reshape", "add", "cat"
 INPUT, OUTPUT, HELPER = "input", "output", "helper"
+CHECK = "check"   # a comparison or assertion: a helper when it reads only helpers (shapes), else unsupported
 
 _MODULE_KINDS = {
     nn.Conv2d: CONV, nn.Linear: LINEAR, nn.BatchNorm2d: BN,
@@ -53,14 +57,17 @@ _MODULE_KINDS = {
 _FUNCTION_KINDS = {
     F.relu: RELU, torch.relu: RELU, torch.relu_: RELU, F.relu6: RELU, F.leaky_relu: LEAKY_RELU,
     F.leaky_relu_: LEAKY_RELU, F.silu: ACTIVATION, F.hardswish: ACTIVATION, F.gelu: ACTIVATION,
-    torch.sigmoid: GATE_ACTIVATION, F.hardsigmoid: GATE_ACTIVATION, operator.mul: GATE, torch.mul: GATE,
+    torch.sigmoid: GATE_ACTIVATION, F.hardsigmoid: GATE_ACTIVATION, operator.mul: PRODUCT, torch.mul: PRODUCT,
+    operator.truediv: PRODUCT, torch.div: PRODUCT,
     F.dropout: PASS, F.max_pool2d: MAXPOOL, torch.max_pool2d: MAXPOOL, F.avg_pool2d: AVGPOOL,
     torch._C._nn.avg_pool2d: AVGPOOL, F.adaptive_avg_pool2d: ADAPTIVE_AVGPOOL, torch.mean: ADAPTIVE_AVGPOOL,
     torch.flatten: RESHAPE, torch.reshape: RESHAPE, operator.add: ADD, operator.iadd: ADD,
-    torch.add: ADD, torch.cat: CAT, torch.concat: CAT, getattr: HELPER,
+    torch.add: ADD, torch.cat: CAT, torch.concat: CAT, getattr: HELPER, torch._assert: CHECK,
+    operator.eq: CHECK, operator.ne: CHECK, operator.lt: CHECK, operator.le: CHECK, operator.gt: CHECK,
+    operator.ge: CHECK, F.batch_norm: BN, torch.batch_norm: BN, F.linear: LINEAR,
 }
 _METHOD_KINDS = {
-    "relu": RELU, "relu_": RELU, "sigmoid": GATE_ACTIVATION, "mul": GATE, "expand": EXPAND, "expand_as": EXPAND,
+    "relu": RELU, "relu_": RELU, "sigmoid": GATE_ACTIVATION, "mul": PRODUCT, "div": PRODUCT, "expand": EXPAND, "expand_as": EXPAND,
     "mean": ADAPTIVE_AVGPOOL, "view": RESHAPE, "reshape": RESHAPE, "flatten": RESHAPE,
     "add": ADD, "add_": ADD, "size": HELPER, "dim": HELPER,
 }
@@ -179,6 +186,8 @@ class Graph:
         for n in self.nodes:
             if n.kind == INPUT:
                 v = x
+            elif n.op == "get_attr":
+                v = functools.reduce(getattr, n.target.split("."), self.model)   # a parameter or buffer
             else:
                 args = _substitute(n.args, values)
                 kwargs = _substitute(n.kwargs, values)
@@ -222,6 +231,7 @@ def capture(model: nn.Module) -> Graph:
             seen[node.name] = 0
         index[fn] = node.index
         nodes.append(node)
+    _resolve_helpers(nodes)
     _resolve_gates(nodes)
     problems = [n.describe() for n in nodes if n.kind is None]
     if problems:
@@ -262,6 +272,9 @@ def _make_node(fn: fx.Node, model: nn.Module, i: int, index: dict) -> Node:
             kind = None
     elif fn.op == "call_function":
         kind = _function_kind(fn.target)
+        if fn.target in _OWNED:
+            owner, why = _owning_module(fn, model)
+            target, name, kind = (owner, _module_path(model, owner), kind) if owner is not None else (target, name, None)
     elif fn.op == "call_method":
         kind = _METHOD_KINDS.get(fn.target)
     else:  # get_attr: a parameter or buffer used outside a module
@@ -273,7 +286,7 @@ def _make_node(fn: fx.Node, model: nn.Module, i: int, index: dict) -> Node:
     node = Node(i, name, kind, fn.op, target, args, kwargs, why=why)
     if kind == HELPER:
         node.parents = ()
-    elif kind in (ADD, CAT, GATE):
+    elif kind in (ADD, CAT, PRODUCT, CHECK):
         node.parents = parents
         if kind == ADD and len(parents) != 2:
             node.kind = None  # adding a constant is not a relevance-preserving op
@@ -313,6 +326,50 @@ def _activation(n: Node):
     return _ACTIVATIONS[key]
 
 
+# Functional calls that a module subclass makes on its own tensors (timm's BatchNormAct2d and
+# Linear trace through): the module class, its tensors in argument order, the optional ones.
+_BN_OWNED = (nn.BatchNorm2d, ("running_mean", "running_var", "weight", "bias"), ("weight", "bias"))
+_OWNED = {F.batch_norm: _BN_OWNED, torch.batch_norm: _BN_OWNED, F.linear: (nn.Linear, ("weight", "bias"), ("bias",))}
+
+
+def _owning_module(fn: fx.Node, model: nn.Module) -> tuple[nn.Module | None, str]:
+    """The module whose own tensors a functional ``batch_norm`` / ``linear`` call reads (a
+    BatchNorm2d / Linear subclass that traces through), or None and why not."""
+    cls, tensors, optional = _OWNED[fn.target]
+    given = dict(zip(("input",) + tensors, fn.args), **{k: v for k, v in fn.kwargs.items() if k in tensors})
+    why = f"a functional {fn.target.__name__} must read the tensors of one {cls.__name__} of the model"
+    owners = set()
+    for attr in tensors:
+        a = given.get(attr)
+        if a is None and attr in optional:
+            continue
+        if not (isinstance(a, fx.Node) and a.op == "get_attr" and a.target.rpartition(".")[2] == attr):
+            return None, why
+        owners.add(a.target.rpartition(".")[0])
+    owner = model.get_submodule(owners.pop()) if len(owners) == 1 else None
+    return (owner, "") if isinstance(owner, cls) else (None, why)
+
+
+def _module_path(model: nn.Module, module: nn.Module) -> str:
+    return next(name for name, m in model.named_modules() if m is module)
+
+
+def _resolve_helpers(nodes: list[Node]) -> None:
+    """Parameters and buffers read outside a module (``get_attr``) are helpers when no
+    relevance-carrying node takes them as an input (a functional BatchNorm reads them through
+    its module); comparisons and assertions are helpers when they read only helpers (timm's
+    ``_assert(x.ndim == 4)``)."""
+    inputs = {p for n in nodes for p in n.parents}
+    for n in nodes:
+        if n.op == "get_attr" and n.index not in inputs:
+            n.kind = HELPER
+        elif n.kind == CHECK:
+            if all(nodes[p].kind == HELPER for p in n.parents):
+                n.kind, n.parents = HELPER, ()
+            else:
+                n.kind, n.why = None, "compares tensor values"
+
+
 def _resolve_gates(nodes: list[Node]) -> None:
     """A product is a gate when exactly one of its two factors is a Sigmoid/Hardsigmoid output
     (through reshapes and expands); those may feed nothing but gates, since no relevance
@@ -324,12 +381,18 @@ def _resolve_gates(nodes: list[Node]) -> None:
         return n.kind == GATE_ACTIVATION
 
     for n in nodes:
-        if n.kind == GATE:
-            gates = [is_gate(p) for p in n.parents]
-            if len(gates) == 2 and sum(gates) == 1:
-                n.gate = gates.index(True)
-            else:
-                n.kind, n.why = None, "only a signal times a Sigmoid/Hardsigmoid gate (squeeze-excitation) is supported"
+        if n.kind != PRODUCT:
+            continue
+        gates = [is_gate(p) for p in n.parents]
+        divides = n.target in (operator.truediv, torch.div, "div")
+        factor = _factor(n) if len(n.parents) == 1 else None
+        if _is_number(factor, minimum=-math.inf) and factor != 0 and not (divides and n.args[0] != n.parents[0]):
+            n.kind = SCALE   # x * c, c * x, x / c
+        elif len(gates) == 2 and sum(gates) == 1 and not divides:
+            n.kind, n.gate = GATE, gates.index(True)
+        else:
+            n.kind, n.why = None, ("only a signal times a Sigmoid/Hardsigmoid gate (squeeze-excitation) or a "
+                                   "tensor times or over a constant number is supported")
     feeds_gates = [False] * len(nodes)
     consumers: list[list[tuple[Node, int]]] = [[] for _ in nodes]
     for n in nodes:
@@ -341,6 +404,12 @@ def _resolve_gates(nodes: list[Node]) -> None:
             for c, k in consumers[n.index])
         if n.kind in (GATE_ACTIVATION, EXPAND) and not feeds_gates[n.index]:
             n.kind, n.why = None, "supported only as the gate of a product (squeeze-excitation)"
+
+
+def _factor(n: Node):
+    """The constant operand of a product or quotient with one tensor operand."""
+    others = [a for a in (n.args + tuple(n.kwargs.values())) if not isinstance(a, Ref)]
+    return others[0] if len(others) == 1 else None
 
 
 def _negative_slope(n: Node):
@@ -382,6 +451,8 @@ def _mark_signs_and_first_layers(nodes: list[Node]) -> None:
             n.nonneg = True
         elif n.kind == GATE:  # the gate factor is >= 0: the signal decides
             n.nonneg = nodes[n.parents[1 - n.gate]].nonneg
+        elif n.kind == SCALE:
+            n.nonneg = _factor(n) > 0 and nodes[n.parents[0]].nonneg
         elif n.kind in _SIGN_PRESERVING and n.parents:
             n.nonneg = all(nodes[p].nonneg for p in n.parents)
     for n in nodes:

@@ -29,8 +29,8 @@ def plus_divide(eps: float) -> Divide:
 
 # ----------------------------------------------------------------- structural rules
 def passthrough(layer: Layer, r: torch.Tensor) -> list:
-    """ReLU and the other activations, Dropout, Identity (and BatchNorm for Zennit): relevance
-    passes unchanged."""
+    """ReLU and the other activations, Dropout, Identity, a constant scale (and BatchNorm for
+    Zennit): relevance passes unchanged."""
     return [r]
 
 
@@ -106,7 +106,7 @@ def maxpool_ties_shared(layer: Layer, r: torch.Tensor) -> list:
 def shared_layers(pool: Rule, add: Rule, maxpool: Rule | None = None, bn: Rule = batchnorm_authors) -> dict:
     """The rule table entries every method shares, with its own pooling and add rules."""
     return {g.RELU: passthrough, g.LEAKY_RELU: passthrough, g.ACTIVATION: passthrough, g.GATE: signal_take_all,
-            g.PASS: passthrough, g.BN: bn, g.RESHAPE: reshape,
+            g.SCALE: passthrough, g.PASS: passthrough, g.BN: bn, g.RESHAPE: reshape,
             g.CAT: cat, g.ADD: add, g.MAXPOOL: maxpool or pool, g.AVGPOOL: pool, g.ADAPTIVE_AVGPOOL: pool}
 
 

@@ -298,6 +298,97 @@ def test_squeeze_excitation_gate_gives_the_signal_all_relevance(gate_kind):
     torch.testing.assert_close(att.relevance, want, rtol=1e-8, atol=1e-12)
 
 
+class _TracedBatchNormAct(nn.BatchNorm2d):
+    """A BatchNorm2d subclass that torch.fx traces through, like timm's BatchNormAct2d: a shape
+    assertion, the functional batch norm on its own tensors, then its activation."""
+
+    def __init__(self, c):
+        super().__init__(c)
+        self.act = nn.SiLU()
+
+    def forward(self, x):
+        torch._assert(x.ndim == 4, "expected a 4-d input")
+        y = torch.nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                           self.training, 0.1, self.eps)
+        return self.act(y)
+
+
+class _TracedLinear(nn.Linear):
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+def _bn_act_net(traced: bool):
+    if traced:
+        layers = [nn.Conv2d(3, 4, 3, padding=1), _TracedBatchNormAct(4), nn.Conv2d(4, 5, 3, padding=1),
+                  _TracedBatchNormAct(5), nn.AdaptiveAvgPool2d(1), nn.Flatten(), _TracedLinear(5, 3)]
+    else:
+        layers = [nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.SiLU(), nn.Conv2d(4, 5, 3, padding=1),
+                  nn.BatchNorm2d(5), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3)]
+    return nn.Sequential(*layers).double().eval()
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_modules_that_trace_through_explain_like_their_plain_twins(method):
+    """BatchNorm2d / Linear subclasses that call the functional op on their own tensors (timm's
+    BatchNormAct2d, Linear), with shape assertions, give the maps of plain BatchNorm2d + SiLU
+    and Linear; the BatchNorm is named after its module."""
+    torch.manual_seed(6)
+    plain, traced = _bn_act_net(False), _bn_act_net(True)
+    for bn in (plain[1], plain[4]):
+        bn.running_mean.normal_(0, 0.1)
+        bn.running_var.uniform_(0.5, 1.5)
+        bn.weight.data.uniform_(0.5, 1.5)
+    state = plain.state_dict()
+    where = {"0": "0", "1": "1", "3": "2", "4": "3", "8": "6"}    # plain layer -> traced layer
+    traced.load_state_dict({where[k.split(".")[0]] + k[k.index("."):]: v for k, v in state.items()}, strict=True)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(traced(x), plain(x), rtol=0, atol=0)
+    ex = relprop.Explainer(traced, method)
+    assert [n.name for n in ex.graph.nodes if n.kind == "bn"] == ["1", "3"]
+    want = relprop.explain(plain, x, method=method)
+    assert want.abs().sum() > 0
+    torch.testing.assert_close(ex(x), want, rtol=0, atol=0)
+
+
+def _scaled_net(scale_nodes: bool):
+    """conv *4, ReLU, conv /2, ReLU, pool, linear: as constant scales, or folded into the convs."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            y = self.conv1(x)
+            y = torch.relu(4 * y if scale_nodes else y)
+            y = self.conv2(y)
+            y = torch.relu(y / 2 if scale_nodes else y)
+            return self.fc(y.mean((2, 3)))
+    return Net().double().eval()
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_constant_scales_explain_like_scaled_weights(method):
+    """``4 * y`` and ``y / 2`` pass relevance unchanged: the maps are those of the net with
+    the factors folded into the preceding convs (every rule is homogeneous in a layer's W, b,
+    up to its additive stabiliser, eps 1e-6 or 1e-9, hence a relative L2 tolerance; passing
+    the relevance scaled would be off by 2 or 4)."""
+    torch.manual_seed(7)
+    scaled, folded = _scaled_net(True), _scaled_net(False)
+    folded.load_state_dict(scaled.state_dict())
+    with torch.no_grad():
+        for conv, c in ((folded.conv1, 4.0), (folded.conv2, 0.5)):
+            conv.weight.mul_(c)
+            conv.bias.mul_(c)
+    x = torch.rand(2, 3, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(scaled(x), folded(x), rtol=0, atol=0)
+    want = relprop.explain(folded, x, method=method)
+    assert want.abs().sum() > 0
+    got = relprop.explain(scaled, x, method=method)
+    assert ((got - want).norm() / want.norm()).item() < 1e-4
+
+
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_string_paddings_explain_like_their_integer_padding(method):
     """padding="same" (odd kernels, dilation too) and "valid" give exactly the maps of the

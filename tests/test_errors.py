@@ -21,8 +21,8 @@ def test_unsupported_layers_are_all_listed():
             self.fc = nn.Linear(4, 2)
 
         def forward(self, x):
-            x = self.gate(self.act(self.conv(x))) * 2
-            return self.fc(x.sum((2, 3)))
+            y = self.act(self.conv(x))
+            return self.fc((self.gate(y) + y * y).sum((2, 3)))
 
     with pytest.raises(relprop.UnsupportedModelError) as err:
         relprop.Explainer(Net(), "rap")
@@ -32,15 +32,37 @@ def test_unsupported_layers_are_all_listed():
         assert part in msg
 
 
-@pytest.mark.parametrize("product", ["signals", "gates"])
-def test_products_other_than_a_signal_times_a_gate_are_refused(product):
+@pytest.mark.parametrize("product", ["signals", "gates", "over a tensor", "zero"])
+def test_products_other_than_a_gated_or_scaled_signal_are_refused(product):
     class Net(nn.Module):
         def forward(self, x):
+            if product == "over a tensor":
+                return (2.0 / x).flatten(1)
+            if product == "zero":
+                return (x * 0).flatten(1)
             a, b = (x, x.relu()) if product == "signals" else (torch.sigmoid(x), x.sigmoid())
             return (a * b).flatten(1)
 
+    op = "truediv" if product == "over a tensor" else "mul"
     with pytest.raises(relprop.UnsupportedModelError,
-                       match=r"mul \(call_function mul\): only a signal times a Sigmoid/Hardsigmoid gate"):
+                       match=rf"{op} \(call_function {op}\): only a signal times a Sigmoid/Hardsigmoid gate "
+                             r"\(squeeze-excitation\) or a tensor times or over a constant number is supported"):
+        relprop.Explainer(Net(), "rap")
+
+
+def test_a_functional_batch_norm_on_foreign_tensors_is_refused():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+            self.register_buffer("mean", torch.zeros(4))
+
+        def forward(self, x):
+            y = nn.functional.batch_norm(self.conv(x), self.mean, self.bn.running_var, self.bn.weight, self.bn.bias)
+            return y.flatten(1)
+
+    with pytest.raises(relprop.UnsupportedModelError, match=r"batch_norm \(call_function batch_norm\): a functional "
+                                                            r"batch_norm must read the tensors of one BatchNorm2d"):
         relprop.Explainer(Net(), "rap")
 
 
