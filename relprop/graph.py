@@ -44,8 +44,10 @@ GATE, GATE_ACTIVATION, EXPAND, SCALE = "gate", "gate_activation", "expand", "sca
 PRODUCT = "product"   # at capture only: a product or quotient, resolved to a gate or a scale (or refused)
 MAXPOOL, AVGPOOL, ADAPTIVE_AVGPOOL = "maxpool", "avgpool", "adaptive_avgpool"
 RESHAPE, ADD, CAT = "reshape", "add", "cat"
+INDEX, SPLIT, PIECE, PERMUTE = "index", "split", "piece", "permute"   # x[...], split/chunk, its pieces, transpose
+GETITEM = "getitem"   # at capture only: resolved to an index, a piece of a split, or a helper
 INPUT, OUTPUT, HELPER = "input", "output", "helper"
-CHECK = "check"   # a comparison or assertion: a helper when it reads only helpers (shapes), else unsupported
+SIZE_OP = "size_op"   # a comparison, assertion or integer arithmetic: fine on sizes (a helper), not on tensors
 
 _MODULE_KINDS = {
     nn.Conv2d: CONV, nn.Linear: LINEAR, nn.BatchNorm2d: BN,
@@ -62,17 +64,21 @@ _FUNCTION_KINDS = {
     F.dropout: PASS, F.max_pool2d: MAXPOOL, torch.max_pool2d: MAXPOOL, F.avg_pool2d: AVGPOOL,
     torch._C._nn.avg_pool2d: AVGPOOL, F.adaptive_avg_pool2d: ADAPTIVE_AVGPOOL, torch.mean: ADAPTIVE_AVGPOOL,
     torch.flatten: RESHAPE, torch.reshape: RESHAPE, operator.add: ADD, operator.iadd: ADD,
-    torch.add: ADD, torch.cat: CAT, torch.concat: CAT, getattr: HELPER, torch._assert: CHECK,
-    operator.eq: CHECK, operator.ne: CHECK, operator.lt: CHECK, operator.le: CHECK, operator.gt: CHECK,
-    operator.ge: CHECK, F.batch_norm: BN, torch.batch_norm: BN, F.linear: LINEAR,
+    torch.add: ADD, torch.cat: CAT, torch.concat: CAT, getattr: HELPER, operator.getitem: GETITEM,
+    torch.split: SPLIT, torch.chunk: SPLIT, torch.transpose: PERMUTE, torch.permute: PERMUTE, torch._assert: SIZE_OP,
+    operator.eq: SIZE_OP, operator.ne: SIZE_OP, operator.lt: SIZE_OP, operator.le: SIZE_OP, operator.gt: SIZE_OP,
+    operator.ge: SIZE_OP, operator.floordiv: SIZE_OP, operator.sub: SIZE_OP, operator.mod: SIZE_OP,
+    F.batch_norm: BN, torch.batch_norm: BN, F.linear: LINEAR,
 }
 _METHOD_KINDS = {
     "relu": RELU, "relu_": RELU, "sigmoid": GATE_ACTIVATION, "mul": PRODUCT, "div": PRODUCT, "expand": EXPAND, "expand_as": EXPAND,
-    "mean": ADAPTIVE_AVGPOOL, "view": RESHAPE, "reshape": RESHAPE, "flatten": RESHAPE,
+    "mean": ADAPTIVE_AVGPOOL, "view": RESHAPE, "reshape": RESHAPE, "flatten": RESHAPE, "contiguous": PASS,
+    "split": SPLIT, "chunk": SPLIT, "transpose": PERMUTE, "permute": PERMUTE,
     "add": ADD, "add_": ADD, "size": HELPER, "dim": HELPER,
 }
 # Kinds whose output is >= 0 whenever all their tensor inputs are.
-_SIGN_PRESERVING = {LEAKY_RELU, PASS, MAXPOOL, AVGPOOL, ADAPTIVE_AVGPOOL, RESHAPE, ADD, CAT}
+_SIGN_PRESERVING = {LEAKY_RELU, PASS, MAXPOOL, AVGPOOL, ADAPTIVE_AVGPOOL, RESHAPE, ADD, CAT, INDEX, SPLIT, PIECE,
+                    PERMUTE}
 # The elementwise activations, as out-of-place functions of the input.
 _ACTIVATIONS = {
     nn.ReLU: F.relu, F.relu: F.relu, torch.relu: F.relu, torch.relu_: F.relu, "relu": F.relu, "relu_": F.relu,
@@ -112,6 +118,7 @@ class Node:
     nonneg: bool = False            # output provably >= 0 (after a ReLU or ReLU6)
     act: Any = None                 # activation kinds: the elementwise function, out of place
     gate: int = -1                  # a gate: the position of the gate factor among the parents
+    dim: int = 0                    # a split: the dimension its pieces are cut along
     first_layer: bool = False       # conv/linear reading the network input directly
     why: str = ""                   # for an unsupported node (kind None): what relprop lacks, if known
 
@@ -286,16 +293,16 @@ def _make_node(fn: fx.Node, model: nn.Module, i: int, index: dict) -> Node:
     node = Node(i, name, kind, fn.op, target, args, kwargs, why=why)
     if kind == HELPER:
         node.parents = ()
-    elif kind in (ADD, CAT, PRODUCT, CHECK):
+    elif kind in (ADD, CAT, PRODUCT, SIZE_OP):
         node.parents = parents
-        if kind == ADD and len(parents) != 2:
-            node.kind = None  # adding a constant is not a relevance-preserving op
     elif kind not in (INPUT, None):
         node.parents = parents[:1]
     if kind == LEAKY_RELU and not _is_number(slope := _negative_slope(node), minimum=0):
         node.kind, node.why = None, f"negative_slope={slope!r}: only a constant slope >= 0 keeps the sign"
     if node.kind in (RELU, LEAKY_RELU, ACTIVATION, GATE_ACTIVATION):
         node.act = _activation(node)
+    if kind == SPLIT:
+        node.dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
     if target in _MEANS and not (isinstance(dims := _mean_dims(node), tuple) and 0 not in dims):
         node.kind, node.why = None, (f"a mean over dim={dims!r} averages across the batch; average over "
                                      "the feature dims only, e.g. x.mean((2, 3))")
@@ -355,19 +362,47 @@ def _module_path(model: nn.Module, module: nn.Module) -> str:
 
 
 def _resolve_helpers(nodes: list[Node]) -> None:
-    """Parameters and buffers read outside a module (``get_attr``) are helpers when no
-    relevance-carrying node takes them as an input (a functional BatchNorm reads them through
-    its module); comparisons and assertions are helpers when they read only helpers (timm's
-    ``_assert(x.ndim == 4)``)."""
+    """Helpers compute shapes and sizes, never relevance: parameters and buffers read outside a
+    module (``get_attr``) that no relevance-carrying node takes as an input (a functional
+    BatchNorm reads them through its module), and sums, products, comparisons, assertions and
+    indexing that read only helpers (``c // 2`` of ``x.shape``, timm's ``_assert(x.ndim == 4)``)."""
     inputs = {p for n in nodes for p in n.parents}
     for n in nodes:
+        on_sizes = all(nodes[p].kind == HELPER and nodes[p].op != "get_attr" for p in n.parents)
         if n.op == "get_attr" and n.index not in inputs:
             n.kind = HELPER
-        elif n.kind == CHECK:
-            if all(nodes[p].kind == HELPER for p in n.parents):
-                n.kind, n.parents = HELPER, ()
-            else:
-                n.kind, n.why = None, "compares tensor values"
+        elif n.kind in (ADD, PRODUCT, SIZE_OP, GETITEM) and on_sizes:
+            n.kind, n.parents = HELPER, ()
+        elif n.kind == SIZE_OP:
+            n.kind, n.why = None, "compares or computes with tensor values"
+        elif n.kind == ADD and len(n.parents) != 2:
+            n.kind = None  # adding a constant is not a relevance-preserving op
+        elif n.kind == GETITEM:
+            n.kind, n.why = _getitem_kind(n, nodes)
+            if n.kind == PIECE:
+                n.dim = nodes[n.parents[0]].dim
+
+
+def _getitem_kind(n: Node, nodes: list[Node]) -> tuple[str | None, str]:
+    """``a[i]`` on a tensor: a piece of a split, or an index; only basic indexing (ints,
+    slices, None, ...) is an index."""
+    source = nodes[n.parents[0]].kind if n.parents else None
+    index = n.args[1]
+    if source == SPLIT:
+        by_position = isinstance(index, int) and not isinstance(index, Ref)
+        return (PIECE, "") if by_position else (None, "a split's pieces are taken by position")
+    items = index if isinstance(index, tuple) else (index,)
+    if source is not None and all(_basic_index(v, nodes) for v in items):
+        return INDEX, ""
+    return None, "only basic indexing (ints, slices, None, ...) of a tensor is supported"
+
+
+def _basic_index(v, nodes: list[Node]) -> bool:
+    if isinstance(v, slice):
+        return all(_basic_index(b, nodes) for b in (v.start, v.stop, v.step))
+    if isinstance(v, Ref):   # a size computed from shapes, not a tensor
+        return nodes[v].kind == HELPER and nodes[v].op != "get_attr"
+    return v is None or v is Ellipsis or (isinstance(v, int) and not isinstance(v, bool))
 
 
 def _resolve_gates(nodes: list[Node]) -> None:
@@ -493,7 +528,7 @@ def _evaluate(n: Node, args: tuple, kwargs: dict) -> Any:
         raise AssertionError(n.kind)
     if n.act is not None:
         return n.act(args[0])
-    if n.kind == PASS:  # F.dropout, stochastic depth
+    if n.kind == PASS and n.op == "call_function":  # F.dropout, stochastic depth: off at inference
         return args[0]
     if n.target in _MEANS and any(d % args[0].ndim == 0 for d in _mean_dims(n)):
         raise UnsupportedModelError(f"{n.name}: mean over dims {_mean_dims(n)} of a {args[0].ndim}-d "

@@ -66,6 +66,30 @@ def cat(layer: Layer, r: torch.Tensor) -> list:
     return list(r.split([x.shape[dim] for x in layer.xs], dim=dim))
 
 
+def index(layer: Layer, r: torch.Tensor) -> list:
+    """Basic indexing ``y = x[idx]``: each entry's relevance goes back where it was read."""
+    out = torch.zeros_like(layer.x)
+    out[layer.args[1]] = r
+    return [out]
+
+
+def split_piece(layer: Layer, r: torch.Tensor) -> list:
+    """Piece ``i`` of ``x.split(...)`` / ``x.chunk(...)``: its relevance in its place, zeros
+    elsewhere; the pieces' relevances add up at the split, which passes them on."""
+    pieces = layer.x
+    i = layer.args[1] % len(pieces)
+    return [torch.cat([r if j == i else torch.zeros_like(p) for j, p in enumerate(pieces)], dim=layer.node.dim)]
+
+
+def permute(layer: Layer, r: torch.Tensor) -> list:
+    """``transpose`` / ``permute``: relevance is permuted back."""
+    if layer.node.target in ("transpose", torch.transpose):
+        return [r.transpose(layer.args[1], layer.args[2])]
+    dims = layer.args[1] if len(layer.args) == 2 and not isinstance(layer.args[1], int) else layer.args[1:]
+    order = [d % r.ndim for d in dims]
+    return [r.permute([order.index(k) for k in range(r.ndim)])]
+
+
 def proportional_add(transform=None, divide: Divide = safe_divide) -> Rule:
     """Residual add ``y = x0 + x1``: ``R_k = x_k * R / (x0 + x1)`` on transformed inputs."""
     def rule(layer: Layer, r: torch.Tensor) -> list:
@@ -106,7 +130,8 @@ def maxpool_ties_shared(layer: Layer, r: torch.Tensor) -> list:
 def shared_layers(pool: Rule, add: Rule, maxpool: Rule | None = None, bn: Rule = batchnorm_authors) -> dict:
     """The rule table entries every method shares, with its own pooling and add rules."""
     return {g.RELU: passthrough, g.LEAKY_RELU: passthrough, g.ACTIVATION: passthrough, g.GATE: signal_take_all,
-            g.SCALE: passthrough, g.PASS: passthrough, g.BN: bn, g.RESHAPE: reshape,
+            g.SCALE: passthrough, g.PASS: passthrough, g.INDEX: index, g.SPLIT: passthrough, g.PIECE: split_piece,
+            g.PERMUTE: permute, g.BN: bn, g.RESHAPE: reshape,
             g.CAT: cat, g.ADD: add, g.MAXPOOL: maxpool or pool, g.AVGPOOL: pool, g.ADAPTIVE_AVGPOOL: pool}
 
 

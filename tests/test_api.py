@@ -389,6 +389,50 @@ def test_constant_scales_explain_like_scaled_weights(method):
     assert ((got - want).norm() / want.norm()).item() < 1e-4
 
 
+class _Rearranged(nn.Module):
+    """Channel splits, slices, shuffles and permutations (Res2Net, GhostNet, ShuffleNet style)
+    that together are the identity or a narrower conv; ``plain=True`` is the net without them."""
+
+    def __init__(self, plain: bool):
+        super().__init__()
+        self.plain = plain
+        self.conv1, self.conv2 = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 4 if plain else 6, 3, padding=1)
+        self.fc = nn.Linear(4 * 3 * 3, 3)
+
+    def forward(self, x):
+        y = torch.relu(self.conv1(x))
+        if not self.plain:
+            a, b = y.chunk(2, dim=1)                              # pieces back together: the identity
+            y = torch.cat([a, b], 1)
+            c1, c2, c3 = torch.split(y, [1, 2, 3], dim=1)
+            y = torch.cat((c1, c2, c3), dim=1)
+            n, c, h, w = y.shape                                  # a channel shuffle and its inverse
+            y = y.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+            y = y.view(n, c // 2, 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+            y = y.permute(0, 2, 3, 1).permute((0, 3, 1, 2))
+        y = self.conv2(y)
+        if not self.plain:
+            y = y[:, :4]                                          # = the conv's first 4 output channels
+        y = torch.relu(y)
+        return self.fc(torch.flatten(torch.nn.functional.max_pool2d(y, 2), 1))
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_splits_slices_and_permutations_explain_like_the_plain_net(method):
+    """Relevance through chunk/split + cat, a channel shuffle and its inverse, permutations and
+    a channel slice comes back exactly where it was read: the maps are those of the net
+    without them (the slice: a conv with only the kept output channels)."""
+    torch.manual_seed(8)
+    rearranged, plain = _Rearranged(False).double().eval(), _Rearranged(True).double().eval()
+    state = rearranged.state_dict()
+    plain.load_state_dict({k: v[:4] if k.startswith("conv2") else v for k, v in state.items()})
+    x = torch.rand(2, 3, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(rearranged(x), plain(x), rtol=0, atol=0)
+    want = relprop.explain(plain, x, method=method)
+    assert want.abs().sum() > 0
+    torch.testing.assert_close(relprop.explain(rearranged, x, method=method), want)
+
+
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_string_paddings_explain_like_their_integer_padding(method):
     """padding="same" (odd kernels, dilation too) and "valid" give exactly the maps of the

@@ -14,6 +14,7 @@ ARCHS = {  # name -> the other (non-square) input size it is tested at
     "resnext50_32x4d": (48, 80), "densenet121": (64, 96), "inception_v3": (107, 139), "googlenet": (64, 96),
     "alexnet": (127, 160), "squeezenet1_1": (64, 96), "mobilenet_v2": (64, 96), "mnasnet0_5": (48, 80),
     "mobilenet_v3_small": (64, 96), "efficientnet_b0": (64, 96), "regnet_y_400mf": (48, 80),
+    "shufflenet_v2_x0_5": (64, 96),
 }
 METHODS = sorted(relprop.available_methods())
 
@@ -49,3 +50,17 @@ def test_every_method_runs(arch, method):
         assert rel.shape == x.shape
         assert torch.isfinite(rel).all(), f"{name} {method} at {size}: non-finite relevance"
         assert rel.abs().sum() > 0, f"{name} {method} at {size}: all-zero relevance"
+
+
+# the module whose output is RSP's and AE's default Grad-CAM layer: the last convolutional block
+DEFAULT_LAYERS = {"vgg16": "features.29", "resnet50": "layer4", "inception_v3": "Mixed_7c", "alexnet": "features.11",
+                  "shufflenet_v2_x0_5": "conv5", "mobilenet_v2": "features", "efficientnet_b0": "features"}
+
+
+@pytest.mark.parametrize("name", list(DEFAULT_LAYERS))
+def test_default_cam_layer_is_the_last_convolutional_block(name):
+    """Not a channel shuffle's reshape early in ShuffleNet: only a flatten ends the search."""
+    from relprop.graph import capture
+    from relprop.methods.cam import default_layer
+    graph = capture(build(name))
+    assert default_layer(graph) is graph.node(DEFAULT_LAYERS[name])

@@ -207,3 +207,15 @@ def test_non_finite_relevance_is_reported(model, monkeypatch):
                                             r"in its rules overflowed torch.float32; try float64"):
         rel = ex(torch.rand(3, 3, 8, 8))
     assert rel[1].isnan().all() and rel[[0, 2]].isfinite().all()
+
+
+@pytest.mark.parametrize("index", ["tensor", "mask"])
+def test_advanced_indexing_is_refused(index):
+    class Net(nn.Module):
+        def forward(self, x):
+            return (x[:, torch.tensor([0, 2])] if index == "tensor" else x[x > 0]).flatten(1)
+
+    with pytest.raises(relprop.UnsupportedModelError,
+                       match=r"getitem \(call_function getitem\): only basic indexing \(ints, slices, None, \.\.\.\) "
+                             r"of a tensor is supported"):
+        relprop.Explainer(Net(), "rap")

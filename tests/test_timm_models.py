@@ -1,7 +1,8 @@
 """timm models (an optional dependency: ``pip install timm``; skipped without it) run every
 method: the captured graph computes the model's logits, and the maps are finite, non-zero
 and shaped like the input.  timm's BatchNormAct2d and Linear trace through to functional
-calls on their own tensors, with shape assertions, which is what this exercises."""
+calls on their own tensors, with shape assertions; Res2Net, GhostNet, MixNet and DPN split,
+slice and concatenate channels: that is what this exercises."""
 import pytest
 import torch
 
@@ -10,7 +11,8 @@ import relprop
 timm = pytest.importorskip("timm")
 
 MODELS = ["resnet50", "seresnet50", "resnext50_32x4d", "densenet121", "inception_v3", "inception_resnet_v2",
-          "xception41", "efficientnet_b0", "mobilenetv3_large_100", "regnety_008", "dla34"]
+          "xception41", "efficientnet_b0", "mobilenetv3_large_100", "regnety_008", "dla34", "res2net50_26w_4s",
+          "ghostnet_100", "mixnet_s", "dpn68"]
 METHODS = sorted(relprop.available_methods())
 
 

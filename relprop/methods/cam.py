@@ -22,7 +22,7 @@ def default_layer(graph: g.Graph) -> g.Node:
     reach = -1
     best = None
     for n in graph.nodes:
-        if n.kind in (g.RESHAPE, g.LINEAR, g.OUTPUT) and reach <= n.index:
+        if (n.kind in (g.LINEAR, g.OUTPUT) or _flattens(n)) and reach <= n.index:
             break
         if reach <= n.index and n.kind not in _NOT_A_BLOCK_OUTPUT and n.kind != g.HELPER:
             best = n
@@ -30,6 +30,18 @@ def default_layer(graph: g.Graph) -> g.Node:
     if best is None:
         raise ValueError("could not find a convolutional block output to start from; pass init_layer=")
     return best
+
+
+def _flattens(n: g.Node) -> bool:
+    """A reshape to at most 2 dims (flatten, ``view(B, -1)``), not a channel shuffle's 5-d view."""
+    if n.kind != g.RESHAPE:
+        return False
+    if n.module is not None or n.target in (torch.flatten, "flatten"):
+        return True
+    sizes = n.args[1:]
+    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+        sizes = sizes[0]
+    return len(sizes) <= 2
 
 
 def resolve_layer(graph: g.Graph, init_layer: str | None) -> g.Node:
