@@ -42,7 +42,7 @@ CONV, LINEAR = "conv", "linear"
 RELU, LEAKY_RELU, ACTIVATION, BN, PASS = "relu", "leaky_relu", "activation", "bn", "pass"
 GATE, GATE_ACTIVATION, EXPAND, SCALE = "gate", "gate_activation", "expand", "scale"
 PRODUCT = "product"   # at capture only: a product or quotient, resolved to a gate or a scale (or refused)
-MAXPOOL, AVGPOOL, ADAPTIVE_AVGPOOL = "maxpool", "avgpool", "adaptive_avgpool"
+MAXPOOL, AVGPOOL, ADAPTIVE_AVGPOOL, UPSAMPLE = "maxpool", "avgpool", "adaptive_avgpool", "upsample"
 RESHAPE, ADD, CAT = "reshape", "add", "cat"
 INDEX, SPLIT, PIECE, PERMUTE = "index", "split", "piece", "permute"   # x[...], split/chunk, its pieces, transpose
 GETITEM = "getitem"   # at capture only: resolved to an index, a piece of a split, or a helper
@@ -54,7 +54,8 @@ _MODULE_KINDS = {
     nn.ReLU: RELU, nn.ReLU6: RELU, nn.LeakyReLU: LEAKY_RELU, nn.SiLU: ACTIVATION, nn.Hardswish: ACTIVATION,
     nn.GELU: ACTIVATION, nn.Sigmoid: GATE_ACTIVATION, nn.Hardsigmoid: GATE_ACTIVATION,
     nn.Dropout: PASS, nn.Identity: PASS, nn.MaxPool2d: MAXPOOL, nn.AvgPool2d: AVGPOOL,
-    nn.AdaptiveAvgPool2d: ADAPTIVE_AVGPOOL, nn.Flatten: RESHAPE,
+    nn.AdaptiveAvgPool2d: ADAPTIVE_AVGPOOL, nn.Flatten: RESHAPE, nn.Upsample: UPSAMPLE,
+    nn.UpsamplingNearest2d: UPSAMPLE, nn.UpsamplingBilinear2d: UPSAMPLE,
 }
 _FUNCTION_KINDS = {
     F.relu: RELU, torch.relu: RELU, torch.relu_: RELU, F.relu6: RELU, F.leaky_relu: LEAKY_RELU,
@@ -63,6 +64,7 @@ _FUNCTION_KINDS = {
     operator.truediv: PRODUCT, torch.div: PRODUCT,
     F.dropout: PASS, F.max_pool2d: MAXPOOL, torch.max_pool2d: MAXPOOL, F.avg_pool2d: AVGPOOL,
     torch._C._nn.avg_pool2d: AVGPOOL, F.adaptive_avg_pool2d: ADAPTIVE_AVGPOOL, torch.mean: ADAPTIVE_AVGPOOL,
+    F.interpolate: UPSAMPLE,
     torch.flatten: RESHAPE, torch.reshape: RESHAPE, operator.add: ADD, operator.iadd: ADD,
     torch.add: ADD, torch.cat: CAT, torch.concat: CAT, getattr: HELPER, operator.getitem: GETITEM,
     torch.split: SPLIT, torch.chunk: SPLIT, torch.transpose: PERMUTE, torch.permute: PERMUTE, torch._assert: SIZE_OP,
@@ -77,7 +79,7 @@ _METHOD_KINDS = {
     "add": ADD, "add_": ADD, "size": HELPER, "dim": HELPER,
 }
 # Kinds whose output is >= 0 whenever all their tensor inputs are.
-_SIGN_PRESERVING = {LEAKY_RELU, PASS, MAXPOOL, AVGPOOL, ADAPTIVE_AVGPOOL, RESHAPE, ADD, CAT, INDEX, SPLIT, PIECE,
+_SIGN_PRESERVING = {LEAKY_RELU, PASS, MAXPOOL, AVGPOOL, ADAPTIVE_AVGPOOL, UPSAMPLE, RESHAPE, ADD, CAT, INDEX, SPLIT, PIECE,
                     PERMUTE}
 # The elementwise activations, as out-of-place functions of the input.
 _ACTIVATIONS = {
@@ -303,6 +305,8 @@ def _make_node(fn: fx.Node, model: nn.Module, i: int, index: dict) -> Node:
         node.act = _activation(node)
     if kind == SPLIT:
         node.dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
+    if kind == UPSAMPLE and (mode := _upsample_mode(node)) not in _NONNEG_UPSAMPLING:
+        node.kind, node.why = None, f"mode={mode!r}: only {', '.join(_NONNEG_UPSAMPLING)} interpolate with weights >= 0"
     if target in _MEANS and not (isinstance(dims := _mean_dims(node), tuple) and 0 not in dims):
         node.kind, node.why = None, (f"a mean over dim={dims!r} averages across the batch; average over "
                                      "the feature dims only, e.g. x.mean((2, 3))")
@@ -447,6 +451,15 @@ def _factor(n: Node):
     return others[0] if len(others) == 1 else None
 
 
+_NONNEG_UPSAMPLING = ("nearest", "nearest-exact", "bilinear", "linear", "area")
+
+
+def _upsample_mode(n: Node):
+    if n.module is not None:
+        return n.module.mode
+    return n.args[3] if len(n.args) > 3 else n.kwargs.get("mode", "nearest")
+
+
 def _negative_slope(n: Node):
     if n.module is not None:
         return n.module.negative_slope
@@ -521,6 +534,9 @@ def _evaluate(n: Node, args: tuple, kwargs: dict) -> Any:
         if n.kind == AVGPOOL:
             return F.avg_pool2d(x, m.kernel_size, m.stride, m.padding, m.ceil_mode,
                                 m.count_include_pad, m.divisor_override)
+        if n.kind == UPSAMPLE:
+            return F.interpolate(x, m.size, m.scale_factor, m.mode, m.align_corners,
+                                 recompute_scale_factor=getattr(m, "recompute_scale_factor", None))
         if n.kind == ADAPTIVE_AVGPOOL:
             return F.adaptive_avg_pool2d(x, m.output_size)
         if n.kind == RESHAPE:

@@ -101,7 +101,8 @@ def proportional_add(transform=None, divide: Divide = safe_divide) -> Rule:
 
 def proportional_pool(transform=None, divide: Divide = safe_divide) -> Rule:
     """Pooling as a z-rule: ``R_in = x * vjp_pool(R / pool(x))`` -- winner-take-all for max
-    pooling (PyTorch's arg-max), proportional to the input for average pooling."""
+    pooling (PyTorch's arg-max), proportional to the input for average pooling and for
+    upsampling (a map with weights >= 0, like an average)."""
     def rule(layer: Layer, r: torch.Tensor) -> list:
         x = transform(layer.x) if transform else layer.x
         z = layer.recompute(x) if transform else layer.y
@@ -132,7 +133,8 @@ def shared_layers(pool: Rule, add: Rule, maxpool: Rule | None = None, bn: Rule =
     return {g.RELU: passthrough, g.LEAKY_RELU: passthrough, g.ACTIVATION: passthrough, g.GATE: signal_take_all,
             g.SCALE: passthrough, g.PASS: passthrough, g.INDEX: index, g.SPLIT: passthrough, g.PIECE: split_piece,
             g.PERMUTE: permute, g.BN: bn, g.RESHAPE: reshape,
-            g.CAT: cat, g.ADD: add, g.MAXPOOL: maxpool or pool, g.AVGPOOL: pool, g.ADAPTIVE_AVGPOOL: pool}
+            g.CAT: cat, g.ADD: add, g.MAXPOOL: maxpool or pool, g.AVGPOOL: pool, g.ADAPTIVE_AVGPOOL: pool,
+            g.UPSAMPLE: pool}
 
 
 # ----------------------------------------------------------------- input-layer rules

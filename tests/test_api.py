@@ -433,6 +433,55 @@ def test_splits_slices_and_permutations_explain_like_the_plain_net(method):
     torch.testing.assert_close(relprop.explain(rearranged, x, method=method), want)
 
 
+def _upsampled_net(up: bool):
+    """conv, ReLU, [nearest upsampling x2 (module), bilinear up and down (functional), 2x2
+    average pool: the identity on the nearest copy], conv, pool, linear."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3), nn.Linear(4, 3)
+            self.up = nn.Upsample(scale_factor=2)
+
+        def forward(self, x):
+            y = torch.relu(self.conv1(x))
+            if up:
+                y = torch.nn.functional.avg_pool2d(self.up(y), 2)
+            return self.fc(torch.relu(self.conv2(y)).mean((2, 3)))
+    return Net().double().eval()
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_upsampling_is_split_in_proportion(method):
+    """Nearest upsampling then 2x2 average pooling is the identity, and so is its relevance
+    (each copy takes a quarter, the upsampling adds them back): the plain net's maps."""
+    torch.manual_seed(9)
+    upsampled, plain = _upsampled_net(True), _upsampled_net(False)
+    plain.load_state_dict(upsampled.state_dict())
+    x = torch.rand(2, 3, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(upsampled(x), plain(x), rtol=0, atol=0)
+    want = relprop.explain(plain, x, method=method)
+    assert want.abs().sum() > 0
+    torch.testing.assert_close(relprop.explain(upsampled, x, method=method), want)
+
+
+def test_bilinear_interpolation_computes_like_the_model():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4 * 7 * 9, 2)
+
+        def forward(self, x):
+            y = torch.nn.functional.interpolate(torch.relu(self.conv(x)), size=(7, 9), mode="bilinear",
+                                                align_corners=False)
+            return self.fc(y.flatten(1))
+
+    net = Net().double().eval()
+    x = torch.rand(2, 3, 6, 6, dtype=torch.float64)
+    att = relprop.Explainer(net, "lrp-epsilon-plus").attribute(x)
+    torch.testing.assert_close(att.logits, net(x), rtol=0, atol=0)
+    assert torch.isfinite(att.relevance).all() and att.relevance.abs().sum() > 0
+
+
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_string_paddings_explain_like_their_integer_padding(method):
     """padding="same" (odd kernels, dilation too) and "valid" give exactly the maps of the

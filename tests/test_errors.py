@@ -219,3 +219,12 @@ def test_advanced_indexing_is_refused(index):
                        match=r"getitem \(call_function getitem\): only basic indexing \(ints, slices, None, \.\.\.\) "
                              r"of a tensor is supported"):
         relprop.Explainer(Net(), "rap")
+
+
+def test_bicubic_upsampling_is_refused():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Upsample(scale_factor=2, mode="bicubic"), nn.Flatten(), nn.LazyLinear(2))
+    net(torch.rand(1, 3, 5, 5))
+    with pytest.raises(relprop.UnsupportedModelError, match=r"1 \(Upsample\): mode='bicubic': only nearest, "
+                                                            r"nearest-exact, bilinear, linear, area interpolate with "
+                                                            r"weights >= 0"):
+        relprop.Explainer(net, "rap")

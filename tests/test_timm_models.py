@@ -12,7 +12,7 @@ timm = pytest.importorskip("timm")
 
 MODELS = ["resnet50", "seresnet50", "resnext50_32x4d", "densenet121", "inception_v3", "inception_resnet_v2",
           "xception41", "efficientnet_b0", "mobilenetv3_large_100", "regnety_008", "dla34", "res2net50_26w_4s",
-          "ghostnet_100", "mixnet_s", "dpn68"]
+          "ghostnet_100", "mixnet_s", "dpn68", "hrnet_w18_small"]
 METHODS = sorted(relprop.available_methods())
 
 
