@@ -304,7 +304,7 @@ def _make_node(fn: fx.Node, model: nn.Module, i: int, index: dict) -> Node:
     if node.kind in (RELU, LEAKY_RELU, ACTIVATION, GATE_ACTIVATION):
         node.act = _activation(node)
     if kind == SPLIT:
-        node.dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
+        node.dim = _param(node, "dim", 2, 0)
     if kind == UPSAMPLE and (mode := _upsample_mode(node)) not in _NONNEG_UPSAMPLING:
         node.kind, node.why = None, f"mode={mode!r}: only {', '.join(_NONNEG_UPSAMPLING)} interpolate with weights >= 0"
     if target in _MEANS and not (isinstance(dims := _mean_dims(node), tuple) and 0 not in dims):
@@ -318,7 +318,7 @@ _MEANS = ("mean", torch.mean)
 
 def _mean_dims(n: Node):
     """The dims a ``mean`` node averages over, as a tuple of ints (else as given)."""
-    dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+    dim = _param(n, "dim", 1, None)
     if isinstance(dim, int):
         return (dim,)
     if isinstance(dim, (tuple, list)) and all(isinstance(d, int) and not isinstance(d, Ref) for d in dim):
@@ -332,8 +332,7 @@ def _activation(n: Node):
     if n.kind == LEAKY_RELU:
         return functools.partial(F.leaky_relu, negative_slope=_negative_slope(n))
     if key in (nn.GELU, F.gelu):
-        approximate = n.module.approximate if n.module is not None else n.kwargs.get("approximate", "none")
-        return functools.partial(F.gelu, approximate=approximate)
+        return functools.partial(F.gelu, approximate=_param(n, "approximate", 1, "none"))
     return _ACTIVATIONS[key]
 
 
@@ -425,7 +424,8 @@ def _resolve_gates(nodes: list[Node]) -> None:
         gates = [is_gate(p) for p in n.parents]
         divides = n.target in (operator.truediv, torch.div, "div")
         factor = _factor(n) if len(n.parents) == 1 else None
-        if _is_number(factor, minimum=-math.inf) and factor != 0 and not (divides and n.args[0] != n.parents[0]):
+        numerator_is_tensor = isinstance(n.args[0], Ref)
+        if _is_number(factor, minimum=-math.inf) and factor != 0 and (numerator_is_tensor or not divides):
             n.kind = SCALE   # x * c, c * x, x / c
         elif len(gates) == 2 and sum(gates) == 1 and not divides:
             n.kind, n.gate = GATE, gates.index(True)
@@ -454,16 +454,20 @@ def _factor(n: Node):
 _NONNEG_UPSAMPLING = ("nearest", "nearest-exact", "bilinear", "linear", "area")
 
 
-def _upsample_mode(n: Node):
+def _param(n: Node, name: str, position: int, default):
+    """A setting of the node: its module's attribute ``name``, else the call's argument at
+    ``position`` or keyword ``name``, else ``default``."""
     if n.module is not None:
-        return n.module.mode
-    return n.args[3] if len(n.args) > 3 else n.kwargs.get("mode", "nearest")
+        return getattr(n.module, name)
+    return n.args[position] if len(n.args) > position else n.kwargs.get(name, default)
+
+
+def _upsample_mode(n: Node):
+    return _param(n, "mode", 3, "nearest")
 
 
 def _negative_slope(n: Node):
-    if n.module is not None:
-        return n.module.negative_slope
-    return n.args[1] if len(n.args) > 1 else n.kwargs.get("negative_slope", 0.01)
+    return _param(n, "negative_slope", 1, 0.01)
 
 
 def _is_number(v, minimum: float) -> bool:
