@@ -106,20 +106,13 @@ class Context:
 
     def linear_map(self, node: g.Node, fold_bn: bool) -> tuple[LinearMap, torch.Tensor]:
         """The node's map (with the following BatchNorm folded in if asked and possible) and
-        its pre-activation value."""
+        its pre-activation value.  Maps live in ``self.maps``, i.e. for this call only."""
         bn = self._folded_bn(node) if fold_bn else None
         key = (node.index, bn is not None)
         lin = self.maps.get(key)
         if lin is None:
-            if bn is None:
-                lin = LinearMap(node.module)
-            else:
-                m = bn.module
-                scale = (m.running_var + m.eps).rsqrt()
-                scale = scale * m.weight.detach() if m.weight is not None else scale
-                shift = -m.running_mean * scale
-                shift = shift + m.bias.detach() if m.bias is not None else shift
-                lin = LinearMap(node.module, scale, shift)
+            dtype = self.x.dtype
+            lin = LinearMap(node.module, dtype=dtype) if bn is None else LinearMap.folded(node.module, bn.module, dtype)
             self.maps[key] = lin
         return lin, self.values[(bn or node).index]
 

@@ -45,7 +45,6 @@ class Explainer:
         check_backend(backend)
         self.backend = backend
         self.graph = g.capture(model)
-        self._maps: dict = {}
 
     def __repr__(self) -> str:
         return f"Explainer({type(self.model).__name__}, {self.method!r}, backend={self.backend!r})"
@@ -76,7 +75,7 @@ class Explainer:
             targets = _targets(target, logits)
             seed = _seed(initial_relevance, targets, logits)
             ctx = Context(self.graph, values, targets, seed, user_seed=initial_relevance is not None,
-                          maps=self._maps, layer_sums={} if layer_sums else None,
+                          layer_sums={} if layer_sums else None,
                           ops=operations(resolve_backend(self.backend, x.device)))
             relevance = self.method.run(ctx).detach()
         _warn_if_not_finite(relevance, self.method.name)

@@ -35,47 +35,60 @@ def shift_nonzero(c: torch.Tensor, excess: torch.Tensor) -> torch.Tensor:
 
 
 class LinearMap:
-    """The bias-free linear map of a Conv2d or Linear layer, with cached sign-split weights.
+    """The bias-free linear map of a Conv2d or Linear layer, with its sign-split weights.
 
-    ``weight``/``bias`` may differ from the module's (BatchNorm folded in); the map only
-    reads the module, never writes it.
+    ``weight``/``bias`` may differ from the module's (a BatchNorm folded in, see
+    :meth:`folded`; a compute ``dtype`` wider than the module's).  The map only reads the
+    module, never writes it.  Derived weights (the fold, the sign splits) are built on first
+    use and kept for the life of the map, which is one attribution call: nothing derived
+    from a parameter or buffer outlives the call, so an in-place change of the model
+    (``load_state_dict``, an optimiser step, new BatchNorm statistics) is always seen.
     """
 
-    def __init__(self, module: nn.Module, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None):
+    def __init__(self, module: nn.Module, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
+                 dtype: torch.dtype | None = None):
         self.module = module
         self.is_conv = isinstance(module, nn.Conv2d)
+        self.dtype = dtype or module.weight.dtype
         self._scale, self._shift = scale, shift   # folded BN: W*scale, (b - mean)*scale + beta
         self._cache: dict = {}
 
-    # ---- parameters
-    def _key(self):
-        w = self.module.weight
-        return (w.data_ptr(), w._version, w.dtype, w.device,
-                None if self._scale is None else (self._scale.data_ptr(), self._scale._version))
+    @classmethod
+    def folded(cls, module: nn.Module, bn: nn.BatchNorm2d, dtype: torch.dtype | None = None) -> "LinearMap":
+        """The map of ``bn(module(x))`` in inference mode: ``W * s`` and ``(b - mean) * s + beta``
+        with ``s = gamma / sqrt(var + eps)``, computed in ``dtype`` (default: the module's)."""
+        dtype = dtype or module.weight.dtype
+        scale = (bn.running_var.to(dtype) + bn.eps).rsqrt()
+        if bn.weight is not None:
+            scale = scale * bn.weight.detach().to(dtype)
+        shift = -bn.running_mean.to(dtype) * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias.detach().to(dtype)
+        return cls(module, scale, shift, dtype)
 
+    # ---- parameters
     def _cached(self, name, fn):
-        key = (name,) + self._key()
-        hit = self._cache.get(key)
+        hit = self._cache.get(name)
         if hit is None:
-            if len(self._cache) > 32:
-                self._cache.clear()
-            hit = self._cache[key] = fn()
+            hit = self._cache[name] = fn()
         return hit
 
     @property
     def weight(self) -> torch.Tensor:
-        w = self.module.weight.detach()
-        if self._scale is None:
-            return w
-        return self._cached("w", lambda: w * self._scale.reshape(-1, *([1] * (w.ndim - 1))))
+        def build():
+            w = self.module.weight.detach().to(self.dtype)
+            return w if self._scale is None else w * self._scale.reshape(-1, *([1] * (w.ndim - 1)))
+        return self._cached("w", build)
 
     @property
     def bias(self) -> torch.Tensor | None:
-        b = self.module.bias
-        b = None if b is None else b.detach()
-        if self._scale is None:
-            return b
-        return self._cached("b", lambda: (0 if b is None else b) * self._scale + self._shift)
+        def build():
+            b = self.module.bias
+            b = None if b is None else b.detach().to(self.dtype)
+            if self._scale is None:
+                return b
+            return (0 if b is None else b) * self._scale + self._shift
+        return self._cached("b", build)
 
     def split(self, name: str) -> torch.Tensor:
         """Sign-split weights concatenated along output channels, built once per weight:
@@ -91,7 +104,7 @@ class LinearMap:
     @property
     def pos(self) -> torch.Tensor:
         """W+ = max(W, 0) (a view into whichever split is already built)."""
-        built = ("split-pa",) + self._key() in self._cache
+        built = "split-pa" in self._cache
         return self.halves("pa" if built else "pn")[0]
 
     @property
