@@ -45,6 +45,10 @@ class Explainer:
         check_backend(backend)
         self.backend = backend
         self.graph = g.capture(model)
+        try:
+            self.method.grad_node(self.graph)   # resolves init_layer now, not at the first call
+        except KeyError as e:
+            raise ValueError(f"method {method!r}: {e.args[0]}") from None
 
     def __repr__(self) -> str:
         return f"Explainer({type(self.model).__name__}, {self.method!r}, backend={self.backend!r})"
@@ -69,6 +73,15 @@ class Explainer:
         if initial_relevance is not None and not self.method.accepts_initial_relevance:
             raise ValueError(f"method {self.method.name!r} builds its own target and dual seeds; "
                              "use target= instead of initial_relevance=")
+        # Under torch.inference_mode() autograd cannot record (the Grad-CAM starts and the
+        # gradient baselines need it): leave it for this call, as no_grad is left below for
+        # the nodes that need gradients.  An inference-mode input is cloned into a normal one.
+        with torch.inference_mode(False):
+            if x.is_inference():
+                x = x.clone()
+            return self._attribute(x, target, initial_relevance, layer_sums)
+
+    def _attribute(self, x, target, initial_relevance, layer_sums) -> Attribution:
         with torch.no_grad():
             values = self.graph.forward(x, grad_from=self.method.grad_node(self.graph))
             logits = values[-1]
@@ -118,7 +131,13 @@ def _warn_if_not_finite(relevance: torch.Tensor, method: str) -> None:
 
 def as_targets(target, batch: int, device) -> torch.Tensor:
     """``target`` (int, sequence or tensor of class indices) as a (batch,) long tensor."""
-    t = torch.as_tensor(target, device=device)
+    try:
+        if isinstance(target, (str, bytes)):
+            raise TypeError
+        t = torch.as_tensor(target, device=device)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"target must be None, an int class index, or a sequence or tensor of them; "
+                        f"got {type(target).__name__} {target!r}") from None
     if t.is_floating_point() or t.dtype == torch.bool:
         raise TypeError(f"target must hold integer class indices, got {t.dtype}")
     t = t.long().reshape(-1)

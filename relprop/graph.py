@@ -201,7 +201,13 @@ class Graph:
                 args = _substitute(n.args, values)
                 kwargs = _substitute(n.kwargs, values)
                 with torch.set_grad_enabled(grad_from is not None and n.index > grad_from.index):
-                    v = _evaluate(n, args, kwargs)
+                    try:
+                        v = _evaluate(n, args, kwargs)
+                    except torch.OutOfMemoryError:
+                        raise
+                    except RuntimeError as e:   # an input the model cannot take: say which and where
+                        raise ValueError(f"the model cannot take an input of shape {tuple(x.shape)}: "
+                                         f"{n.describe()} failed: {str(e).splitlines()[0]}") from e
             if grad_from is not None and n.index == grad_from.index:
                 v = v.detach().requires_grad_(True)
             values[n.index] = v

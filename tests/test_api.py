@@ -70,6 +70,20 @@ def test_works_under_no_grad(golden_models, method):
 
 
 @pytest.mark.parametrize("method", ALL_METHODS)
+def test_works_under_inference_mode(golden_models, method):
+    """torch.inference_mode() around the call (and an inference-mode input) gives the same
+    maps as no_grad, as a normal tensor."""
+    model = small_vgg(golden_models, bn=True)
+    x = torch.randn(2, 3, 32, 32)
+    expected = relprop.explain(model, x, method=method)
+    with torch.inference_mode():
+        xi = x.clone()
+        got = relprop.explain(model, xi, method=method)
+    assert xi.is_inference() and not got.is_inference()
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
 def test_batch_equals_samples_one_by_one(golden_models, method):
     """One batched pass gives each sample the map it gets alone (per-sample sums, shifts,
     normalisations and RSP kernels)."""

@@ -189,9 +189,48 @@ def test_bad_initial_relevance(model):
         relprop.Explainer(model, "clrp")(x, initial_relevance=torch.ones(2, 5))
 
 
-def test_unknown_init_layer(model):
-    with pytest.raises(KeyError, match="no layer named 'features.29'"):
-        relprop.Explainer(model, "rsp", init_layer="features.29")(torch.randn(1, 3, 8, 8))
+def test_unknown_init_layer_fails_when_the_explainer_is_built(model):
+    with pytest.raises(ValueError, match="^method 'rsp': no layer named 'features.29' in the model"):
+        relprop.Explainer(model, "rsp", init_layer="features.29")
+
+
+@pytest.mark.parametrize("method, params, error, message", [
+    ("lrp-epsilon", {"epsilon": "abc"}, TypeError, "method 'lrp-epsilon': epsilon must be a number, got str 'abc'"),
+    ("lrp-epsilon", {"epsilon": -1}, ValueError, "method 'lrp-epsilon': epsilon must be >= 0, got -1"),
+    ("lrp-epsilon-plus", {"stabilizer": float("nan")}, ValueError,
+     "method 'lrp-epsilon-plus': stabilizer must be finite, got nan"),
+    ("lrp-epsilon", {"epsilon": True}, TypeError, "method 'lrp-epsilon': epsilon must be a number, got bool True"),
+    ("lrp-alphabeta", {"alpha": "2", "beta": 1}, TypeError, "method 'lrp-alphabeta': alpha must be a number, got str '2'"),
+    ("lrp-rap-repo", {"alpha": None}, TypeError, "method 'lrp-rap-repo': alpha must be a number, got NoneType None"),
+    ("ae", {"ratio": "2"}, TypeError, "method 'ae': ratio must be a number, got str '2'"),
+    ("ae", {"init_layer": 3}, TypeError, "method 'ae': init_layer must be a layer name (str) or None, got int 3"),
+    ("rsp", {"init_layer": ["0"]}, TypeError, "method 'rsp': init_layer must be a layer name (str) or None, got list ['0']"),
+    ("lrp-epsilon", {"zb_bounds": (1, 0)}, ValueError, "method 'lrp-epsilon': zb_bounds must be finite with low <= high, got (1, 0)"),
+    ("lrp-epsilon", {"zb_bounds": "imag"}, ValueError, "method 'lrp-epsilon': zb_bounds must be 'image' or (low, high), got 'imag'"),
+    ("clrp", {"zb_bounds": ("a", 1)}, TypeError,
+     "method 'clrp': zb_bounds must be 'image' or (low, high) numbers or per-channel sequences, got ('a', 1)"),
+])
+def test_bad_parameters_fail_when_the_explainer_is_built(model, method, params, error, message):
+    with pytest.raises(error) as err:
+        relprop.Explainer(model, method, **params)
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize("target", ["3", b"3", ["1", "2"], object()])
+def test_targets_that_are_not_class_indices(model, target):
+    with pytest.raises(TypeError) as err:
+        relprop.explain(model, torch.randn(2, 3, 8, 8), target, method="rap")
+    assert str(err.value) == ("target must be None, an int class index, or a sequence or tensor of them; "
+                              f"got {type(target).__name__} {target!r}")
+
+
+def test_an_input_too_small_for_the_model_names_the_layer():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.MaxPool2d(2),
+                        nn.Flatten())
+    with pytest.raises(ValueError) as err:
+        relprop.explain(net, torch.randn(1, 3, 3, 3), method="rap")
+    assert str(err.value) == ("the model cannot take an input of shape (1, 3, 3, 3): 3 (MaxPool2d) failed: "
+                              "Given input size: (4x1x1). Calculated output size: (4x0x0). Output size is too small")
 
 
 def test_not_a_module():

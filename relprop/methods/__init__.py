@@ -4,6 +4,8 @@ returning the input relevance."""
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
 
 import torch
 
@@ -35,6 +37,47 @@ class Method:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.params().items())})"
+
+
+def number(method: str, name: str, value, low: float | None = None, high: float | None = None,
+           low_open: bool = False):
+    """``value`` if it is a finite real number in ``[low, high]`` (``(low, high]`` with
+    ``low_open``); else a TypeError or ValueError naming the method and the parameter.
+    Methods call it in ``__init__`` so bad parameters fail when the explainer is built."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"method {method!r}: {name} must be a number, got {type(value).__name__} {value!r}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"method {method!r}: {name} must be finite, got {value!r}")
+    if low is not None and (v < low or (low_open and v == low)):
+        raise ValueError(f"method {method!r}: {name} must be {'>' if low_open else '>='} {low:g}, got {value!r}")
+    if high is not None and v > high:
+        raise ValueError(f"method {method!r}: {name} must be <= {high:g}, got {value!r}")
+    return value
+
+
+def layer_name(method: str, value):
+    """An ``init_layer``: None (the default layer) or a module name string."""
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"method {method!r}: init_layer must be a layer name (str) or None, "
+                        f"got {type(value).__name__} {value!r}")
+    return value
+
+
+def zb_bounds(method: str, value):
+    """z^B bounds: ``"image"`` or ``(low, high)``, each a number or per-channel numbers, low <= high."""
+    if isinstance(value, str):
+        if value != "image":
+            raise ValueError(f"method {method!r}: zb_bounds must be 'image' or (low, high), got {value!r}")
+        return value
+    try:
+        low, high = (torch.as_tensor(b, dtype=torch.float64) for b in value)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"method {method!r}: zb_bounds must be 'image' or (low, high) numbers or per-channel "
+                        f"sequences, got {value!r}") from None
+    if not (torch.isfinite(low).all() and torch.isfinite(high).all()) or (low > high).any():
+        raise ValueError(f"method {method!r}: zb_bounds must be finite with low <= high, got {value!r}")
+    return value
 
 
 def create(method: str, **params) -> Method:

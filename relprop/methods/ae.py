@@ -22,7 +22,7 @@ from .. import graph as g
 from .. import rules
 from ..engine import Context, Layer, RuleTable
 from ..ops import psum, safe_divide
-from . import Method, register
+from . import Method, layer_name, number, register
 from .cam import channel_cam, resolve_layer
 from .rsp import _relu_plus_tiny
 
@@ -60,6 +60,8 @@ class AE(Method):
     summary = "Attribution Equilibrium: balanced positive/negative evidence with ratio r (Nam & Lee 2022)"
 
     def __init__(self, ratio: float = 2.0, init_layer: str | None = None):
+        number(self.name, "ratio", ratio)
+        layer_name(self.name, init_layer)
         if not 1 <= ratio <= 2:
             raise ValueError(f"AE's ratio r must lie in [1, 2], got {ratio}")
         self.ratio, self.init_layer = ratio, init_layer

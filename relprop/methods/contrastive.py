@@ -25,7 +25,7 @@ from .. import graph as g
 from .. import rules
 from ..engine import Context, RuleTable
 from ..ops import psum, safe_divide
-from . import Method, register
+from . import Method, register, zb_bounds as check_bounds
 from .lrp import rap_repo_table, zplus_plain
 
 GU_BOUNDS = (-2.1179, 2.64)
@@ -68,6 +68,8 @@ class CLRP(Method):
             raise ValueError(f"style must be 'gu' or 'agf', got {style!r}")
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        if zb_bounds is not None:
+            check_bounds(self.name, zb_bounds)
         self.variant, self.style, self.output, self.zb_bounds = variant, style, output, zb_bounds
         if style == "gu":
             bounds = GU_BOUNDS if zb_bounds is None else zb_bounds

@@ -22,7 +22,7 @@ from .. import graph as g
 from .. import rules
 from ..engine import Context, Layer, RuleTable
 from ..ops import bias_view, safe_divide, stabilize
-from . import Method, register
+from . import Method, number, register, zb_bounds as check_bounds
 
 FIRST_LAYER_CHOICES = ("zb", "flat", "same")
 
@@ -149,6 +149,9 @@ def logit_relevance(ctx: Context) -> torch.Tensor:
 class _ZennitLRP(Method):
     def __init__(self, epsilon: float = 1e-6, stabilizer: float = 1e-6, first_layer: str = "zb",
                  zb_bounds="image"):
+        number(self.name, "epsilon", epsilon, low=0)
+        number(self.name, "stabilizer", stabilizer, low=0)
+        check_bounds(self.name, zb_bounds)
         self.epsilon, self.stabilizer, self.first_layer, self.zb_bounds = epsilon, stabilizer, first_layer, zb_bounds
         self.table = zennit_table(self._conv_rule(), self._linear_rule(),
                                   first_layer_rule(first_layer, zb_bounds, stabilizer), stabilizer, self.name)
@@ -233,6 +236,10 @@ class AlphaBeta(Method):
 
     def __init__(self, alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-6, first_layer: str = "zb",
                  zb_bounds="image"):
+        number(self.name, "alpha", alpha)
+        number(self.name, "beta", beta)
+        number(self.name, "stabilizer", stabilizer, low=0)
+        check_bounds(self.name, zb_bounds)
         if alpha - beta != 1 or beta < 0:
             raise ValueError(f"alpha-beta needs alpha - beta = 1 and beta >= 0, got alpha={alpha}, beta={beta}")
         self.alpha, self.beta, self.stabilizer = alpha, beta, stabilizer
@@ -250,6 +257,7 @@ class RapRepoLRP(Method):
     summary = "LRP-alpha-beta exactly as the RAP authors' code (separate denominators, BN and biases ignored)"
 
     def __init__(self, alpha: float = 1.0):
+        number(self.name, "alpha", alpha)
         if alpha < 1:
             raise ValueError(f"alpha must be >= 1 (beta = alpha - 1), got {alpha}")
         self.alpha = alpha

@@ -24,7 +24,7 @@ from .. import graph as g
 from .. import rules
 from ..engine import Context, Layer, RuleTable
 from ..ops import conv_per_sample, conv_transpose_per_sample, conv_weight_grad_per_sample, psum, safe_divide
-from . import Method, register
+from . import Method, layer_name, register
 from .cam import channel_cam, resolve_layer
 
 
@@ -63,7 +63,7 @@ class RSP(Method):
     summary = "Relative Sectional Propagation: target vs hostile attribution from Grad-CAM channels (Nam et al. 2021)"
 
     def __init__(self, init_layer: str | None = None):
-        self.init_layer = init_layer
+        self.init_layer = layer_name(self.name, init_layer)
         self.table = table()
 
     def grad_node(self, graph: g.Graph) -> g.Node:
