@@ -1,5 +1,11 @@
-"""Shared test fixtures: the golden reference folder and its model builders, and the
-compiled op library of the ``cuda`` backend."""
+"""Shared test fixtures: the golden reference cases and their model builders, and the
+compiled op library of the ``cuda`` backend.
+
+Golden cases come from two folders: the in-repository subset ``tests/data/golden`` (one
+sample of 7 cases, cut by ``scripts/make_golden_subset.py``), always there, and the full
+set ``../shared/golden`` (or ``RELPROP_GOLDEN``), checked whenever it is present.  The golden
+tests parametrise over :data:`GOLDEN_CASES`, which holds both."""
+import functools
 import importlib
 import importlib.util
 import os
@@ -11,19 +17,49 @@ import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GOLDEN = pathlib.Path(os.environ.get("RELPROP_GOLDEN", ROOT.parent / "shared" / "golden"))
+GOLDEN_SUBSET = ROOT / "tests" / "data" / "golden"
+GOLDEN_PRESENT = (GOLDEN / "models.py").is_file()
+FULL_SET_SKIP = (f"{'../shared/golden' if 'RELPROP_GOLDEN' not in os.environ else 'RELPROP_GOLDEN=' + str(GOLDEN)} "
+                 f"not found: full golden set skipped; the in-repo subset tests/data/golden ran")
 
 
-def load_golden_models():
-    spec = importlib.util.spec_from_file_location("golden_models", GOLDEN / "models.py")
+def _case_params():
+    """One ``pytest.param(path)`` per golden case: the subset's (ids ``subset-<name>``) and the
+    full set's (ids ``<name>``, as before the subset existed), or, without the full set, one
+    placeholder that skips with :data:`FULL_SET_SKIP`."""
+    params = [pytest.param(p, id=f"subset-{p.stem}") for p in sorted(GOLDEN_SUBSET.glob("*.pt"))]
+    if GOLDEN_PRESENT:
+        params += [pytest.param(p, id=p.stem) for p in sorted(GOLDEN.glob("*.pt"))]
+    else:
+        params.append(pytest.param(None, id="full-set", marks=pytest.mark.skip(reason=FULL_SET_SKIP)))
+    return params
+
+
+GOLDEN_CASES = _case_params()
+
+
+def load_golden_models(folder=None):
+    """The ``models.py`` of a golden folder (default: the full set if present, else the subset)."""
+    folder = pathlib.Path(folder) if folder is not None else (GOLDEN if GOLDEN_PRESENT else GOLDEN_SUBSET)
+    return _load_models(folder.resolve() / "models.py")
+
+
+@functools.lru_cache(maxsize=None)
+def _load_models(path):
+    spec = importlib.util.spec_from_file_location("golden_models", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
+def load_golden_case(path):
+    """``(case, models)``: a golden case file and the builders of its own folder."""
+    return torch.load(path, weights_only=True), load_golden_models(path.parent)
+
+
 @pytest.fixture(scope="session")
 def golden_models():
-    if not (GOLDEN / "models.py").exists():
-        pytest.fail(f"golden reference folder not found at {GOLDEN} (set RELPROP_GOLDEN)")
+    """The golden model builders: the full set's ``models.py``, or the subset's copy of it."""
     return load_golden_models()
 
 

@@ -1,6 +1,7 @@
 """Whole-network parity of the fast backends with the reference: every golden case (the
-authors' code on small nets) and the Zennit-compatible composites on torchvision VGG16 /
-ResNet50 give the same maps with ``backend="cuda"`` / ``"triton"`` as with ``"torch"``.
+authors' code on small nets: the in-repository subset always, the full set when present)
+and the Zennit-compatible composites on torchvision VGG16 / ResNet50 give the same maps
+with ``backend="cuda"`` / ``"triton"`` as with ``"torch"``.
 
 Runs on CUDA tensors when torch sees a GPU (TF32 off, so fp32 is compared as fp32).  On a
 CPU machine the ``cuda`` backend runs the op library's CPU kernels (JIT-built by the
@@ -13,10 +14,9 @@ import torch
 
 import golden_adapter
 import relprop
-from conftest import GOLDEN, CountingOps
+from conftest import GOLDEN_CASES, CountingOps, load_golden_case
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-CASES = sorted(p.stem for p in GOLDEN.glob("*.pt"))
 # relative L2 to the torch backend on the same device.  fp32 differs by summation order
 # only (observed up to 1.7e-5, on AE r=2, whose layers sum to ~0 by design); fp64 is exact
 # up to rounding.  Triton computes float64 with the reference, so it is compared in fp32.
@@ -62,11 +62,12 @@ def _no_tf32():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("name", CASES)
-def test_golden_case_on_the_backend(name, dtype, backend, native_calls, golden_models):
+@pytest.mark.parametrize("path", GOLDEN_CASES)
+def test_golden_case_on_the_backend(path, dtype, backend, native_calls):
     if backend == "triton" and dtype == torch.float64:
         pytest.skip("the Triton backend computes float64 with the reference")
-    case = torch.load(GOLDEN / f"{name}.pt", weights_only=True)
+    case, golden_models = load_golden_case(path)
+    name = case["name"]
     model = golden_models.build(case["arch"])
     model.load_state_dict(case["state_dict"], strict=True)
     model = model.eval().to(DEVICE, dtype)
