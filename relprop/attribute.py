@@ -11,7 +11,9 @@ Output format (``out_dir``)::
                               a re-run must use the same ones
     shards/shard-00000.npy    relevance, numpy array (n_items, C, H, W), float32 or float16
     shards/shard-00000.json   {"shard": 0, "first": 0, "stop": S, "rank": r (the process that
-                              wrote it), "items": [...], "skipped": [...]}
+                              wrote it), "settings": sha256 of run.json's settings,
+                              "dtype", "shape", "bytes", "sha256": of the .npy file,
+                              "items": [...], "skipped": [...]}
     ...
     index.jsonl               one JSON object per line: every shard's items, then its
                               skipped images, shard by shard in order
@@ -22,21 +24,41 @@ targets (``topk:K`` or a list) gives K consecutive items.  Each item of ``items`
 each line of ``index.jsonl``) is::
 
     {"shard": k, "row": r, "index": i, "id": "...", "path": "..." or null, "label": l or null,
-     "target": t, "logit": z_t, "relevance_sum": sum(R), "delta": sum(R) - z_t}
+     "target": t, "logit": z_t, "relevance_sum": sum(R), "delta": sum(R) - z_t, "dtype": "float32"}
 
 ``row`` is the item's row in the shard's ``.npy``; ``index`` the image's position in the
 dataset; ``id`` its stable name (``dataset.item_id(i)``: the path relative to the image
 folder, or ``NAME[options]:i`` for a torchvision data set); ``path`` the image file
-(null for a torchvision data set); ``label`` the data set's label; ``logit`` the
-model's output ``z_t`` for the explained class ``t``; ``delta`` the conservation error.
+relative to the image folder (``dataset.relative_path(i)``, so the same whatever the
+working directory; null for a torchvision data set); ``label`` the data set's label;
+``logit`` the model's output ``z_t`` for the explained class ``t``; ``relevance_sum``
+the sum of the float32 map; ``delta`` the conservation error; ``dtype`` the dtype the
+shard's ``.npy`` stores.
 An image that cannot be read appears instead as ``{"shard": k, "index": i, "id": "...",
 "path": ..., "skipped": true, "error": "..."}`` (and a warning names it).
 
-Crash safety and resuming: each shard file is written under a temporary name in the
-same folder and then renamed (:func:`os.replace`, atomic); the ``.json`` is written
-*last*, so a shard counts as finished exactly when its ``.json`` exists.  Re-running the
-same command skips every finished shard, so a run killed at any moment loses at most
-the shards in flight.  A re-run with different settings is refused (``ValueError``).
+Validation: before anything is written, the first readable item is explained (its
+predicted class) with the method and parameters, which proves them usable on this model
+and data, and gives the number of classes the targets are checked against (a class
+index or ``topk:K`` beyond it, or a label beyond it for ``targets="label"``, is a
+``ValueError``); a data set none of whose items can be read is a ``ValueError`` too.
+
+Crash safety and resuming: each file is written under a temporary name in the same
+folder (``.NAME.PID-HOST.XXXXXXXX.tmp``), flushed to disk (``fsync``) and then renamed
+(:func:`os.replace`, atomic); the shard's ``.json`` is written *last*, with the size and
+sha256 of its ``.npy``.  Re-running the same command keeps every finished shard whose
+files are whole: a shard whose ``.json`` is empty, unreadable or incomplete, was made
+with other settings (``run.json`` replaced), or whose ``.npy`` is missing, has another
+size, shape or dtype, or fails the checksum, is computed again with a warning naming the
+file.  Temporary files of runs that are no longer alive are removed; ``index.jsonl`` is
+removed while shards are being (re)computed, so it exists only for a complete run.  A
+run killed at any moment loses at most the shards in flight.  A re-run with different
+settings is refused (``ValueError``); so is an empty or corrupt ``run.json``, with the
+advice to delete it (the shards made with the same settings are then kept).
+
+Write errors (disk full, a read-only folder, ``out_dir/shards`` being a file) raise
+:class:`OutputError` (an ``OSError``) naming the file and what to do; the finished
+shards stay valid for a resume.
 
 Several processes: under ``torchrun`` (``WORLD_SIZE``/``RANK`` set) the processes join
 a ``torch.distributed`` group (gloo on CPU, nccl on CUDA); shard ``k`` is done by rank
@@ -47,17 +69,27 @@ raise :class:`DistributedRunError` naming the failed rank and its error; the fin
 shards stay valid for a resume.
 
 Storage dtype ``float16`` halves the disk space; the computation is float32 either way.
+A shard with a value that float16 cannot hold (``|R| > 65504``, which would be stored as
+inf) is stored as float32 instead, with a warning naming the item and its largest
+``|R|``; its ``.json`` ``dtype`` and the ``dtype`` of its index lines say ``float32``
+(its other maps keep their float16 rounding).  The summary counts the shards of every
+rank.
 On CUDA, an out-of-memory error halves the number of items explained at once (with a
 warning) and retries (:func:`_in_chunks`).
 """
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import io
 import json
 import math
 import os
+import re
+import socket
 import traceback
+import uuid
 import warnings
 
 import numpy as np
@@ -67,9 +99,19 @@ from tqdm import tqdm
 from .explainer import Explainer, available_methods
 from .images import collate
 from .models import model_fingerprint
-from .viz import write_atomic
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2          # 2: shard .json records the settings digest and the .npy's size and sha256
+FLOAT16_MAX = float(np.finfo(np.float16).max)      # 65504
+RESUME_NOTE = "finished shards are kept: fix this, then run the same command again to resume"
+
+
+class OutputError(OSError):
+    """The output folder cannot be written (disk full, read-only, a file where a folder
+    belongs...); the message names the path and what to do.  Finished shards are kept."""
+
+    def __init__(self, message: str, code: int | None = None):
+        super().__init__(message)
+        self.errno = code
 
 
 def parse_targets(targets) -> tuple[str, object]:
@@ -138,7 +180,7 @@ def attribute_dataset(model: torch.nn.Module, dataset, method: str = "rap", meth
             torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available()
             else torch.device("cpu"))
         ranks = _Ranks(world, rank)
-        with ranks.step():
+        with ranks.step():          # everything is validated before anything is written
             model = model.to(device)
             explainer = Explainer(model, method, **method_params)
             settings = {"format": FORMAT_VERSION, "method": method, "method_params": method_params,
@@ -146,22 +188,32 @@ def attribute_dataset(model: torch.nn.Module, dataset, method: str = "rap", meth
                         "shard_size": shard_size, "dtype": dtype, "model": model_fingerprint(model),
                         "data": dataset.fingerprint() if hasattr(dataset, "fingerprint") else {"items": n}}
             settings.update(extra_settings or {})
-            settings = json.loads(json.dumps(settings))
+            try:
+                settings = json.loads(json.dumps(settings))
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"the method parameters and settings must be JSON values (numbers, strings, "
+                                 f"lists...): {e}") from None
+            digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
             _check_settings(out_dir, settings)
+            _validate(explainer, dataset, method, method_params, targets, kind, tvalue, labels, device)
         with ranks.step():
             if rank == 0:
-                os.makedirs(os.path.join(out_dir, "shards"), exist_ok=True)
+                _prepare_folder(out_dir)
                 if not os.path.exists(os.path.join(out_dir, "run.json")):
-                    write_atomic(os.path.join(out_dir, "run.json"), json.dumps(settings, indent=2).encode())
+                    _write_atomic(os.path.join(out_dir, "run.json"), json.dumps(settings, indent=2).encode())
 
         n_shards = math.ceil(n / shard_size)
         mine = [k for k in range(n_shards) if k % world == rank]
-        todo = [k for k in mine if not os.path.exists(shard_paths(out_dir, k)[1])]
         with ranks.step():
+            todo = _unfinished(out_dir, mine, shard_size, n, digest)
+        computed = sum(ranks.gather(len(todo)))
+        with ranks.step():
+            if rank == 0 and computed:          # index.jsonl exists only for a complete run
+                _remove(os.path.join(out_dir, "index.jsonl"))
             _attribute_shards(explainer, dataset, todo, out_dir, n, kind, tvalue, labels, batch_size, shard_size,
-                              dtype, num_workers, progress and rank == 0, device, ranks)
+                              dtype, num_workers, progress and rank == 0, device, ranks, digest)
             ranks.through_round(math.ceil(n_shards / world) - 1)
-        summary = {"shards": n_shards, "done": len(todo), "skipped_shards": len(mine) - len(todo)}
+        summary = {"shards": n_shards, "done": computed, "skipped_shards": n_shards - computed}
         with ranks.step():
             if rank == 0:
                 summary.update(write_index(out_dir, n_shards))
@@ -174,7 +226,7 @@ def attribute_dataset(model: torch.nn.Module, dataset, method: str = "rap", meth
 
 
 def _attribute_shards(explainer, dataset, todo, out_dir, n, kind, tvalue, labels, batch_size, shard_size,
-                      dtype, num_workers, progress, device, ranks) -> None:
+                      dtype, num_workers, progress, device, ranks, digest) -> None:
     """Compute and write the shards ``todo``, checking in with the other ranks between rounds."""
     batches = [list(range(s, min(s + batch_size, stop)))
                for k in todo for stop in [min((k + 1) * shard_size, n)]
@@ -184,49 +236,114 @@ def _attribute_shards(explainer, dataset, todo, out_dir, n, kind, tvalue, labels
     bar = tqdm(total=sum(len(b) for b in batches), unit="img", desc="attributing",
                disable=not progress or None, dynamic_ncols=True)
     state = {"chunk": batch_size * (tvalue if kind == "topk" else len(tvalue) if kind == "list" else 1)}
-    paths = getattr(dataset, "paths", None)
     item_id = getattr(dataset, "item_id", str)
-    current, rel, items, skipped = None, [], [], []
+    path_of = _path_function(dataset)
+    current, rel, items, skipped, overflow = None, [], [], [], None
     for x, indices, bad in (loader if batches else ()):
         k = (indices or [b[0] for b in bad])[0] // shard_size
         if k != current:
             if current is not None:
-                _write_shard(out_dir, current, shard_size, n, rel, items, skipped, dtype, ranks.rank)
-                rel, items, skipped = [], [], []
+                _write_shard(out_dir, current, shard_size, n, rel, items, skipped, dtype, ranks.rank, digest,
+                             overflow)
+                rel, items, skipped, overflow = [], [], [], None
             ranks.through_round(k // ranks.world - 1)
         current = k
         for i, err in bad:
             warnings.warn(f"skipping unreadable image {item_id(i)}: {err}", stacklevel=3)
-            skipped.append({"shard": k, "index": i, "id": item_id(i), "path": paths[i] if paths else None,
+            skipped.append({"shard": k, "index": i, "id": item_id(i), "path": path_of(i),
                             "skipped": True, "error": err})
         if x is not None:
             x = x.to(device, non_blocking=True)
             r, logit, tgt, reps = _explain(explainer, x, indices, kind, tvalue, labels, state)
             r_sum = r.flatten(1).double().sum(1).cpu().tolist()
+            first_row = len(items)
             for j, (t, z, s) in enumerate(zip(tgt.cpu().tolist(), logit.cpu().tolist(), r_sum)):
                 i = indices[j // reps]
                 items.append({"shard": k, "row": len(items), "index": i, "id": item_id(i),
-                              "path": paths[i] if paths else None,
+                              "path": path_of(i),
                               "label": labels[i] if labels is not None else None,
                               "target": t, "logit": z, "relevance_sum": s, "delta": s - z})
-            rel.append(r.to(torch.float16 if dtype == "float16" else torch.float32).cpu().numpy())
+            r = r.to(torch.float32)
+            if dtype == "float16":
+                r16 = r.to(torch.float16)
+                lost = (torch.isinf(r16) & torch.isfinite(r)).flatten(1).any(1)     # finite values -> inf
+                if lost.any():
+                    peak = r.flatten(1).abs().where(torch.isfinite(r.flatten(1)), 0).amax(1)
+                    j = int(torch.where(lost, peak, -1).argmax())
+                    if overflow is None or peak[j].item() > overflow[0]:
+                        overflow = (peak[j].item(), items[first_row + j]["id"])
+                else:
+                    r = r16
+            rel.append(r.cpu().numpy())
         bar.update(len(indices) + len(bad))
     if current is not None:
-        _write_shard(out_dir, current, shard_size, n, rel, items, skipped, dtype, ranks.rank)
+        _write_shard(out_dir, current, shard_size, n, rel, items, skipped, dtype, ranks.rank, digest, overflow)
     bar.close()
+
+
+def _path_function(dataset):
+    """``i -> `` the ``path`` index column: ``dataset.relative_path(i)`` (relative to the image
+    folder, the same whatever the working directory), else ``dataset.paths[i]``, else None."""
+    relative = getattr(dataset, "relative_path", None)
+    if relative is not None:
+        return relative
+    paths = getattr(dataset, "paths", None)
+    return (lambda i: paths[i]) if paths else (lambda i: None)
+
+
+def _validate(explainer, dataset, method, method_params, targets, kind, tvalue, labels, device) -> None:
+    """Explain the first readable item (its predicted class) and check the targets against the
+    model's number of classes; ValueError, before anything is written, if that fails."""
+    item_id = getattr(dataset, "item_id", str)
+    first_error = None
+    for i in range(len(dataset)):
+        _, x, err = dataset[i]
+        if x is not None:
+            break
+        first_error = first_error or (i, err)
+    else:
+        i, err = first_error
+        raise ValueError(f"none of the {len(dataset)} images can be read (the first, {item_id(i)}: {err})")
+    x = x[None].to(device)
+    try:
+        att = _in_chunks(lambda s, e: explainer.attribute(x), 1, {"chunk": 1})[0]
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as e:
+        params = ", ".join(f"{key}={value!r}" for key, value in method_params.items())
+        raise ValueError(f"method {method!r}{f' with {params}' if params else ''} fails on the first image, "
+                         f"{item_id(i)}: {type(e).__name__}: {e}") from e
+    classes = att.logits.shape[1]
+    if kind == "list" and max(tvalue) >= classes:
+        bad = next(t for t in tvalue if t >= classes)
+        raise ValueError(f"targets {targets!r}: class {bad} is out of range: the model has {classes} classes "
+                         f"(0 to {classes - 1})")
+    if kind == "topk" and tvalue > classes:
+        raise ValueError(f"targets {targets!r}: the model has only {classes} classes")
+    if kind == "label" and isinstance(labels, (list, tuple)):
+        bad = next((t for t in labels if not 0 <= t < classes), None)
+        if bad is not None:
+            raise ValueError(f"targets 'label': the data set has the label {bad} but the model has {classes} "
+                             f"classes (0 to {classes - 1})")
 
 
 def write_index(out_dir, n_shards: int) -> dict:
     """Merge the shard jsons, in order, into ``out_dir/index.jsonl``; counts of items/skipped."""
     lines, n_items, n_skipped = [], 0, 0
     for k in range(n_shards):
-        with open(shard_paths(out_dir, k)[1]) as f:
-            shard = json.load(f)
-        for rec in shard["items"] + shard["skipped"]:
+        js = shard_paths(out_dir, k)[1]
+        try:
+            with open(js, "rb") as f:
+                shard = json.load(f)
+            records = shard["items"] + shard["skipped"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{js} cannot be read ({type(e).__name__}: {e}): run the same command again to "
+                             "compute that shard again") from None
+        for rec in records:
             lines.append(json.dumps(rec))
         n_items += len(shard["items"])
         n_skipped += len(shard["skipped"])
-    write_atomic(os.path.join(out_dir, "index.jsonl"), ("\n".join(lines) + "\n").encode())
+    _write_atomic(os.path.join(out_dir, "index.jsonl"), ("\n".join(lines) + "\n").encode())
     return {"items": n_items, "skipped_images": n_skipped}
 
 
@@ -288,30 +405,212 @@ def _in_chunks(fn, n: int, state: dict) -> list:
     return outs
 
 
-def _write_shard(out_dir, k, shard_size, n, rel, items, skipped, dtype, rank) -> None:
+def _write_shard(out_dir, k, shard_size, n, rel, items, skipped, dtype, rank, digest, overflow=None) -> None:
+    """Write shard ``k``: the ``.npy``, then (last: the shard is finished) its ``.json``.
+
+    ``overflow``: ``(largest |R|, item id)`` when a map does not fit float16; the shard is
+    then stored as float32 (with a warning) and its records say so.
+    """
     npy, js = shard_paths(out_dir, k)
-    if rel:
-        arr = np.concatenate(rel)
-    else:
-        arr = np.zeros((0,), dtype=np.float16 if dtype == "float16" else np.float32)
+    stored = dtype
+    if overflow is not None:
+        stored = "float32"
+        warnings.warn(f"shard {k} is stored as float32, not float16: item {overflow[1]} has relevance values up "
+                      f"to |R| = {overflow[0]:.6g}, beyond float16's largest value {FLOAT16_MAX:.0f} (its .json and "
+                      "index lines say dtype float32)", stacklevel=3)
+    arr = np.concatenate([a.astype(stored, copy=False) for a in rel]) if rel else np.zeros((0,), dtype=stored)
     buf = io.BytesIO()
     np.save(buf, arr)
-    write_atomic(npy, buf.getvalue())
+    data = buf.getvalue()
+    _write_atomic(npy, data)
+    for item in items:
+        item["dtype"] = stored
     meta = {"shard": k, "first": k * shard_size, "stop": min((k + 1) * shard_size, n), "rank": rank,
-            "items": items, "skipped": skipped}
-    write_atomic(js, json.dumps(meta).encode())          # last: the shard is finished now
+            "settings": digest, "dtype": stored, "shape": list(arr.shape), "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(), "items": items, "skipped": skipped}
+    _write_atomic(js, json.dumps(meta).encode())          # last: the shard is finished now
+
+
+def _shard_problem(out_dir, k: int, shard_size: int, n: int, digest: str) -> str | None:
+    """Why the finished shard ``k`` (its ``.json`` exists) is not whole, or None if it is."""
+    npy, js = shard_paths(out_dir, k)
+    try:
+        with open(js, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        return f"{js} cannot be read ({e.strerror or e})"
+    if not raw.strip():
+        return f"{js} is empty"
+    try:
+        meta = json.loads(raw)
+    except ValueError as e:
+        return f"{js} is not valid JSON ({e})"
+    expected = {"shard": k, "first": k * shard_size, "stop": min((k + 1) * shard_size, n)}
+    fields = ("settings", "dtype", "shape", "bytes", "sha256", "items", "skipped")
+    if not isinstance(meta, dict) or any(f not in meta for f in (*expected, *fields)):
+        return f"{js} is incomplete"
+    if meta["settings"] != digest:
+        return f"{js} was made with other settings than run.json"
+    if any(meta[f] != v for f, v in expected.items()) or not isinstance(meta["items"], list) \
+            or not isinstance(meta["shape"], list) or meta["shape"][:1] != [len(meta["items"])]:
+        return f"{js} does not describe shard {k}"
+    try:
+        size = os.path.getsize(npy)
+    except OSError:
+        return f"{npy} is missing"
+    if size != meta["bytes"]:
+        return f"{npy} has {size} bytes, {meta['bytes']} expected"
+    try:
+        with open(npy, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(f)
+            f.seek(0)
+            h = hashlib.sha256()
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+    except (OSError, ValueError) as e:
+        return f"{npy} does not load ({e})"
+    if list(shape) != meta["shape"] or dtype.name != meta["dtype"]:
+        return f"{npy} holds a {dtype.name} array of shape {tuple(shape)}, not {meta['dtype']} {tuple(meta['shape'])}"
+    if h.hexdigest() != meta["sha256"]:
+        return f"{npy} fails its checksum (sha256 recorded in {js})"
+    return None
+
+
+def _unfinished(out_dir, shards, shard_size: int, n: int, digest: str) -> list:
+    """The shards among ``shards`` to compute: those not finished, and those whose files are
+    not whole (warned about, and their ``.json`` removed so they count as unfinished)."""
+    todo = []
+    for k in shards:
+        js = shard_paths(out_dir, k)[1]
+        if not os.path.exists(js):
+            todo.append(k)
+            continue
+        problem = _shard_problem(out_dir, k, shard_size, n, digest)
+        if problem is not None:
+            warnings.warn(f"shard {k} is damaged: {problem}; computing it again", stacklevel=3)
+            _remove(js)
+            todo.append(k)
+    return todo
 
 
 def _check_settings(out_dir, settings: dict) -> None:
     path = os.path.join(out_dir, "run.json")
-    if not os.path.exists(path):
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
         return
-    with open(path) as f:
-        old = json.load(f)
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        old = json.loads(raw)
+        if not isinstance(old, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        what = "is empty" if not raw.strip() else f"is corrupt ({e})"
+        raise ValueError(f"{path} {what}: delete it and run the command again (the finished shards made with the "
+                         "same settings are kept, the others are computed again)") from None
     if old != settings:
         diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
         raise ValueError(f"{out_dir!r} holds a run with different settings ({', '.join(diff)} differ; "
                          f"see {path}); use another output folder, or the same settings to resume")
+
+
+# --------------------------------------------------------------------------- files
+_HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname()) or "host"
+_TMP = re.compile(r"^\..+\.(\d+)(?:-([A-Za-z0-9_]+))?\.[0-9a-f]{8}\.tmp$")   # also the old .NAME.PID.X.tmp
+
+
+def _tmp_name(path) -> str:
+    folder, base = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f".{base}.{os.getpid()}-{_HOST}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def _write_atomic(path, data: bytes) -> None:
+    """Write ``data`` to ``path`` whole or not at all: a temporary file in the same folder,
+    flushed to disk (fsync), renamed over ``path``, and the folder flushed.  An OSError
+    becomes :class:`OutputError` naming ``path``; the temporary file is removed."""
+    path = os.fspath(path)
+    tmp = _tmp_name(path)
+    try:
+        try:
+            with open(tmp, "xb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        _fsync_folder(os.path.dirname(os.path.abspath(path)))
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror or e}; {RESUME_NOTE}", e.errno) from e
+
+
+def _fsync_folder(folder) -> None:
+    """Flush a folder's entries (a rename) to disk; a no-op where folders cannot be synced."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _remove(path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise OutputError(f"cannot remove {path}: {e.strerror or e}; {RESUME_NOTE}", e.errno) from e
+
+
+def _alive(pid: int, host: str | None) -> bool:
+    """Whether the process that named a temporary file may still be writing it."""
+    if host not in (None, _HOST):
+        return False            # another machine's: at the start of a run no process of it writes here
+    if os.name != "posix":
+        return True             # no safe liveness probe (os.kill would end the process)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _prepare_folder(out_dir) -> None:
+    """Create ``out_dir/shards``, prove it writable and remove temporary files of dead runs;
+    :class:`OutputError` saying what to do otherwise."""
+    out_dir = os.fspath(out_dir)
+    shards = os.path.join(out_dir, "shards")
+    for folder in (out_dir, shards):
+        if os.path.lexists(folder) and not os.path.isdir(folder):
+            raise OutputError(f"{folder} exists but is not a folder: move it away or use another output folder",
+                              errno.ENOTDIR)
+    try:
+        os.makedirs(shards, exist_ok=True)
+        probe = _tmp_name(os.path.join(shards, "probe"))
+        with open(probe, "xb"):
+            pass
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputError(f"cannot write to {shards}: {e.strerror or e}; {RESUME_NOTE}", e.errno) from e
+    for folder in (out_dir, shards):
+        for name in os.listdir(folder):
+            m = _TMP.match(name)
+            if m and not _alive(int(m.group(1)), m.group(2)):
+                _remove(os.path.join(folder, name))
 
 
 class DistributedRunError(RuntimeError):
@@ -348,6 +647,14 @@ class _Ranks:
         while self.rounds <= j:
             self.rounds += 1
             self.check()
+
+    def gather(self, value) -> list:
+        """``value`` of every rank, in rank order (all ranks must call it at the same point)."""
+        if self.world == 1:
+            return [value]
+        values = [None] * self.world
+        torch.distributed.all_gather_object(values, value)
+        return values
 
     def check(self, error: Exception | None = None) -> None:
         if self.world == 1:

@@ -64,6 +64,25 @@ def _check_writable(parser: argparse.ArgumentParser, flag: str, folder: str) -> 
         parser.error(f"{flag}: cannot write to output folder {folder!r}: {e.strerror or e}")
 
 
+def _check_output_folder(parser: argparse.ArgumentParser, flag: str, folder: str) -> None:
+    """Stop with a usage error naming ``flag`` unless ``folder`` is a writable folder or can be
+    created as one; creates nothing (the command creates it once everything is validated)."""
+    path = os.path.abspath(folder)
+    existing = path
+    while not os.path.lexists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        parser.error(f"{flag}: cannot write to output folder {folder!r}: {existing!r} is not a folder")
+    if existing == path:
+        try:
+            with tempfile.TemporaryFile(dir=path):
+                pass
+        except OSError as e:
+            parser.error(f"{flag}: cannot write to output folder {folder!r}: {e.strerror or e}")
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        parser.error(f"{flag}: cannot write to output folder {folder!r}: cannot create folders in {existing!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .demo import DEFAULT_STEPS
 
@@ -112,10 +131,14 @@ def main(argv=None) -> int:
         return _methods()
     if args.command == "backends":
         return _backends()
-    if args.command == "attribute":
-        return _attribute(args)
-    if args.command == "explain":
-        return _explain(args)
+    if args.command in ("attribute", "explain"):
+        try:
+            return _attribute(args) if args.command == "attribute" else _explain(args)
+        except KeyboardInterrupt:         # Ctrl-C: one line, no traceback; files are written whole or not at all
+            note = "; finished shards are kept: run the same command again to resume" \
+                if args.command == "attribute" else ""
+            print(f"relprop {args.command}: interrupted{note}", file=sys.stderr)
+            return 130
     if args.command == "evaluate":
         return _evaluate(args)
     return _demo(args)
@@ -194,41 +217,61 @@ Data, one of:
 Each image is converted to RGB, its shorter side resized to --resize, centre-cropped
 to --size and normalised with --mean/--std; the defaults are the model's own (see
 MODEL below).  An image that cannot be read is reported with a warning, recorded as
-skipped, and the run goes on.
+skipped, and the run goes on (a data set none of whose images can be read is an
+error).  Symbolic links to folders are followed, each real folder once.
+
+Before anything is written, the first readable image is explained with --method and
+--param, and --targets is checked against the model's number of classes: a bad
+parameter value, a class index or topk:K beyond the model's classes is an error that
+leaves OUT untouched.
 
 """ + MODEL_HELP + """
 Output (OUT):
   run.json                  the settings; a re-run must use the same ones
   shards/shard-00000.npy    relevance maps: a numpy array (items, 3, size, size),
                             float32 (float16 with --float16); read it with np.load
-  shards/shard-00000.json   {"shard", "first", "stop", "rank", "items": [...],
+  shards/shard-00000.json   {"shard", "first", "stop", "rank", "settings", "dtype",
+                            "shape", "bytes", "sha256", "items": [...],
                             "skipped": [...]}, written last: a shard is finished
-                            exactly when its .json exists
+                            when its .json exists and its .npy has the recorded
+                            size, shape, dtype and sha256
   index.jsonl               every shard's items, then its skipped images, shard by
-                            shard, one JSON object per line
+                            shard, one JSON object per line; written when every
+                            shard is finished
 Index columns (one line per image and target):
   shard, row       the map is row `row` of shards/shard-<shard>.npy
   index            position of the image in the data set (sorted order)
   id               stable name: path relative to --data, or NAME[options]:index
-  path             the image file (null for a torchvision data set)
+  path             the image file relative to --data (null for a torchvision
+                   data set)
   label            the data set's class of the image (null without labels)
   target           the class explained
   logit            the model's output for that class
-  relevance_sum    the sum of the relevance map
+  relevance_sum    the sum of the relevance map (float32)
   delta            relevance_sum - logit (conservation error)
+  dtype            the dtype of the shard's .npy (float16 or float32)
   skipped, error   instead of the above for an image that could not be read
-Shard k holds the images [k*N, (k+1)*N) for --shard-size N.  Files are written under
-a temporary name and renamed (atomic), so an interrupted run is resumed by running the
-same command again: finished shards are skipped, at most the shard in flight is
-recomputed.  With --targets topk:K or a list every image gives one item per target,
-all computed in one batched pass.  On a GPU, out-of-memory halves the items per pass
-(with a warning) and retries.  The progress bar shows images/s and the ETA.
+Shard k holds the images [k*N, (k+1)*N) for --shard-size N.  Every file is written
+under a temporary name, flushed to disk and renamed (atomic), so an interrupted run
+(Ctrl-C, a crash, a full disk) is resumed by running the same command again: finished
+shards are kept, at most the shards in flight are recomputed.  A finished shard whose
+files are damaged (a .json empty or corrupt, a .npy missing, truncated or failing its
+checksum) is computed again, with a warning naming the file; temporary files of dead
+runs are removed.  An empty or corrupt run.json is an error: delete it and run the
+command again.  Write errors and Ctrl-C end with one line naming the problem, exit
+status 1 (130 for Ctrl-C), and the finished shards kept.  With --float16, a shard
+holding a value beyond float16's range (|R| > 65504) is stored as float32 instead,
+with a warning, and says so in its .json and index lines (dtype).  With --targets
+topk:K or a list every image gives one item per target, all computed in one batched
+pass.  On a GPU, out-of-memory halves the items per pass (with a warning) and
+retries.  The progress bar shows images/s and the ETA.
 
 Several processes: torchrun --nproc-per-node G -m relprop.cli attribute ... (or
 several nodes) splits the shards across the processes (shard k by rank k % G, one GPU
-each); each writes its own shards and rank 0 writes index.jsonl at the end.  If one
-rank fails, all stop within a shard with an error naming the failed rank and the
-cause, and the job exits non-zero; the finished shards are kept for a resume.
+each); each writes its own shards and rank 0 writes index.jsonl at the end and prints
+the summary, which counts the shards of every rank.  If one rank fails, all stop
+within a shard with an error naming the failed rank and the cause, and the job exits
+non-zero; the finished shards are kept for a resume.
 """
 
 ATTRIBUTE_EXAMPLES = """\
@@ -249,7 +292,10 @@ Explain a few image files and write, for every image and target class,
   OUT/<image name>-<class>-heatmap.png   the relevance map (red = positive relevance,
                                          blue = negative, white = 0; summed over colours)
   OUT/<image name>-<class>-overlay.png   the (preprocessed) image blended with the map
-and print each image's class, logit and files.  The predicted class is explained
+and print each image's class, logit and files.  <image name> is the file name without
+its extension; images that share it (a/x.png, b/x.png) are named by their path from
+their common folder instead (a_x, b_x), so no output overwrites another.  Nothing is
+written unless every image is read and explained.  The predicted class is explained
 unless --target is given.  Each image is converted to RGB, its shorter side resized
 to --resize, centre-cropped to --size and normalised with --mean/--std; the defaults
 are the model's own (see MODEL below).
@@ -279,7 +325,8 @@ def _add_model_options(p) -> None:
     p.add_argument("--method", default="rap", metavar="METHOD",
                    help="attribution method, see 'relprop methods' (default: %(default)s)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="a method parameter, repeatable, e.g. --param epsilon=0.01 (values are Python literals)")
+                   help="a method parameter, repeatable, e.g. --param epsilon=0.01 (values are Python literals: "
+                        "numbers, True/False, 'text', tuples; anything else is kept as text)")
     p.add_argument("--size", type=_positive, metavar="PX",
                    help="centre-crop size in pixels (default: the model's, 224 for ImageNet models, 64 for shapes-*)")
     p.add_argument("--resize", type=_positive, metavar="PX",
@@ -344,19 +391,36 @@ def _add_explain_parser(sub, fmt) -> None:
     p.set_defaults(subparser=p)
 
 
-def _params(parser, items, flag: str = "--param") -> dict:
+def _params(parser, items, flag: str = "--param", json_only: bool = False) -> dict:
+    """``KEY=VALUE`` items -> dict.  A value is a Python literal (``0.01``, ``1e-9``, ``2``,
+    ``True``, ``'text'``, ``(3, 64, 64)``), or ``nan``/``inf`` as floats; anything else is
+    the text itself, as is a literal that is not a JSON value when ``json_only``."""
     import ast
 
     params = {}
     for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
+        key, sep, text = item.partition("=")
+        key, text = key.strip(), text.strip()
+        if not sep or not key:
             parser.error(f"{flag}: expected KEY=VALUE, got {item!r}")
+        if key in params:
+            parser.error(f"{flag}: {key} is given twice")
         try:
-            params[key.strip()] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            params[key.strip()] = value
+            value = ast.literal_eval(text)
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            value = float(text) if text.lower().lstrip("+-") in ("nan", "inf", "infinity") else text
+        params[key] = value if not json_only or _is_json(value) else text
     return params
+
+
+def _is_json(value) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_json(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_json(v) for k, v in value.items())
+    return False
 
 
 def _floats3(parser, name, text) -> tuple:
@@ -377,7 +441,7 @@ def method_params_from_args(args) -> dict:
     parser = args.subparser
     if args.method not in available_methods():
         parser.error(f"--method: unknown method {args.method!r}; choose one of: {', '.join(available_methods())}")
-    params = _params(parser, args.param)
+    params = _params(parser, args.param, json_only=True)
     try:
         methods.create(args.method, **params)
     except (TypeError, ValueError) as e:
@@ -438,7 +502,7 @@ def _attribute(args) -> int:
     except ValueError as e:
         parser.error(f"--targets: {e}")
     params = method_params_from_args(args)
-    _check_writable(parser, "--out", args.out)
+    _check_output_folder(parser, "--out", args.out)
     model, pre = load_model_from_args(args)
     dataset = _dataset_from_args(args, pre)
     if args.targets == "label" and dataset.labels is None:
@@ -453,10 +517,10 @@ def _attribute(args) -> int:
                                     batch_size=args.batch_size, shard_size=args.shard_size,
                                     dtype="float16" if args.float16 else "float32", num_workers=args.workers,
                                     progress=not args.quiet, extra_settings=extra)
-    except ValueError as e:
+    except ValueError as e:                 # bad settings, targets, parameters or data: nothing was written
         print(f"relprop attribute: error: {e}", file=sys.stderr)
         return 2
-    except DistributedRunError as e:
+    except (DistributedRunError, OSError) as e:   # write errors (OutputError) name the file and what to do
         print(f"relprop attribute: error: {e}", file=sys.stderr)
         return 1
     if "items" in summary:
@@ -487,25 +551,39 @@ def _explain(args) -> int:
         except ValueError:
             parser.error(f"--target: expected class indices like 3 or 3,7, got {args.target!r}")
     params = method_params_from_args(args)
-    _check_writable(parser, "--out", args.out)
+    _check_output_folder(parser, "--out", args.out)
     model, pre = load_model_from_args(args)
+    paths, seen = [], set()
+    for path in args.images:                # a file given twice is explained once
+        if os.path.realpath(path) not in seen:
+            seen.add(os.path.realpath(path))
+            paths.append(path)
     images = []
-    for path in args.images:
+    for path in paths:
         try:
             images.append(pre.load(path))
         except Exception as e:
             parser.error(f"cannot read image {path!r}: {type(e).__name__}: {e}")
-    explainer = Explainer(model, args.method, **params)
+    try:
+        explainer = Explainer(model, args.method, **params)
+    except (TypeError, ValueError) as e:
+        parser.error(f"--method/--param: {e}")
     x = torch.stack(images)
-    for path, xi in zip(args.images, x):
+    results = []                 # every image is explained before any file is written
+    for path, xi in zip(paths, x):
         xi = xi[None]
         ts = targets if targets is not None else [None]
         try:
             att = explainer.attribute(xi.repeat(len(ts), 1, 1, 1), None if targets is None else ts)
         except ValueError as e:
             parser.error(str(e))
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except (TypeError, RuntimeError) as e:
+            parser.error(f"method {args.method!r} fails on {path}: {type(e).__name__}: {e}")
+        results.append((path, xi, att))
+    for (path, xi, att), stem in zip(results, _output_stems(paths)):
         rgb = viz.image_to_rgb(xi[0], pre.mean, pre.std)
-        stem = os.path.splitext(os.path.basename(path))[0]
         for r, t in zip(att.relevance, att.target.tolist()):
             heat = viz.to_rgb(r.sum(0))
             overlay = (0.5 * rgb.astype(np.float32) + 0.5 * heat.astype(np.float32) + 0.5).astype(np.uint8)
@@ -513,10 +591,47 @@ def _explain(args) -> int:
                 buf = io.BytesIO()
                 Image.fromarray(arr, "RGB").save(buf, format="PNG")
                 out = os.path.join(args.out, f"{stem}-{t}-{suffix}.png")
-                viz.write_atomic(out, buf.getvalue())
+                try:
+                    os.makedirs(args.out, exist_ok=True)
+                    viz.write_atomic(out, buf.getvalue())
+                except OSError as e:
+                    print(f"relprop explain: error: cannot write {out}: {e.strerror or e}", file=sys.stderr)
+                    return 1
             print(f"{path}: class {t} (logit {att.logits[0, t].item():.3f}) -> "
                   f"{os.path.join(args.out, f'{stem}-{t}-heatmap.png')}, -overlay.png")
     return 0
+
+
+def _output_stems(paths) -> list:
+    """A distinct output name per image file (compared case-insensitively, for case-insensitive
+    file systems): its file name without the extension; for files sharing that name, their
+    path from their common folder with the separators as ``_`` (``a/x.png``, ``b/x.png`` ->
+    ``a_x``, ``b_x``; ``x.png``, ``x.jpg`` -> ``x_png``, ``x_jpg``); ``~2``, ``~3``... if
+    that still collides with another name."""
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    groups: dict = {}
+    for i, stem in enumerate(stems):
+        groups.setdefault(stem.casefold(), []).append(i)
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        full = [os.path.abspath(paths[i]) for i in members]
+        common = os.path.commonpath([os.path.dirname(f) for f in full])
+        rel = [os.path.relpath(f, common) for f in full]
+        names = [os.path.splitext(r)[0] for r in rel]
+        if len({n.casefold() for n in names}) < len(names):
+            names = [r.replace(".", "_") for r in rel]
+        for i, name in zip(members, names):
+            stems[i] = name.replace(os.sep, "_").replace("/", "_")
+    taken, out = set(), []
+    for stem in stems:
+        name, k = stem, 1
+        while name.casefold() in taken:
+            k += 1
+            name = f"{stem}~{k}"
+        taken.add(name.casefold())
+        out.append(name)
+    return out
 
 
 def _int(text: str) -> int:

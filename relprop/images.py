@@ -83,7 +83,9 @@ def list_images(root) -> tuple[list[str], list[int] | None, list[str]]:
     """``(paths, labels, classes)`` for the images under ``root``.
 
     ``paths`` are ``os.path.join(root, relative path)``, sorted by relative path (with
-    ``/`` separators, so the order is the same on every machine).  ``labels`` is None
+    ``/`` separators, so the order is the same on every machine).  Symbolic links to
+    folders are followed, but every real folder is listed once (the first path to it in
+    sorted order), so a link loop does not repeat images.  ``labels`` is None
     and ``classes`` empty unless the folder has the ImageFolder layout (see the module
     docstring).  Raises FileNotFoundError / NotADirectoryError / ValueError (no images).
     """
@@ -92,8 +94,17 @@ def list_images(root) -> tuple[list[str], list[int] | None, list[str]]:
         raise FileNotFoundError(f"data folder {root!r} does not exist")
     if not os.path.isdir(root):
         raise NotADirectoryError(f"data folder {root!r} is not a folder")
-    rel = []
+    rel, seen = [], set()
     for folder, dirs, files in os.walk(root, followlinks=True):
+        try:
+            st = os.stat(folder)
+        except OSError:                     # vanished while listing
+            dirs[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:  # a folder reached again through a symbolic link (a loop, or two
+            dirs[:] = []                    # links to one folder): its images are listed once, at the first path
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirs.sort()
         for name in files:
             if name.lower().endswith(IMAGE_EXTENSIONS):
@@ -128,6 +139,11 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def item_id(self, i: int) -> str:
         """The path of item ``i`` relative to the folder, with ``/`` separators."""
         return os.path.relpath(self.paths[i], self.root).replace(os.sep, "/")
+
+    def relative_path(self, i: int) -> str:
+        """The file of item ``i`` relative to the folder (``os.path.join(root, relative_path(i))``
+        opens it from anywhere the folder is reachable), whatever the working directory."""
+        return os.path.relpath(self.paths[i], self.root)
 
     def fingerprint(self) -> dict:
         """What identifies the items and their preprocessing (stored in ``run.json``)."""

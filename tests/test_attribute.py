@@ -130,7 +130,8 @@ def test_shards_equal_the_explainer_on_the_same_batches(data, tmp_path):
     arrays = _shard_arrays(out, 3)
     index = _index(out)
     assert [r["index"] for r in index] == list(range(10))
-    assert [r["path"] for r in index] == ds.paths
+    assert [r["path"] for r in index] == [os.path.relpath(p, data) for p in ds.paths]    # relative to the folder
+    assert [os.path.join(data, r["path"]) for r in index] == ds.paths
     for k, arr in enumerate(arrays):
         first, stop = 4 * k, min(4 * k + 4, 10)
         assert arr.dtype == np.float32 and arr.shape == (stop - first, 3, SIZE, SIZE)
@@ -161,7 +162,8 @@ def test_topk_gives_k_items_per_image_with_the_top_classes_in_one_pass(data, tmp
     monkeypatch.setattr(relprop.Explainer, "attribute", lambda self, x, *a, **k: calls.append(len(x)) or
                         orig(self, x, *a, **k))
     _run(data, tmp_path / "out", targets="topk:2", method="lrp-epsilon")
-    assert calls == [6, 2, 6, 2, 4]              # batches of 3 (shards of 4) images, repeated twice
+    # the validation explains image 0 once, then batches of 3 (shards of 4) images, repeated twice
+    assert calls == [1, 6, 2, 6, 2, 4]
     index = _index(tmp_path / "out")
     ds, model = _dataset(data), tiny_model()
     x = torch.stack([ds[i][1] for i in range(10)])
@@ -211,7 +213,7 @@ def test_killed_run_resumes_without_recomputing_finished_shards(data, tmp_path, 
 
     def failing(self, x, *a, **k):
         calls.append(len(x))
-        if kill[0] and len(calls) == 3:                      # shard 0 = batches 1-2; die inside shard 1
+        if kill[0] and len(calls) == 4:     # 1: the validation, shard 0 = batches 2-3; die inside shard 1
             raise RuntimeError("killed")
         return orig(self, x, *a, **k)
 
@@ -226,7 +228,7 @@ def test_killed_run_resumes_without_recomputing_finished_shards(data, tmp_path, 
     calls.clear()
     kill[0] = False
     summary = _run(data, out)
-    assert calls == [3, 1, 2]                    # shards 1 and 2 only
+    assert calls == [1, 3, 1, 2]                 # the validation, then shards 1 and 2 only
     assert summary["done"] == 2 and summary["skipped_shards"] == 1
     assert (os.stat(npy0).st_mtime_ns, os.stat(json0).st_mtime_ns) == stamp
     index = _index(out)
@@ -309,13 +311,14 @@ def test_torchvision_dataset_errors(tmp_path):
 
 # --------------------------------------------------------------------------- out of memory
 def _oom_above(limit, calls, freed):
-    """An Explainer.attribute that raises CUDA out-of-memory for more than ``limit`` items."""
+    """An Explainer.attribute that raises CUDA out-of-memory for more than ``limit`` items
+    (after the first call, the validation's one image)."""
     orig = relprop.Explainer.attribute
 
     def attribute(self, x, *a, **k):
         calls.append(len(x))
         freed.append(all(ref() is None for ref in held))     # the failed attempts' tensors are gone
-        if len(x) > limit:
+        if len(x) > limit and len(calls) > 1:
             scratch = torch.empty(len(x), 1000)                # "the memory the failed pass held"
             held.append(weakref.ref(scratch))
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
@@ -332,7 +335,7 @@ def test_out_of_memory_splits_the_batch_with_a_warning(data, tmp_path, monkeypat
     with pytest.warns(UserWarning, match="out of memory with 4 items at once: retrying with 2") as record:
         summary = _run(data, tmp_path / "split", batch_size=4)
     assert len([w for w in record if "out of memory" in str(w.message)]) == 1      # halved once, then kept
-    assert calls == [4, 2, 2, 2, 2, 2] and all(freed)
+    assert calls == [1, 4, 2, 2, 2, 2, 2] and all(freed)
     assert summary["items"] == 10
     whole, split = _index(tmp_path / "whole"), _index(tmp_path / "split")
     assert [(r["id"], r["target"]) for r in split] == [(r["id"], r["target"]) for r in whole]
@@ -350,7 +353,7 @@ def test_out_of_memory_for_a_single_image_is_a_clear_error(data, tmp_path, monke
             pytest.raises(torch.cuda.OutOfMemoryError, match="even for one item at a time.*smaller --size"):
         warnings.simplefilter("always")
         _run(data, tmp_path / "out", batch_size=3)
-    assert calls == [3, 1] and all(freed)
+    assert calls == [1, 3, 1] and all(freed)
     assert ["retrying with 1" in str(w.message) for w in record] == [True]
     assert not os.path.exists(shard_paths(tmp_path / "out", 0)[1])
 
@@ -611,6 +614,8 @@ def test_two_processes_give_the_same_index_as_one(data, tmp_path):
     out = tmp_path / "dist"
     proc = _torchrun("-m", "relprop.cli", *_attr_args(data, out, "--batch-size", "3", "--shard-size", "2"))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # the summary (printed by rank 0) counts the shards of both ranks
+    assert proc.stdout.count("5 shards (5 computed now, 0 already done): 10 items, 0 unreadable images skipped") == 1
     ranks = [json.loads(pathlib.Path(shard_paths(out, k)[1]).read_text())["rank"] for k in range(5)]
     assert ranks == [0, 1, 0, 1, 0]                              # shard k by rank k % 2
     _run(data, tmp_path / "single", shard_size=2)
@@ -619,7 +624,7 @@ def test_two_processes_give_the_same_index_as_one(data, tmp_path):
         assert np.array_equal(a, b)
 
 
-def test_a_failing_rank_stops_every_rank_and_the_run_resumes(data, tmp_path):
+def test_a_failing_rank_stops_every_rank_and_the_run_resumes(data, tmp_path, capsys):
     out = tmp_path / "dist"
     argv = _attr_args(data, out, "--batch-size", "3", "--shard-size", "2")
     # rank 1 fails in its second shard (shard 3); rank 0 must not wait for it forever
@@ -637,6 +642,7 @@ def test_a_failing_rank_stops_every_rank_and_the_run_resumes(data, tmp_path):
     stamps = {k: os.stat(shard_paths(out, k)[0]).st_mtime_ns for k in finished}
 
     assert cli.main(argv) == 0                              # resume in one process
+    assert f"5 shards ({5 - len(finished)} computed now, {len(finished)} already done)" in capsys.readouterr().out
     assert {k: os.stat(shard_paths(out, k)[0]).st_mtime_ns for k in finished} == stamps
     _run(data, tmp_path / "single", shard_size=2)
     index = _index(out)
@@ -658,14 +664,15 @@ def test_more_processes_than_gpus_is_a_clear_error(data, tmp_path, monkeypatch):
 
 if __name__ == "__main__":
     # a torchrun worker for the test above: `test_attribute.py --fail-rank R relprop-attribute-args...`
-    # runs `relprop attribute`, failing in rank R's second call of Explainer.attribute
+    # runs `relprop attribute`, failing in rank R's third call of Explainer.attribute (the first is the
+    # validation's, before anything is written; the second is its first shard's)
     assert sys.argv[1] == "--fail-rank"
     if int(os.environ["RANK"]) == int(sys.argv[2]):
         _orig, _calls = relprop.Explainer.attribute, []
 
         def _failing(self, x, *a, **k):
             _calls.append(len(x))
-            if len(_calls) == 2:
+            if len(_calls) == 3:
                 raise RuntimeError("injected failure")
             return _orig(self, x, *a, **k)
 
