@@ -21,6 +21,7 @@ class Attribution(NamedTuple):
     logits: torch.Tensor                  # (B, classes)
     target: torch.Tensor                  # (B,) explained class per sample
     layer_sums: dict | None = None        # node name -> (B,) relevance sum at that node's input(s)
+    error: torch.Tensor | None = None     # (B,) estimated relative error of each map (see README, Numerics)
 
 
 class Explainer:
@@ -92,7 +93,8 @@ class Explainer:
                           ops=operations(resolve_backend(self.backend, x.device)))
             relevance = self.method.run(ctx).detach()
         _warn_if_not_finite(relevance, self.method.name)
-        return Attribution(relevance, logits.detach(), targets, ctx.layer_sums)
+        _warn_if_untrustworthy(ctx.error, ctx.forward_dtype, self.method.name)
+        return Attribution(relevance, logits.detach(), targets, ctx.layer_sums, ctx.error)
 
     def _check_input(self, x) -> None:
         if not torch.is_tensor(x):
@@ -127,6 +129,32 @@ def _warn_if_not_finite(relevance: torch.Tensor, method: str) -> None:
         warnings.warn(f"method {method!r} gave NaN or Inf relevance for sample(s) {bad.nonzero()[:, 0].tolist()}: "
                       f"a division in its rules overflowed {relevance.dtype}; try float64 (model.double()) or a "
                       "method with stabilised denominators (lrp-epsilon-plus, rsp, ae)", RuntimeWarning, stacklevel=3)
+
+
+# A map whose estimated relative error exceeds this is reported (it may differ visibly from
+# the float64 map of the same model and input).  A half-precision forward carries errors of
+# ~1e-3 into every map (README, Numerics), so there the bar is 30 rounding units.
+TRUSTED_ERROR = 1e-3
+
+
+def trusted_error(forward_dtype: torch.dtype) -> float:
+    """The estimated relative error above which a map of a ``forward_dtype`` model is reported."""
+    return max(TRUSTED_ERROR, 30 * torch.finfo(forward_dtype).eps)
+
+
+def _warn_if_untrustworthy(error: torch.Tensor, forward_dtype: torch.dtype, method: str) -> None:
+    """Say which maps may be numerically wrong: the per-sample error estimate the rules
+    accumulated (ill-conditioned residual splits, contrastive differences) above
+    :func:`trusted_error`.  One host sync per call."""
+    bad = error > trusted_error(forward_dtype)
+    if bad.any():
+        worst = error.max().item()
+        warnings.warn(f"method {method!r}: the map(s) of sample(s) {bad.nonzero()[:, 0].tolist()} of this "
+                      f"{str(forward_dtype).removeprefix('torch.')} model may be off by up to ~{worst:.0e} (relative "
+                      "L2): an ill-conditioned step (a residual add whose branches nearly cancel, or a contrastive "
+                      "difference of nearly equal maps) amplifies rounding errors of the forward pass; the float64 "
+                      "model (model.double()) gives this rule's exact map, or use a method with stabilised splits "
+                      "(rsp, ae, lrp-epsilon-plus)", RuntimeWarning, stacklevel=4)
 
 
 def as_targets(target, batch: int, device) -> torch.Tensor:

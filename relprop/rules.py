@@ -146,7 +146,14 @@ def image_bounds(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def zbox(bounds="image", divide: Divide = safe_divide) -> Rule:
     """z^B: ``Z = fwd(x,W) - fwd(L,W+) - fwd(H,W-)``,
-    ``R_in = x*bwd(S,W) - L*bwd(S,W+) - H*bwd(S,W-)`` with ``S = divide(R, Z)``.
+    ``R_in = x*bwd(S,W) - L*bwd(S,W+) - H*bwd(S,W-)`` with ``S = divide(R, Z)`` (methods.md §1.4, §2.6).
+
+    Computed in the equal, cancellation-free form ``Z = fwd(x-L, W+) + fwd(x-H, W-)`` and
+    ``R_in = (x-L)*bwd(S,W+) + (x-H)*bwd(S,W-)``: within the bounds every product is >= 0,
+    where the textbook form subtracts sums of the size of the activations to get a small
+    ``Z`` (float32 kept only a few digits of it).  Zero padding pads ``x-L`` and ``x-H``
+    with zeros, as it pads ``x``, ``L`` and ``H`` in the textbook form, so the two agree
+    at the borders too.
 
     ``bounds`` is ``"image"`` (per-sample min/max) or ``(low, high)``: numbers or
     per-channel sequences/tensors.
@@ -157,11 +164,10 @@ def zbox(bounds="image", divide: Divide = safe_divide) -> Rule:
             lo, hi = image_bounds(x)
         else:
             lo, hi = (_channel_tensor(b, x) for b in bounds)
-        low, high = torch.ones_like(x) * lo, torch.ones_like(x) * hi
-        w, wp, wn = lin.weight, lin.pos, lin.neg
-        z = lin.fwd(x, w) - lin.fwd(low, wp) - lin.fwd(high, wn)
-        s = divide(r, z)
-        return [x * lin.bwd(s, w, x.shape) - low * lin.bwd(s, wp, x.shape) - high * lin.bwd(s, wn, x.shape)]
+        above, below = x - lo, x - hi          # >= 0 and <= 0 inside the bounds
+        wp, wn = lin.pos, lin.neg
+        s = divide(r, lin.fwd(above, wp) + lin.fwd(below, wn))
+        return [above * lin.bwd(s, wp, x.shape) + below * lin.bwd(s, wn, x.shape)]
     return rule
 
 

@@ -46,9 +46,19 @@ def negated_head(table: RuleTable) -> RuleTable:
                      fold_bn=table.fold_bn, name=table.name)
 
 
-def scaled_difference(r_t: torch.Tensor, r_o: torch.Tensor) -> torch.Tensor:
+def scaled_difference(ctx: Context, r_t: torch.Tensor, r_o: torch.Tensor) -> torch.Tensor:
     """``R_t - R_o * sum R_t / sum R_o`` per sample (sums to 0)."""
-    return r_t - r_o * safe_divide(psum(r_t), psum(r_o))
+    return difference(ctx, r_t, r_o * safe_divide(psum(r_t), psum(r_o)))
+
+
+def difference(ctx: Context, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a - b``, recording in ``ctx`` how much it amplifies relative errors of ``a`` and
+    ``b``: ``|| |a| + |b| || / ||a - b||`` per sample (large when the two maps nearly agree)."""
+    d = a - b
+    size = (a.abs() + b.abs()).flatten(1).norm(dim=1)
+    norm = d.flatten(1).norm(dim=1)
+    ctx.add_error(torch.where(norm > 0, size / torch.where(norm > 0, norm, 1), torch.where(size > 0, float("inf"), 1.0)))
+    return d
 
 
 def _pick(output: str, target, dual, combined):
@@ -91,8 +101,8 @@ class CLRP(Method):
         r_t = ctx.propagate(self.target_table, seed_t)
         r_d = ctx.propagate(self.dual_table, seed_d)
         if self.style == "gu":
-            return _pick(self.output, r_t, r_d, lambda: r_t / psum(r_t) - r_d / psum(r_d))
-        return _pick(self.output, r_t, r_d, lambda: scaled_difference(r_t, r_d))
+            return _pick(self.output, r_t, r_d, lambda: difference(ctx, r_t / psum(r_t), r_d / psum(r_d)))
+        return _pick(self.output, r_t, r_d, lambda: scaled_difference(ctx, r_t, r_d))
 
 
 @register
@@ -108,6 +118,9 @@ class SGLRP(Method):
         onehot = ctx.seed
         p = ctx.logits.softmax(dim=1)
         p_t = psum(p * onehot)
-        r_t = ctx.propagate(self.table, onehot * (p * (1 - p) + 1e-8))
+        # 1 - p_t as the sum of the other classes' probabilities: the same number, without
+        # the cancellation of 1 - p_t when the model is confident (p_t -> 1 in float32)
+        rest = psum(p * (1 - onehot))
+        r_t = ctx.propagate(self.table, onehot * (p_t * rest + 1e-8))
         r_o = ctx.propagate(self.table, (1 - onehot) * p_t * p)
-        return scaled_difference(r_t, r_o)
+        return scaled_difference(ctx, r_t, r_o)
