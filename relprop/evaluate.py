@@ -25,6 +25,8 @@ Metrics per method (:mod:`relprop.metrics`; the mean over items unless said othe
   model's, after randomising the output layer / every layer; lower means the map depends
   more on the learned weights;
 * ``ms_per_image``: wall time of the attribution calls per item.
+* ``untrusted``: how many maps the explainer reported as numerically untrustworthy (their
+  estimated relative error, ``Attribution.error``, above the trusted bound; README, Numerics).
 
 The report folder holds ``metrics.md`` and ``metrics.json`` (one table / row list per
 model, one row per method) and ``grid-<model>.png`` (rows = the first ``grid_images`` items,
@@ -40,13 +42,14 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
 
 from . import viz
-from .explainer import Explainer, available_methods
+from .explainer import Explainer, available_methods, trusted_error
 from .metrics import (cascading_randomization, outside_inside_ratio, pointing_game, pointing_game_accuracy,
                       region_perturbation, relevance_mass_accuracy, segmentation_scores)
 
@@ -67,6 +70,7 @@ COLUMNS = (  # key, markdown header, format
     ("sanity_top", "rand. ρ top ↓", "{:.2f}"),
     ("sanity_all", "rand. ρ all ↓", "{:.2f}"),
     ("ms_per_image", "ms / image", "{:.1f}"),
+    ("untrusted", "maps reported ⚠", "{:.0f}"),
 )
 
 
@@ -179,20 +183,30 @@ def evaluate_source(src: Source, methods: list[str], batch_size: int, perturb_im
             "outlines": list(items["mask"][:grid_images]), "maps": {}, "accuracy": correct / src.count}
     rows = []
     for method in methods:
-        explainer = Explainer(src.model, method)
-        heats, seconds = [], 0.0
-        for b in batches:
-            t0 = time.perf_counter()
-            heats.append(explainer.heatmap(b["x"], b["target"]).detach())
-            seconds += time.perf_counter() - t0
-            progress(1)
-        heat = torch.cat(heats)
-        row = {"method": method, **_scores(src.model, items, heat, len(src.classes), perturb_images, seed),
-               **_sanity(src.model, items, method, sanity_images, seed), "ms_per_image": 1000 * seconds / src.count}
-        progress(1)
-        rows.append(row)
-        grid["maps"][method] = list(heat[:grid_images])
+        with warnings.catch_warnings():   # the "maps reported" column counts them instead of a warning per batch
+            warnings.filterwarnings("ignore", r"method '.*': the map\(s\) of sample\(s\)", RuntimeWarning)
+            rows.append(_evaluate_method(src, method, batches, items, perturb_images, sanity_images, seed, progress))
+        grid["maps"][method] = list(rows[-1].pop("heat")[:grid_images])
     return rows, grid
+
+
+def _evaluate_method(src: Source, method: str, batches: list, items: dict, perturb_images: int, sanity_images: int,
+                     seed: int, progress) -> dict:
+    explainer = Explainer(src.model, method)
+    heats, seconds, untrusted = [], 0.0, 0
+    for b in batches:
+        t0 = time.perf_counter()
+        att = explainer.attribute(b["x"], b["target"])
+        heats.append(att.relevance.sum(1))
+        seconds += time.perf_counter() - t0
+        untrusted += int((att.error > trusted_error(b["x"].dtype)).sum())
+        progress(1)
+    heat = torch.cat(heats)
+    row = {"method": method, **_scores(src.model, items, heat, len(src.classes), perturb_images, seed),
+           **_sanity(src.model, items, method, sanity_images, seed), "ms_per_image": 1000 * seconds / src.count,
+           "untrusted": untrusted, "heat": heat}
+    progress(1)
+    return row
 
 
 def format_table(rows: list[dict]) -> str:
@@ -302,7 +316,8 @@ Every method explains the ground-truth class of each (image, class) item.  Metri
 method: pointing game, outside/inside relevance ratio (median), relevance mass, IoU of
 R > 0 with the object mask, average precision, AOPC of region perturbation (MoRF and
 LeRF, first 48 items), Spearman correlation after cascading model randomisation (first 6
-items) and milliseconds per image; definitions in relprop/evaluate.py.
+items), milliseconds per image and how many maps were reported as numerically
+untrustworthy; definitions in relprop/evaluate.py.
 
 Output (OUT, replaced as a whole when the run has finished):
   metrics.md, metrics.json   one table / row list per model, one row per method

@@ -295,3 +295,25 @@ def test_grid_outline_is_drawn_on_every_cell(tmp_path):
         assert (cell[edge] == 0).all() and (cell[~edge] != 0).any(axis=-1).all()
     with pytest.raises(ValueError, match="outlines"):
         viz.save_grid(tmp_path / "h.png", [image], [[heat]], ["in", "a"], outlines=[mask, mask])
+
+
+def test_maps_reported_as_untrustworthy_are_counted_not_printed(tmp_path, recwarn):
+    """RAP's residual splits on shapes-resnet nearly cancel: the report counts the maps the
+    explainer reports (the same count as Attribution.error above the bound), the run prints
+    no warning per batch, and RSP (splits of one sign) reports none."""
+    import relprop
+    from relprop.benchmark import models, shapes
+    from relprop.explainer import trusted_error
+    out = tmp_path / "report"
+    assert _run(["--model", "shapes-resnet", "--images", "12", "--methods", "rap,rsp", "--out", str(out), "-q"]) == 0
+    assert not [w for w in recwarn if "the map(s) of sample(s)" in str(w.message)]
+    rows = {r["method"]: r for r in _strict_json(out / "metrics.json")["models"]["shapes-resnet"]["rows"]}
+    data = shapes.ShapesDataset(12, size=64, seed=0, split="test")
+    x = shapes.normalise(torch.stack([data[i]["image"] for i in range(12)]))
+    target = torch.tensor([data[i]["label"] for i in range(12)])
+    with pytest.warns(RuntimeWarning):
+        att = relprop.Explainer(models.load("shapes-resnet"), "rap").attribute(x, target)
+    expected = int((att.error > trusted_error(torch.float32)).sum())
+    assert rows["rap"]["untrusted"] == expected > 0
+    assert rows["rsp"]["untrusted"] == 0
+    assert "maps reported ⚠" in (out / "metrics.md").read_text()
