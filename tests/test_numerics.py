@@ -1,0 +1,217 @@
+"""Float32 and half-precision maps against float64 (README, Numerics).
+
+The contract: a float32 map agrees with the float64 map of the same model and input, or the
+explainer says per sample why not (``Attribution.error`` above the trusted bound, with a
+RuntimeWarning).  Where float64 is itself unstable -- a 1e-7 relative change of the input
+moves its map -- no precision can agree with it; those samples are identified by the oracle
+here (float64 perturbation, or a forward decision -- a ReLU sign, a max-pool winner -- that
+differs between float32 and float64), never by the library, which only estimates.
+"""
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import relprop
+from relprop import graph as g
+from relprop.benchmark import models, shapes
+from relprop.benchmark.models import ShapesResNet, small_vgg
+from relprop.explainer import trusted_error
+
+ALL_METHODS = sorted(relprop.available_methods())
+GRADIENTS = ("gradient", "gradient-x-input")
+
+
+def rel_l2(a, b):
+    a, b = a.double().flatten(1), b.double().flatten(1)
+    return (a - b).norm(dim=1) / b.norm(dim=1)
+
+
+def realistic(model, seed, size=16):
+    """Trained-looking BatchNorm: affine parameters away from 1/0 and running statistics of
+    real activations (a few training-mode passes with cumulative averages)."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data = 1 + 0.3 * torch.randn(m.weight.shape, generator=gen)
+            m.bias.data = 0.2 * torch.randn(m.bias.shape, generator=gen)
+            m.momentum = None
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(32, 3, size, size, generator=gen))
+    return model.eval()
+
+
+def explain_quietly(explainer, x, target):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return explainer.attribute(x, target)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("arch", ["vgg", "resnet"])
+def test_float32_agrees_with_float64_where_float64_is_stable(arch, seed):
+    torch.manual_seed(seed)
+    model = realistic(small_vgg(8, 10) if arch == "vgg" else ShapesResNet(10, (8, 12, 16)), seed)
+    model64 = copy.deepcopy(model).double()
+    gen = torch.Generator().manual_seed(100 + seed)
+    x = torch.randn(6, 3, 16, 16, generator=gen)
+    x64 = x.double()
+    nudged = x64 * (1 + 1e-7 * torch.randn(x64.shape, generator=gen, dtype=torch.float64))
+    target = model64(x64).argmax(1)
+    checked = 0
+    for method in ALL_METHODS:
+        e32, e64 = relprop.Explainer(model, method), relprop.Explainer(model64, method)
+        r32 = explain_quietly(e32, x, target).relevance
+        r64 = explain_quietly(e64, x64, target).relevance
+        stable = rel_l2(explain_quietly(e64, nudged, target).relevance, r64) < 1e-5
+        err = rel_l2(r32, r64)
+        assert (err[stable] <= 1e-4).all(), (method, err.tolist(), stable.tolist())
+        checked += int(stable.sum())
+    # (RAP on random ResNets is often float64-unstable; everything else is checked)
+    assert checked >= 0.75 * len(ALL_METHODS) * x.shape[0], "float64 unstable almost everywhere: the test checks little"
+
+
+def decision_flips(model, model64, x):
+    """Per sample: does a ReLU sign or a max-pool winner differ between the float32 and
+    float64 forward passes?  (The map is then discontinuous right there.)"""
+    graph32, graph64 = g.capture(model), g.capture(model64)
+    with torch.no_grad():
+        v32, v64 = graph32.forward(x), graph64.forward(x.double())
+    flips = torch.zeros(x.shape[0], dtype=torch.bool)
+    for n in graph64.nodes:
+        if n.kind == g.RELU:
+            a, b = v32[n.parents[0]], v64[n.parents[0]]
+            flips |= ((a > 0) != (b > 0)).flatten(1).any(1)
+        elif n.kind == g.MAXPOOL:     # a different winner, or a different number of tied winners
+            m = n.module
+            flips |= (_winners(v32[n.parents[0]], m) != _winners(v64[n.parents[0]], m)).flatten(1).any(1)
+    return flips
+
+
+def _winners(x, m):
+    """Per window of max pool ``m`` (no padding, no ceil mode: the built-in models'), which
+    entries equal the window's maximum: (B, C * k * k, windows) booleans."""
+    assert m.padding == 0 and not m.ceil_mode
+    cols = F.unfold(x, m.kernel_size, m.dilation, 0, m.stride or m.kernel_size)
+    b, c = x.shape[:2]
+    cols = cols.reshape(b, c, -1, cols.shape[-1])
+    return cols == cols.amax(2, keepdim=True)
+
+
+@pytest.fixture(scope="module")
+def benchmark_images():
+    data = shapes.ShapesDataset(200, size=models.INPUT_SIZE, seed=0, split="test")
+    return shapes.normalise(torch.stack([data[i]["image"] for i in range(len(data))]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", models.MODELS)
+def test_builtin_models_float32_maps_agree_or_are_reported(name, benchmark_images):
+    """Every method, every image of the benchmark's test split: float32 within 1e-3 of
+    float64, or reported (error estimate above the bound), or at a forward decision that
+    float32 and float64 take differently, or where the float64 map itself moves by more than
+    1e-4 under a 1e-7 relative change of the input (no float32 result can then be closer).  The estimate must not cry wolf either: apart from
+    RAP on the ResNet (whose float64 maps move by up to ~0.2 under a 1e-7 change of the
+    input: see README, Numerics), at most 15% of the maps are reported."""
+    model = models.load(name)
+    model64 = copy.deepcopy(model).double()
+    x = benchmark_images
+    x64 = x.double()
+    gen = torch.Generator().manual_seed(0)
+    target = model64(x64).argmax(1)
+    flips = decision_flips(model, model64, x)
+    assert flips.float().mean() <= 0.03
+    for method in ALL_METHODS:
+        e32, e64 = relprop.Explainer(model, method), relprop.Explainer(model64, method)
+        parts = [explain_quietly(e32, x[i:i + 50], target[i:i + 50]) for i in range(0, len(x), 50)]
+        r32 = torch.cat([p.relevance for p in parts])
+        reported = torch.cat([p.error for p in parts]) > trusted_error(torch.float32)
+        r64 = torch.cat([explain_quietly(e64, x[i:i + 50].double(), target[i:i + 50]).relevance
+                         for i in range(0, len(x), 50)])
+        err = rel_l2(r32, r64)
+        unexplained = (err > 1e-3) & ~reported & ~flips
+        if unexplained.any():        # is float64 itself unstable there? (its map moves under a 1e-7 nudge)
+            moved = torch.zeros(int(unexplained.sum()), dtype=torch.bool)
+            for _ in range(4):
+                nudged = x64[unexplained] * (1 + 1e-7 * torch.randn(x64[unexplained].shape, generator=gen,
+                                                                    dtype=torch.float64))
+                moved |= rel_l2(explain_quietly(e64, nudged, target[unexplained]).relevance, r64[unexplained]) > 1e-4
+            unexplained[unexplained.clone()] = ~moved
+        assert not unexplained.any(), (method, unexplained.nonzero()[:, 0].tolist(), err[unexplained].tolist())
+        if not (method == "rap" and name == "shapes-resnet"):
+            assert reported.float().mean() <= 0.15, (method, int(reported.sum()))
+
+
+def test_rap_on_the_builtin_resnet_is_reported(benchmark_images):
+    """The residual splits of RAP on shapes-resnet nearly cancel: the warning names the samples."""
+    model = models.load("shapes-resnet")
+    with pytest.warns(RuntimeWarning, match=r"method 'rap': the map\(s\) of sample\(s\) \[.*\] of this float32 model "
+                                            r"may be off by up to ~\de[+-]\d\d \(relative L2\): an ill-conditioned step"):
+        att = relprop.Explainer(model, "rap").attribute(benchmark_images[:8])
+    assert (att.error > 1e-3).sum() >= 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)      # RSP's splits are of one sign: nothing to report
+        att = relprop.Explainer(model, "rsp").attribute(benchmark_images[:8])
+    assert (att.error < 1e-5).all()
+
+
+def test_sglrp_on_a_confident_model_agrees_with_float64():
+    """SGLRP's target seed p_t (1 - p_t): with p_t within 1e-6 of 1, 1 - p_t cancels in
+    float32; computed as the sum of the other probabilities it does not."""
+    torch.manual_seed(0)
+    model = realistic(small_vgg(8, 10), 0)
+    x = torch.randn(32, 3, 16, 16)
+    with torch.no_grad():
+        top2 = model(x).topk(2, dim=1).values
+        scale = 16 / (top2[:, 0] - top2[:, 1]).median()   # the median logit margin becomes 16
+        model[-1][-1].weight.mul_(scale)
+        model[-1][-1].bias.mul_(scale)
+    model64 = copy.deepcopy(model).double()
+    p = model64(x.double()).softmax(1).amax(1)
+    keep = (p > 1 - 1e-4) & (p < 1 - 1e-12)   # confident, and 1 - p_t still representable in float64
+    x = x[keep]
+    assert len(x) >= 4, p
+    r32 = relprop.Explainer(model, "sglrp")(x)
+    r64 = relprop.Explainer(model64, "sglrp")(x.double())
+    assert (rel_l2(r32, r64) < 1e-4).all(), rel_l2(r32, r64)
+
+
+@pytest.mark.parametrize("method", ["lrp-epsilon", "rap", "rsp", "clrp"])
+def test_zbox_input_layer_does_not_cancel_far_from_zero(method):
+    """z^B on inputs far from 0 and close together (a bright, low-contrast image on an
+    unnormalised scale): the textbook form subtracts sums of size ~1000 * sum|w| to get a Z
+    of size ~0.5 * sum|w| (1.5e-4 off float64); the cancellation-free form keeps float32
+    exact (2e-7)."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 4)).eval()
+    x = 1000 + torch.rand(3, 3, 12, 12)
+    params = {"zb_bounds": (999.5, 1001.5)} if method == "clrp" else {}
+    r32 = relprop.Explainer(model, method, **params)(x, 1)
+    r64 = relprop.Explainer(copy.deepcopy(model).double(), method, **params)(x.double(), 1)
+    assert (rel_l2(r32, r64) < 1e-5).all(), rel_l2(r32, r64)
+
+
+HALF_BOUND = {torch.float16: 2e-2, torch.bfloat16: 8e-2}      # median relative L2 against float64 (README, Numerics)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_models_get_float32_relevance_within_the_stated_bound(dtype, benchmark_images):
+    model = models.load("shapes-vgg")
+    model64 = copy.deepcopy(model).double()
+    half = copy.deepcopy(model).to(dtype)
+    x = benchmark_images[:32]
+    target = model64(x.double()).argmax(1)
+    for method in ALL_METHODS:
+        if method in GRADIENTS:
+            continue
+        att = explain_quietly(relprop.Explainer(half, method), x.to(dtype), target)
+        assert att.relevance.dtype == torch.float32 and att.error.dtype == torch.float32
+        r64 = relprop.Explainer(model64, method)(x.double(), target)
+        err = rel_l2(att.relevance, r64)
+        assert err.median() <= HALF_BOUND[dtype], (method, err.median().item())
