@@ -93,9 +93,16 @@ class LinearMap:
     def split(self, name: str) -> torch.Tensor:
         """Sign-split weights concatenated along output channels, built once per weight:
         ``"pn"`` = ``[W+; W-]``, ``"pa"`` = ``[W+; |W-|]``.  The halves are views."""
-        def build():
+        def build():   # written in place into one buffer: no temporaries (rebuilt every call)
             w = self.weight
-            return torch.cat([w.clamp(min=0), w.clamp(max=0) if name == "pn" else (-w).clamp(min=0)], 0)
+            out = torch.empty((2 * w.shape[0],) + tuple(w.shape[1:]), dtype=w.dtype, device=w.device)
+            pos, neg = out.chunk(2, dim=0)
+            torch.clamp(w, min=0, out=pos)
+            if name == "pn":
+                torch.clamp(w, max=0, out=neg)
+            else:
+                torch.neg(w, out=neg).clamp_(min=0)
+            return out
         return self._cached("split-" + name, build)
 
     def halves(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
