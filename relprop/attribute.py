@@ -24,7 +24,8 @@ targets (``topk:K`` or a list) gives K consecutive items.  Each item of ``items`
 each line of ``index.jsonl``) is::
 
     {"shard": k, "row": r, "index": i, "id": "...", "path": "..." or null, "label": l or null,
-     "target": t, "logit": z_t, "relevance_sum": sum(R), "delta": sum(R) - z_t, "dtype": "float32"}
+     "target": t, "logit": z_t, "relevance_sum": sum(R), "delta": sum(R) - z_t,
+     "error_estimate": e, "reported": false, "dtype": "float32"}
 
 ``row`` is the item's row in the shard's ``.npy``; ``index`` the image's position in the
 dataset; ``id`` its stable name (``dataset.item_id(i)``: the path relative to the image
@@ -32,8 +33,10 @@ folder, or ``NAME[options]:i`` for a torchvision data set); ``path`` the image f
 relative to the image folder (``dataset.relative_path(i)``, so the same whatever the
 working directory; null for a torchvision data set); ``label`` the data set's label;
 ``logit`` the model's output ``z_t`` for the explained class ``t``; ``relevance_sum``
-the sum of the float32 map; ``delta`` the conservation error; ``dtype`` the dtype the
-shard's ``.npy`` stores.
+the sum of the float32 map; ``delta`` the conservation error; ``error_estimate`` the
+map's estimated relative error (``Attribution.error``) and ``reported`` whether it is above
+the trusted bound (the map may be numerically untrustworthy; one warning for the run counts
+them); ``dtype`` the dtype the shard's ``.npy`` stores.
 An image that cannot be read appears instead as ``{"shard": k, "index": i, "id": "...",
 "path": ..., "skipped": true, "error": "..."}`` (and a warning names it).
 
@@ -96,7 +99,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .explainer import Explainer, available_methods
+from .explainer import Explainer, available_methods, reported_maps_quiet, trusted_error
 from .images import collate
 from .models import model_fingerprint
 
@@ -238,7 +241,7 @@ def _attribute_shards(explainer, dataset, todo, out_dir, n, kind, tvalue, labels
     state = {"chunk": batch_size * (tvalue if kind == "topk" else len(tvalue) if kind == "list" else 1)}
     item_id = getattr(dataset, "item_id", str)
     path_of = _path_function(dataset)
-    current, rel, items, skipped, overflow = None, [], [], [], None
+    current, rel, items, skipped, overflow, reported = None, [], [], [], None, 0
     for x, indices, bad in (loader if batches else ()):
         k = (indices or [b[0] for b in bad])[0] // shard_size
         if k != current:
@@ -254,15 +257,18 @@ def _attribute_shards(explainer, dataset, todo, out_dir, n, kind, tvalue, labels
                             "skipped": True, "error": err})
         if x is not None:
             x = x.to(device, non_blocking=True)
-            r, logit, tgt, reps = _explain(explainer, x, indices, kind, tvalue, labels, state)
+            r, logit, tgt, reps, error = _explain(explainer, x, indices, kind, tvalue, labels, state)
             r_sum = r.flatten(1).double().sum(1).cpu().tolist()
             first_row = len(items)
-            for j, (t, z, s) in enumerate(zip(tgt.cpu().tolist(), logit.cpu().tolist(), r_sum)):
+            bound = trusted_error(x.dtype)
+            for j, (t, z, s, e) in enumerate(zip(tgt.cpu().tolist(), logit.cpu().tolist(), r_sum, error.tolist())):
                 i = indices[j // reps]
                 items.append({"shard": k, "row": len(items), "index": i, "id": item_id(i),
                               "path": path_of(i),
                               "label": labels[i] if labels is not None else None,
-                              "target": t, "logit": z, "relevance_sum": s, "delta": s - z})
+                              "target": t, "logit": z, "relevance_sum": s, "delta": s - z,
+                              "error_estimate": e, "reported": e > bound})
+                reported += e > bound
             r = r.to(torch.float32)
             if dtype == "float16":
                 r16 = r.to(torch.float16)
@@ -279,6 +285,10 @@ def _attribute_shards(explainer, dataset, todo, out_dir, n, kind, tvalue, labels
     if current is not None:
         _write_shard(out_dir, current, shard_size, n, rel, items, skipped, dtype, ranks.rank, digest, overflow)
     bar.close()
+    if reported:     # one line for the run, not one per batch; the index says which maps
+        warnings.warn(f"{reported} map(s) may be numerically untrustworthy (estimated relative error above the "
+                      "trusted bound): their index lines have \"reported\": true (README, Numerics)",
+                      RuntimeWarning, stacklevel=3)
 
 
 def _path_function(dataset):
@@ -306,7 +316,8 @@ def _validate(explainer, dataset, method, method_params, targets, kind, tvalue, 
         raise ValueError(f"none of the {len(dataset)} images can be read (the first, {item_id(i)}: {err})")
     x = x[None].to(device)
     try:
-        att = _in_chunks(lambda s, e: explainer.attribute(x), 1, {"chunk": 1})[0]
+        with reported_maps_quiet():     # the run reports such maps in the index
+            att = _in_chunks(lambda s, e: explainer.attribute(x), 1, {"chunk": 1})[0]
     except torch.cuda.OutOfMemoryError:
         raise
     except Exception as e:
@@ -369,12 +380,13 @@ def _explain(explainer, x, indices, kind, tvalue, labels, state):
             raise ValueError(f"topk:{reps} but the model has only {logits.shape[1]} classes")
         target = logits.topk(reps, dim=1).indices.reshape(-1)
     xs = x.repeat_interleave(reps, dim=0) if reps > 1 else x
-    outs = _in_chunks(lambda s, e: explainer.attribute(xs[s:e], None if target is None else target[s:e]),
-                      xs.shape[0], state)
+    with reported_maps_quiet():      # recorded per item in the index instead
+        outs = _in_chunks(lambda s, e: explainer.attribute(xs[s:e], None if target is None else target[s:e]),
+                          xs.shape[0], state)
     r = torch.cat([o.relevance for o in outs])
     tgt = torch.cat([o.target for o in outs])
     logit = torch.cat([o.logits.gather(1, o.target[:, None])[:, 0] for o in outs])
-    return r, logit, tgt, reps
+    return r, logit, tgt, reps, torch.cat([o.error for o in outs]).cpu()
 
 
 def _in_chunks(fn, n: int, state: dict) -> list:

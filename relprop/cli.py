@@ -115,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                    epilog="example:\n  relprop methods", formatter_class=fmt)
     sub.add_parser("backends", help="show which compute backends (torch, triton, cuda) are available and why not",
                    description="Show each compute backend relprop can run on, whether it is usable on this "
-                               "machine and, if not, why.  'auto' (the default) picks the fastest usable one.",
+                               "machine and, if not, why.  'auto' (the default) picks, by the input's device, the "
+                               "compiled extension, then Triton, for CUDA tensors, and the torch reference for "
+                               "CPU tensors.",
                    epilog="example:\n  relprop backends", formatter_class=fmt)
     return parser
 
@@ -249,6 +251,9 @@ Index columns (one line per image and target):
   logit            the model's output for that class
   relevance_sum    the sum of the relevance map (float32)
   delta            relevance_sum - logit (conservation error)
+  error_estimate   the map's estimated relative error (README, Numerics)
+  reported         true if that is above the trusted bound: the map may be
+                   numerically untrustworthy (one warning for the run counts them)
   dtype            the dtype of the shard's .npy (float16 or float32)
   skipped, error   instead of the above for an image that could not be read
 Shard k holds the images [k*N, (k+1)*N) for --shard-size N.  Every file is written
@@ -537,8 +542,10 @@ def _explain(args) -> int:
     import torch
     from PIL import Image
 
+    import warnings
+
     from . import viz
-    from .explainer import Explainer
+    from .explainer import Explainer, reported_maps_quiet, trusted_error
 
     parser = args.subparser
     missing = [p for p in args.images if not os.path.isfile(p)]
@@ -574,13 +581,19 @@ def _explain(args) -> int:
         xi = xi[None]
         ts = targets if targets is not None else [None]
         try:
-            att = explainer.attribute(xi.repeat(len(ts), 1, 1, 1), None if targets is None else ts)
+            with reported_maps_quiet():        # said below with the image's name
+                att = explainer.attribute(xi.repeat(len(ts), 1, 1, 1), None if targets is None else ts)
         except ValueError as e:
             parser.error(str(e))
         except torch.cuda.OutOfMemoryError:
             raise
         except (TypeError, RuntimeError) as e:
             parser.error(f"method {args.method!r} fails on {path}: {type(e).__name__}: {e}")
+        off = att.error > trusted_error(xi.dtype)
+        if off.any():
+            warnings.warn(f"{path}: the map(s) for class(es) {att.target[off].tolist()} may be numerically "
+                          f"untrustworthy (estimated relative error up to ~{att.error.max().item():.0e}; README, "
+                          "Numerics)", RuntimeWarning, stacklevel=2)
         results.append((path, xi, att))
     for (path, xi, att), stem in zip(results, _output_stems(paths)):
         rgb = viz.image_to_rgb(xi[0], pre.mean, pre.std)

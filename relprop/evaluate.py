@@ -42,14 +42,13 @@ import shutil
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
 
 from . import viz
-from .explainer import Explainer, available_methods, trusted_error
+from .explainer import Explainer, available_methods, reported_maps_quiet, trusted_error
 from .metrics import (cascading_randomization, outside_inside_ratio, pointing_game, pointing_game_accuracy,
                       region_perturbation, relevance_mass_accuracy, segmentation_scores)
 
@@ -183,8 +182,7 @@ def evaluate_source(src: Source, methods: list[str], batch_size: int, perturb_im
             "outlines": list(items["mask"][:grid_images]), "maps": {}, "accuracy": correct / src.count}
     rows = []
     for method in methods:
-        with warnings.catch_warnings():   # the "maps reported" column counts them instead of a warning per batch
-            warnings.filterwarnings("ignore", r"method '.*': the map\(s\) of sample\(s\)", RuntimeWarning)
+        with reported_maps_quiet():   # the "maps reported" column counts them instead of a warning per batch
             rows.append(_evaluate_method(src, method, batches, items, perturb_images, sanity_images, seed, progress))
         grid["maps"][method] = list(rows[-1].pop("heat")[:grid_images])
     return rows, grid
@@ -193,6 +191,7 @@ def evaluate_source(src: Source, methods: list[str], batch_size: int, perturb_im
 def _evaluate_method(src: Source, method: str, batches: list, items: dict, perturb_images: int, sanity_images: int,
                      seed: int, progress) -> dict:
     explainer = Explainer(src.model, method)
+    explainer.attribute(batches[0]["x"][:1], batches[0]["target"][:1])   # warm-up: not timed
     heats, seconds, untrusted = [], 0.0, 0
     for b in batches:
         t0 = time.perf_counter()
@@ -225,7 +224,9 @@ def _markdown(results: dict) -> str:
     for name, res in results["models"].items():
         out += [f"## {name}", "", f"{res['data']}; {res['items']} items; model accuracy on them "
                 f"{res['accuracy']:.3f}; AOPC on the first {res['perturb_images']} items, randomisation on the "
-                f"first {res['sanity_images']}; total {res['seconds']:.0f} s.", "", format_table(res["rows"]), ""]
+                f"first {res['sanity_images']}; total {res['seconds']:.0f} s.", "", format_table(res["rows"]), "",
+                f"maps reported ⚠: of the {res['items']} maps, how many relprop reported as numerically "
+                "untrustworthy (estimated relative error above 1e-3; README, Numerics).", ""]
     return "\n".join(out)
 
 

@@ -2,6 +2,7 @@
 per batch."""
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import NamedTuple, Sequence
 
@@ -21,7 +22,7 @@ class Attribution(NamedTuple):
     logits: torch.Tensor                  # (B, classes)
     target: torch.Tensor                  # (B,) explained class per sample
     layer_sums: dict | None = None        # node name -> (B,) relevance sum at that node's input(s)
-    error: torch.Tensor | None = None     # (B,) estimated relative error of each map (see README, Numerics)
+    error: torch.Tensor | None = None     # (B,) estimated relative error from the ill-conditioned steps (README, Numerics)
 
 
 class Explainer:
@@ -142,6 +143,15 @@ def trusted_error(forward_dtype: torch.dtype) -> float:
     return max(TRUSTED_ERROR, 30 * torch.finfo(forward_dtype).eps)
 
 
+@contextlib.contextmanager
+def reported_maps_quiet():
+    """Silence the per-call warning about numerically untrustworthy maps, for callers that
+    report ``Attribution.error`` their own way (an index column, a report column)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"method '.*': the map\(s\) of sample\(s\)", RuntimeWarning)
+        yield
+
+
 def _warn_if_untrustworthy(error: torch.Tensor, forward_dtype: torch.dtype, method: str) -> None:
     """Say which maps may be numerically wrong: the per-sample error estimate the rules
     accumulated (ill-conditioned residual splits, contrastive differences) above
@@ -153,8 +163,8 @@ def _warn_if_untrustworthy(error: torch.Tensor, forward_dtype: torch.dtype, meth
                       f"{str(forward_dtype).removeprefix('torch.')} model may be off by up to ~{worst:.0e} (relative "
                       "L2): an ill-conditioned step (a residual add whose branches nearly cancel, or a contrastive "
                       "difference of nearly equal maps) amplifies rounding errors of the forward pass; the float64 "
-                      "model (model.double()) gives this rule's exact map, or use a method with stabilised splits "
-                      "(rsp, ae, lrp-epsilon-plus)", RuntimeWarning, stacklevel=4)
+                      "model (model.double()) gives this rule's exact map; RSP and AE split residual adds by one-signed "
+                      "inputs and are not affected", RuntimeWarning, stacklevel=4)
 
 
 def as_targets(target, batch: int, device) -> torch.Tensor:

@@ -148,6 +148,8 @@ def test_shards_equal_the_explainer_on_the_same_batches(data, tmp_path):
                 assert rec["logit"] == pytest.approx(a.logits[j, rec["target"]].item(), abs=1e-6)
                 assert rec["relevance_sum"] == pytest.approx(a.relevance[j].double().sum().item(), abs=1e-5)
                 assert rec["delta"] == pytest.approx(rec["relevance_sum"] - rec["logit"], abs=1e-9)
+                assert rec["error_estimate"] == pytest.approx(a.error[j].item(), rel=1e-6)
+                assert rec["reported"] == (a.error[j].item() > 1e-3)
                 assert rec["shard"] == k and rec["row"] == i - first
     with open(shard_paths(out, 1)[1]) as f:
         assert [r["index"] for r in json.load(f)["items"]] == [4, 5, 6, 7]
@@ -678,3 +680,23 @@ if __name__ == "__main__":
 
         relprop.Explainer.attribute = _failing
     sys.exit(cli.main(sys.argv[3:]))
+
+
+def test_untrustworthy_maps_are_marked_in_the_index_with_one_warning_for_the_run(tmp_path, recwarn):
+    """RAP's residual splits on the built-in ResNet nearly cancel: the index marks those maps
+    ("reported", with the estimate) and the run warns once, not once per batch."""
+    from relprop.benchmark import models, shapes
+    pre = Preprocessing(64, 64, mean=shapes.MEAN, std=shapes.STD)
+    ds = TorchvisionDataset("FakeData", preprocessing=pre, options={"size": 6, "image_size": (3, 64, 64)})
+    model = models.load("shapes-resnet")
+    attribute_dataset(model, ds, "rap", out_dir=tmp_path / "out", batch_size=2, shard_size=4, progress=False)
+    index = _index(tmp_path / "out")
+    x = torch.stack([ds[i][1] for i in range(6)])
+    with relprop.explainer.reported_maps_quiet():
+        att = relprop.Explainer(model, "rap").attribute(x)
+    assert [r["reported"] for r in index] == (att.error > 1e-3).tolist()
+    assert sum(r["reported"] for r in index) >= 3
+    run_warnings = [str(w.message) for w in recwarn if issubclass(w.category, RuntimeWarning)]
+    assert run_warnings == [f"{sum(r['reported'] for r in index)} map(s) may be numerically untrustworthy (estimated "
+                            "relative error above the trusted bound): their index lines have \"reported\": true "
+                            "(README, Numerics)"]

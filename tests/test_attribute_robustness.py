@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -477,3 +478,16 @@ def test_the_api_raises_output_error_naming_the_file(data, tmp_path, monkeypatch
     assert str(info.value) == f"cannot write {shard_paths(out, 1)[0]}: No space left on device; {RESUME}"
     assert isinstance(info.value, OSError) and info.value.errno == errno.ENOSPC
     assert _whole(out, 0) and not os.path.exists(shard_paths(out, 1)[1]) and _tmp_files(out) == []
+
+
+def test_explain_names_the_image_whose_maps_may_be_untrustworthy(tmp_path):
+    """The per-call warning would say "sample(s) [0]"; explain says which image and class."""
+    img = _png(tmp_path / "noise.png", 3)
+    with pytest.warns(RuntimeWarning) as caught:
+        assert cli.main(["explain", str(img), "--model", "shapes-resnet", "--method", "rap", "--target", "0,1,2",
+                         "-o", str(tmp_path / "maps")]) == 0
+    messages = [str(w.message) for w in caught]
+    assert not [m for m in messages if "sample(s)" in m]
+    assert len(messages) == 1
+    assert re.fullmatch(rf"{re.escape(str(img))}: the map\(s\) for class\(es\) \[[012, ]+\] may be numerically "
+                        r"untrustworthy \(estimated relative error up to ~\de[+-]\d\d; README, Numerics\)", messages[0])
