@@ -5,6 +5,7 @@ import argparse
 import os
 import sys
 import tempfile
+import warnings
 
 from .images import INTERPOLATIONS, Preprocessing
 
@@ -133,6 +134,17 @@ def main(argv=None) -> int:
         return _methods()
     if args.command == "backends":
         return _backends()
+    # Warnings are for the user: one line each, without Python's file and source line.  Only the
+    # text is changed (formatwarning), so callers that record warnings still get them.
+    formatwarning = warnings.formatwarning
+    warnings.formatwarning = lambda message, *a, **k: f"relprop {args.command}: warning: {message}\n"
+    try:
+        return _run_command(args)
+    finally:
+        warnings.formatwarning = formatwarning
+
+
+def _run_command(args) -> int:
     if args.command in ("attribute", "explain"):
         try:
             return _attribute(args) if args.command == "attribute" else _explain(args)
@@ -541,8 +553,6 @@ def _explain(args) -> int:
     import numpy as np
     import torch
     from PIL import Image
-
-    import warnings
 
     from . import viz
     from .explainer import Explainer, reported_maps_quiet, trusted_error

@@ -119,7 +119,9 @@ class Explainer:
                 raise ValueError(f"input is {x.dtype} on {x.device} but the model is {w.dtype} on {w.device}")
         bad = ~torch.isfinite(x)
         if bad.any():
-            raise ValueError(f"input contains NaN or Inf ({int(bad.sum())} of {x.numel()} values)")
+            samples = bad.flatten(1).any(1).nonzero()[:, 0].tolist()
+            raise ValueError(f"input contains NaN or Inf ({int(bad.sum())} of {x.numel()} values, in sample(s) "
+                             f"{samples[:10]}{' ...' if len(samples) > 10 else ''})")
 
 
 def _warn_if_not_finite(relevance: torch.Tensor, method: str) -> None:

@@ -491,3 +491,14 @@ def test_explain_names_the_image_whose_maps_may_be_untrustworthy(tmp_path):
     assert len(messages) == 1
     assert re.fullmatch(rf"{re.escape(str(img))}: the map\(s\) for class\(es\) \[[012, ]+\] may be numerically "
                         r"untrustworthy \(estimated relative error up to ~\de[+-]\d\d; README, Numerics\)", messages[0])
+
+
+def test_cli_warnings_are_one_line_without_python_source_lines(tmp_path):
+    """Run as a user runs it (a subprocess): the warning is one line, no file:line, no source."""
+    img = _png(tmp_path / "noise.png", 3)
+    proc = subprocess.run([sys.executable, "-m", "relprop.cli", "explain", str(img), "--model", "shapes-resnet",
+                           "--method", "rap", "--target", "0", "-o", str(tmp_path / "maps")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"relprop explain: warning: {img}: the map(s) for class(es) [0]")

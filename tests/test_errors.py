@@ -157,7 +157,7 @@ def test_bad_input_shapes_and_types(model, x, match):
 def test_non_finite_input(model, bad):
     x = torch.randn(2, 3, 8, 8)
     x[1, 0, 2, 2] = bad
-    with pytest.raises(ValueError, match=r"input contains NaN or Inf \(1 of 384 values\)"):
+    with pytest.raises(ValueError, match=r"^input contains NaN or Inf \(1 of 384 values, in sample\(s\) \[1\]\)$"):
         relprop.explain(model, x, method="rap")
 
 
@@ -207,6 +207,12 @@ def test_unknown_init_layer_fails_when_the_explainer_is_built(model):
     ("rsp", {"init_layer": ["0"]}, TypeError, "method 'rsp': init_layer must be a layer name (str) or None, got list ['0']"),
     ("lrp-epsilon", {"zb_bounds": (1, 0)}, ValueError, "method 'lrp-epsilon': zb_bounds must be finite with low <= high, got (1, 0)"),
     ("lrp-epsilon", {"zb_bounds": "imag"}, ValueError, "method 'lrp-epsilon': zb_bounds must be 'image' or (low, high), got 'imag'"),
+    ("ae", {"ratio": 3}, ValueError, "method 'ae': ratio r must lie in [1, 2], got 3"),
+    ("clrp", {"variant": "clrp3"}, ValueError, "method 'clrp': variant must be 'clrp1' or 'clrp2', got 'clrp3'"),
+    ("clrp", {"style": "x"}, ValueError, "method 'clrp': style must be 'gu' or 'agf', got 'x'"),
+    ("lrp-alphabeta", {"alpha": 3, "beta": 1}, ValueError,
+     "method 'lrp-alphabeta': alpha-beta needs alpha - beta = 1 and beta >= 0, got alpha=3, beta=1"),
+    ("lrp-rap-repo", {"alpha": 0.5}, ValueError, "method 'lrp-rap-repo': alpha must be >= 1 (beta = alpha - 1), got 0.5"),
     ("clrp", {"zb_bounds": ("a", 1)}, TypeError,
      "method 'clrp': zb_bounds must be 'image' or (low, high) numbers or per-channel sequences, got ('a', 1)"),
 ])

@@ -63,7 +63,7 @@ class AE(Method):
         number(self.name, "ratio", ratio)
         layer_name(self.name, init_layer)
         if not 1 <= ratio <= 2:
-            raise ValueError(f"AE's ratio r must lie in [1, 2], got {ratio}")
+            raise ValueError(f"method {self.name!r}: ratio r must lie in [1, 2], got {ratio}")
         self.ratio, self.init_layer = ratio, init_layer
         self.table = table(ratio)
 

@@ -73,11 +73,11 @@ class CLRP(Method):
 
     def __init__(self, variant: str = "clrp1", style: str = "gu", output: str = "clrp", zb_bounds=None):
         if variant not in ("clrp1", "clrp2"):
-            raise ValueError(f"variant must be 'clrp1' or 'clrp2', got {variant!r}")
+            raise ValueError(f"method {self.name!r}: variant must be 'clrp1' or 'clrp2', got {variant!r}")
         if style not in ("gu", "agf"):
-            raise ValueError(f"style must be 'gu' or 'agf', got {style!r}")
+            raise ValueError(f"method {self.name!r}: style must be 'gu' or 'agf', got {style!r}")
         if output not in OUTPUTS:
-            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+            raise ValueError(f"method {self.name!r}: output must be one of {OUTPUTS}, got {output!r}")
         if zb_bounds is not None:
             check_bounds(self.name, zb_bounds)
         self.variant, self.style, self.output, self.zb_bounds = variant, style, output, zb_bounds

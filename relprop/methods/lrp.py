@@ -241,7 +241,7 @@ class AlphaBeta(Method):
         number(self.name, "stabilizer", stabilizer, low=0)
         check_bounds(self.name, zb_bounds)
         if alpha - beta != 1 or beta < 0:
-            raise ValueError(f"alpha-beta needs alpha - beta = 1 and beta >= 0, got alpha={alpha}, beta={beta}")
+            raise ValueError(f"method {self.name!r}: alpha-beta needs alpha - beta = 1 and beta >= 0, got alpha={alpha}, beta={beta}")
         self.alpha, self.beta, self.stabilizer = alpha, beta, stabilizer
         self.first_layer, self.zb_bounds = first_layer, zb_bounds
         ab = alphabeta(alpha, beta, stabilizer)
@@ -259,7 +259,7 @@ class RapRepoLRP(Method):
     def __init__(self, alpha: float = 1.0):
         number(self.name, "alpha", alpha)
         if alpha < 1:
-            raise ValueError(f"alpha must be >= 1 (beta = alpha - 1), got {alpha}")
+            raise ValueError(f"method {self.name!r}: alpha must be >= 1 (beta = alpha - 1), got {alpha}")
         self.alpha = alpha
         self.table = rap_repo_table(alpha)
 
