@@ -90,11 +90,15 @@ def split_amplification(r0: torch.Tensor, r1: torch.Tensor) -> torch.Tensor:
     L2 norm over the L2 norm of ``R``: ``||R k^2|| / ||R||``; 1 where both shares have one sign
     (inputs >= 0, as RSP/AE make them), infinite where shares appear from nothing.
     """
-    a = (r0.abs() + r1.abs()).flatten(1)
     s = (r0 + r1).abs().flatten(1)
-    k = torch.where(s > 0, a / torch.where(s > 0, s, 1), torch.where(a > 0, float("inf"), 1.0))
-    num, den = (s * k * k).square().sum(1).sqrt(), s.square().sum(1).sqrt()
-    return torch.where(den > 0, num / torch.where(den > 0, den, 1), 1.0)
+    k = amplification(r0.abs().flatten(1) + r1.abs().flatten(1), s)
+    return amplification((s * k * k).norm(dim=1), s.norm(dim=1))
+
+
+def amplification(size: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``size / value`` for a ``value`` computed from terms of total magnitude ``size``
+    (``value <= size``): 1 where both are 0, infinite where only ``value`` is 0."""
+    return torch.where(value > 0, size / torch.where(value > 0, value, 1), torch.where(size > 0, float("inf"), 1.0))
 
 
 @dataclass(eq=False)

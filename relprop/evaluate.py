@@ -226,7 +226,8 @@ def _markdown(results: dict) -> str:
                 f"{res['accuracy']:.3f}; AOPC on the first {res['perturb_images']} items, randomisation on the "
                 f"first {res['sanity_images']}; total {res['seconds']:.0f} s.", "", format_table(res["rows"]), "",
                 f"maps reported ⚠: of the {res['items']} maps, how many relprop reported as numerically "
-                "untrustworthy (estimated relative error above 1e-3; README, Numerics).", ""]
+                "untrustworthy (estimated relative error above the trusted bound, 1e-3 for a float32 model; README, "
+                "Numerics).", ""]
     return "\n".join(out)
 
 

@@ -23,7 +23,7 @@ import torch
 
 from .. import graph as g
 from .. import rules
-from ..engine import Context, RuleTable
+from ..engine import Context, RuleTable, amplification
 from ..ops import psum, safe_divide
 from . import Method, register, zb_bounds as check_bounds
 from .lrp import rap_repo_table, zplus_plain
@@ -55,9 +55,7 @@ def difference(ctx: Context, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a - b``, recording in ``ctx`` how much it amplifies relative errors of ``a`` and
     ``b``: ``|| |a| + |b| || / ||a - b||`` per sample (large when the two maps nearly agree)."""
     d = a - b
-    size = (a.abs() + b.abs()).flatten(1).norm(dim=1)
-    norm = d.flatten(1).norm(dim=1)
-    ctx.add_error(torch.where(norm > 0, size / torch.where(norm > 0, norm, 1), torch.where(size > 0, float("inf"), 1.0)))
+    ctx.add_error(amplification((a.abs() + b.abs()).flatten(1).norm(dim=1), d.flatten(1).norm(dim=1)))
     return d
 
 
