@@ -23,15 +23,16 @@ evaluate: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/relprop demo --out relprop-demo
 
-# The Triton kernel tests run in a process of their own: on CPU they need TRITON_INTERPRET=1
-# set before Triton is imported, and the rest of the suite runs without it.
+# The Triton kernel tests (and the triton cases of tests/test_primitives.py) run in a process of
+# their own: on CPU they need TRITON_INTERPRET=1 set before Triton is imported, and the rest of
+# the suite runs without it.
 test: $(STAMP)
 	$(BIN)/python -m pytest
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest tests/test_triton_kernels.py
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest tests/test_triton_kernels.py tests/test_primitives.py -k triton
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest tests/test_triton_kernels.py
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest tests/test_triton_kernels.py tests/test_primitives.py -k triton
 
 # The maintainers' checker over the full golden set, which sits beside the repository, not in
 # it; from a clone alone `make test` checks the in-repo subset tests/data/golden instead.

@@ -99,7 +99,7 @@ def _extensions():
         print(f"relprop: building the CPU-only op library relprop._C ({reason})")
         ext = CppExtension("relprop._C", CPU_SOURCES, extra_compile_args={"cxx": cxx})
     else:
-        nvcc = ["-O3"]   # no --use_fast_math: the epilogues' divisions must stay IEEE (parity with ops.py)
+        nvcc = ["-O3"]   # no --use_fast_math: the epilogues' divisions must stay IEEE (parity with relprop/ops/reference.py)
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
             nvcc += ["-gencode", "arch=compute_90,code=sm_90", "-gencode", "arch=compute_90,code=compute_90"]
         # -idirafter: these dirs also hold a cuda_runtime_api.h that must not shadow the toolkit's

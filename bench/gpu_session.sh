@@ -40,11 +40,14 @@ if [ "$phase" = check ]; then
   ( RELPROP_BUILD_EXT=1 timeout 300 python3 setup.py -q build_ext --inplace >"$out/build.log" 2>&1;
     echo "build exit $?" >>"$out/build.log" ) &
   build=$!
-  timeout "$(left 300)" python3 -m pytest -q tests/test_triton_kernels.py -p no:cacheprovider $timeout_opt \
-    >"$out/tests.log" 2>&1
+  timeout "$(left 300)" python3 -m pytest -q tests/test_triton_kernels.py tests/test_primitives.py -k triton \
+    -p no:cacheprovider $timeout_opt >"$out/tests.log" 2>&1
   echo "== Triton kernels on CUDA: $(tail -1 "$out/tests.log")"
   wait $build; tail -3 "$out/build.log"
   python3 -c "import relprop; [print(k, v) for k, v in relprop.backends().items()]" | tee -a "$out/device.txt"
+  # What auto will trust: each fast backend's self-check per primitive and dtype on the GPU.
+  timeout 60 relprop backends --check >"$out/self-check.txt" 2>&1; echo "== self-check exit $?"
+  grep -E "^[a-z]+ |cuda (float|bfloat)" "$out/self-check.txt"
   # Everything else, the GPU visible; the CPU-bound majority spread over 8 workers.
   timeout "$(left 150)" python3 -m pytest -q tests -n 8 --ignore=tests/test_triton_kernels.py -p no:cacheprovider \
     $timeout_opt >>"$out/tests.log" 2>&1

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 import relprop
-from relprop.backends import default_device, operations, resolve_backend
+from relprop.ops.dispatch import default_device, operations, resolve_backend
 from relprop import ops
 
 # name, (C, O, kernel, stride, padding, input size): VGG16 and ResNet50 layers that cover

@@ -1,15 +1,15 @@
 """Device helpers shared by the GEMM kernels: the safe divide, the stabiliser, the
-relevance-split epilogue of ``relprop.ops.split_scale`` and the per-sample statistics
+relevance-split epilogue of ``relprop.ops.reference.split_scale`` and the per-sample statistics
 of the transposed pass.  All arithmetic is fp32."""
 import triton
 import triton.language as tl
 
-# Rule codes of the split-scale epilogue (``RULES`` maps the names of relprop.ops.SPLIT_RULES).
+# Rule codes of the split-scale epilogue: the ``code`` column of relprop.ops.reference.EPILOGUES
+# (tests/test_primitives.py holds them equal).  Gu's z+ is ALPHABETA without a bias.
 RAP_CONV = tl.constexpr(0)
 RAP_LINEAR = tl.constexpr(1)
 ALPHABETA = tl.constexpr(2)
 ALPHABETA_REPO = tl.constexpr(3)
-RULES = {"rap-conv": 0, "rap-linear": 1, "alphabeta": 2, "alphabeta-repo": 3, "zplus": 2}  # zplus: no bias
 
 
 @triton.jit
@@ -27,7 +27,7 @@ def stabilize(z, eps):
 
 @triton.jit
 def split_scale_epilogue(z1, z2, r, alpha, beta, eps, RULE: tl.constexpr, TWO: tl.constexpr):
-    """``(S1, S2)`` of ``relprop.ops.split_scale`` from the products ``Z1``, ``Z2`` (bias
+    """``(S1, S2)`` of ``relprop.ops.reference.split_scale`` from the products ``Z1``, ``Z2`` (bias
     already added for ALPHABETA) and the relevance ``R``; ``S2`` is meaningless unless TWO."""
     if RULE == RAP_CONV:
         s1 = safe_div(tl.maximum(r, 0.0), z1)

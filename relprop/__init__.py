@@ -4,7 +4,7 @@
 >>> explainer = relprop.Explainer(model, method="rap")
 >>> relevance = explainer(images, target=None)    # shaped like images
 """
-from .backends import backends
+from .ops.dispatch import backends
 from .explainer import Attribution, Explainer, available_methods, explain
 from .graph import UnsupportedModelError
 

@@ -114,12 +114,19 @@ def build_parser() -> argparse.ArgumentParser:
                    description="List every method name accepted by relprop.Explainer(model, method=...) "
                                "and by 'relprop demo --methods'.",
                    epilog="example:\n  relprop methods", formatter_class=fmt)
-    sub.add_parser("backends", help="show which compute backends (torch, triton, cuda) are available and why not",
-                   description="Show each compute backend relprop can run on, whether it is usable on this "
-                               "machine and, if not, why.  'auto' (the default) picks, by the input's device, the "
-                               "compiled extension, then Triton, for CUDA tensors, and the torch reference for "
-                               "CPU tensors.",
-                   epilog="example:\n  relprop backends", formatter_class=fmt)
+    backends = sub.add_parser(
+        "backends", help="show which compute backends (torch, triton, cuda) are available and why not",
+        description="Show each compute backend relprop can run on, whether it is usable on this machine and, if "
+                    "not, why.  'auto' (the default) picks, for CUDA tensors, the compiled extension, then Triton, "
+                    "whichever is available and first passes its self-check (its primitives run on a small conv "
+                    "and linear case against the torch reference on the device, once per process), and the "
+                    "torch reference for CPU tensors.",
+        epilog="examples:\n  relprop backends\n  relprop backends --check", formatter_class=fmt)
+    backends.add_argument("--check", action="store_true",
+                          help="run each available fast backend's self-check per primitive and dtype (float32, "
+                               "float64, float16, bfloat16) on this machine's device (CUDA if torch sees a GPU, "
+                               "else CPU: the op library's CPU kernels, Triton under TRITON_INTERPRET=1) and print "
+                               "the result of every case; exit status 1 if a check failed")
     return parser
 
 
@@ -133,7 +140,7 @@ def main(argv=None) -> int:
     if args.command == "methods":
         return _methods()
     if args.command == "backends":
-        return _backends()
+        return _backends(args.check)
     # Warnings are for the user: one line each, without Python's file and source line.  Only the
     # text is changed (formatwarning), so callers that record warnings still get them.
     formatwarning = warnings.formatwarning
@@ -168,14 +175,29 @@ def _methods() -> int:
     return 0
 
 
-def _backends() -> int:
-    from .backends import backends
+def _backends(check: bool) -> int:
+    import torch
 
-    for name, info in backends().items():
-        state = "available" if info["available"] else "unavailable"
-        reason = "" if info["available"] else f": {info['reason']}"
-        print(f"{name:<7} {state}{reason}")
-    return 0
+    from .ops.dispatch import BACKENDS, default_device, self_check, unavailable
+
+    device = default_device()
+    failed = False
+    for name in BACKENDS:
+        reason = unavailable(name, device)
+        state = "available" if reason is None else f"unavailable: {reason}"
+        print(f"{name:<7} {state}")
+        if not check or reason is not None:
+            continue
+        if name == "torch":
+            print("        the reference: nothing to check")
+            continue
+        for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+            result = self_check(name, device, dtype)
+            failed |= not result.passed
+            print(f"        {device.type} {str(dtype).removeprefix('torch.')}: {result.verdict}")
+            for case, verdict in result.results.items():
+                print(f"          {case:<44} {verdict}")
+    return 1 if failed else 0
 
 
 def _demo(args) -> int:

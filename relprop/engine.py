@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 
 from . import graph as g
-from . import ops as reference_ops
+from .ops import reference as reference_ops
 from .ops import LinearMap
 
 
@@ -30,7 +30,7 @@ class Layer:
     lin: LinearMap | None = None
     z: torch.Tensor | None = None      # pre-activation incl. a folded BatchNorm (conv/linear)
     x_nonneg: bool = False             # the first input is provably >= 0 (comes from a ReLU)
-    ops: Any = reference_ops           # the backend's fused primitives (relprop.backends)
+    ops: Any = reference_ops           # the backend's fused primitives (relprop.ops.dispatch)
 
     @property
     def x(self) -> torch.Tensor:
@@ -112,7 +112,7 @@ class Context:
     user_seed: bool = False          # seed is the caller's ``initial_relevance``
     maps: dict = field(default_factory=dict)
     layer_sums: dict | None = None   # filled by propagate when not None
-    ops: Any = reference_ops         # the backend's fused primitives (relprop.backends)
+    ops: Any = reference_ops         # the backend's fused primitives (relprop.ops.dispatch)
 
     def __post_init__(self):
         # Relevance is computed in float32 for float16/bfloat16 models (the forward stays in

@@ -11,8 +11,8 @@ import torch.nn as nn
 
 from . import graph as g
 from . import methods
-from .backends import check_backend, operations, resolve_backend
-from .engine import Context
+from .ops.dispatch import check_backend, operations, resolve_backend
+from .engine import Context, compute_dtype
 
 
 class Attribution(NamedTuple):
@@ -91,7 +91,8 @@ class Explainer:
             seed = _seed(initial_relevance, targets, logits)
             ctx = Context(self.graph, values, targets, seed, user_seed=initial_relevance is not None,
                           layer_sums={} if layer_sums else None,
-                          ops=operations(resolve_backend(self.backend, x.device)))
+                          ops=operations(resolve_backend(self.backend, x.device,
+                                                             compute_dtype(logits.dtype))))
             relevance = self.method.run(ctx).detach()
         _warn_if_not_finite(relevance, self.method.name)
         _warn_if_untrustworthy(ctx.error, ctx.forward_dtype, self.method.name)

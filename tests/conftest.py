@@ -70,7 +70,7 @@ def _seed():
 
 @pytest.fixture(scope="session")
 def ext():
-    """``relprop.extension`` on torch.ops.relprop: the installed relprop._C if importable, else
+    """``relprop.ops.cuda`` (the cuda backend) on torch.ops.relprop: the installed relprop._C if importable, else
     csrc/ops.cpp JIT-built (CPU kernels only) into build/relprop-ext-cpu."""
     if not torch._C._dispatch_has_kernel("relprop::split_scale"):
         try:
@@ -85,11 +85,11 @@ def ext():
             load(name="relprop_ops_cpu", sources=[str(ROOT / "csrc" / "ops.cpp")], extra_cflags=["-O2"],
                  is_python_module=False, build_directory=str(build), verbose=False)
     assert torch._C._dispatch_has_kernel("relprop::split_scale")
-    return importlib.import_module("relprop.extension")
+    return importlib.import_module("relprop.ops.cuda")
 
 
 class CountingOps:
-    """Stands in for the extension's op library (``relprop.extension._OPS``) and counts the
+    """Stands in for the extension's op library (``relprop.ops.cuda._OPS``) and counts the
     calls into it by op name, so a test can tell the native kernels ran."""
 
     def __init__(self, inner):

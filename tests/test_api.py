@@ -539,7 +539,7 @@ def test_kernels_is_not_a_top_level_module(tmp_path):
 
 def test_backends_report_reasons():
     info = relprop.backends()
-    assert info["torch"] == {"available": True, "reason": "ok"}
+    assert info["torch"] == {"available": True, "reason": "ok", "self_check": {}}
     for name in ("triton", "cuda"):
         if not info[name]["available"]:
             with pytest.raises(RuntimeError, match=f"backend '{name}' is unavailable: .+"):

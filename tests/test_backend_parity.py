@@ -15,6 +15,7 @@ import torch
 import golden_adapter
 import relprop
 from conftest import GOLDEN_CASES, CountingOps, load_golden_case
+from relprop.ops import dispatch
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # relative L2 to the torch backend on the same device.  fp32 differs by summation order
@@ -47,7 +48,9 @@ def native_calls(backend, monkeypatch):
     so that a backend that fell back to the reference everywhere cannot pass."""
     if backend != "cuda":
         return None
-    extension = importlib.import_module("relprop.extension")   # importable once the ops are registered
+    extension = importlib.import_module("relprop.ops.cuda")   # importable once the ops are registered
+    dispatch.self_check("cuda", DEVICE, torch.float32)        # once per process; not counted
+    dispatch.self_check("cuda", DEVICE, torch.float64)
     counting = CountingOps(extension._OPS)
     monkeypatch.setattr(extension, "_OPS", counting)
     return counting.calls

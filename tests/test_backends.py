@@ -1,5 +1,6 @@
-"""Backend dispatch: every fused primitive of a rule goes through the chosen backend, the
-choice follows the input's device, and unavailable backends say why."""
+"""Backend dispatch (relprop.ops.dispatch): every fused primitive of a rule goes through the
+chosen backend, the choice follows the input's device, unavailable backends say why, and
+``auto`` uses a fast backend only once it has passed its self-check on the device."""
 import importlib
 import importlib.util
 import sys
@@ -10,11 +11,18 @@ import torch
 import torch.nn as nn
 
 import relprop
-from relprop import ops
+from relprop import cli, ops
+from relprop.ops import dispatch as backends
+from relprop.ops import reference
 
-backends = importlib.import_module("relprop.backends")   # the module (relprop.backends is the function)
+PRIMITIVES = backends.PRIMITIVES
 
-PRIMITIVES = ("split_scale", "split_backward", "shift_nonzero", "ae_masses")
+
+@pytest.fixture(autouse=True)
+def _fresh_checks(monkeypatch):
+    """Self-check verdicts and warnings are per process: each test starts without any."""
+    monkeypatch.setattr(backends, "_CHECKS", {})
+    monkeypatch.setattr(backends, "_WARNED", set())
 
 
 def _tiny_cnn():
@@ -27,14 +35,17 @@ def counting_backend(monkeypatch):
     """A 'triton' backend that delegates to the reference and counts each primitive's calls."""
     calls = dict.fromkeys(PRIMITIVES, 0)
     fake = types.ModuleType("fake_backend")
+    fake.covers = lambda primitive, *args, **kwargs: True
     for name in PRIMITIVES:
         def wrapped(*args, _name=name, **kwargs):
             calls[_name] += 1
-            return getattr(ops, _name)(*args, **kwargs)
+            return getattr(reference, _name)(*args, **kwargs)
         setattr(fake, name, wrapped)
     monkeypatch.setitem(sys.modules, "fake_backend", fake)
     monkeypatch.setitem(backends._MODULES, "triton", "fake_backend")
     monkeypatch.setattr(backends, "unavailable", lambda name, device: None)
+    backends.self_check("triton", "cpu", torch.float32)   # the check's own calls are not the rules'
+    calls.update(dict.fromkeys(PRIMITIVES, 0))
     return calls
 
 
@@ -57,7 +68,8 @@ def test_rules_dispatch_their_fused_primitives(counting_backend, method, used):
 
 def test_auto_runs_cpu_tensors_on_the_reference():
     assert backends.resolve_backend("auto", torch.device("cpu")) == "torch"
-    assert backends.operations("torch") is ops
+    assert backends.operations("torch") is reference
+    assert ops.split_scale is reference.split_scale      # relprop.ops re-exports the reference
 
 
 def test_unknown_backend_lists_the_choices():
@@ -79,4 +91,98 @@ def test_missing_extension_is_reported_not_raised(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "relprop._C" else real(n, *a))
     monkeypatch.setattr(backends, "_ops_registered", lambda: False)
     info = backends.backends("cpu")["cuda"]
-    assert info == {"available": False, "reason": info["reason"]} and "relprop._C is not built" in info["reason"]
+    assert info == {"available": False, "reason": info["reason"], "self_check": {}}
+    assert "relprop._C is not built" in info["reason"]
+
+
+# ----------------------------------------------------------------- verified auto
+# The cuda backend on the op library's CPU kernels (the ``ext`` fixture) stands in for a fast
+# backend on a GPU: ``auto`` is allowed to consider CPU tensors.
+
+@pytest.fixture
+def auto_on_cpu(ext, monkeypatch):
+    monkeypatch.setattr(backends, "AUTO_DEVICES", ("cuda", "cpu"))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)      # triton unavailable on CPU: cuda, else torch
+    return ext
+
+
+@pytest.fixture
+def check_runs(monkeypatch):
+    """The number of self-checks run (by backend, device, dtype)."""
+    runs = []
+    real = backends._run_check
+
+    def counted(*key):
+        runs.append(key)
+        return real(*key)
+    monkeypatch.setattr(backends, "_run_check", counted)
+    return runs
+
+
+@pytest.fixture
+def noisy_split_scale(auto_on_cpu, monkeypatch):
+    """The cuda backend's split_scale, broken: noise added to S1."""
+    good = auto_on_cpu.split_scale
+
+    def noisy(*args, **kwargs):
+        s1, s2 = good(*args, **kwargs)
+        return s1 + 0.1 * s1.abs().max() * torch.rand_like(s1), s2
+    monkeypatch.setattr(auto_on_cpu, "split_scale", noisy)
+
+
+def test_auto_uses_a_fast_backend_that_passed_its_check_once_per_process(auto_on_cpu, check_runs, recwarn):
+    model, x = _tiny_cnn(), torch.rand(2, 3, 9, 9)
+    ref = relprop.Explainer(model, "rap", backend="torch")(x)
+    explainer = relprop.Explainer(model, "rap")
+    for _ in range(3):
+        torch.testing.assert_close(explainer(x), ref, rtol=1e-5, atol=1e-6)
+    assert backends.resolve_backend("auto", torch.device("cpu")) == "cuda"
+    assert check_runs == [("cuda", torch.device("cpu"), torch.float32)]          # once, not per call
+    check = backends.self_check("cuda", "cpu", torch.float32)
+    assert check.passed and "split_scale[conv, rap-conv, beta=0]" in check.results
+    assert all(v == "ok" for v in check.results.values())
+    assert relprop.backends("cpu")["cuda"]["self_check"] == {"float32": "passed"}
+    assert not [w for w in recwarn if "self-check" in str(w.message)]
+
+
+def test_auto_falls_back_from_a_broken_backend_with_one_warning(noisy_split_scale, check_runs):
+    model, x = _tiny_cnn(), torch.rand(2, 3, 9, 9)
+    ref = relprop.Explainer(model, "rap", backend="torch")(x)
+    explainer = relprop.Explainer(model, "rap")
+    with pytest.warns(RuntimeWarning) as record:
+        got = [explainer(x) for _ in range(2)]
+    messages = [str(w.message) for w in record if "self-check" in str(w.message)]
+    assert len(messages) == 1, messages
+    assert messages[0].startswith("relprop: backend 'cuda' failed its self-check on cpu float32 tensors (failed: error ")
+    assert "in split_scale[conv, rap-conv, beta=0]" in messages[0] and messages[0].endswith("; auto does not use it")
+    for g in got:
+        assert torch.equal(g, ref)                                   # the reference ran
+    assert backends.resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert len(check_runs) == 1
+    verdict = relprop.backends("cpu")["cuda"]["self_check"]["float32"]
+    assert verdict.startswith("failed: error") and "split_scale[conv, rap-conv" in verdict
+
+
+def test_a_backend_named_explicitly_runs_and_says_its_check_failed(noisy_split_scale):
+    model, x = _tiny_cnn(), torch.rand(2, 3, 9, 9)
+    ref = relprop.Explainer(model, "rap", backend="torch")(x)
+    with pytest.warns(RuntimeWarning, match="backend 'cuda' failed its self-check on cpu float32 tensors .*; "
+                                            "it runs because it was asked for by name"):
+        got = relprop.Explainer(model, "rap", backend="cuda")(x)
+    assert not torch.allclose(got, ref, rtol=1e-3, atol=1e-4)        # the broken kernel did run
+
+
+def test_backends_check_prints_every_case(auto_on_cpu, capsys):
+    assert cli.main(["backends", "--check"]) == 0
+    out = capsys.readouterr().out
+    for dtype in ("float32", "float64", "float16", "bfloat16"):
+        assert f"cpu {dtype}: passed" in out
+    assert "split_backward[linear, pn, shift]" in out and "ae_masses" in out
+    assert "the reference: nothing to check" in out
+
+
+def test_backends_check_fails_for_a_broken_backend(noisy_split_scale, capsys):
+    assert cli.main(["backends", "--check"]) == 1
+    out = capsys.readouterr().out
+    assert "cpu float32: failed: error" in out
+    assert "split_scale[linear, rap-linear, beta=0]" in out

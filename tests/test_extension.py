@@ -1,10 +1,12 @@
-"""The C++/CUDA extension backend (csrc/, relprop.extension).
+"""The C++/CUDA extension backend (csrc/, relprop.ops.cuda), beyond the per-primitive
+comparisons of tests/test_primitives.py.
 
 * every .cu kernel file compiles with plain nvcc for Hopper (no torch headers), with no spills;
 * the CUDA binding (csrc/cuda_ops.cpp) passes a syntax-only compile against the CUDA torch headers;
 * the op library's CPU part (csrc/ops.cpp) is JIT-built once per session (cached under
-  build/relprop-ext-cpu) and each op is compared with the relprop.ops reference, checked with
-  torch.library.opcheck, and run end to end through relprop.Explainer(backend="cuda").
+  build/relprop-ext-cpu); the raw ops take a presplit ``[W+; V2]`` or a plain ``W``, pass
+  torch.library.opcheck, reject bad arguments, and run end to end through
+  relprop.Explainer(backend="cuda").
 
 No GPU is needed; the CUDA kernels' numerics are checked on a GPU machine (csrc/README.md).
 """
@@ -22,7 +24,9 @@ import torch.nn as nn
 
 import relprop
 from conftest import CountingOps
+from op_cases import LAYERS, RULE_IDS, RULES, make_layer
 from relprop import ops
+from relprop.ops import dispatch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -98,49 +102,6 @@ def close(got, ref, dtype):
     torch.testing.assert_close(got, ref, rtol=tol["rtol"], atol=tol["atol"] * scale, equal_nan=True)
 
 
-def nonneg(*shape, dtype):
-    """A ReLU-like input: about a third exact zeros, plus an all-zero corner per sample."""
-    x = (torch.rand(*shape, dtype=dtype) - 0.35).clamp(min=0)
-    if x.ndim == 4:
-        x[:, :, :x.shape[2] // 2, :x.shape[3] // 2] = 0
-    else:
-        x[..., :2] = 0
-    return x
-
-
-# (in, out, kernel, stride, padding, dilation, batch, H, W)
-CONVS = {
-    "3x3-s2-p1": (5, 7, 3, 2, 1, 1, 3, 9, 11),
-    "1x1": (3, 6, 1, 1, 0, 1, 2, 5, 7),
-    "7x7-s2-p3": (3, 5, 7, 2, 3, 1, 2, 15, 12),
-    "3x5-nonsquare-dil2": (4, 5, (3, 5), (2, 1), (1, 2), 2, 2, 10, 13),
-    "b64-tiny": (7, 9, 3, 1, 1, 1, 64, 2, 3),
-    "b1-odd": (9, 3, 3, 1, 0, 1, 1, 6, 5),
-}
-LINEARS = {"linear": (13, 7, (5,)), "linear-b1": (11, 3, (1,)), "linear-3d": (6, 5, (4, 3))}
-LAYERS = [*CONVS, *LINEARS]
-
-
-def make_layer(name, dtype):
-    if name in CONVS:
-        cin, cout, k, s, p, d, b, h, w = CONVS[name]
-        m = nn.Conv2d(cin, cout, k, stride=s, padding=p, dilation=d).to(dtype)
-        x = nonneg(b, cin, h, w, dtype=dtype)
-    else:
-        fin, fout, lead = LINEARS[name]
-        m = nn.Linear(fin, fout).to(dtype)
-        x = nonneg(*lead, fin, dtype=dtype)
-    with torch.no_grad():
-        out = m(x)
-    r = torch.randn_like(out)
-    r.view(-1)[::7] = 0
-    return ops.LinearMap(m), x, r
-
-
-RULES = [("rap-conv", 1.0, 0.0, 0.0), ("rap-linear", 1.0, 0.0, 0.0), ("alphabeta", 2.0, 1.0, 1e-6),
-         ("alphabeta", 1.0, 0.0, 0.0), ("alphabeta", 1.0, 0.5, 0.0), ("alphabeta-repo", 2.0, 1.0, 0.0),
-         ("alphabeta-repo", 1.0, 0.0, 0.0), ("zplus", 1.0, 0.0, 1e-9)]
-RULE_IDS = [f"{r}-a{a:g}-b{b:g}-e{e:g}" for r, a, b, e in RULES]
 OP_RULE = {"zplus": "alphabeta"}   # Gu's z+ is the op's one-sided alpha-beta without a bias
 DTYPES = [torch.float32, torch.float64]
 
@@ -153,26 +114,22 @@ def geometry(lin):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("rule", RULES, ids=RULE_IDS)
 @pytest.mark.parametrize("layer", LAYERS)
-def test_split_scale_op_matches_reference(ext, layer, rule, dtype):
+def test_split_scale_op_takes_presplit_and_plain_weights(ext, layer, rule, dtype):
     name, alpha, beta, eps = rule
     lin, x, r = make_layer(layer, dtype)
     ref = ops.split_scale(lin, x, r, name, alpha, beta, eps)
     bias = lin.bias if name == "alphabeta" else None
-    for w in (lin.split(ops.SPLIT_RULES[name]), lin.weight):   # presplit [W+; V2] and plain W
+    for w in (lin.split(ops.EPILOGUES[name].split), lin.weight):   # presplit [W+; V2] and plain W
         s1, s2 = R().split_scale(x, w, r, bias, *geometry(lin), OP_RULE.get(name, name), alpha, beta, eps)
         close(s1, ref[0], dtype)
         close(s2, ref[1], dtype)
-    got = ext.split_scale(lin, x, r, name, alpha, beta, eps)
-    close(got[0], ref[0], dtype)
-    assert (got[1] is None) == (ref[1] is None)
-    close(got[1], ref[1], dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shift", [False, True], ids=["plain", "shift"])
 @pytest.mark.parametrize("split, two", [("pa", True), ("pn", True), ("pn", False)], ids=["pa", "pn", "pos-only"])
 @pytest.mark.parametrize("layer", LAYERS)
-def test_split_backward_op_matches_reference(ext, layer, split, two, shift, dtype):
+def test_split_backward_op_takes_presplit_and_plain_weights(ext, layer, split, two, shift, dtype):
     lin, x, r = make_layer(layer, dtype)
     rule = "rap-conv" if split == "pa" else "alphabeta-repo"
     s1, s2 = ops.split_scale(lin, x, r, rule, 1.0, 1.0 if two else 0.0)
@@ -180,59 +137,27 @@ def test_split_backward_op_matches_reference(ext, layer, split, two, shift, dtyp
     ref = ops.split_backward(lin, x, s1, s2, split, shift_to)
     for w in (lin.split(split), lin.weight):
         close(R().split_backward(x, s1, s2, w, *geometry(lin), split, shift_to), ref, dtype)
-    close(ext.split_backward(lin, x, s1, s2, split, shift_to), ref, dtype)
-    if shift:   # the point of the shift: each sample sums to shift_to
-        got = ext.split_backward(lin, x, s1, s2, split, shift_to)
-        torch.testing.assert_close(got.reshape(got.shape[0], -1).sum(1), shift_to,
-                                   rtol=1e-4 if dtype == torch.float32 else 1e-10, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(3, 5, 9, 11), (64, 7, 2, 3), (1, 13), (4, 3, 6)], ids=str)
-def test_shift_nonzero_and_ae_masses_match_reference(ext, shape, dtype):
-    c = nonneg(*shape, dtype=dtype) - nonneg(*shape, dtype=dtype)
+def test_raw_shift_nonzero_and_ae_masses_ops(ext, shape, dtype):
+    """The raw ops' own conventions: ``excess`` as a flat (B,) vector; T sums to 1, O = 0
+    where a sample has no negative relevance."""
+    c = torch.randn(*shape, dtype=dtype).relu() - torch.randn(*shape, dtype=dtype).relu()
     excess = torch.randn(shape[0], *[1] * (len(shape) - 1), dtype=dtype)
-    ref = ops.shift_nonzero(c, excess)
-    close(R().shift_nonzero(c, excess.reshape(-1)), ref, dtype)
-    close(ext.shift_nonzero(c, excess), ref, dtype)
-    scalar = torch.tensor(0.25, dtype=dtype)
-    close(ext.shift_nonzero(c, scalar), ops.shift_nonzero(c, scalar), dtype)
-
+    close(R().shift_nonzero(c, excess.reshape(-1)), ops.shift_nonzero(c, excess), dtype)
     r = torch.randn(*shape, dtype=dtype)
     r[0] = r[0].abs()             # a sample without negative relevance: O = 0 there
     r.view(-1)[::5] = 0
-    for got, want in zip(ext.ae_masses(r), ops.ae_masses(r)):
-        close(got, want, dtype)
     t, o = R().ae_masses(r)
     assert torch.all(o[0] == 0)
     torch.testing.assert_close(t.reshape(shape[0], -1).sum(1), torch.ones(shape[0], dtype=dtype))
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_half_precision_ops_stay_close_to_the_reference(ext, dtype):
-    lin, x, r = make_layer("3x3-s2-p1", torch.float32)
-    lin16 = ops.LinearMap(lin.module.to(dtype))
-    x16, r16 = x.to(dtype), r.to(dtype)
-    tol = dict(rtol=2e-2, atol=2e-2)
-    for name, a, b, e in (RULES[0], RULES[1], RULES[5]):   # SD rules: no overflow of r / eps in half
-        ref = ops.split_scale(lin16, x16, r16, name, a, b, e)
-        got = ext.split_scale(lin16, x16, r16, name, a, b, e)
-        for g, w in zip(got, ref):
-            assert g.dtype == dtype
-            scale = w.float().abs().max()
-            torch.testing.assert_close(g.float() / scale, w.float() / scale, **tol)
-    s1, s2 = ops.split_scale(lin16, x16, r16, "rap-conv")
-    shift_to = r16.flatten(1).float().sum(1).to(dtype)
-    ref = ops.split_backward(lin16, x16, s1, s2, "pa", shift_to).float()
-    got = ext.split_backward(lin16, x16, s1, s2, "pa", shift_to).float()
-    torch.testing.assert_close(got / ref.abs().max(), ref / ref.abs().max(), **tol)
-    for g, w in zip(ext.ae_masses(r16), ops.ae_masses(r16)):
-        torch.testing.assert_close(g.float(), w.float(), **tol)
-
-
 def test_ops_pass_opcheck(ext):
     lin, x, r = make_layer("3x3-s2-p1", torch.float64)
-    lin_l, xl, rl = make_layer("linear", torch.float64)
+    lin_l, xl, rl = make_layer("linear-odd", torch.float64)
     geo, geo_l = geometry(lin), geometry(lin_l)
     w, wl = lin.split("pa"), lin_l.split("pn")
     s1, s2 = ops.split_scale(lin, x, r, "rap-conv")
@@ -261,26 +186,6 @@ def test_ops_reject_bad_arguments(ext):
         R().shift_nonzero(x, torch.zeros(x.shape[0] + 1))
 
 
-def test_uncovered_calls_fall_back_to_the_reference(ext):
-    grouped = ops.LinearMap(nn.Conv2d(4, 6, 3, padding=1, groups=2))
-    x, r = nonneg(2, 4, 6, 6, dtype=torch.float32), torch.randn(2, 6, 6, 6)
-    for rule in ("rap-conv", "alphabeta"):
-        got = ext.split_scale(grouped, x, r, rule, 1.0, 1.0)
-        ref = ops.split_scale(grouped, x, r, rule, 1.0, 1.0)
-        for g, w in zip(got, ref):
-            torch.testing.assert_close(g, w, rtol=0, atol=0)
-    s1, s2 = ops.split_scale(grouped, x, r, "rap-conv")
-    torch.testing.assert_close(ext.split_backward(grouped, x, s1, s2, "pa", r.flatten(1).sum(1)),
-                               ops.split_backward(grouped, x, s1, s2, "pa", r.flatten(1).sum(1)), rtol=0, atol=0)
-    c = torch.randn(3, 4, 5)
-    full = torch.randn(3, 4, 5)     # not one value per sample
-    torch.testing.assert_close(ext.shift_nonzero(c, full), ops.shift_nonzero(c, full), rtol=0, atol=0)
-    lin, x, r = make_layer("1x1", torch.float32)
-    xg = x.clone().requires_grad_(True)     # autograd wants the differentiable reference
-    s1, _ = ext.split_scale(lin, xg, r, "alphabeta", 1.0, 0.0)
-    assert s1.requires_grad
-
-
 # ------------------------------------------------------------------ whole networks
 def _tiny_cnn():
     return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 5, 3, stride=2), nn.ReLU(),
@@ -304,6 +209,7 @@ NATIVE_CALLS = {
 @pytest.mark.parametrize("method", list(NATIVE_CALLS))
 def test_explainer_on_the_extension_matches_the_torch_backend(ext, monkeypatch, method, dtype):
     assert relprop.backends("cpu")["cuda"]["available"]   # the JIT-built library stands in for _C
+    dispatch.self_check("cuda", "cpu", dtype)             # once per process; not counted below
     counting = CountingOps(ext._OPS)
     monkeypatch.setattr(ext, "_OPS", counting)
     model, x = _tiny_cnn().to(dtype), torch.rand(2, 3, 9, 9, dtype=dtype)
@@ -330,27 +236,17 @@ def test_cmake_builds_the_standalone_kernels(tmp_path):
 
 
 # ------------------------------------------------------------------ CUDA kernels (GPU machines)
+# (their values against the reference: tests/test_primitives.py, which runs on CUDA tensors there)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("layer", ["3x3-s2-p1", "1x1", "7x7-s2-p3", "b64-tiny", "linear", "linear-3d"])
-def test_cuda_ops_match_the_reference_on_gpu(ext, layer, dtype):
+def test_cuda_ops_pass_opcheck_on_gpu(ext, dtype):
     if not relprop.backends("cuda")["cuda"]["available"]:
         pytest.skip("needs a CUDA device and relprop._C built with its CUDA kernels (setup.py on a GPU machine)")
-    lin, x, r = make_layer(layer, dtype)
+    lin, x, r = make_layer("3x3-s2-p1", dtype)
     lin = ops.LinearMap(lin.module.cuda())
     x, r = x.cuda(), r.cuda()
-    for name, a, b, e in RULES:
-        ref = ops.split_scale(lin, x, r, name, a, b, e)
-        got = ext.split_scale(lin, x, r, name, a, b, e)
-        close(got[0], ref[0], dtype)
-        close(got[1], ref[1], dtype)
-        split = ops.SPLIT_RULES[name]
-        for shift_to in (None, r.reshape(r.shape[0], -1).sum(1)):
-            close(ext.split_backward(lin, x, *ref, split, shift_to), ops.split_backward(lin, x, *ref, split, shift_to),
-                  dtype)
     c = x - x.roll(1, 0)
-    excess = torch.randn(c.shape[0], *[1] * (c.ndim - 1), dtype=dtype, device="cuda")
-    close(ext.shift_nonzero(c, excess), ops.shift_nonzero(c, excess), dtype)
-    for g, w in zip(ext.ae_masses(r), ops.ae_masses(r)):
-        close(g, w, dtype)
-    for op, args in [(R().ae_masses.default, (r,)), (R().shift_nonzero.default, (c, excess.reshape(-1)))]:
+    excess = torch.randn(c.shape[0], dtype=dtype, device="cuda")
+    for op, args in [(R().split_scale.default, (x, lin.split("pa"), r, None, *geometry(lin), "rap-conv", 1.0, 0.0, 0.0)),
+                     (R().split_backward.default, (x, r, r, lin.split("pa"), *geometry(lin), "pa", excess)),
+                     (R().ae_masses.default, (r,)), (R().shift_nonzero.default, (c, excess))]:
         torch.library.opcheck(op, args)

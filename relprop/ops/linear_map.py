@@ -1,4 +1,5 @@
-"""Relevance primitives: the pure-PyTorch reference every kernel is tested against.
+"""The linear map of a Conv2d or Linear layer (a BatchNorm optionally folded in), its
+sign-split weights, its transpose, and the per-sample conv products RSP needs.
 
 Notation of methods.md §1.1: for a Linear/Conv2d layer, ``fwd(x, V)`` is the bias-free
 layer map with weights ``V`` and ``bwd(S, V)`` its transpose (the gradient of
@@ -13,25 +14,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def safe_divide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a / b`` where ``b != 0`` and exactly 0 where ``b == 0`` (methods.md §1.2, wjNam repos)."""
-    return torch.where(b == 0, torch.zeros((), dtype=a.dtype, device=a.device), a / b)
-
-
-def stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
-    """Zennit's stabiliser: ``z + eps * sign(z)`` with ``sign(0) = +1``."""
-    return z + eps * ((z == 0).to(z.dtype) + z.sign())
-
-
-def psum(t: torch.Tensor) -> torch.Tensor:
-    """Per-sample sum over all non-batch dims, shaped to broadcast against ``t``."""
-    return t.sum(dim=tuple(range(1, t.ndim)), keepdim=True)
-
-
-def shift_nonzero(c: torch.Tensor, excess: torch.Tensor) -> torch.Tensor:
-    """Uniform shift of RAP/RSP/AE: ``c - [c != 0] * SD(excess, #nonzero(c))`` per sample."""
-    nz = (c != 0).to(c.dtype)
-    return c - nz * safe_divide(excess, psum(nz))
+def output_padding(conv: nn.Conv2d, out_shape, in_shape) -> list[int]:
+    """The ``output_padding`` that makes the transposed conv of an output of ``out_shape``
+    return ``in_shape`` exactly (a strided conv drops the input's last rows it cannot reach)."""
+    return [in_shape[2 + i] - ((out_shape[2 + i] - 1) * conv.stride[i] - 2 * conv.padding[i]
+                               + conv.dilation[i] * (conv.kernel_size[i] - 1) + 1) for i in range(2)]
 
 
 class LinearMap:
@@ -140,9 +127,8 @@ class LinearMap:
         m = self.module
         if not self.is_conv:
             return s @ v
-        out_pad = [x_shape[2 + i] - ((s.shape[2 + i] - 1) * m.stride[i] - 2 * m.padding[i]
-                                      + m.dilation[i] * (m.kernel_size[i] - 1) + 1) for i in range(2)]
-        return F.conv_transpose2d(s, v, None, m.stride, m.padding, out_pad, m.groups, m.dilation)
+        return F.conv_transpose2d(s, v, None, m.stride, m.padding, output_padding(m, s.shape, x_shape),
+                                  m.groups, m.dilation)
 
     def fwd2(self, x: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(fwd(x, V1), fwd(x, V2))`` for the split ``name`` in one call."""
@@ -196,115 +182,6 @@ def conv_transpose_per_sample(lin: LinearMap, s: torch.Tensor, g: torch.Tensor, 
     """Transpose of :func:`conv_per_sample`: ``bwd(s[b], g[b])`` for every sample."""
     m = lin.module
     b = s.shape[0]
-    out_pad = [x_shape[2 + i] - ((s.shape[2 + i] - 1) * m.stride[i] - 2 * m.padding[i]
-                                  + m.dilation[i] * (m.kernel_size[i] - 1) + 1) for i in range(2)]
     y = F.conv_transpose2d(s.reshape(1, -1, *s.shape[2:]), g.reshape(-1, *g.shape[2:]), None,
-                           m.stride, m.padding, out_pad, b * m.groups, m.dilation)
+                           m.stride, m.padding, output_padding(m, s.shape, x_shape), b * m.groups, m.dilation)
     return y.reshape(b, -1, *y.shape[2:])
-
-
-def vjp(fn, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """``d<fn(x), s>/dx`` for an elementwise-local ``fn`` such as a pooling layer."""
-    with torch.enable_grad():
-        xg = x.detach().requires_grad_(True)
-        (g,) = torch.autograd.grad(fn(xg), xg, s)
-    return g
-
-
-def maxpool_ties_split(x: torch.Tensor, r: torch.Tensor, kernel, stride, padding, dilation, ceil_mode) -> torch.Tensor:
-    """Gu's max-pool rule: each window's relevance split equally among all its maximal entries."""
-    kh, kw = _pair(kernel)
-    sh, sw = _pair(stride or kernel)
-    ph, pw = _pair(padding)
-    dh, dw = _pair(dilation)
-    bsz, c, h, w = x.shape
-    oh, ow = r.shape[2:]
-    extra_h = max(0, (oh - 1) * sh + dh * (kh - 1) + 1 - (h + 2 * ph))
-    extra_w = max(0, (ow - 1) * sw + dw * (kw - 1) + 1 - (w + 2 * pw))
-    xp = F.pad(x, (pw, pw + extra_w, ph, ph + extra_h), value=float("-inf"))
-    span_h, span_w = dh * (kh - 1) + 1, dw * (kw - 1) + 1
-    windows = xp.unfold(2, span_h, sh).unfold(3, span_w, sw)[:, :, :oh, :ow, ::dh, ::dw]  # (B,C,OH,OW,kh,kw) view
-    ties = (windows == windows.amax(dim=(-2, -1), keepdim=True)).to(x.dtype)
-    share = ties * (r[..., None, None] / ties.sum(dim=(-2, -1), keepdim=True))
-    cols = share.permute(0, 1, 4, 5, 2, 3).reshape(bsz, c * kh * kw, oh * ow)
-    out = F.fold(cols, xp.shape[2:], (kh, kw), (dh, dw), 0, (sh, sw))
-    return out[..., ph:ph + h, pw:pw + w]
-
-
-def _pair(v):
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
-
-
-# ----------------------------------------------------------------- fused primitives
-# The units a fast backend replaces (relprop.backends dispatches them): the split forward
-# with its scaling epilogue, the split transposed pass times the input (optionally with
-# the uniform shift), and the per-sample shift and mass normalisation on their own.
-# Each takes a non-negative input ``x``; rules keep signed inputs on the plain path.
-
-SPLIT_RULES = {"rap-conv": "pa", "rap-linear": "pa", "alphabeta": "pn", "alphabeta-repo": "pn", "zplus": "pn"}
-
-
-def split_scale(lin: LinearMap, x: torch.Tensor, r: torch.Tensor, rule: str, alpha: float = 1.0,
-                beta: float = 0.0, eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scaled relevances ``(S1, S2)`` from ``Z1 = fwd(x, W+)`` and ``Z2 = fwd(x, V2)``.
-
-    * ``rap-conv``   (V2 = |W-|): ``S1 = SD(R+, Z1)``, ``S2 = SD(R, Z1 + Z2) + SD(R-, Z2)``
-    * ``rap-linear`` (V2 = |W-|): ``S1 = SD(R, Z1)``,  ``S2 = SD(R, Z1 + Z2)``
-    * ``alphabeta``  (V2 = W-, Zennit): ``Z1 += b+``, ``Z2 += b-``,
-      ``S1 = alpha R / stabilize(Z1, eps)``, ``S2 = -beta R / stabilize(Z2, eps)``
-    * ``alphabeta-repo`` (V2 = W-, RAP repository): ``S1 = alpha SD(R, Z1)``, ``S2 = -beta SD(R, Z2)``
-    * ``zplus`` (Gu's CLRP z+): ``alphabeta`` with ``beta = 0`` and the bias ignored,
-      ``S1 = alpha R / stabilize(Z1, eps)`` (``= R / (Z1 + eps)``, as ``Z1 >= 0``)
-
-    With ``beta == 0`` (always for ``zplus``) only ``Z1`` is computed and ``S2 = None``.
-    """
-    split = SPLIT_RULES[rule]
-    zennit = rule in ("alphabeta", "zplus")
-    b = lin.bias if rule == "alphabeta" else None
-    if one_sided(rule, beta):
-        z1 = lin.fwd(x, lin.pos)
-        if b is not None:
-            z1 = z1 + bias_view(lin, b.clamp(min=0), z1)
-        return (alpha * r / stabilize(z1, eps) if zennit else alpha * safe_divide(r, z1)), None
-    z1, z2 = lin.fwd2(x, split)
-    if rule == "rap-conv":
-        return safe_divide(r.clamp(min=0), z1), safe_divide(r, z1 + z2) + safe_divide(r.clamp(max=0), z2)
-    if rule == "rap-linear":
-        return safe_divide(r, z1), safe_divide(r, z1 + z2)
-    if zennit:
-        if b is not None:
-            z1 = z1 + bias_view(lin, b.clamp(min=0), z1)
-            z2 = z2 + bias_view(lin, b.clamp(max=0), z2)
-        return alpha * r / stabilize(z1, eps), -beta * r / stabilize(z2, eps)
-    return alpha * safe_divide(r, z1), -beta * safe_divide(r, z2)
-
-
-def one_sided(rule: str, beta: float) -> bool:
-    """Whether ``split_scale`` computes only ``S1`` for this rule."""
-    return rule == "zplus" or (rule.startswith("alphabeta") and beta == 0)
-
-
-def split_backward(lin: LinearMap, x: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor | None, split: str,
-                   shift_to: torch.Tensor | None = None) -> torch.Tensor:
-    """``C = x * (bwd(S1, W+) + bwd(S2, V2))`` (``V2`` = W- for ``"pn"``, |W-| for ``"pa"``;
-    ``S2 = None`` drops the second term).  With ``shift_to`` (B,), ``C`` is then shifted
-    uniformly over its non-zero entries so that each sample sums to ``shift_to``."""
-    if s2 is None:
-        c = x * lin.bwd(s1, lin.pos, x.shape)
-    else:
-        c = x * lin.bwd2(s1, s2, split, x.shape)
-    if shift_to is None:
-        return c
-    return shift_nonzero(c, psum(c) - shift_to.reshape(-1, *([1] * (c.ndim - 1))))
-
-
-def ae_masses(r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """AE's target and hostile masses per sample: ``T = SD(R+, sum R+)`` (sums to 1) and
-    ``O = -SD(R-, sum R-)`` (sums to -1, or 0 where there is no negative relevance)."""
-    rp, rn = r.clamp(min=0), r.clamp(max=0)
-    return safe_divide(rp, psum(rp)), -safe_divide(rn, psum(rn))
-
-
-def bias_view(lin: LinearMap, b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Bias shaped to broadcast against a layer output."""
-    return b.reshape(1, -1, *([1] * (like.ndim - 2))) if lin.is_conv else b

@@ -1,0 +1,56 @@
+"""Tensor helpers every rule and primitive shares: the safe divide, the stabiliser, the
+per-sample sum, the vector-Jacobian product of a local operation and the max-pool tie split.
+
+Notation of methods.md §1.2: ``SD(a, b)`` is the safe divide of the authors' code.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def safe_divide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a / b`` where ``b != 0`` and exactly 0 where ``b == 0`` (methods.md §1.2, wjNam repos)."""
+    return torch.where(b == 0, torch.zeros((), dtype=a.dtype, device=a.device), a / b)
+
+
+def stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
+    """Zennit's stabiliser: ``z + eps * sign(z)`` with ``sign(0) = +1``."""
+    return z + eps * ((z == 0).to(z.dtype) + z.sign())
+
+
+def psum(t: torch.Tensor) -> torch.Tensor:
+    """Per-sample sum over all non-batch dims, shaped to broadcast against ``t``."""
+    return t.sum(dim=tuple(range(1, t.ndim)), keepdim=True)
+
+
+def vjp(fn, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``d<fn(x), s>/dx`` for an elementwise-local ``fn`` such as a pooling layer."""
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(fn(xg), xg, s)
+    return g
+
+
+def maxpool_ties_split(x: torch.Tensor, r: torch.Tensor, kernel, stride, padding, dilation, ceil_mode) -> torch.Tensor:
+    """Gu's max-pool rule: each window's relevance split equally among all its maximal entries."""
+    kh, kw = _pair(kernel)
+    sh, sw = _pair(stride or kernel)
+    ph, pw = _pair(padding)
+    dh, dw = _pair(dilation)
+    bsz, c, h, w = x.shape
+    oh, ow = r.shape[2:]
+    extra_h = max(0, (oh - 1) * sh + dh * (kh - 1) + 1 - (h + 2 * ph))
+    extra_w = max(0, (ow - 1) * sw + dw * (kw - 1) + 1 - (w + 2 * pw))
+    xp = F.pad(x, (pw, pw + extra_w, ph, ph + extra_h), value=float("-inf"))
+    span_h, span_w = dh * (kh - 1) + 1, dw * (kw - 1) + 1
+    windows = xp.unfold(2, span_h, sh).unfold(3, span_w, sw)[:, :, :oh, :ow, ::dh, ::dw]  # (B,C,OH,OW,kh,kw) view
+    ties = (windows == windows.amax(dim=(-2, -1), keepdim=True)).to(x.dtype)
+    share = ties * (r[..., None, None] / ties.sum(dim=(-2, -1), keepdim=True))
+    cols = share.permute(0, 1, 4, 5, 2, 3).reshape(bsz, c * kh * kw, oh * ow)
+    out = F.fold(cols, xp.shape[2:], (kh, kw), (dh, dw), 0, (sh, sw))
+    return out[..., ph:ph + h, pw:pw + w]
+
+
+def _pair(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
