@@ -56,7 +56,7 @@ at::Tensor cuda_mul_shift(const at::Tensor& x, at::Tensor& g, const std::optiona
 
 at::Tensor cuda_shift_nonzero(const at::Tensor& c_, const at::Tensor& excess_) {
   const at::Tensor c = c_.contiguous(), excess = excess_.contiguous();
-  at::Tensor out = at::empty(c.sizes(), c.options());
+  at::Tensor out = empty_output(c.sizes(), c.options());
   const int64_t B = c.size(0), n = B == 0 ? 0 : c.numel() / B;
   at::Tensor sum = at::zeros({B}, c.options().dtype(acc_type(c.scalar_type())));
   at::Tensor count = at::zeros({B}, c.options().dtype(at::kLong));
@@ -72,7 +72,7 @@ at::Tensor cuda_shift_nonzero(const at::Tensor& c_, const at::Tensor& excess_) {
 
 std::tuple<at::Tensor, at::Tensor> cuda_ae_masses(const at::Tensor& r_) {
   const at::Tensor r = r_.contiguous();
-  at::Tensor t = at::empty(r.sizes(), r.options()), o = at::empty(r.sizes(), r.options());
+  at::Tensor t = empty_output(r.sizes(), r.options()), o = empty_output(r.sizes(), r.options());
   const int64_t B = r.size(0), n = B == 0 ? 0 : r.numel() / B;
   at::Tensor scratch = at::empty({2, B}, r.options().dtype(acc_type(r.scalar_type())));
   check(relprop_ae_masses(dtype_code(r.scalar_type()), r.const_data_ptr(), t.mutable_data_ptr(),

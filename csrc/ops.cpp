@@ -19,6 +19,8 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <string_view>
 #include <vector>
 
 namespace relprop {
@@ -67,6 +69,12 @@ void check_layer(const at::Tensor& x, const at::Tensor& w, const at::Tensor& t, 
 
 }  // namespace
 
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  const char* flag = std::getenv("RELPROP_POISON_OUTPUTS");
+  if (flag && *flag && std::string_view(flag) != "0") return at::full(sizes, NAN, options);
+  return at::empty(sizes, options);
+}
+
 void check_per_sample(const at::Tensor& t, const at::Tensor& per_sample, const char* what) {
   TORCH_CHECK(t.dim() >= 1, "relprop: expected a batched tensor");
   TORCH_CHECK(per_sample.dim() == 1 && per_sample.size(0) == t.size(0), "relprop: ", what, " must have shape (B,) = (",
@@ -99,8 +107,8 @@ std::tuple<at::Tensor, at::Tensor> split_scale(const Epilogues& ep, const at::Te
     b = bias->to(r.scalar_type()).contiguous();
   }
   const at::Tensor rc = r.contiguous();
-  at::Tensor s1 = at::empty(r.sizes(), r.options());
-  at::Tensor s2 = only_z1 ? at::empty({0}, r.options()) : at::empty(r.sizes(), r.options());
+  at::Tensor s1 = empty_output(r.sizes(), r.options());
+  at::Tensor s2 = only_z1 ? at::empty({0}, r.options()) : empty_output(r.sizes(), r.options());
   if (r.numel() > 0) ep.split_scale(z, nz, rc, b, s1, s2, outer, O, inner, code, alpha, beta, eps);
   return {s1, s2};
 }
@@ -242,7 +250,7 @@ at::Tensor cpu_shift_nonzero(const at::Tensor& c, const at::Tensor& excess) {
 
 std::tuple<at::Tensor, at::Tensor> cpu_ae_masses(const at::Tensor& r_) {
   const at::Tensor r = r_.contiguous();
-  at::Tensor t = at::empty(r.sizes(), r.options()), o = at::empty(r.sizes(), r.options());
+  at::Tensor t = empty_output(r.sizes(), r.options()), o = empty_output(r.sizes(), r.options());
   const int64_t B = r.size(0), n = B == 0 ? 0 : r.numel() / B;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "relprop_ae_masses_cpu", [&] {
     using T = scalar_t;

@@ -35,6 +35,11 @@ at::Tensor split_backward(const Epilogues& ep, const at::Tensor& x, const at::Te
                           at::IntArrayRef padding, at::IntArrayRef dilation, std::string_view split,
                           const std::optional<at::Tensor>& shift_to);
 
+// An output buffer the kernels write in full: uninitialised, or filled with NaN when the
+// environment variable RELPROP_POISON_OUTPUTS is set (non-empty, not "0"), so a test sees any
+// element a kernel forgets to write (tests/test_primitives.py sets it).
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options);
+
 // per-sample shapes: B = size(0), n = numel / B
 void check_per_sample(const at::Tensor& t, const at::Tensor& per_sample, const char* what);
 

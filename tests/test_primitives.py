@@ -5,8 +5,9 @@ x primitive x layer case (tests/op_cases.py) x dtype, and the one table of epilo
 A call the backend covers (its ``covers`` says True) runs the backend and is compared with
 the reference; the test also asserts which calls are covered, so a backend that silently
 fell back everywhere cannot pass.  A call it does not cover goes through the dispatch and
-must equal the reference exactly.  Triton's outputs are allocated NaN-poisoned, so an
-element a kernel forgets to write fails.
+must equal the reference exactly.  Outputs are allocated NaN-poisoned (Triton's
+``_common.POISON``, the op library's ``RELPROP_POISON_OUTPUTS``), so an element a kernel
+forgets to write fails.
 
 Where: the ``cuda`` backend runs the op library (``relprop._C``, or csrc/ops.cpp JIT-built
 with CPU kernels by the ``ext`` fixture); Triton runs compiled on CUDA tensors where a GPU is
@@ -62,6 +63,7 @@ def backend(request, monkeypatch):
         monkeypatch.setattr(_common, "POISON", float("nan"))
     else:
         request.getfixturevalue("ext")     # relprop._C, or the JIT-built CPU op library
+        monkeypatch.setenv("RELPROP_POISON_OUTPUTS", "1")
     reason = dispatch.unavailable(name, DEVICE)
     if reason is not None:
         pytest.skip(f"backend {name!r} unavailable on {DEVICE.type}: {reason}")
