@@ -8,7 +8,7 @@ layer) and an initial relevance; methods never touch the model.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -101,30 +101,119 @@ def amplification(size: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return torch.where(value > 0, size / torch.where(value > 0, value, 1), torch.where(size > 0, float("inf"), 1.0))
 
 
+# Kinds whose value the relevance walk recomputes from their input when it needs it instead
+# of keeping it from the forward: elementwise activations cost one read and one write, and
+# keeping only the pre-activation of each conv -> ReLU pair halves what the forward holds
+# (autograd keeps one of the two for the same reason).
+RECOMPUTED_KINDS = (g.RELU, g.LEAKY_RELU, g.ACTIVATION)
+
+
+def recomputed(graph: g.Graph, n: g.Node) -> bool:
+    """``n``'s value is an elementwise activation of a kept value: recomputed, not kept."""
+    if n.kind not in RECOMPUTED_KINDS or n.act is None or len(n.parents) != 1:
+        return False
+    refs = [a for a in g._flatten(list(n.args) + list(n.kwargs.values())) if isinstance(a, g.Ref)]
+    parent = graph.nodes[n.parents[0]]
+    return refs == [parent.index] and parent.op != "get_attr" and not recomputed(graph, parent)
+
+
+def forward(graph: g.Graph, x: torch.Tensor, grad_from: g.Node | None, walks: bool) -> list[Any]:
+    """The forward values a method needs: for a relevance walk every node's value except the
+    recomputed activations (released once the forward has used them); for a method that only
+    takes a gradient (``walks=False``) the input, the gradient's node and the output."""
+    keep = {0, len(graph.nodes) - 1} | ({grad_from.index} if grad_from is not None else set())
+    if walks:
+        drop = {n.index for n in graph.nodes if recomputed(graph, n)}
+    else:
+        drop = set(range(len(graph.nodes)))
+    return graph.forward(x, grad_from=grad_from, drop=frozenset(drop - keep))
+
+
+class Values:
+    """The forward's node values as the relevance pass reads them: in the compute dtype
+    (cast on each read, so a half-precision model's values are not held twice) and
+    recomputed where the forward did not keep them (:func:`recomputed`).  ``release(i)``
+    frees a value the walk no longer needs."""
+
+    def __init__(self, graph: g.Graph, stored: list[Any], dtype: torch.dtype):
+        self.graph, self.stored, self.dtype = graph, stored, dtype
+
+    def __len__(self) -> int:
+        return len(self.stored)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.get(i)
+
+    def get(self, i: int, rows: slice | None = None) -> Any:
+        """Node ``i``'s value, or its samples ``rows`` (a batch-carrying value only)."""
+        v = self.stored[i]
+        if v is None:
+            n = self.graph.nodes[i]
+            if not recomputed(self.graph, n):
+                raise RuntimeError(f"relprop internal error: the value of {n.describe()} was released "
+                                   "before its last use")
+            parent = self.get(n.parents[0], rows)   # the only node it reads (see recomputed)
+            v = g._evaluate(n, g._substitute(n.args, {n.parents[0]: parent}), n.kwargs)
+        elif rows is not None:
+            v = v[rows]
+        if torch.is_tensor(v) and v.is_floating_point() and v.dtype != self.dtype:
+            v = v.to(self.dtype)
+        return v
+
+    def shape(self, i: int) -> torch.Size:
+        """Shape of node ``i``'s value without recomputing it (activations keep their input's)."""
+        v = self.stored[i]
+        return v.shape if v is not None else self.shape(self.graph.nodes[i].parents[0])
+
+    def release(self, i: int) -> None:
+        if 0 < i < len(self.stored) - 1:   # the input and the output stay
+            self.stored[i] = None
+
+
+# A conv/linear whose input or output is larger than this (at the full batch) applies its
+# rule to slices of the batch (:meth:`Context._apply`), so the rule's temporaries cost a
+# slice each.  On CPU 8 MiB (one or two 224x224 images on VGG/ResNet's widest layers):
+# glibc serves blocks under 32 MiB from its heap, where larger slices fragment it (VGG16,
+# batch 8: 16 MiB slices raise the peak resident set by 8-14 %, 32 MiB by 25-50 %).  On
+# CUDA the caching allocator does not fragment that way, and slices stay large enough to
+# fill the device.
+CHUNK_BYTES = 8 * 2**20
+CUDA_CHUNK_BYTES = 256 * 2**20
+
+
+class _Reader:
+    """``table[i]`` for :func:`relprop.graph._substitute`, through a function."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __getitem__(self, i: int) -> Any:
+        return self.fn(i)
+
+
 @dataclass(eq=False)
 class Context:
     """One attribution call: the graph, every node's value, the logits and the targets."""
 
     graph: g.Graph
-    values: list[Any]
+    values: Any                      # the forward's values (:func:`forward`), read through :class:`Values`
     targets: torch.Tensor
     seed: torch.Tensor               # (B, classes): onehot(target), or the caller's initial relevance
     user_seed: bool = False          # seed is the caller's ``initial_relevance``
-    maps: dict = field(default_factory=dict)
     layer_sums: dict | None = None   # filled by propagate when not None
     ops: Any = reference_ops         # the backend's fused primitives (relprop.ops.dispatch)
+    chunk_bytes: int | None = None   # a conv/linear larger than this runs over slices of the batch
+                                     # (None: CHUNK_BYTES)
 
     def __post_init__(self):
         # Relevance is computed in float32 for float16/bfloat16 models (the forward stays in
-        # the model's dtype): ``values`` are the forward's values in the compute dtype and
-        # ``_forward`` the originals, which autograd (Grad-CAM starts) differentiates.
-        self.forward_dtype = self.values[0].dtype
-        self.dtype = compute_dtype(self.forward_dtype)
+        # the model's dtype): ``values`` reads the forward's values in the compute dtype and
+        # ``_forward`` holds the originals, which autograd (Grad-CAM starts) differentiates.
         self._forward = self.values
-        if self.dtype != self.forward_dtype:
-            self.values = [v.to(self.dtype) if torch.is_tensor(v) and v.is_floating_point() else v
-                           for v in self.values]
-            self.seed = self.seed.to(self.dtype)
+        self.forward_dtype = self._forward[0].dtype
+        self.dtype = compute_dtype(self.forward_dtype)
+        self.values = Values(self.graph, self._forward, self.dtype)
+        self.seed = self.seed.to(self.dtype)
         # Per-sample estimate of the relative error of the map (first order, in units of
         # the map's own size): what ill-conditioned steps of the rules can make of the
         # rounding errors of the forward values (see ``add_error``).
@@ -152,8 +241,7 @@ class Context:
         return gr.to(self.dtype)
 
     def detach(self) -> None:
-        self.values = [v.detach() if torch.is_tensor(v) else v for v in self.values]
-        self._forward = [v.detach() if torch.is_tensor(v) else v for v in self._forward]
+        self._forward[:] = [v.detach() if torch.is_tensor(v) else v for v in self._forward]
 
     def add_error(self, amplification: torch.Tensor) -> None:
         """Record a step that turns the forward values' rounding errors into a relative error
@@ -165,17 +253,13 @@ class Context:
         """Relative error of the forward values (``FORWARD_ERROR`` rounding units)."""
         return FORWARD_ERROR * torch.finfo(self.forward_dtype).eps
 
-    def linear_map(self, node: g.Node, fold_bn: bool) -> tuple[LinearMap, torch.Tensor]:
-        """The node's map (with the following BatchNorm folded in if asked and possible) and
-        its pre-activation value.  Maps live in ``self.maps``, i.e. for this call only."""
+    def linear_map(self, node: g.Node, fold_bn: bool) -> LinearMap:
+        """The node's map, with the following BatchNorm folded in if asked and possible.  A map
+        (and the sign-split weights it builds) lives while its node's rule runs: holding every
+        layer's splits at once would cost up to twice the model's weights, and nothing
+        derived from a parameter may outlive the call."""
         bn = self._folded_bn(node) if fold_bn else None
-        key = (node.index, bn is not None)
-        lin = self.maps.get(key)
-        if lin is None:
-            dtype = self.x.dtype
-            lin = LinearMap(node.module, dtype=dtype) if bn is None else LinearMap.folded(node.module, bn.module, dtype)
-            self.maps[key] = lin
-        return lin, self.values[(bn or node).index]
+        return LinearMap(node.module, dtype=self.dtype) if bn is None else LinearMap.folded(node.module, bn.module, self.dtype)
 
     def _folded_bn(self, node: g.Node) -> g.Node | None:
         consumers = self.graph.consumers[node.index]
@@ -185,25 +269,51 @@ class Context:
                 return nxt
         return None
 
-    def layer(self, node: g.Node, fold_bn: bool) -> Layer:
-        xs = [self.values[p] for p in node.parents]
-        args = g._substitute(node.args, self.values)
-        kwargs = g._substitute(node.kwargs, self.values)
-        lay = Layer(node, xs, self.values[node.index], args, kwargs,
+    def layer(self, node: g.Node, fold_bn: bool, rows: slice | None = None,
+              lin: LinearMap | None = None) -> Layer:
+        """What the node's rule sees; with ``rows``, of those samples only (the node's tensor
+        inputs, output and pre-activation are sliced; other arguments are read whole)."""
+        read: dict[int, Any] = {}   # each value read (or recomputed) once per layer
+
+        def value(i: int) -> Any:
+            if i not in read:
+                batch = rows is not None and (i in node.parents or i == node.index or i == bn_index)
+                read[i] = self.values.get(i, rows if batch else None)
+            return read[i]
+
+        bn = self._folded_bn(node) if fold_bn and node.kind == g.CONV else None
+        bn_index = bn.index if bn is not None else -1
+        table = _Reader(value)
+        lay = Layer(node, [value(p) for p in node.parents], value(node.index), g._substitute(node.args, table),
+                    g._substitute(node.kwargs, table),
                     x_nonneg=bool(node.parents) and self.graph.nodes[node.parents[0]].nonneg, ops=self.ops)
         if node.kind in (g.CONV, g.LINEAR):
-            lay.lin, lay.z = self.linear_map(node, fold_bn)
+            lay.lin = lin or self.linear_map(node, fold_bn)
+            lay.z = value(bn.index if bn is not None else node.index)
         return lay
 
-    def propagate(self, table: RuleTable, r0: torch.Tensor, start: g.Node | None = None) -> torch.Tensor:
+    def propagate(self, table: RuleTable, r0: torch.Tensor, start: g.Node | None = None,
+                  last: bool = True) -> torch.Tensor:
         """Relevance at the input for relevance ``r0`` at the output of ``start`` (default: the
-        model output)."""
+        model output).
+
+        With ``last`` (a method's last pass over this forward) each node's value is released
+        as soon as the walk is past its last reader, as autograd frees saved tensors during
+        backward: the pass then holds at most the forward's values, shrinking, plus one
+        layer's temporaries.  A method that propagates twice passes ``last=False`` first.
+        """
         nodes = self.graph.nodes
         start = start or self.graph.output
         head = self.head()
         relevance: dict[int, torch.Tensor] = {start.index: r0}
         result = torch.zeros_like(self.x)
+        release_at = self._release_points() if last else {}
+        if last:
+            for n in nodes[start.index + 1:]:
+                self.values.release(n.index)
         for node in reversed(nodes[:start.index + 1]):
+            for i in release_at.get(node.index + 1, ()):   # read for the last time by the node before
+                self.values.release(i)
             r = relevance.pop(node.index, None)
             if r is None:
                 continue
@@ -213,7 +323,7 @@ class Context:
             if node.kind == g.OUTPUT:
                 outs = [r]
             else:
-                outs = table.rule(node, head)(self.layer(node, table.fold_bn), r)
+                outs = self._apply(table.rule(node, head), node, table.fold_bn, r)
             outs = [(p, ri) for p, ri in zip(node.parents, outs) if ri is not None]  # None: no relevance
             if node.kind == g.ADD and len(outs) == 2 and outs[0][1].shape == outs[1][1].shape == r.shape:
                 self.add_error(split_amplification(outs[0][1], outs[1][1]))
@@ -222,3 +332,47 @@ class Context:
             if self.layer_sums is not None and node.kind not in (g.OUTPUT, g.HELPER):
                 self.layer_sums[node.name] = sum(ri.flatten(1).sum(1) for _, ri in outs)
         return result
+
+    def _apply(self, rule: Rule, node: g.Node, fold_bn: bool, r: torch.Tensor) -> list:
+        """``rule`` on the node's layer, over slices of the batch where the layer is large.
+
+        Every rule is per sample (methods.md §1.1: sums and shifts never mix samples), so a
+        conv/linear whose input or output exceeds ``chunk_bytes`` runs on chunks of samples
+        written into one output: its temporaries (several layer-sized tensors in the split
+        rules) then cost a chunk each instead of the batch, which keeps the pass within the
+        gradient's peak on the early, widest layers.  A rule that builds weight-sized tensors
+        per sample (RSP's data-dependent kernels) says how many as ``weights_per_sample``.
+        """
+        if node.kind not in (g.CONV, g.LINEAR) or len(node.parents) != 1:
+            return rule(self.layer(node, fold_bn), r)
+        x_shape, y_shape = self.values.shape(node.parents[0]), self.values.shape(node.index)
+        batch = x_shape[0]
+        per_sample = (max(x_shape[1:].numel(), y_shape[1:].numel())
+                      + getattr(rule, "weights_per_sample", 0) * node.module.weight.numel()) * torch.finfo(self.dtype).bits // 8
+        budget = self.chunk_bytes or (CUDA_CHUNK_BYTES if self.x.is_cuda else CHUNK_BYTES)
+        step = max(1, budget // max(per_sample, 1))
+        if step >= batch:
+            return rule(self.layer(node, fold_bn), r)
+        lin = self.linear_map(node, fold_bn)
+        outs: list = []
+        for start in range(0, batch, step):
+            s = slice(start, start + step)
+            pieces = rule(self.layer(node, fold_bn, rows=s, lin=lin), r[s])
+            if not outs:
+                outs = [None if p is None else p.new_empty((batch,) + p.shape[1:]) for p in pieces]
+            for o, p in zip(outs, pieces):
+                if o is not None:
+                    o[s] = p
+        return outs
+
+    def _release_points(self) -> dict[int, list[int]]:
+        """For the backward walk: node index -> the values its processing reads last.  A
+        node's value is read by its consumers, by itself, and (a BatchNorm folded into the
+        conv before it) by that conv: it is free once the lowest of these has run."""
+        out: dict[int, list[int]] = {}
+        for n in self.graph.nodes:
+            first_reader = n.index
+            if n.kind == g.BN and n.parents and self._folded_bn(self.graph.nodes[n.parents[0]]) is n:
+                first_reader = n.parents[0]
+            out.setdefault(first_reader, []).append(n.index)
+        return out

@@ -12,7 +12,7 @@ import torch.nn as nn
 from . import graph as g
 from . import methods
 from .ops.dispatch import check_backend, operations, resolve_backend
-from .engine import Context, compute_dtype
+from .engine import Context, compute_dtype, forward
 
 
 class Attribution(NamedTuple):
@@ -85,7 +85,7 @@ class Explainer:
 
     def _attribute(self, x, target, initial_relevance, layer_sums) -> Attribution:
         with torch.no_grad():
-            values = self.graph.forward(x, grad_from=self.method.grad_node(self.graph))
+            values = forward(self.graph, x, self.method.grad_node(self.graph), self.method.walks)
             logits = values[-1]
             targets = _targets(target, logits)
             seed = _seed(initial_relevance, targets, logits)

@@ -185,13 +185,29 @@ class Graph:
                 out[p].append(n.index)
         return out
 
-    def forward(self, x: torch.Tensor, grad_from: Node | None = None) -> list[Any]:
+    @functools.cached_property
+    def last_use(self) -> list[int]:
+        """Index of the last node whose arguments refer to each node's value (any reference,
+        sizes included); the node's own index when nothing reads it."""
+        out = [n.index for n in self.nodes]
+        for n in self.nodes:
+            for ref in _flatten(list(n.args) + list(n.kwargs.values())):
+                if isinstance(ref, Ref):
+                    out[ref] = max(out[ref], n.index)
+        return out
+
+    def forward(self, x: torch.Tensor, grad_from: Node | None = None, drop: frozenset = frozenset()) -> list[Any]:
         """Values of all nodes for input ``x`` (inference semantics).
 
         With ``grad_from`` the value of that node is made a leaf requiring grad and every
-        later node is computed with autograd on, so gradients w.r.t. it can be taken.
+        later node is computed with autograd on, so gradients w.r.t. it can be taken.  The
+        values of the nodes in ``drop`` are released (left ``None``) once the forward has
+        used them for the last time: the caller recomputes them or does not need them.
         """
         values: list[Any] = [None] * len(self.nodes)
+        release: dict[int, list[int]] = {}
+        for i in drop:
+            release.setdefault(self.last_use[i], []).append(i)
         for n in self.nodes:
             if n.kind == INPUT:
                 v = x
@@ -211,6 +227,8 @@ class Graph:
             if grad_from is not None and n.index == grad_from.index:
                 v = v.detach().requires_grad_(True)
             values[n.index] = v
+            for i in release.get(n.index, ()):
+                values[i] = None
         return values
 
 

@@ -24,6 +24,7 @@ class Method:
     name = ""
     summary = ""
     accepts_initial_relevance = True
+    walks = True    # runs a relevance pass over the forward's values (False: a gradient only)
 
     def grad_node(self, graph: g.Graph) -> g.Node | None:
         """Node whose gradient (of the seeded logits) the initialisation needs, if any."""

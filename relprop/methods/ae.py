@@ -34,16 +34,17 @@ def conv(ratio: float):
         w = lin.abs
         a = x.clamp(min=0)
         t, o = ops.ae_masses(r)
-        act = (x > 0).to(x.dtype)
-        ina = 1 - act
-        active = act * lin.bwd(safe_divide(t, lin.fwd(act, w)), w, x.shape)
-        inactive = ina * lin.bwd(safe_divide(o, lin.fwd(ina, w)), w, x.shape)
+        mask = (x > 0).to(x.dtype)                     # the active inputs
+        extra = mask * lin.bwd(safe_divide(t, lin.fwd(mask, w)), w, x.shape)
+        mask.neg_().add_(1)                            # now the inactive ones (fewer temporaries)
+        extra += mask * lin.bwd(safe_divide(o, lin.fwd(mask, w)), w, x.shape)
+        del mask
         z = lin.fwd(a, w)
         if lin.kernel_is_1x1:
-            return [a * lin.bwd(safe_divide(t + o, z), w, x.shape) + (active + inactive)]
+            return [a * lin.bwd(safe_divide(t + o, z), w, x.shape) + extra]
         tr = ratio * t
         c = a * lin.bwd(safe_divide(tr + o, z), w, x.shape)
-        return [ops.shift_nonzero(c, safe_divide(psum(tr), psum(tr))) + (active + inactive)]
+        return [ops.shift_nonzero(c, safe_divide(psum(tr), psum(tr))) + extra]
     return rule
 
 

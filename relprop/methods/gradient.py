@@ -13,6 +13,7 @@ from . import Method, register
 class Gradient(Method):
     name = "gradient"
     summary = "Plain input gradient of the target logit (saliency baseline)"
+    walks = False
 
     def __init__(self):
         pass

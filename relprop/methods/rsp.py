@@ -43,6 +43,11 @@ def conv(layer: Layer, r: torch.Tensor) -> list:
     return [layer.ops.shift_nonzero(2 * c, psum(p - n))]
 
 
+# [G+; G-] and the weight gradient that forms them: about four weight-sized tensors per
+# sample, so the engine runs a large layer over slices of the batch (Context._apply).
+conv.weights_per_sample = 4
+
+
 def _plus_tiny(x):
     return x + 1e-9
 

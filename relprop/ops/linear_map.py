@@ -21,6 +21,35 @@ def output_padding(conv: nn.Conv2d, out_shape, in_shape) -> list[int]:
                                + conv.dilation[i] * (conv.kernel_size[i] - 1) + 1) for i in range(2)]
 
 
+# A Linear layer whose weight is larger than this (VGG16's 4096x4096 classifier layer is 64 MiB) forms its sign splits per block of
+# output rows inside each product (:class:`RowSplit`) instead of as whole copies: VGG16's
+# first classifier layer has 103 M weights, so ``[W+; W-]`` alone would be 822 MB, more than
+# the whole gradient pass needs at batch 8.  Convolution weights are far below it.
+STREAM_BYTES = 32 * 2**20
+ROW_BLOCK_BYTES = 16 * 2**20
+
+
+class RowSplit:
+    """A sign split ``fn(W)`` of a large Linear weight, never held whole: :meth:`LinearMap.fwd`
+    and :meth:`LinearMap.bwd` form it per block of rows (``ROW_BLOCK_BYTES`` each) as they
+    multiply.  Same products as the materialised split, up to summation order in ``bwd``."""
+
+    def __init__(self, lin: "LinearMap", fn):
+        self.lin, self.fn = lin, fn
+
+    def blocks(self):
+        w = self.lin.weight
+        step = max(1, ROW_BLOCK_BYTES // max(w[:1].numel() * w.element_size(), 1))
+        for start in range(0, w.shape[0], step):
+            rows = slice(start, start + step)
+            yield rows, self.fn(w[rows])
+
+
+_SPLITS = {"pos": lambda w: w.clamp(min=0), "neg": lambda w: w.clamp(max=0),
+           "abs_neg": lambda w: (-w).clamp(min=0)}
+_PAIRS = {"pn": ("pos", "neg"), "pa": ("pos", "abs_neg")}
+
+
 class LinearMap:
     """The bias-free linear map of a Conv2d or Linear layer, with its sign-split weights.
 
@@ -93,7 +122,16 @@ class LinearMap:
         return self._cached("split-" + name, build)
 
     def halves(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.streams:
+            return tuple(RowSplit(self, _SPLITS[h]) for h in _PAIRS[name])
         return self.split(name).chunk(2, dim=0)
+
+    @property
+    def streams(self) -> bool:
+        """A Linear map too large to hold sign-split copies of (``STREAM_BYTES``): its splits
+        are :class:`RowSplit` s, formed per block of rows inside each product."""
+        w = self.module.weight
+        return not self.is_conv and w.numel() * torch.finfo(self.dtype).bits // 8 > STREAM_BYTES
 
     @property
     def pos(self) -> torch.Tensor:
@@ -117,14 +155,25 @@ class LinearMap:
         return self._cached("abs", lambda: self.weight.abs())
 
     # ---- maps
-    def fwd(self, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def fwd(self, x: torch.Tensor, v: torch.Tensor | RowSplit) -> torch.Tensor:
         m = self.module
+        if isinstance(v, RowSplit):
+            out = x.new_empty(x.shape[:-1] + (self.module.weight.shape[0],))
+            for rows, block in v.blocks():
+                out[..., rows] = F.linear(x, block)
+            return out
         if self.is_conv:
             return F.conv2d(x, v, None, m.stride, m.padding, m.dilation, m.groups)
         return F.linear(x, v)
 
-    def bwd(self, s: torch.Tensor, v: torch.Tensor, x_shape: torch.Size) -> torch.Tensor:
+    def bwd(self, s: torch.Tensor, v: torch.Tensor | RowSplit, x_shape: torch.Size) -> torch.Tensor:
         m = self.module
+        if isinstance(v, RowSplit):
+            out = None
+            for rows, block in v.blocks():
+                t = s[..., rows] @ block
+                out = t if out is None else out.add_(t)
+            return out
         if not self.is_conv:
             return s @ v
         return F.conv_transpose2d(s, v, None, m.stride, m.padding, output_padding(m, s.shape, x_shape),
@@ -132,7 +181,7 @@ class LinearMap:
 
     def fwd2(self, x: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(fwd(x, V1), fwd(x, V2))`` for the split ``name`` in one call."""
-        if self.module_groups != 1:
+        if self.module_groups != 1 or self.streams:
             v1, v2 = self.halves(name)
             return self.fwd(x, v1), self.fwd(x, v2)
         z = self.fwd(x, self.split(name))
@@ -140,7 +189,7 @@ class LinearMap:
 
     def bwd2(self, s1: torch.Tensor, s2: torch.Tensor, name: str, x_shape) -> torch.Tensor:
         """``bwd(s1, V1) + bwd(s2, V2)`` for the split ``name`` in one call."""
-        if self.module_groups != 1:
+        if self.module_groups != 1 or self.streams:
             v1, v2 = self.halves(name)
             return self.bwd(s1, v1, x_shape) + self.bwd(s2, v2, x_shape)
         return self.bwd(torch.cat([s1, s2], dim=1 if self.is_conv else -1), self.split(name), x_shape)
