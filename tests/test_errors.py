@@ -219,6 +219,8 @@ def test_unknown_init_layer_fails_when_the_explainer_is_built(model):
      "method 'lrp-epsilon-plus': first_layer must be one of 'zb', 'flat', 'same', got 'zbox'"),
     ("lrp-alphabeta", {"first_layer": None}, ValueError,
      "method 'lrp-alphabeta': first_layer must be one of 'zb', 'flat', 'same', got None"),
+    ("lrp-epsilon-plus", {"zb_bounds": (-1, 1)}, ValueError,
+     "method 'lrp-epsilon-plus': zb_bounds is used by first_layer='zb' only, got first_layer='same'"),
     ("lrp-gamma", {"gamma": -0.5}, ValueError, "method 'lrp-gamma': gamma must be >= 0, got -0.5"),
     ("lrp-gamma", {"gamma": "0.25"}, TypeError, "method 'lrp-gamma': gamma must be a number, got str '0.25'"),
     ("lrp-gamma", {"stabilizer": -1}, ValueError, "method 'lrp-gamma': stabilizer must be >= 0, got -1"),

@@ -150,6 +150,9 @@ def first_layer_rule(method: str, first_layer: str, zb_bounds, stabilizer: float
     if not isinstance(first_layer, str) or first_layer not in FIRST_LAYER_CHOICES:
         raise ValueError(f"method {method!r}: first_layer must be one of {', '.join(map(repr, FIRST_LAYER_CHOICES))}, "
                          f"got {first_layer!r}")
+    if first_layer != "zb" and not (isinstance(zb_bounds, str) and zb_bounds == "image"):
+        # bounds that would be ignored: most likely meant for a z^B input layer that is not the default
+        raise ValueError(f"method {method!r}: zb_bounds is used by first_layer='zb' only, got first_layer={first_layer!r}")
     if first_layer == "zb":
         return rules.zbox(zb_bounds, rules.eps_divide(stabilizer))
     if first_layer == "flat":
