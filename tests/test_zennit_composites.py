@@ -215,3 +215,23 @@ def test_gamma_box_on_an_mlp_keeps_epsilon_on_the_input_linear():
     assert rel_error(ours, ref) < TOL
     zb = relprop.explain(model, x, target, method="lrp-epsilon", zb_bounds=(-3, 3))
     assert rel_error(zb, ref) > 1e-3
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.25, 3.0])
+def test_gamma_conserves_relevance_without_biases(gamma):
+    """Without biases and stabiliser, each gamma layer passes on exactly the relevance it gets
+    (``sum_i x_i U_ij / Z_j = 1``), so the input relevance sums to the target logit; on a
+    bias-free net with signed (LeakyReLU) and non-negative inputs, max-pool and average pool.
+    (The stabiliser 1e-300 changes no non-zero denominator; it only keeps the average pool's
+    0/0 at all-zero windows at 0.)"""
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=False), nn.LeakyReLU(0.1),
+                          nn.Conv2d(6, 8, 3, padding=1, bias=False), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(8, 8, 3, bias=False), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                          nn.Linear(32, 5, bias=False)).double().eval()
+    x = torch.randn(3, 3, 10, 10, dtype=torch.float64)
+    target = torch.tensor([0, 2, 4])
+    rel = relprop.explain(model, x, target, method="lrp-gamma", gamma=gamma, stabilizer=1e-300,
+                          first_layer="same")
+    logits = model(x).gather(1, target[:, None])[:, 0]
+    torch.testing.assert_close(rel.sum((1, 2, 3)), logits, rtol=1e-10, atol=0)
