@@ -1,7 +1,7 @@
 """The methods named after Zennit's composites and rules equal Zennit 0.5 by default, in
 float64 to 1e-8 relative L2, on a small VGG-style net and on small ResNets of torchvision's
-BasicBlock and Bottleneck blocks (which Zennit's ResNetCanonizer rewrites), all with BatchNorm (random running statistics and affine
-parameters, so that folding it matters).
+BasicBlock and Bottleneck blocks (which Zennit's ResNetCanonizer rewrites), all with
+BatchNorm (random running statistics and affine parameters, so that folding it matters).
 
 Zennit's BatchNorm merge canonizer folds each BatchNorm into the conv before it with the
 BatchNorm's real ``eps``, then resets it to mean 0, var 1, weight 1, bias 0 but keeps its

@@ -70,8 +70,8 @@ def alphabeta(alpha: float, beta: float, eps: float):
 
 def gamma(g: float, eps: float):
     """Zennit 0.5's generalised LRP-gamma (``zennit.rules.Gamma``; Montavon et al. 2019,
-    Andéol et al. 2021 -- not in methods.md, which covers the authors' baselines): weights ``U+ = W + g W+`` and
-    ``U- = W + g W-``; where ``z > 0`` relevance follows the positive contributions
+    Andéol et al. 2021; not in methods.md, which covers the authors' baselines): weights
+    ``U+ = W + g W+`` and ``U- = W + g W-``; where ``z > 0`` relevance follows the positive contributions
     ``Z+ = fwd(x+, U+) + fwd(x-, U-) + b + g b+``, where ``z < 0`` the negative ones
     ``Z- = fwd(x+, U-) + fwd(x-, U+) + b + g b-``, both stabilised (``z + eps*sign(z)``):
     ``R_in = x+ * [bwd(S+, U+) + bwd(S-, U-)] + x- * [bwd(S+, U-) + bwd(S-, U+)]`` with
@@ -148,11 +148,12 @@ def first_layer_rule(method: str, first_layer: str, zb_bounds, stabilizer: float
     """The input layer's rule: z^B (``zb_bounds``), flat, or None (``"same"``: the layer's
     own rule from the table, as in Zennit's ``LayerMapComposite``s)."""
     if not isinstance(first_layer, str) or first_layer not in FIRST_LAYER_CHOICES:
-        raise ValueError(f"method {method!r}: first_layer must be one of {', '.join(map(repr, FIRST_LAYER_CHOICES))}, "
-                         f"got {first_layer!r}")
+        choices = ", ".join(map(repr, FIRST_LAYER_CHOICES))
+        raise ValueError(f"method {method!r}: first_layer must be one of {choices}, got {first_layer!r}")
     if first_layer != "zb" and not (isinstance(zb_bounds, str) and zb_bounds == "image"):
         # bounds that would be ignored: most likely meant for a z^B input layer that is not the default
-        raise ValueError(f"method {method!r}: zb_bounds is used by first_layer='zb' only, got first_layer={first_layer!r}")
+        raise ValueError(f"method {method!r}: zb_bounds is used by first_layer='zb' only, "
+                         f"got first_layer={first_layer!r}")
     if first_layer == "zb":
         return rules.zbox(zb_bounds, rules.eps_divide(stabilizer))
     if first_layer == "flat":
@@ -188,8 +189,8 @@ class _ZennitLRP(Method):
         number(self.name, "stabilizer", stabilizer, low=0)
         check_bounds(self.name, zb_bounds)
         self.epsilon, self.stabilizer, self.first_layer, self.zb_bounds = epsilon, stabilizer, first_layer, zb_bounds
-        self.table = zennit_table(self._conv_rule(), self._linear_rule(),
-                                  first_layer_rule(self.name, first_layer, zb_bounds, stabilizer), stabilizer, self.name)
+        first = first_layer_rule(self.name, first_layer, zb_bounds, stabilizer)
+        self.table = zennit_table(self._conv_rule(), self._linear_rule(), first, stabilizer, self.name)
 
     def run(self, ctx: Context) -> torch.Tensor:
         return ctx.propagate(self.table, logit_relevance(ctx))
@@ -290,7 +291,8 @@ class AlphaBeta(Method):
         self.alpha, self.beta, self.stabilizer = alpha, beta, stabilizer
         self.first_layer, self.zb_bounds = first_layer, zb_bounds
         ab = alphabeta(alpha, beta, stabilizer)
-        self.table = zennit_table(ab, ab, first_layer_rule(self.name, first_layer, zb_bounds, stabilizer), stabilizer, self.name)
+        first = first_layer_rule(self.name, first_layer, zb_bounds, stabilizer)
+        self.table = zennit_table(ab, ab, first, stabilizer, self.name)
 
     def run(self, ctx: Context) -> torch.Tensor:
         return ctx.propagate(self.table, logit_relevance(ctx))
@@ -299,7 +301,7 @@ class AlphaBeta(Method):
 @register
 class Gamma(Method):
     name = "lrp-gamma"
-    summary = "LRP-gamma (Zennit's Gamma, gamma=0.25 default) on every conv and linear layer, z^B input layer by default"
+    summary = "LRP-gamma (Zennit's Gamma rule, gamma=0.25) on every conv and linear layer, z^B input layer by default"
 
     def __init__(self, gamma: float = 0.25, stabilizer: float = 1e-6, first_layer: str = "zb", zb_bounds="image"):
         number(self.name, "gamma", gamma, low=0)
@@ -320,7 +322,7 @@ class Gamma(Method):
 @register
 class EpsilonGammaBox(Method):
     name = "lrp-epsilon-gamma-box"
-    summary = "Zennit's EpsilonGammaBox: z^B on the input layer, gamma on the other convs, epsilon on linear layers"
+    summary = "Zennit's EpsilonGammaBox: z^B on the input conv, gamma on the other convs, epsilon on linear layers"
 
     def __init__(self, epsilon: float = 1e-6, gamma: float = 0.25, stabilizer: float = 1e-6, zb_bounds="image"):
         number(self.name, "epsilon", epsilon, low=0)
