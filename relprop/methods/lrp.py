@@ -81,9 +81,12 @@ def gamma(g: float, eps: float):
         lin, x = layer.lin, layer.x
         w = lin.weight
         up, un = w + g * lin.pos, w + g * lin.neg      # built per call: weights may change in place
-        xp, xn = x.clamp(min=0), x.clamp(max=0)
-        zp = lin.fwd(xp, up) + lin.fwd(xn, un)
-        zn = lin.fwd(xp, un) + lin.fwd(xn, up)
+        signed = not layer.x_nonneg           # x- == 0 after a ReLU: its terms are exact zeros, skipped
+        xp = x.clamp(min=0) if signed else x
+        zp, zn = lin.fwd(xp, up), lin.fwd(xp, un)
+        if signed:
+            xn = x.clamp(max=0)
+            zp, zn = zp + lin.fwd(xn, un), zn + lin.fwd(xn, up)
         b = lin.bias
         if b is not None:
             zp = zp + bias_view(lin, b + g * b.clamp(min=0), zp)
@@ -91,8 +94,10 @@ def gamma(g: float, eps: float):
         zero = torch.zeros((), dtype=r.dtype, device=r.device)
         sp = torch.where(layer.z > 0, r / stabilize(zp, eps), zero)
         sn = torch.where(layer.z < 0, r / stabilize(zn, eps), zero)
-        return [xp * (lin.bwd(sp, up, x.shape) + lin.bwd(sn, un, x.shape))
-                + xn * (lin.bwd(sp, un, x.shape) + lin.bwd(sn, up, x.shape))]
+        out = xp * (lin.bwd(sp, up, x.shape) + lin.bwd(sn, un, x.shape))
+        if signed:
+            out = out + xn * (lin.bwd(sp, un, x.shape) + lin.bwd(sn, up, x.shape))
+        return [out]
     return rule
 
 
