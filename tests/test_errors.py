@@ -215,6 +215,23 @@ def test_unknown_init_layer_fails_when_the_explainer_is_built(model):
     ("lrp-rap-repo", {"alpha": 0.5}, ValueError, "method 'lrp-rap-repo': alpha must be >= 1 (beta = alpha - 1), got 0.5"),
     ("clrp", {"zb_bounds": ("a", 1)}, TypeError,
      "method 'clrp': zb_bounds must be 'image' or (low, high) numbers or per-channel sequences, got ('a', 1)"),
+    ("lrp-epsilon-plus", {"first_layer": "zbox"}, ValueError,
+     "method 'lrp-epsilon-plus': first_layer must be one of 'zb', 'flat', 'same', got 'zbox'"),
+    ("lrp-alphabeta", {"first_layer": None}, ValueError,
+     "method 'lrp-alphabeta': first_layer must be one of 'zb', 'flat', 'same', got None"),
+    ("lrp-epsilon-plus", {"zb_bounds": (-1, 1)}, ValueError,
+     "method 'lrp-epsilon-plus': zb_bounds is used by first_layer='zb' only, got first_layer='same'"),
+    ("lrp-gamma", {"gamma": -0.5}, ValueError, "method 'lrp-gamma': gamma must be >= 0, got -0.5"),
+    ("lrp-gamma", {"gamma": "0.25"}, TypeError, "method 'lrp-gamma': gamma must be a number, got str '0.25'"),
+    ("lrp-gamma", {"stabilizer": -1}, ValueError, "method 'lrp-gamma': stabilizer must be >= 0, got -1"),
+    ("lrp-gamma", {"first_layer": "box"}, ValueError,
+     "method 'lrp-gamma': first_layer must be one of 'zb', 'flat', 'same', got 'box'"),
+    ("lrp-epsilon-gamma-box", {"gamma": float("inf")}, ValueError,
+     "method 'lrp-epsilon-gamma-box': gamma must be finite, got inf"),
+    ("lrp-epsilon-gamma-box", {"epsilon": -1e-6}, ValueError,
+     "method 'lrp-epsilon-gamma-box': epsilon must be >= 0, got -1e-06"),
+    ("lrp-epsilon-gamma-box", {"zb_bounds": (0, -1)}, ValueError,
+     "method 'lrp-epsilon-gamma-box': zb_bounds must be finite with low <= high, got (0, -1)"),
 ])
 def test_bad_parameters_fail_when_the_explainer_is_built(model, method, params, error, message):
     with pytest.raises(error) as err:

@@ -12,8 +12,8 @@ pytest.importorskip("zennit")
 torchvision = pytest.importorskip("torchvision")
 
 from zennit.attribution import Gradient  # noqa: E402
-from zennit.composites import (EpsilonAlpha2Beta1, EpsilonAlpha2Beta1Flat, EpsilonPlus, EpsilonPlusFlat,  # noqa: E402
-                               SpecialFirstLayerMapComposite, layer_map_base)
+from zennit.composites import (EpsilonAlpha2Beta1, EpsilonAlpha2Beta1Flat, EpsilonGammaBox, EpsilonPlus,  # noqa: E402
+                               EpsilonPlusFlat, SpecialFirstLayerMapComposite, layer_map_base)
 from zennit.rules import Epsilon, ZBox  # noqa: E402
 from zennit.torchvision import ResNetCanonizer, VGGCanonizer  # noqa: E402
 from zennit.types import Convolution  # noqa: E402
@@ -50,6 +50,12 @@ CASES = {
     "epsilon-zbox": ("lrp-epsilon", ZB, lambda c: SpecialFirstLayerMapComposite(
         layer_map_base() + [(Convolution, Epsilon()), (nn.Linear, Epsilon())], zbox_first(), canonizers=[c]),
         SMALL),
+    # the defaults of the methods named after Zennit's composites (no special input layer for
+    # EpsilonPlus / EpsilonAlpha2Beta1), and EpsilonGammaBox with the same pixel bounds
+    "epsilon-plus": ("lrp-epsilon-plus", {}, lambda c: EpsilonPlus(canonizers=[c]), SMALL),
+    "epsilon-alpha2beta1": ("lrp-epsilon-alpha2beta1", {}, lambda c: EpsilonAlpha2Beta1(canonizers=[c]), SMALL),
+    "epsilon-gamma-box": ("lrp-epsilon-gamma-box", {"zb_bounds": (LOW, HIGH)}, lambda c: EpsilonGammaBox(
+        LOW.view(1, 3, 1, 1), HIGH.view(1, 3, 1, 1), canonizers=[c]), SMALL),
 }
 
 

@@ -2,8 +2,9 @@
 
 Two families:
 
-* Zennit-compatible LRP (``lrp-epsilon``, ``lrp-zplus``, ``lrp-alphabeta`` and the
-  composites ``lrp-epsilon-plus[-flat]``, ``lrp-epsilon-alpha2beta1[-flat]``): biases in
+* Zennit-compatible LRP (``lrp-epsilon``, ``lrp-zplus``, ``lrp-alphabeta``, ``lrp-gamma``
+  and the composites ``lrp-epsilon-plus[-flat]``, ``lrp-epsilon-alpha2beta1[-flat]``,
+  ``lrp-epsilon-gamma-box``; the composites' input layer is Zennit's too): biases in
   the denominators, BatchNorm folded into the conv before it, stabiliser
   ``z + eps*sign(z)``, max-pool as gradient, average pools and residual adds by the
   stabilised proportional ("Norm") rule.
@@ -67,6 +68,39 @@ def alphabeta(alpha: float, beta: float, eps: float):
     return rule
 
 
+def gamma(g: float, eps: float):
+    """Zennit 0.5's generalised LRP-gamma (``zennit.rules.Gamma``; Montavon et al. 2019,
+    Andéol et al. 2021; not in methods.md, which covers the authors' baselines): weights
+    ``U+ = W + g W+`` and ``U- = W + g W-``; where ``z > 0`` relevance follows the positive contributions
+    ``Z+ = fwd(x+, U+) + fwd(x-, U-) + b + g b+``, where ``z < 0`` the negative ones
+    ``Z- = fwd(x+, U-) + fwd(x-, U+) + b + g b-``, both stabilised (``z + eps*sign(z)``):
+    ``R_in = x+ * [bwd(S+, U+) + bwd(S-, U-)] + x- * [bwd(S+, U-) + bwd(S-, U+)]`` with
+    ``S+ = [z > 0] R / stabilize(Z+)``, ``S- = [z < 0] R / stabilize(Z-)``; ``z == 0`` passes
+    nothing.  ``g = 0`` is LRP-0 with the stabiliser; for ``x >= 0`` it is Montavon's gamma."""
+    def rule(layer: Layer, r: torch.Tensor) -> list:
+        lin, x = layer.lin, layer.x
+        w = lin.weight
+        up, un = w + g * lin.pos, w + g * lin.neg      # built per call: weights may change in place
+        signed = not layer.x_nonneg           # x- == 0 after a ReLU: its terms are exact zeros, skipped
+        xp = x.clamp(min=0) if signed else x
+        zp, zn = lin.fwd(xp, up), lin.fwd(xp, un)
+        if signed:
+            xn = x.clamp(max=0)
+            zp, zn = zp + lin.fwd(xn, un), zn + lin.fwd(xn, up)
+        b = lin.bias
+        if b is not None:
+            zp = zp + bias_view(lin, b + g * b.clamp(min=0), zp)
+            zn = zn + bias_view(lin, b + g * b.clamp(max=0), zn)
+        zero = torch.zeros((), dtype=r.dtype, device=r.device)
+        sp = torch.where(layer.z > 0, r / stabilize(zp, eps), zero)
+        sn = torch.where(layer.z < 0, r / stabilize(zn, eps), zero)
+        out = xp * (lin.bwd(sp, up, x.shape) + lin.bwd(sn, un, x.shape))
+        if signed:
+            out = out + xn * (lin.bwd(sp, un, x.shape) + lin.bwd(sn, up, x.shape))
+        return [out]
+    return rule
+
+
 def alphabeta_rap_repo(alpha: float):
     """RAP repository's LRP-alpha-beta (beta = alpha - 1), each term with its own
     denominator and no bias:
@@ -115,9 +149,16 @@ def zplus_plain(negate: bool = False, eps: float | None = 1e-9):
 
 
 # ----------------------------------------------------------------------------- tables
-def first_layer_rule(first_layer: str, zb_bounds, stabilizer: float):
-    if first_layer not in FIRST_LAYER_CHOICES:
-        raise ValueError(f"first_layer must be one of {FIRST_LAYER_CHOICES}, got {first_layer!r}")
+def first_layer_rule(method: str, first_layer: str, zb_bounds, stabilizer: float):
+    """The input layer's rule: z^B (``zb_bounds``), flat, or None (``"same"``: the layer's
+    own rule from the table, as in Zennit's ``LayerMapComposite``s)."""
+    if not isinstance(first_layer, str) or first_layer not in FIRST_LAYER_CHOICES:
+        choices = ", ".join(map(repr, FIRST_LAYER_CHOICES))
+        raise ValueError(f"method {method!r}: first_layer must be one of {choices}, got {first_layer!r}")
+    if first_layer != "zb" and not (isinstance(zb_bounds, str) and zb_bounds == "image"):
+        # bounds that would be ignored: most likely meant for a z^B input layer that is not the default
+        raise ValueError(f"method {method!r}: zb_bounds is used by first_layer='zb' only, "
+                         f"got first_layer={first_layer!r}")
     if first_layer == "zb":
         return rules.zbox(zb_bounds, rules.eps_divide(stabilizer))
     if first_layer == "flat":
@@ -153,8 +194,8 @@ class _ZennitLRP(Method):
         number(self.name, "stabilizer", stabilizer, low=0)
         check_bounds(self.name, zb_bounds)
         self.epsilon, self.stabilizer, self.first_layer, self.zb_bounds = epsilon, stabilizer, first_layer, zb_bounds
-        self.table = zennit_table(self._conv_rule(), self._linear_rule(),
-                                  first_layer_rule(first_layer, zb_bounds, stabilizer), stabilizer, self.name)
+        first = first_layer_rule(self.name, first_layer, zb_bounds, stabilizer)
+        self.table = zennit_table(self._conv_rule(), self._linear_rule(), first, stabilizer, self.name)
 
     def run(self, ctx: Context) -> torch.Tensor:
         return ctx.propagate(self.table, logit_relevance(ctx))
@@ -163,7 +204,7 @@ class _ZennitLRP(Method):
 @register
 class Epsilon(_ZennitLRP):
     name = "lrp-epsilon"
-    summary = "LRP-epsilon on every conv and linear layer (z^B or flat input layer)"
+    summary = "LRP-epsilon on every conv and linear layer, z^B input layer by default"
 
     def _conv_rule(self):
         return epsilon(self.epsilon)
@@ -174,7 +215,7 @@ class Epsilon(_ZennitLRP):
 @register
 class ZPlus(_ZennitLRP):
     name = "lrp-zplus"
-    summary = "LRP-z+ (alpha1beta0) on every conv and linear layer"
+    summary = "LRP-z+ (alpha1beta0) on every conv and linear layer, z^B input layer by default"
 
     def _conv_rule(self):
         return alphabeta(1.0, 0.0, self.stabilizer)
@@ -182,10 +223,20 @@ class ZPlus(_ZennitLRP):
     _linear_rule = _conv_rule
 
 
+class _ZennitComposite(_ZennitLRP):
+    """A method named after a Zennit ``LayerMapComposite`` (``EpsilonPlus``,
+    ``EpsilonAlpha2Beta1``): like it, no special input layer by default (the first conv
+    takes the conv rule); ``first_layer="zb"`` or ``"flat"`` asks for one."""
+
+    def __init__(self, epsilon: float = 1e-6, stabilizer: float = 1e-6, first_layer: str = "same",
+                 zb_bounds="image"):
+        super().__init__(epsilon, stabilizer, first_layer, zb_bounds)
+
+
 @register
-class EpsilonPlus(_ZennitLRP):
+class EpsilonPlus(_ZennitComposite):
     name = "lrp-epsilon-plus"
-    summary = "Zennit's EpsilonPlus: z+ on convs, epsilon on linear layers"
+    summary = "Zennit's EpsilonPlus: z+ on every conv (the input layer too), epsilon on linear layers"
 
     def _conv_rule(self):
         return alphabeta(1.0, 0.0, self.stabilizer)
@@ -195,9 +246,9 @@ class EpsilonPlus(_ZennitLRP):
 
 
 @register
-class EpsilonAlpha2Beta1(_ZennitLRP):
+class EpsilonAlpha2Beta1(_ZennitComposite):
     name = "lrp-epsilon-alpha2beta1"
-    summary = "Zennit's EpsilonAlpha2Beta1: alpha2beta1 on convs, epsilon on linear layers"
+    summary = "Zennit's EpsilonAlpha2Beta1: alpha2beta1 on every conv (the input layer too), epsilon on linear layers"
 
     def _conv_rule(self):
         return alphabeta(2.0, 1.0, self.stabilizer)
@@ -232,7 +283,7 @@ class EpsilonAlpha2Beta1Flat(EpsilonAlpha2Beta1):
 @register
 class AlphaBeta(Method):
     name = "lrp-alphabeta"
-    summary = "LRP-alpha-beta (default alpha2beta1) on every conv and linear layer"
+    summary = "LRP-alpha-beta (default alpha2beta1) on every conv and linear layer, z^B input layer by default"
 
     def __init__(self, alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-6, first_layer: str = "zb",
                  zb_bounds="image"):
@@ -245,7 +296,55 @@ class AlphaBeta(Method):
         self.alpha, self.beta, self.stabilizer = alpha, beta, stabilizer
         self.first_layer, self.zb_bounds = first_layer, zb_bounds
         ab = alphabeta(alpha, beta, stabilizer)
-        self.table = zennit_table(ab, ab, first_layer_rule(first_layer, zb_bounds, stabilizer), stabilizer, self.name)
+        first = first_layer_rule(self.name, first_layer, zb_bounds, stabilizer)
+        self.table = zennit_table(ab, ab, first, stabilizer, self.name)
+
+    def run(self, ctx: Context) -> torch.Tensor:
+        return ctx.propagate(self.table, logit_relevance(ctx))
+
+
+@register
+class Gamma(Method):
+    name = "lrp-gamma"
+    summary = "LRP-gamma (Zennit's Gamma rule, gamma=0.25) on every conv and linear layer, z^B input layer by default"
+
+    def __init__(self, gamma: float = 0.25, stabilizer: float = 1e-6, first_layer: str = "zb", zb_bounds="image"):
+        number(self.name, "gamma", gamma, low=0)
+        number(self.name, "stabilizer", stabilizer, low=0)
+        check_bounds(self.name, zb_bounds)
+        self.gamma, self.stabilizer, self.first_layer, self.zb_bounds = gamma, stabilizer, first_layer, zb_bounds
+        first = first_layer_rule(self.name, first_layer, zb_bounds, stabilizer)
+        self.table = self._table(first)
+
+    def _table(self, first) -> RuleTable:
+        rule = gamma(self.gamma, self.stabilizer)
+        return zennit_table(rule, rule, first, self.stabilizer, self.name)
+
+    def run(self, ctx: Context) -> torch.Tensor:
+        return ctx.propagate(self.table, logit_relevance(ctx))
+
+
+@register
+class EpsilonGammaBox(Method):
+    name = "lrp-epsilon-gamma-box"
+    summary = "Zennit's EpsilonGammaBox: z^B on the input conv, gamma on the other convs, epsilon on linear layers"
+
+    def __init__(self, epsilon: float = 1e-6, gamma: float = 0.25, stabilizer: float = 1e-6, zb_bounds="image"):
+        number(self.name, "epsilon", epsilon, low=0)
+        number(self.name, "gamma", gamma, low=0)
+        number(self.name, "stabilizer", stabilizer, low=0)
+        check_bounds(self.name, zb_bounds)
+        self.epsilon, self.gamma, self.stabilizer, self.zb_bounds = epsilon, gamma, stabilizer, zb_bounds
+        self.table = self._table()
+
+    def _table(self) -> RuleTable:
+        dense = epsilon(self.epsilon)
+        zb = first_layer_rule(self.name, "zb", self.zb_bounds, self.stabilizer)
+
+        def first(layer: Layer, r: torch.Tensor) -> list:
+            # Zennit's first map holds convolutions only: an input Linear (an MLP) keeps epsilon
+            return (zb if layer.lin.is_conv else dense)(layer, r)
+        return zennit_table(gamma(self.gamma, self.stabilizer), dense, first, self.stabilizer, self.name)
 
     def run(self, ctx: Context) -> torch.Tensor:
         return ctx.propagate(self.table, logit_relevance(ctx))
