@@ -164,9 +164,26 @@ def _scores(model, items: dict, heat: torch.Tensor, num_classes: int, perturb_im
     return row
 
 
+def explain_function(method: str, **params) -> Callable:
+    """The relprop method ``method`` (with its ``params``) as a metric's explain callable:
+    ``explain(model, x, targets) -> (B, H, W)`` heat maps (the channel sum of the
+    relevance).  A fresh :class:`Explainer` is built on every call, so a model changed in
+    place between calls (cascading randomisation) is explained as it is at the call.
+    Bad method names or parameters fail here, not at the first call."""
+    from . import methods
+
+    methods.create(method, **params)
+
+    def explain(model: torch.nn.Module, x: torch.Tensor, targets) -> torch.Tensor:
+        return Explainer(model, method, **params).heatmap(x, targets)
+
+    explain.__name__ = explain.__qualname__ = f"explain_{method.replace('-', '_')}"
+    return explain
+
+
 def _sanity(model, items: dict, method: str, n: int, seed: int) -> dict:
     """Cascading randomisation on the first ``n`` items: mean Spearman of |map| after the first and the last step."""
-    steps = cascading_randomization(model, items["x"][:n], items["target"][:n], method, seed=seed)
+    steps = cascading_randomization(model, items["x"][:n], items["target"][:n], explain_function(method), seed=seed)
     return {"sanity_top": _nanmean(steps[0]["spearman"]), "sanity_all": _nanmean(steps[-1]["spearman"])}
 
 
