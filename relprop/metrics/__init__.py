@@ -26,9 +26,10 @@ Conventions shared by every function:
 """
 from .localisation import (binarize, boxes_to_masks, outside_inside_ratio, pointing_game,
                            pointing_game_accuracy, relevance_mass_accuracy, segmentation_scores)
+from .bootstrap import bootstrap_interval
 from .perturbation import region_perturbation
 from .sensitivity import cascading_randomization, spearman, ssim
 
 __all__ = ["boxes_to_masks", "pointing_game", "pointing_game_accuracy", "outside_inside_ratio",
            "relevance_mass_accuracy", "binarize", "segmentation_scores", "region_perturbation",
-           "cascading_randomization", "spearman", "ssim"]
+           "cascading_randomization", "spearman", "ssim", "bootstrap_interval"]
