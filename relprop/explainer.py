@@ -71,7 +71,8 @@ class Explainer:
         defines exactly what is accepted and how a callable becomes the output's seed.
 
         ``initial_relevance`` (B, classes) seeds the output directly instead of the one-hot
-        target (contrastive, multi-label or regression explanations).  ``layer_sums=True``
+        target (contrastive, multi-label or regression explanations); it may also be a
+        callable on the (detached) logits returning that tensor (Zennit's ``attr_output``).  ``layer_sums=True``
         also returns the per-sample relevance sum at every layer's input (conservation
         diagnostics).
         """
@@ -96,6 +97,8 @@ class Explainer:
                 raise ValueError(f"method {self.method.name!r} builds its contrastive duals from one class per "
                                  "sample: a callable target must select one class (its gradient with respect to "
                                  "the output must be one-hot)")
+            if callable(initial_relevance):        # a function of the output (Zennit's attr_output)
+                initial_relevance = initial_relevance(logits.detach().clone())
             seed = _seed(initial_relevance, weights, logits)
             ctx = Context(self.graph, values, targets, seed, user_seed=initial_relevance is not None,
                           layer_sums={} if layer_sums else None,
