@@ -51,7 +51,7 @@ def test_methods_lists_every_method(capsys):
     assert cli.main(["methods"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     methods = relprop.available_methods()
-    assert len(methods) == 15 and len(lines) == len(methods)
+    assert len(methods) == 16 and len(lines) == len(methods)
     for line, (name, summary) in zip(lines, methods.items()):
         assert line.split()[0] == name
         assert line.rstrip().endswith(summary)
