@@ -56,7 +56,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from . import viz
+from . import external, viz
 from .explainer import Explainer, available_methods, reported_maps_quiet, trusted_error
 from .metrics import bootstrap as B
 from .metrics import (cascading_randomization, outside_inside_ratio, pointing_game, pointing_game_accuracy,
@@ -107,10 +107,13 @@ def check_methods(text: str) -> list[str]:
     if text == "all":
         return list(known)
     names = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in names if m not in known]
+    for m in names:
+        if external.is_external(m):
+            external.check(m)          # a ValueError naming the method: unknown, unusable or not installed
+    unknown = [m for m in names if m not in known and not external.is_external(m)]
     if unknown or not names:
         raise ValueError(f"unknown method(s) {', '.join(unknown) or repr(text)}; choose from: default, all, "
-                         f"{', '.join(known)}")
+                         f"{', '.join(known)}, or captum:<Attribution> / zennit:<Composite> when installed")
     return list(dict.fromkeys(names))
 
 
@@ -191,9 +194,14 @@ def explain_function(method: str, **params) -> Callable:
     ``explain(model, x, targets) -> (B, H, W)`` heat maps (the channel sum of the
     relevance).  A fresh :class:`Explainer` is built on every call, so a model changed in
     place between calls (cascading randomisation) is explained as it is at the call.
-    Bad method names or parameters fail here, not at the first call."""
+    Bad method names or parameters fail here, not at the first call.  ``captum:<Attribution>``
+    and ``zennit:<Composite>`` give those libraries' methods (:mod:`relprop.external`)."""
     from . import methods
 
+    if external.is_external(method):
+        if params:
+            raise TypeError(f"external method {method!r} takes no parameters here, got {', '.join(params)}")
+        return external.explain_function(method)
     methods.create(method, **params)
 
     def explain(model: torch.nn.Module, x: torch.Tensor, targets) -> torch.Tensor:
@@ -244,16 +252,26 @@ def evaluate_source(src: Source, methods: list[str], batch_size: int, perturb_im
 def _evaluate_method(src: Source, method: str, batches: list, items: dict, perturb_images: int, sanity_images: int,
                      seed: int, progress, resamples: int = None) -> dict:
     resamples = BOOTSTRAP_RESAMPLES if resamples is None else resamples
-    explainer = Explainer(src.model, method)
-    explainer.attribute(batches[0]["x"][:1], batches[0]["target"][:1])   # warm-up: not timed
-    heats, seconds, untrusted = [], 0.0, 0
-    for b in batches:
-        t0 = time.perf_counter()
-        att = explainer.attribute(b["x"], b["target"])
-        heats.append(att.relevance.sum(1))
-        seconds += time.perf_counter() - t0
-        untrusted += int((att.error > trusted_error(b["x"].dtype)).sum())
-        progress(1)
+    if external.is_external(method):     # another library's method: its maps, no error estimate
+        explain = external.explain_function(method)
+        explain(src.model, batches[0]["x"][:1], batches[0]["target"][:1])   # warm-up: not timed
+        heats, seconds, untrusted = [], 0.0, math.nan
+        for b in batches:
+            t0 = time.perf_counter()
+            heats.append(explain(src.model, b["x"], b["target"]))
+            seconds += time.perf_counter() - t0
+            progress(1)
+    else:
+        explainer = Explainer(src.model, method)
+        explainer.attribute(batches[0]["x"][:1], batches[0]["target"][:1])   # warm-up: not timed
+        heats, seconds, untrusted = [], 0.0, 0
+        for b in batches:
+            t0 = time.perf_counter()
+            att = explainer.attribute(b["x"], b["target"])
+            heats.append(att.relevance.sum(1))
+            seconds += time.perf_counter() - t0
+            untrusted += int((att.error > trusted_error(b["x"].dtype)).sum())
+            progress(1)
     heat = torch.cat(heats)
     scores, stats = _scores(src.model, items, heat, len(src.classes), perturb_images, seed)
     sanity, sanity_stats = _sanity(src.model, items, method, sanity_images, seed)
@@ -387,12 +405,14 @@ Default (nothing to download or train): the built-in models shapes-vgg and shape
 clutter" test split (64x64, exact object masks).  With --voc or --coco: your own model
 (--model, --weights) on your annotated images, each resized to --size x --size.
 
-Every method explains the ground-truth class of each (image, class) item.  Metrics, per
+Every method explains the ground-truth class of each (image, class) item; other
+libraries' methods (captum:<Attribution>, zennit:<Composite>) are scored by the same code.  Metrics, per
 method: pointing game, outside/inside relevance ratio (median), relevance mass, IoU of
 R > 0 with the object mask, average precision, AOPC of region perturbation (MoRF and
 LeRF, first 48 items), Spearman correlation after cascading model randomisation (first 6
 items), milliseconds per image and how many maps were reported as numerically
-untrustworthy; definitions in relprop/evaluate.py.
+untrustworthy; each with its 95% bootstrap confidence interval over the items
+(value ± half-width; bounds in metrics.json); definitions in relprop/evaluate.py.
 
 Output (OUT, replaced as a whole when the run has finished):
   metrics.md, metrics.json   one table / row list per model, one row per method
@@ -417,7 +437,9 @@ def add_arguments(p) -> None:
 
     p.add_argument("--methods", default="default", metavar="LIST",
                    help=f"'default' ({','.join(DEFAULT_METHODS)}), 'all' (every method of 'relprop methods') "
-                        f"or a comma-separated list")
+                        f"or a comma-separated list; besides relprop's methods (gradcam included) "
+                        f"captum:<Attribution> (e.g. captum:IntegratedGradients) and zennit:<Composite> (e.g. "
+                        f"zennit:EpsilonPlusFlat) when those packages are installed")
     p.add_argument("--model", default="all", metavar="MODEL",
                    help="built-in data: shapes-vgg, shapes-resnet or all (default: all); with --voc/--coco: "
                         "a torchvision architecture name or package.module:function returning your model")
@@ -541,6 +563,8 @@ def _user_source(args, parser, methods):
         parser.error(f"--model: the model has {outputs} outputs but there are {len(classes)} classes "
                      f"(set --num-classes or --classes)")
     for m in methods:
+        if external.is_external(m):
+            continue
         try:
             Explainer(model, m)
         except Exception as e:
