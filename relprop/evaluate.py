@@ -312,7 +312,8 @@ def _markdown(results: dict) -> str:
                 f"first {res['sanity_images']}; total {res['seconds']:.0f} s.", "", format_table(res["rows"]), "",
                 f"± half the width of the 95% percentile-bootstrap interval over the items "
                 f"({res.get('resamples', BOOTSTRAP_RESAMPLES)} resamples of the items, seeded; the bounds are in "
-                "metrics.json, `ci`); a difference between methods whose intervals overlap is not called a difference.", "",
+                "metrics.json, `ci`); a difference between methods whose intervals overlap is not called a "
+                "difference.", "",
                 f"maps reported ⚠: of the {res['items']} maps, how many relprop reported as numerically "
                 "untrustworthy (estimated relative error above the trusted bound, 1e-3 for a float32 model; README, "
                 "Numerics).", ""]

@@ -72,9 +72,9 @@ class Explainer:
 
         ``initial_relevance`` (B, classes) seeds the output directly instead of the one-hot
         target (contrastive, multi-label or regression explanations); it may also be a
-        callable on the (detached) logits returning that tensor (Zennit's ``attr_output``).  ``layer_sums=True``
-        also returns the per-sample relevance sum at every layer's input (conservation
-        diagnostics).
+        callable on the (detached) logits returning that tensor (Zennit's ``attr_output``).
+        ``layer_sums=True`` also returns the per-sample relevance sum at every layer's
+        input (conservation diagnostics).
         """
         self._check_input(x)
         if initial_relevance is not None and not self.method.accepts_initial_relevance:

@@ -58,8 +58,9 @@ def _class(method: str):
                 if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     allowed = ({"forward_func", "model"} if lib == "captum" else {"low", "high"})
     if set(required) - allowed:
-        raise ValueError(f"method {method!r} needs constructor arguments ({', '.join(sorted(set(required) - allowed))}) "
-                         f"that relprop evaluate cannot give; e.g. {_EXAMPLES[lib]}")
+        missing = ", ".join(sorted(set(required) - allowed))
+        raise ValueError(f"method {method!r} needs constructor arguments ({missing}) that relprop evaluate cannot "
+                         f"give; e.g. {_EXAMPLES[lib]}")
     if lib == "captum":
         abstract = {"Attribution", "GradientAttribution", "PerturbationAttribution", "LayerAttribution",
                     "NeuronAttribution"}

@@ -72,7 +72,7 @@ class GradCAM(Method):
     the map is a localisation, not a decomposition of the score."""
 
     name = "gradcam"
-    summary = "Grad-CAM baseline: ReLU of the gradient-weighted channel sum at init_layer, upsampled (Selvaraju et al. 2017)"
+    summary = "Grad-CAM baseline: ReLU of the gradient-weighted channel sum, upsampled (Selvaraju et al. 2017)"
 
     def __init__(self, init_layer: str | None = None):
         self.init_layer = layer_name(self.name, init_layer)

@@ -2,8 +2,9 @@
 accuracy and segmentation scores (IoU, pixel accuracy, average precision).
 
 Every function takes signed heat maps ``(B, H, W)`` at image resolution (tensors or NumPy
-arrays, from any attribution method) and ground truth as ``(B, H, W)`` bool masks or as boxes (see :func:`boxes_to_masks`), and returns one value
-per image as a tensor on the heat maps' device (no per-image Python loop).
+arrays, from any attribution method) and ground truth as ``(B, H, W)`` bool masks or as
+boxes (see :func:`boxes_to_masks`), and returns one value per image as a tensor on the
+heat maps' device (no per-image Python loop).
 """
 from __future__ import annotations
 

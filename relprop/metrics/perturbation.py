@@ -54,8 +54,8 @@ def region_perturbation(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch
     None = the class predicted for ``x``, one extra model call), or for a callable target
     (:mod:`relprop.targets`) its scores of ``f(x^k)``: a single callable is applied to
     batches of perturbed images of several samples (it must score every row alike, as
-    ``ClassifierOutputTarget``), a list of per-sample callables to each sample's images.  ``heatmaps`` may be a tensor or a
-    NumPy array.  Returns a dict with
+    ``ClassifierOutputTarget``), a list of per-sample callables to each sample's images.
+    ``heatmaps`` may be a tensor or a NumPy array.  Returns a dict with
     ``scores`` ``(B, steps + 1)`` (column 0 = unperturbed), ``drop`` = ``f(x^0) - f(x^k)``
     ``(B, steps + 1)``, ``aopc`` = ``1/(steps+1) sum_{k=0}^{steps} drop_k`` ``(B,)``
     (Samek et al.'s AOPC for one image; average over images for the data-set value; for
