@@ -28,6 +28,15 @@ Metrics per method (:mod:`relprop.metrics`; the mean over items unless said othe
 * ``untrusted``: how many maps the explainer reported as numerically untrustworthy (their
   estimated relative error, ``Attribution.error``, above the trusted bound; README, Numerics).
 
+Every metric but the last two (not per-item statistics) carries a 95% percentile-bootstrap
+confidence interval over items (:mod:`relprop.metrics.bootstrap`): the items scored for it
+are resampled with replacement ``BOOTSTRAP_RESAMPLES`` times (indices from a CPU generator
+seeded with the run's seed, the same draws for every method), the metric is recomputed as
+defined above on each resample (the pointing game's class mean, the ratio's median, the
+other means), and the 2.5% and 97.5% quantiles are the interval: ``row["ci"][metric] =
+{"low": ..., "high": ...}`` in ``metrics.json``, ``value ± (high - low) / 2`` in
+``metrics.md``.
+
 The report folder holds ``metrics.md`` and ``metrics.json`` (one table / row list per
 model, one row per method) and ``grid-<model>.png`` (rows = the first ``grid_images`` items,
 columns = the input and each method, symmetric blue-white-red maps, the object outline in
@@ -47,8 +56,9 @@ from typing import Callable, Iterator
 
 import torch
 
-from . import viz
+from . import external, viz
 from .explainer import Explainer, available_methods, reported_maps_quiet, trusted_error
+from .metrics import bootstrap as B
 from .metrics import (cascading_randomization, outside_inside_ratio, pointing_game, pointing_game_accuracy,
                       region_perturbation, relevance_mass_accuracy, segmentation_scores)
 
@@ -58,6 +68,7 @@ BUILTIN_MODELS = ("shapes-vgg", "shapes-resnet")
 DEFAULT_IMAGES, FULL_IMAGES = 200, 2000
 PERTURB_STEPS = 8
 GRID_IMAGES = 8
+BOOTSTRAP_RESAMPLES, CI_LEVEL = 1000, 0.95
 COLUMNS = (  # key, markdown header, format
     ("pointing_game", "pointing game ↑", "{:.3f}"),
     ("outside_inside", "outside/inside (median) ↓", "{:.3f}"),
@@ -96,10 +107,13 @@ def check_methods(text: str) -> list[str]:
     if text == "all":
         return list(known)
     names = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in names if m not in known]
+    for m in names:
+        if external.is_external(m):
+            external.check(m)          # a ValueError naming the method: unknown, unusable or not installed
+    unknown = [m for m in names if m not in known and not external.is_external(m)]
     if unknown or not names:
         raise ValueError(f"unknown method(s) {', '.join(unknown) or repr(text)}; choose from: default, all, "
-                         f"{', '.join(known)}")
+                         f"{', '.join(known)}, or captum:<Attribution> / zennit:<Composite> when installed")
     return list(dict.fromkeys(names))
 
 
@@ -146,32 +160,78 @@ def _nanmean(v: torch.Tensor) -> float:
     return v[keep].mean().item() if bool(keep.any()) else math.nan
 
 
-def _scores(model, items: dict, heat: torch.Tensor, num_classes: int, perturb_images: int, seed: int) -> dict:
-    """Every metric but the randomisation test, for the maps ``heat`` of ``items``."""
+def _scores(model, items: dict, heat: torch.Tensor, num_classes: int, perturb_images: int,
+            seed: int) -> tuple[dict, dict]:
+    """Every metric but the randomisation test, for the maps ``heat`` of ``items``: (the row's
+    values, metric -> (bootstrap statistic, number of items) for its confidence interval)."""
     size = heat.shape[-1]
     hits = pointing_game(heat, items["box"], tolerance=15 * size / 224)
     seg = segmentation_scores(heat, items["mask"])
+    ratio = outside_inside_ratio(heat, items["box"])
+    mass = relevance_mass_accuracy(heat, items["mask"])
     row = {"pointing_game": pointing_game_accuracy(hits, items["target"], num_classes)["mean"],
-           "outside_inside": outside_inside_ratio(heat, items["box"]).double().nanmedian().item(),
-           "relevance_mass": _nanmean(relevance_mass_accuracy(heat, items["mask"])),
+           "outside_inside": ratio.double().nanmedian().item(),
+           "relevance_mass": _nanmean(mass),
            "iou": _nanmean(seg["iou"]), "ap": _nanmean(seg["average_precision"])}
+    count = heat.shape[0]
+    stats = {"pointing_game": (B.class_mean_statistic(hits, items["target"], num_classes), count),
+             "outside_inside": (B.nanmedian_statistic(ratio), count),
+             "relevance_mass": (B.nanmean_statistic(mass), count),
+             "iou": (B.nanmean_statistic(seg["iou"]), count),
+             "ap": (B.nanmean_statistic(seg["average_precision"]), count)}
     n = perturb_images
     for order in ("morf", "lerf"):
         r = region_perturbation(model, items["x"][:n], heat[:n], items["target"][:n], patch=max(1, size // 8),
                                 steps=PERTURB_STEPS, order=order, generator=torch.Generator().manual_seed(seed),
                                 batch_size=512)
         row[f"aopc_{order}"] = _nanmean(r["aopc"])
-    return row
+        stats[f"aopc_{order}"] = (B.nanmean_statistic(r["aopc"]), n)
+    return row, stats
 
 
-def _sanity(model, items: dict, method: str, n: int, seed: int) -> dict:
-    """Cascading randomisation on the first ``n`` items: mean Spearman of |map| after the first and the last step."""
-    steps = cascading_randomization(model, items["x"][:n], items["target"][:n], method, seed=seed)
-    return {"sanity_top": _nanmean(steps[0]["spearman"]), "sanity_all": _nanmean(steps[-1]["spearman"])}
+def explain_function(method: str, **params) -> Callable:
+    """The relprop method ``method`` (with its ``params``) as a metric's explain callable:
+    ``explain(model, x, targets) -> (B, H, W)`` heat maps (the channel sum of the
+    relevance).  A fresh :class:`Explainer` is built on every call, so a model changed in
+    place between calls (cascading randomisation) is explained as it is at the call.
+    Bad method names or parameters fail here, not at the first call.  ``captum:<Attribution>``
+    and ``zennit:<Composite>`` give those libraries' methods (:mod:`relprop.external`)."""
+    from . import methods
+
+    if external.is_external(method):
+        if params:
+            raise TypeError(f"external method {method!r} takes no parameters here, got {', '.join(params)}")
+        return external.explain_function(method)
+    methods.create(method, **params)
+
+    def explain(model: torch.nn.Module, x: torch.Tensor, targets) -> torch.Tensor:
+        return Explainer(model, method, **params).heatmap(x, targets)
+
+    explain.__name__ = explain.__qualname__ = f"explain_{method.replace('-', '_')}"
+    return explain
+
+
+def _sanity(model, items: dict, method: str, n: int, seed: int) -> tuple[dict, dict]:
+    """Cascading randomisation on the first ``n`` items: mean Spearman of |map| after the first
+    and the last step (values, bootstrap statistics as :func:`_scores`)."""
+    steps = cascading_randomization(model, items["x"][:n], items["target"][:n], explain_function(method), seed=seed)
+    top, every = steps[0]["spearman"], steps[-1]["spearman"]
+    return ({"sanity_top": _nanmean(top), "sanity_all": _nanmean(every)},
+            {"sanity_top": (B.nanmean_statistic(top), n), "sanity_all": (B.nanmean_statistic(every), n)})
+
+
+def confidence_intervals(stats: dict, resamples: int, seed: int, level: float = CI_LEVEL) -> dict:
+    """metric -> ``{"low": ..., "high": ...}``: the percentile-bootstrap interval over items
+    (:func:`relprop.metrics.bootstrap_interval`, ``resamples`` draws seeded with ``seed``)."""
+    out = {}
+    for key, (statistic, n) in stats.items():
+        low, high = B.bootstrap_interval(statistic, n, resamples, level, seed)
+        out[key] = {"low": low, "high": high}
+    return out
 
 
 def evaluate_source(src: Source, methods: list[str], batch_size: int, perturb_images: int, sanity_images: int,
-                    grid_images: int, seed: int, progress) -> tuple[list[dict], dict]:
+                    grid_images: int, seed: int, progress, resamples: int = None) -> tuple[list[dict], dict]:
     """Score every method on ``src``: (one row dict per method, the grid's inputs, outlines,
     maps per method and the model's accuracy on the items)."""
     batches = list(src.batches(batch_size))
@@ -183,27 +243,41 @@ def evaluate_source(src: Source, methods: list[str], batch_size: int, perturb_im
     rows = []
     for method in methods:
         with reported_maps_quiet():   # the "maps reported" column counts them instead of a warning per batch
-            rows.append(_evaluate_method(src, method, batches, items, perturb_images, sanity_images, seed, progress))
+            rows.append(_evaluate_method(src, method, batches, items, perturb_images, sanity_images, seed, progress,
+                                         resamples))
         grid["maps"][method] = list(rows[-1].pop("heat")[:grid_images])
     return rows, grid
 
 
 def _evaluate_method(src: Source, method: str, batches: list, items: dict, perturb_images: int, sanity_images: int,
-                     seed: int, progress) -> dict:
-    explainer = Explainer(src.model, method)
-    explainer.attribute(batches[0]["x"][:1], batches[0]["target"][:1])   # warm-up: not timed
-    heats, seconds, untrusted = [], 0.0, 0
-    for b in batches:
-        t0 = time.perf_counter()
-        att = explainer.attribute(b["x"], b["target"])
-        heats.append(att.relevance.sum(1))
-        seconds += time.perf_counter() - t0
-        untrusted += int((att.error > trusted_error(b["x"].dtype)).sum())
-        progress(1)
+                     seed: int, progress, resamples: int = None) -> dict:
+    resamples = BOOTSTRAP_RESAMPLES if resamples is None else resamples
+    if external.is_external(method):     # another library's method: its maps, no error estimate
+        explain = external.explain_function(method)
+        explain(src.model, batches[0]["x"][:1], batches[0]["target"][:1])   # warm-up: not timed
+        heats, seconds, untrusted = [], 0.0, math.nan
+        for b in batches:
+            t0 = time.perf_counter()
+            heats.append(explain(src.model, b["x"], b["target"]))
+            seconds += time.perf_counter() - t0
+            progress(1)
+    else:
+        explainer = Explainer(src.model, method)
+        explainer.attribute(batches[0]["x"][:1], batches[0]["target"][:1])   # warm-up: not timed
+        heats, seconds, untrusted = [], 0.0, 0
+        for b in batches:
+            t0 = time.perf_counter()
+            att = explainer.attribute(b["x"], b["target"])
+            heats.append(att.relevance.sum(1))
+            seconds += time.perf_counter() - t0
+            untrusted += int((att.error > trusted_error(b["x"].dtype)).sum())
+            progress(1)
     heat = torch.cat(heats)
-    row = {"method": method, **_scores(src.model, items, heat, len(src.classes), perturb_images, seed),
-           **_sanity(src.model, items, method, sanity_images, seed), "ms_per_image": 1000 * seconds / src.count,
-           "untrusted": untrusted, "heat": heat}
+    scores, stats = _scores(src.model, items, heat, len(src.classes), perturb_images, seed)
+    sanity, sanity_stats = _sanity(src.model, items, method, sanity_images, seed)
+    row = {"method": method, **scores, **sanity, "ms_per_image": 1000 * seconds / src.count,
+           "untrusted": untrusted, "ci": confidence_intervals({**stats, **sanity_stats}, resamples, seed),
+           "heat": heat}
     progress(1)
     return row
 
@@ -213,9 +287,20 @@ def format_table(rows: list[dict]) -> str:
     head = "| method | " + " | ".join(h for _, h, _ in COLUMNS) + " |"
     lines = [head, "|---|" + "---:|" * len(COLUMNS)]
     for r in rows:
-        cells = ["n/a" if math.isnan(r[k]) else f.format(r[k]) for k, _, f in COLUMNS]
+        cells = ["n/a" if math.isnan(r[k]) else f.format(r[k]) + _plus_minus(r.get("ci", {}).get(k))
+                 for k, _, f in COLUMNS]
         lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _plus_minus(ci: dict | None) -> str:
+    """`` ± h`` with ``h`` half the width of the interval ``ci`` (empty without one)."""
+    if not ci or ci["low"] is None or ci["high"] is None or math.isnan(ci["low"]) or math.isnan(ci["high"]):
+        return ""
+    half = (ci["high"] - ci["low"]) / 2
+    if not math.isfinite(half):
+        return " ± inf"
+    return f" ± {half:.2f}" if half >= 0.005 or half == 0 else f" ± {half:.1g}"
 
 
 def _markdown(results: dict) -> str:
@@ -225,6 +310,10 @@ def _markdown(results: dict) -> str:
         out += [f"## {name}", "", f"{res['data']}; {res['items']} items; model accuracy on them "
                 f"{res['accuracy']:.3f}; AOPC on the first {res['perturb_images']} items, randomisation on the "
                 f"first {res['sanity_images']}; total {res['seconds']:.0f} s.", "", format_table(res["rows"]), "",
+                f"± half the width of the 95% percentile-bootstrap interval over the items "
+                f"({res.get('resamples', BOOTSTRAP_RESAMPLES)} resamples of the items, seeded; the bounds are in "
+                "metrics.json, `ci`); a difference between methods whose intervals overlap is not called a "
+                "difference.", "",
                 f"maps reported ⚠: of the {res['items']} maps, how many relprop reported as numerically "
                 "untrustworthy (estimated relative error above the trusted bound, 1e-3 for a float32 model; README, "
                 "Numerics).", ""]
@@ -233,8 +322,9 @@ def _markdown(results: dict) -> str:
 
 def run(sources: list[Callable[[], Source]], methods: list[str], out: str, batch_size: int = 50,
         perturb_images: int = 48, sanity_images: int = 6, grid_images: int = GRID_IMAGES, seed: int = 0,
-        show_progress: bool = True, settings: dict | None = None) -> dict:
-    """Evaluate ``methods`` on each source (built lazily by the callables) and write the report to ``out``."""
+        show_progress: bool = True, settings: dict | None = None, resamples: int = BOOTSTRAP_RESAMPLES) -> dict:
+    """Evaluate ``methods`` on each source (built lazily by the callables) and write the report to ``out``;
+    every metric of a row carries its bootstrap interval (``resamples`` draws, seeded with ``seed``)."""
     from tqdm import tqdm
 
     out = os.path.abspath(out)
@@ -254,13 +344,15 @@ def run(sources: list[Callable[[], Source]], methods: list[str], out: str, batch
                 bar.total = (bar.total or 0) + len(methods) * (n_batches + 1)
                 bar.set_description(src.name)
                 rows, grid = evaluate_source(src, methods, batch_size, min(perturb_images, src.count),
-                                             min(sanity_images, src.count), grid_images, seed, bar.update)
+                                             min(sanity_images, src.count), grid_images, seed, bar.update,
+                                             resamples)
                 viz.save_grid(os.path.join(tmp, f"grid-{src.name}.png"), grid["images"],
                               [grid["maps"][m] for m in methods], ["input"] + methods, scale=3 if src.size <= 96 else 1,
                               outlines=grid["outlines"])
                 results["models"][src.name] = {**src.notes, "items": src.count, "accuracy": grid["accuracy"],
                                                "perturb_images": min(perturb_images, src.count),
                                                "sanity_images": min(sanity_images, src.count),
+                                               "resamples": resamples,
                                                "seconds": time.time() - t0, "rows": rows}
         with open(os.path.join(tmp, "metrics.json"), "w") as fh:
             json.dump(_finite(results), fh, indent=2, allow_nan=False)
@@ -314,12 +406,14 @@ Default (nothing to download or train): the built-in models shapes-vgg and shape
 clutter" test split (64x64, exact object masks).  With --voc or --coco: your own model
 (--model, --weights) on your annotated images, each resized to --size x --size.
 
-Every method explains the ground-truth class of each (image, class) item.  Metrics, per
+Every method explains the ground-truth class of each (image, class) item; other
+libraries' methods (captum:<Attribution>, zennit:<Composite>) are scored by the same code.  Metrics, per
 method: pointing game, outside/inside relevance ratio (median), relevance mass, IoU of
 R > 0 with the object mask, average precision, AOPC of region perturbation (MoRF and
 LeRF, first 48 items), Spearman correlation after cascading model randomisation (first 6
 items), milliseconds per image and how many maps were reported as numerically
-untrustworthy; definitions in relprop/evaluate.py.
+untrustworthy; each with its 95% bootstrap confidence interval over the items
+(value ± half-width; bounds in metrics.json); definitions in relprop/evaluate.py.
 
 Output (OUT, replaced as a whole when the run has finished):
   metrics.md, metrics.json   one table / row list per model, one row per method
@@ -344,7 +438,9 @@ def add_arguments(p) -> None:
 
     p.add_argument("--methods", default="default", metavar="LIST",
                    help=f"'default' ({','.join(DEFAULT_METHODS)}), 'all' (every method of 'relprop methods') "
-                        f"or a comma-separated list")
+                        f"or a comma-separated list; besides relprop's methods (gradcam included) "
+                        f"captum:<Attribution> (e.g. captum:IntegratedGradients) and zennit:<Composite> (e.g. "
+                        f"zennit:EpsilonPlusFlat) when those packages are installed")
     p.add_argument("--model", default="all", metavar="MODEL",
                    help="built-in data: shapes-vgg, shapes-resnet or all (default: all); with --voc/--coco: "
                         "a torchvision architecture name or package.module:function returning your model")
@@ -468,6 +564,8 @@ def _user_source(args, parser, methods):
         parser.error(f"--model: the model has {outputs} outputs but there are {len(classes)} classes "
                      f"(set --num-classes or --classes)")
     for m in methods:
+        if external.is_external(m):
+            continue
         try:
             Explainer(model, m)
         except Exception as e:

@@ -13,6 +13,7 @@ from . import graph as g
 from . import methods
 from .ops.dispatch import check_backend, operations, resolve_backend
 from .engine import Context, compute_dtype, forward
+from .targets import resolve as resolve_targets
 
 
 class Attribution(NamedTuple):
@@ -64,12 +65,16 @@ class Explainer:
 
     def attribute(self, x: torch.Tensor, target=None, initial_relevance: torch.Tensor | None = None,
                   layer_sums: bool = False) -> Attribution:
-        """Explain ``x`` for ``target`` (None: predicted class; int; per-sample list/tensor).
+        """Explain ``x`` for ``target``: None (predicted class), an int, a per-sample list /
+        tensor / array of class indices, or a callable on the model output (pytorch-grad-cam's
+        ``ClassifierOutputTarget`` style) or a list of per-sample ones; :mod:`relprop.targets`
+        defines exactly what is accepted and how a callable becomes the output's seed.
 
         ``initial_relevance`` (B, classes) seeds the output directly instead of the one-hot
-        target (contrastive, multi-label or regression explanations).  ``layer_sums=True``
-        also returns the per-sample relevance sum at every layer's input (conservation
-        diagnostics).
+        target (contrastive, multi-label or regression explanations); it may also be a
+        callable on the (detached) logits returning that tensor (Zennit's ``attr_output``).
+        ``layer_sums=True`` also returns the per-sample relevance sum at every layer's
+        input (conservation diagnostics).
         """
         self._check_input(x)
         if initial_relevance is not None and not self.method.accepts_initial_relevance:
@@ -87,8 +92,14 @@ class Explainer:
         with torch.no_grad():
             values = forward(self.graph, x, self.method.grad_node(self.graph), self.method.walks)
             logits = values[-1]
-            targets = _targets(target, logits)
-            seed = _seed(initial_relevance, targets, logits)
+            targets, weights, one_hot = resolve_targets(target, logits)
+            if not one_hot and not self.method.accepts_initial_relevance:
+                raise ValueError(f"method {self.method.name!r} builds its contrastive duals from one class per "
+                                 "sample: a callable target must select one class (its gradient with respect to "
+                                 "the output must be one-hot)")
+            if callable(initial_relevance):        # a function of the output (Zennit's attr_output)
+                initial_relevance = initial_relevance(logits.detach().clone())
+            seed = _seed(initial_relevance, weights, logits)
             ctx = Context(self.graph, values, targets, seed, user_seed=initial_relevance is not None,
                           layer_sums={} if layer_sums else None,
                           ops=operations(resolve_backend(self.backend, x.device,
@@ -170,41 +181,9 @@ def _warn_if_untrustworthy(error: torch.Tensor, forward_dtype: torch.dtype, meth
                       "inputs and are not affected", RuntimeWarning, stacklevel=4)
 
 
-def as_targets(target, batch: int, device) -> torch.Tensor:
-    """``target`` (int, sequence or tensor of class indices) as a (batch,) long tensor."""
-    try:
-        if isinstance(target, (str, bytes)):
-            raise TypeError
-        t = torch.as_tensor(target, device=device)
-    except (TypeError, ValueError, RuntimeError):
-        raise TypeError(f"target must be None, an int class index, or a sequence or tensor of them; "
-                        f"got {type(target).__name__} {target!r}") from None
-    if t.is_floating_point() or t.dtype == torch.bool:
-        raise TypeError(f"target must hold integer class indices, got {t.dtype}")
-    t = t.long().reshape(-1)
-    if t.numel() == 1:
-        t = t.expand(batch)
-    if t.numel() != batch:
-        raise ValueError(f"got {t.numel()} targets for a batch of {batch}")
-    return t
-
-
-def _targets(target, logits: torch.Tensor) -> torch.Tensor:
-    b, classes = logits.shape[0], logits.shape[-1]
-    if logits.ndim != 2:
-        raise ValueError(f"the model must output (B, classes) scores, got shape {tuple(logits.shape)}")
-    if target is None:
-        return logits.argmax(dim=1)
-    t = as_targets(target, b, logits.device)
-    out = (t < 0) | (t >= classes)
-    if out.any():
-        raise ValueError(f"target {t[out][0].item()} out of range for a model with {classes} classes")
-    return t.clone()
-
-
-def _seed(initial_relevance, targets: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+def _seed(initial_relevance, weights: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     if initial_relevance is None:
-        return torch.nn.functional.one_hot(targets, logits.shape[1]).to(logits.dtype)
+        return weights
     r = torch.as_tensor(initial_relevance, dtype=logits.dtype, device=logits.device)
     if r.ndim == 1:
         r = r.expand_as(logits)

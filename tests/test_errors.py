@@ -243,7 +243,8 @@ def test_bad_parameters_fail_when_the_explainer_is_built(model, method, params, 
 def test_targets_that_are_not_class_indices(model, target):
     with pytest.raises(TypeError) as err:
         relprop.explain(model, torch.randn(2, 3, 8, 8), target, method="rap")
-    assert str(err.value) == ("target must be None, an int class index, or a sequence or tensor of them; "
+    assert str(err.value) == ("target must be None, an int class index, a sequence or tensor of them, or a "
+                              "callable on the model output (or a sequence of per-sample callables); "
                               f"got {type(target).__name__} {target!r}")
 
 

@@ -102,6 +102,40 @@ def test_report_numbers_match_an_independent_recomputation(report):
         assert row[key] == pytest.approx(value, abs=1e-6), key
 
 
+def test_report_confidence_intervals(report):
+    """Every per-item metric of every row has a seeded 95% percentile-bootstrap interval
+    over the items: the gradient row's relevance-mass interval equals a hand-computed one
+    (1000 resamples drawn as documented, plain-Python means, numpy percentiles), and
+    metrics.md prints the value ± half the interval's width."""
+    import relprop
+    from relprop.benchmark import ShapesDataset, models, normalise
+    from relprop.metrics import relevance_mass_accuracy
+
+    res = _strict_json(report / "metrics.json")["models"]["shapes-vgg"]
+    assert res["resamples"] == evaluate.BOOTSTRAP_RESAMPLES == 1000
+    keys = [k for k, _, _ in evaluate.COLUMNS if k not in ("ms_per_image", "untrusted")]
+    for row in res["rows"]:
+        assert sorted(row["ci"]) == sorted(keys)
+        for key in keys:
+            low, high = row["ci"][key]["low"], row["ci"][key]["high"]
+            assert low <= high, (row["method"], key)
+            if key in BOUNDED:
+                assert 0 <= low <= high <= 1
+    batch = ShapesDataset(10, size=models.INPUT_SIZE, seed=0, split="test").make_batch(range(10))
+    heat = relprop.Explainer(models.load("shapes-vgg"), "gradient").heatmap(normalise(batch["images"]),
+                                                                              batch["labels"]).detach()
+    mass = relevance_mass_accuracy(heat, batch["masks"]).double().tolist()
+    idx = torch.randint(10, (1000, 10), generator=torch.Generator().manual_seed(0)).tolist()
+    means = [sum(mass[i] for i in row) / 10 for row in idx]
+    row, = [r for r in res["rows"] if r["method"] == "gradient"]
+    assert row["ci"]["relevance_mass"]["low"] == pytest.approx(np.percentile(means, 2.5), abs=1e-6)
+    assert row["ci"]["relevance_mass"]["high"] == pytest.approx(np.percentile(means, 97.5), abs=1e-6)
+    half = (np.percentile(means, 97.5) - np.percentile(means, 2.5)) / 2
+    line, = [l for l in (report / "metrics.md").read_text().splitlines() if l.startswith("| gradient |")]
+    assert f"{row['relevance_mass']:.3f} ± {half:.2f}" in line.split("|")[4]
+    assert "percentile-bootstrap interval" in (report / "metrics.md").read_text()
+
+
 def test_grid_has_a_row_per_image_and_a_column_per_method(report, tmp_path):
     from relprop import viz
 

@@ -10,7 +10,10 @@ import torch.nn as nn
 
 import relprop
 from relprop import metrics as M
+from relprop.evaluate import explain_function
 from relprop.metrics import sensitivity as S
+
+GRADIENT = explain_function("gradient")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -399,7 +402,7 @@ def test_cascading_randomization_order_similarity_and_user_model_untouched():
     model = tiny_cnn().train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.randn(2, 3, 12, 12)
-    res = M.cascading_randomization(model, x, None, "gradient", seed=0)
+    res = M.cascading_randomization(model, x, None, GRADIENT, seed=0)
     after = model.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -408,34 +411,28 @@ def test_cascading_randomization_order_similarity_and_user_model_untouched():
     for key in ("spearman", "spearman_signed", "ssim", "ssim_signed"):
         assert res[0][key].shape == (2,)
         assert (res[0][key] < 0.99).all(), key
-    again = M.cascading_randomization(model, x, None, "gradient", seed=0)
+    again = M.cascading_randomization(model, x, None, GRADIENT, seed=0)
     for r, s in zip(res, again):
         torch.testing.assert_close(r["spearman"], s["spearman"])
         torch.testing.assert_close(r["ssim"], s["ssim"])
 
 
-def test_cascading_randomization_is_cumulative_from_the_top(monkeypatch):
-    """Snapshot the model handed to every Explainer: step k has exactly the top k layers
+def test_cascading_randomization_is_cumulative_from_the_top():
+    """Snapshot the model handed to every explain call: step k has exactly the top k layers
     re-initialised (bias in [0, 1]), earlier ones kept as randomised before; `layers`
     overrides the list and its order; the explained targets stay those of the original."""
     seen = []
-    real = S.Explainer
 
-    class Recording(real):
-        def __init__(self, model, method, **params):
-            seen.append({k: v.clone() for k, v in model.state_dict().items()})
-            super().__init__(model, method, **params)
+    def recording(model, x, targets):
+        seen.append({k: v.clone() for k, v in model.state_dict().items()})
+        seen[-1]["target"] = torch.as_tensor(targets).clone()
+        return GRADIENT(model, x, targets)
 
-        def heatmap(self, x, target=None, initial_relevance=None):
-            seen[-1]["target"] = torch.as_tensor(target).clone()
-            return super().heatmap(x, target, initial_relevance)
-
-    monkeypatch.setattr(S, "Explainer", Recording)
     model = tiny_cnn()
     orig = model.state_dict()
     x = torch.randn(2, 3, 12, 12)
     predicted = model(x).argmax(1)
-    M.cascading_randomization(model, x, None, "gradient", seed=1)
+    M.cascading_randomization(model, x, None, recording, seed=1)
     assert len(seen) == 4                      # reference + 3 steps
     order = ["6", "2", "0"]
     for k in range(4):
@@ -449,14 +446,14 @@ def test_cascading_randomization_is_cumulative_from_the_top(monkeypatch):
         if k:
             assert torch.equal(seen[k]["target"], predicted)
     seen.clear()
-    res = M.cascading_randomization(model, x, torch.tensor([2, 0]), "gradient", layers=["0", "6"])
+    res = M.cascading_randomization(model, x, torch.tensor([2, 0]), recording, layers=["0", "6"])
     assert [r["layer"] for r in res] == ["0", "6"]
     assert not torch.equal(seen[1]["0.weight"], orig["0.weight"])
     assert torch.equal(seen[1]["6.weight"], orig["6.weight"])
     assert torch.equal(seen[2]["2.weight"], orig["2.weight"])
     assert seen[1]["target"].tolist() == [2, 0]
     with pytest.raises(ValueError, match=re.escape("module '1' (ReLU) has no >= 2-D weight to randomise")):
-        M.cascading_randomization(model, x, None, "gradient", layers=["1"])   # ReLU: no weight
+        M.cascading_randomization(model, x, None, GRADIENT, layers=["1"])   # ReLU: no weight
 
 
 MODEL_TOL = {"rtol": 1e-4, "atol": 1e-5}          # values that went through a model (float32 convolutions)
@@ -501,7 +498,7 @@ def _check_metrics_agree(ref, dev):
     h0, h0_ref = (relprop.Explainer(tiny_cnn().to(d), "gradient").heatmap(x.to(d), target.to(d))
                   for d in (dev, ref))
     same(h0, h0_ref, **MODEL_TOL)                     # the unrandomised reference map
-    res = M.cascading_randomization(model.to(dev), x.to(dev), target.to(dev), "gradient", seed=0,
+    res = M.cascading_randomization(model.to(dev), x.to(dev), target.to(dev), GRADIENT, seed=0,
                                     return_maps=True)
     assert [r["layer"] for r in res] == ["6", "2", "0"]
     h0 = h0.cpu()
@@ -521,7 +518,7 @@ def _check_metrics_agree(ref, dev):
         same(step["ssim"], S.ssim(by_max(h0), by_max(h)), **MODEL_TOL)
         same(step["ssim_signed"], S.ssim(min_max(h0), min_max(h)), **MODEL_TOL)
     if ref.type == dev.type:
-        again = M.cascading_randomization(tiny_cnn().to(ref), x.to(ref), target.to(ref), "gradient", seed=0)
+        again = M.cascading_randomization(tiny_cnn().to(ref), x.to(ref), target.to(ref), GRADIENT, seed=0)
         for step, want in zip(res, again):
             for key in ("spearman", "spearman_signed", "ssim", "ssim_signed"):
                 same(step[key], want[key])

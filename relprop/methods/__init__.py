@@ -94,4 +94,4 @@ def create(method: str, **params) -> Method:
     return cls(**params)
 
 
-from . import lrp, rap, rsp, ae, contrastive, gradient  # noqa: E402,F401  (registration)
+from . import lrp, rap, rsp, ae, contrastive, gradient, cam  # noqa: E402,F401  (registration)

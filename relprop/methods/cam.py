@@ -1,4 +1,6 @@
-"""Grad-CAM channel maps, the initial relevance of RSP and AE (methods.md §3.1, §4.1).
+"""Grad-CAM: the channel maps that are the initial relevance of RSP and AE (methods.md
+§3.1, §4.1), and the ``gradcam`` baseline method (Selvaraju et al., ICCV 2017) built from
+the same maps on the same captured graph.
 
 ``cam = A * mean_hw(d<logits, seed>/dA)`` per channel, not summed, not clipped, where
 ``A`` is the output of the chosen layer.  The default layer is the output of the last
@@ -10,9 +12,11 @@ Inception: ``Mixed_7c``, AlexNet: ``features.11``).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .. import graph as g
 from ..engine import Context
+from . import Method, layer_name, register
 
 _NOT_A_BLOCK_OUTPUT = (g.MAXPOOL, g.AVGPOOL, g.ADAPTIVE_AVGPOOL, g.PASS, g.RESHAPE, g.INPUT)
 
@@ -56,3 +60,33 @@ def channel_cam(ctx: Context, node: g.Node) -> torch.Tensor:
                          f"got shape {tuple(a.shape)}")
     grad = ctx.grad(node, ctx.seed)
     return a.detach() * grad.mean(dim=(2, 3), keepdim=True)
+
+
+@register
+class GradCAM(Method):
+    """Grad-CAM baseline: ``ReLU(sum_c cam_c)`` at ``init_layer`` (default: the last
+    convolutional block, as RSP and AE), bilinearly upsampled to the input size
+    (``align_corners=False``, as TorchRay's ``resize_saliency``) and spread equally over the
+    input channels, so that the heat map (channel sum) is the Grad-CAM map.  It explains
+    the seed ``<logits, seed>`` (the one-hot target or the caller's ``initial_relevance``);
+    the map is a localisation, not a decomposition of the score."""
+
+    name = "gradcam"
+    summary = "Grad-CAM baseline: ReLU of the gradient-weighted channel sum, upsampled (Selvaraju et al. 2017)"
+    walks = False   # reads only the start layer's value and its gradient
+
+    def __init__(self, init_layer: str | None = None):
+        self.init_layer = layer_name(self.name, init_layer)
+
+    def grad_node(self, graph: g.Graph) -> g.Node:
+        return resolve_layer(graph, self.init_layer)
+
+    def run(self, ctx: Context) -> torch.Tensor:
+        cam = channel_cam(ctx, resolve_layer(ctx.graph, self.init_layer))
+        ctx.detach()
+        heat = cam.sum(dim=1, keepdim=True).clamp(min=0)
+        x = ctx.x
+        if x.ndim != 4:
+            raise ValueError(f"gradcam needs (B, C, H, W) inputs, got shape {tuple(x.shape)}")
+        heat = F.interpolate(heat, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return (heat / x.shape[1]).expand_as(x).contiguous()

@@ -7,8 +7,13 @@ Not imported by ``import relprop``; import it explicitly::
 
 Conventions shared by every function:
 
-* heat maps are signed ``(B, H, W)`` tensors (``Explainer.heatmap``); relevance inputs
-  ``(B, C, H, W)`` are not accepted (sum over channels first);
+* heat maps are signed ``(B, H, W)`` tensors or NumPy arrays from any attribution method
+  (``Explainer.heatmap``, Captum, Zennit, ...); relevance inputs ``(B, C, H, W)`` are not
+  accepted (sum over channels first);
+* a metric that must explain again (``cascading_randomization``) takes a callable
+  ``explain(model, x, targets) -> (B, H, W)``; ``relprop.evaluate.explain_function(method,
+  **params)`` binds a relprop method; metrics never import the explainer;
+* targets follow :mod:`relprop.targets` (class indices or callables on the model output);
 * ground truth is a ``(B, H, W)`` bool mask, or boxes: a ``(B, 4)`` tensor with one box
   per image, or a length-B list whose items are ``(4,)`` / ``(n_i, 4)`` tensors or lists
   (several boxes per image: their union).  Boxes are ``(x0, y0, x1, y1)`` in pixel
@@ -21,9 +26,10 @@ Conventions shared by every function:
 """
 from .localisation import (binarize, boxes_to_masks, outside_inside_ratio, pointing_game,
                            pointing_game_accuracy, relevance_mass_accuracy, segmentation_scores)
+from .bootstrap import bootstrap_interval
 from .perturbation import region_perturbation
 from .sensitivity import cascading_randomization, spearman, ssim
 
 __all__ = ["boxes_to_masks", "pointing_game", "pointing_game_accuracy", "outside_inside_ratio",
            "relevance_mass_accuracy", "binarize", "segmentation_scores", "region_perturbation",
-           "cascading_randomization", "spearman", "ssim"]
+           "cascading_randomization", "spearman", "ssim", "bootstrap_interval"]

@@ -1,15 +1,18 @@
 """Localisation metrics: pointing game, outside-inside relevance ratio, relevance mass
 accuracy and segmentation scores (IoU, pixel accuracy, average precision).
 
-Every function takes signed heat maps ``(B, H, W)`` at image resolution and ground truth
-as ``(B, H, W)`` bool masks or as boxes (see :func:`boxes_to_masks`), and returns one value
-per image as a tensor on the heat maps' device (no per-image Python loop).
+Every function takes signed heat maps ``(B, H, W)`` at image resolution (tensors or NumPy
+arrays, from any attribution method) and ground truth as ``(B, H, W)`` bool masks or as
+boxes (see :func:`boxes_to_masks`), and returns one value per image as a tensor on the
+heat maps' device (no per-image Python loop).
 """
 from __future__ import annotations
 
 import math
 
 import torch
+
+from .arrays import as_tensor
 
 __all__ = ["boxes_to_masks", "pointing_game", "pointing_game_accuracy", "outside_inside_ratio",
            "relevance_mass_accuracy", "binarize", "segmentation_scores"]
@@ -62,6 +65,7 @@ def boxes_to_masks(boxes, H: int, W: int, device=None) -> torch.Tensor:
 def _masks(gt, heatmaps: torch.Tensor) -> torch.Tensor:
     """Ground truth (bool/integer masks or boxes) -> (B, H, W) bool on the maps' device."""
     b, h, w = heatmaps.shape
+    gt = as_tensor(gt)
     if torch.is_tensor(gt) and gt.ndim == 3:
         if gt.is_floating_point() or gt.is_complex():
             raise TypeError(f"masks must be bool (or integer 0/1), got {gt.dtype}")
@@ -75,6 +79,7 @@ def _masks(gt, heatmaps: torch.Tensor) -> torch.Tensor:
 
 
 def _check_maps(heatmaps: torch.Tensor) -> torch.Tensor:
+    heatmaps = as_tensor(heatmaps)
     if not torch.is_tensor(heatmaps) or heatmaps.ndim != 3:
         raise ValueError("heat maps must be a (B, H, W) tensor (sum relevance over channels first), got "
                          f"{tuple(heatmaps.shape) if torch.is_tensor(heatmaps) else type(heatmaps).__name__}")

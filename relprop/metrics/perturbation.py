@@ -8,7 +8,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..explainer import as_targets
+from .. import targets as T
+from .arrays import as_tensor
 
 __all__ = ["region_perturbation"]
 
@@ -50,7 +51,11 @@ def region_perturbation(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch
       ``patch / 2``; kernel radius ``ceil(3 sigma)``; replicate padding).
 
     Scores are the target logits ``f(x^k)[target]`` (``target``: int, ``(B,)`` indices, or
-    None = the class predicted for ``x``, one extra model call).  Returns a dict with
+    None = the class predicted for ``x``, one extra model call), or for a callable target
+    (:mod:`relprop.targets`) its scores of ``f(x^k)``: a single callable is applied to
+    batches of perturbed images of several samples (it must score every row alike, as
+    ``ClassifierOutputTarget``), a list of per-sample callables to each sample's images.
+    ``heatmaps`` may be a tensor or a NumPy array.  Returns a dict with
     ``scores`` ``(B, steps + 1)`` (column 0 = unperturbed), ``drop`` = ``f(x^0) - f(x^k)``
     ``(B, steps + 1)``, ``aopc`` = ``1/(steps+1) sum_{k=0}^{steps} drop_k`` ``(B,)``
     (Samek et al.'s AOPC for one image; average over images for the data-set value; for
@@ -66,6 +71,7 @@ def region_perturbation(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch
     if not torch.is_tensor(x) or x.ndim != 4:
         raise ValueError(f"x must be a (B, C, H, W) tensor, got {tuple(x.shape) if torch.is_tensor(x) else x!r}")
     b, c, h, w = x.shape
+    heatmaps = as_tensor(heatmaps)
     if not torch.is_tensor(heatmaps) or tuple(heatmaps.shape) != (b, h, w):
         raise ValueError(f"heat maps must have shape {(b, h, w)}, got "
                          f"{tuple(heatmaps.shape) if torch.is_tensor(heatmaps) else heatmaps!r}")
@@ -111,8 +117,12 @@ def region_perturbation(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch
         with torch.no_grad():
             if target is None:
                 t = model(x).argmax(dim=1)
+            elif T.is_callable_target(target):
+                if isinstance(target, (list, tuple)) and len(target) != b:
+                    raise ValueError(f"got {len(target)} target callables for a batch of {b}")
+                t = target
             else:
-                t = as_targets(target, b, dev)
+                t = T.as_targets(target, b, dev)
             total = b * (steps + 1)
             chunk = total if batch_size is None else int(batch_size)
             scores = []
@@ -125,7 +135,7 @@ def region_perturbation(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch
                 out = model(torch.where(m, r[img], x[img]))
                 if out.ndim != 2:
                     raise ValueError(f"the model must output (B, classes) scores, got shape {tuple(out.shape)}")
-                scores.append(out.gather(1, t[img][:, None]).squeeze(1))
+                scores.append(T.scores(t, out, img))
     finally:
         for mod, flag in flags:
             mod.training = flag

@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..explainer import Explainer
+from .. import targets as T
+from .arrays import as_tensor
 
 __all__ = ["cascading_randomization", "spearman", "ssim"]
 
@@ -106,26 +107,39 @@ def _randomisable(module: nn.Module) -> bool:
     return isinstance(w, torch.Tensor) and w.ndim >= 2
 
 
-def cascading_randomization(model: nn.Module, x: torch.Tensor, target, method: str, layers=None,
-                            explainer_params: dict | None = None, seed: int = 0,
+def _explained(explain, model, x, targets, what: str) -> torch.Tensor:
+    h = as_tensor(explain(model, x, targets))
+    if not torch.is_tensor(h) or h.ndim != 3 or h.shape[0] != x.shape[0]:
+        shape = tuple(h.shape) if hasattr(h, "shape") else type(h).__name__
+        raise ValueError(f"explain(model, x, targets) must return (B, H, W) maps with B = {x.shape[0]} "
+                         f"({what}), got {shape}")
+    return h.to(x.device)
+
+
+def cascading_randomization(model: nn.Module, x: torch.Tensor, target, explain, layers=None, seed: int = 0,
                             return_maps: bool = False) -> list[dict]:
     """Cascading model-parameter randomisation (Adebayo et al., NeurIPS 2018, "Sanity checks
     for saliency maps"; the model-sensitivity test of RSP and AE): one dict per step.
 
-    Works on a ``copy.deepcopy`` of ``model`` (the user's model is never modified).  The
-    layers are randomised **from the top (output) layer down, cumulatively**: by default
-    every ``nn.Conv2d`` / ``nn.Linear`` module in reverse ``named_modules()`` order (other
-    layers such as BatchNorm keep their parameters); ``layers`` (module names) replaces that
-    list and its order (any module with a >= 2-D ``weight``).  Each step re-initialises one
-    layer as the AE authors' ``Sanity.py``: ``weight <- xavier_uniform_``, ``bias <-
-    uniform_(0, 1)``, drawing from a ``torch.Generator`` seeded with ``seed`` (one stream,
-    layers in order: deterministic).
+    ``explain(model, x, targets) -> (B, H, W)`` maps (tensor or NumPy array) is any
+    attribution method; ``relprop.evaluate.explain_function(method, **params)`` binds a
+    relprop method.  It must explain the model it is given as that model is at the call
+    (it is called again on the same, further randomised module: nothing may be cached).
 
-    The reference map is ``Explainer(copy, method, **explainer_params).heatmap(x, target)``
-    before any randomisation (``target`` None: the originally predicted classes, kept
-    fixed for every step).  After each step a fresh Explainer on the randomised copy
-    explains the same targets; its map ``h`` is compared with the reference ``h0`` per
-    image:
+    Works on a ``copy.deepcopy`` of ``model``, put in eval mode (the user's model is never
+    modified).  The layers are randomised **from the top (output) layer down,
+    cumulatively**: by default every ``nn.Conv2d`` / ``nn.Linear`` module in reverse
+    ``named_modules()`` order (other layers such as BatchNorm keep their parameters);
+    ``layers`` (module names) replaces that list and its order (any module with a >= 2-D
+    ``weight``).  Each step re-initialises one layer as the AE authors' ``Sanity.py``:
+    ``weight <- xavier_uniform_``, ``bias <- uniform_(0, 1)``, drawing from a
+    ``torch.Generator`` seeded with ``seed`` (one stream, layers in order: deterministic).
+
+    ``target`` None means the classes the unrandomised copy predicts for ``x``, kept fixed
+    for every step; otherwise it is handed to ``explain`` as given (class indices or a
+    callable target, :mod:`relprop.targets`).  The reference map ``h0 = explain(copy, x,
+    targets)`` is taken before any randomisation and compared per image with the map
+    ``h`` after each step:
 
     * ``spearman``: rank correlation of ``|h0|`` and ``|h|`` over pixels (Adebayo et al.'s
       absolute-value variant; average ranks for ties; NaN for a constant map);
@@ -138,8 +152,15 @@ def cascading_randomization(model: nn.Module, x: torch.Tensor, target, method: s
     "ssim_signed": (B,)}, ...]`` in randomisation order (plus ``"heatmap"``, the
     randomised model's ``(B, H, W)`` map, when ``return_maps``).
     """
-    params = dict(explainer_params or {})
-    net = copy.deepcopy(model)
+    if isinstance(explain, str) or not callable(explain):
+        hint = (f"; for a relprop method use relprop.evaluate.explain_function({explain!r})"
+                if isinstance(explain, str) else "")
+        raise TypeError(f"explain must be a callable explain(model, x, targets) -> (B, H, W) maps, got "
+                        f"{type(explain).__name__} {explain!r}{hint}")
+    if not torch.is_tensor(x) or x.ndim < 2:
+        raise ValueError(f"x must be a batch tensor (B, ...), got "
+                         f"{tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}")
+    net = copy.deepcopy(model).eval()
     modules = dict(net.named_modules())
     if layers is None:
         names = [n for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear))
@@ -156,9 +177,16 @@ def cascading_randomization(model: nn.Module, x: torch.Tensor, target, method: s
     if not names:
         raise ValueError(f"{type(model).__name__} has no Conv2d/Linear layer to randomise")
 
-    ref = Explainer(net, method, **params).attribute(x, target)
-    targets = ref.target
-    h0 = ref.relevance.sum(dim=1)
+    if target is None:
+        with torch.no_grad():
+            out = net(x)
+        T.class_targets(None, out)                  # checks the (B, classes) output
+        targets = out.argmax(dim=1)
+    elif T.is_callable_target(target):
+        targets = target
+    else:
+        targets = T.as_targets(target, x.shape[0], x.device)
+    h0 = _explained(explain, net, x, targets, "reference map")
     h0_abs, h0_mm = _normalise_abs(h0), _normalise_minmax(h0)
 
     generators: dict = {}
@@ -174,7 +202,7 @@ def cascading_randomization(model: nn.Module, x: torch.Tensor, target, method: s
             bias = getattr(m, "bias", None)
             if isinstance(bias, torch.Tensor):
                 bias.uniform_(0.0, 1.0, generator=gen)
-        h = Explainer(net, method, **params).heatmap(x, targets)
+        h = _explained(explain, net, x, targets, f"after randomising {name!r}")
         entry = {
             "layer": name,
             "spearman": spearman(h0.abs(), h.abs()),
