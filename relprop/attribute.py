@@ -8,7 +8,9 @@ Output format (``out_dir``)::
 
     run.json                  the settings of the run (method, parameters, targets,
                               shard size, storage dtype, model and data fingerprints);
-                              a re-run must use the same ones
+                              a re-run must use the same ones; and "batch_size" (not a
+                              setting): {"requested": N or "auto", and for auto "chosen",
+                              "per_image_bytes", "fixed_bytes", "available_bytes", "how"}
     shards/shard-00000.npy    relevance, numpy array (n_items, C, H, W), float32 or float16
     shards/shard-00000.json   {"shard": 0, "first": 0, "stop": S, "rank": r (the process that
                               wrote it), "settings": sha256 of run.json's settings,
@@ -91,6 +93,7 @@ import math
 import os
 import re
 import socket
+import sys
 import traceback
 import uuid
 import warnings
@@ -157,7 +160,7 @@ def attribute_dataset(model: torch.nn.Module, dataset, method: str = "rap", meth
     ``dataset[i]`` must return ``(i, image tensor or None, error message or None)`` and
     may have ``paths``, ``item_id(i)``, ``labels`` (needed for ``targets="label"``) and
     ``fingerprint()``.  ``extra_settings`` (e.g. the model spec) join ``run.json``.
-    Returns a summary dict (``shards``, ``done`` (shards computed by this call),
+    Returns a summary dict (``shards``, ``done`` (shards computed by this call), ``batch_size``,
     ``skipped_shards``, ``items``, ``skipped_images``).  Under torchrun, a failure in any
     process raises :class:`DistributedRunError` in every process.
     """
@@ -167,7 +170,10 @@ def attribute_dataset(model: torch.nn.Module, dataset, method: str = "rap", meth
         raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(available_methods())}")
     if dtype not in ("float32", "float16"):
         raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
-    if batch_size < 1 or shard_size < 1:
+    auto = batch_size == "auto"
+    if not auto and (isinstance(batch_size, bool) or not isinstance(batch_size, int)):
+        raise ValueError(f"batch_size must be a positive integer or 'auto', got {batch_size!r}")
+    if (not auto and batch_size < 1) or shard_size < 1:
         raise ValueError(f"batch_size and shard_size must be >= 1, got {batch_size} and {shard_size}")
     labels = getattr(dataset, "labels", None)
     if kind == "label" and labels is None:
@@ -198,12 +204,21 @@ def attribute_dataset(model: torch.nn.Module, dataset, method: str = "rap", meth
                                  f"lists...): {e}") from None
             digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
             _check_settings(out_dir, settings)
-            _validate(explainer, dataset, method, method_params, targets, kind, tvalue, labels, device)
+            first = _validate(explainer, dataset, method, method_params, targets, kind, tvalue, labels, device)
+            per_image = tvalue if kind == "topk" else len(tvalue) if kind == "list" else 1
+            batch = {"requested": batch_size}
+            if auto:
+                batch.update(auto_batch_size(explainer, first, per_image, limit=shard_size))
+                batch_size = batch["chosen"]
+                if rank == 0 and progress:
+                    print(f"relprop attribute: --batch-size auto: {batch_size} images per batch ({batch['how']})",
+                          file=sys.stderr, flush=True)
         with ranks.step():
             if rank == 0:
                 _prepare_folder(out_dir)
-                if not os.path.exists(os.path.join(out_dir, "run.json")):
-                    _write_atomic(os.path.join(out_dir, "run.json"), json.dumps(settings, indent=2).encode())
+                if not os.path.exists(os.path.join(out_dir, "run.json")):   # the batch size is not a setting:
+                    record = dict(settings, batch_size=batch)               # a resume may use another
+                    _write_atomic(os.path.join(out_dir, "run.json"), json.dumps(record, indent=2).encode())
 
         n_shards = math.ceil(n / shard_size)
         mine = [k for k in range(n_shards) if k % world == rank]
@@ -216,7 +231,8 @@ def attribute_dataset(model: torch.nn.Module, dataset, method: str = "rap", meth
             _attribute_shards(explainer, dataset, todo, out_dir, n, kind, tvalue, labels, batch_size, shard_size,
                               dtype, num_workers, progress and rank == 0, device, ranks, digest)
             ranks.through_round(math.ceil(n_shards / world) - 1)
-        summary = {"shards": n_shards, "done": computed, "skipped_shards": n_shards - computed}
+        summary = {"shards": n_shards, "done": computed, "skipped_shards": n_shards - computed,
+                   "batch_size": batch_size}
         with ranks.step():
             if rank == 0:
                 summary.update(write_index(out_dir, n_shards))
@@ -318,6 +334,7 @@ def _validate(explainer, dataset, method, method_params, targets, kind, tvalue, 
     try:
         with reported_maps_quiet():     # the run reports such maps in the index
             att = _in_chunks(lambda s, e: explainer.attribute(x), 1, {"chunk": 1})[0]
+            first = x
     except torch.cuda.OutOfMemoryError:
         raise
     except Exception as e:
@@ -336,6 +353,69 @@ def _validate(explainer, dataset, method, method_params, targets, kind, tvalue, 
         if bad is not None:
             raise ValueError(f"targets 'label': the data set has the label {bad} but the model has {classes} "
                              f"classes (0 to {classes - 1})")
+    return first
+
+
+# The share of the free memory ``--batch-size auto`` plans to use: the rest absorbs what one
+# measurement does not see (the data loader's batches, allocator slack, other processes).
+AUTO_MEMORY_SHARE = 0.7
+
+
+def auto_batch_size(explainer, x1: torch.Tensor, per_image: int = 1, limit: int = 4096) -> dict:
+    """The largest batch (images, each explained for ``per_image`` targets) whose measured
+    peak memory fits ``AUTO_MEMORY_SHARE`` of the memory free now, at most ``limit``.
+
+    The peak of one call grows linearly with the batch: it is measured at 1 and 3 copies of
+    the image ``x1`` (1, C, H, W) and extrapolated.  On CUDA: ``max_memory_allocated`` above
+    the allocated memory, against the device's free memory plus torch's unused cache.  On
+    CPU (Linux): the rise of the peak resident set (``VmHWM``, reset through
+    ``/proc/self/clear_refs``), against ``MemAvailable``.  Elsewhere, 32.
+    Returns ``chosen``, ``per_image_bytes``, ``fixed_bytes`` (the batch-independent part),
+    ``available_bytes`` and ``how`` (one line).
+    """
+    def call(b):
+        with reported_maps_quiet():
+            explainer.attribute(x1.expand(b * per_image, *x1.shape[1:]).contiguous())
+
+    cuda = x1.is_cuda
+    if not cuda and not (os.access("/proc/self/clear_refs", os.W_OK) and os.path.exists("/proc/meminfo")):
+        return {"chosen": min(32, limit), "per_image_bytes": None, "fixed_bytes": None, "available_bytes": None,
+                "how": "no memory statistics on this system: the default"}
+    peaks = []
+    for b in (1, 3):
+        if cuda:
+            torch.cuda.synchronize(x1.device)
+            torch.cuda.reset_peak_memory_stats(x1.device)
+            base = torch.cuda.memory_allocated(x1.device)
+            call(b)
+            torch.cuda.synchronize(x1.device)
+            peaks.append(torch.cuda.max_memory_allocated(x1.device) - base)
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            base = _proc_kib("/proc/self/status", "VmRSS")
+            call(b)
+            peaks.append((_proc_kib("/proc/self/status", "VmHWM") - base) * 1024)
+    per = max((peaks[1] - peaks[0]) / 2, peaks[1] / 3, 1.0)   # allocator reuse can hide the first call's rise
+    fixed = max(peaks[0] - per, 0.0)
+    if cuda:
+        free, _ = torch.cuda.mem_get_info(x1.device)
+        free += torch.cuda.memory_reserved(x1.device) - torch.cuda.memory_allocated(x1.device)
+    else:
+        free = _proc_kib("/proc/meminfo", "MemAvailable") * 1024
+    chosen = int(max(1, min(limit, (AUTO_MEMORY_SHARE * free - fixed) // per)))
+    return {"chosen": chosen, "per_image_bytes": int(per), "fixed_bytes": int(fixed), "available_bytes": int(free),
+            "how": f"measured {per / 2**20:.0f} MiB per image, {free / 2**30:.1f} GiB available, "
+                   f"planned to use {AUTO_MEMORY_SHARE:.0%} of it" + (f", at most {limit} (the shard size)"
+                                                                    if chosen == limit else "")}
+
+
+def _proc_kib(path: str, field: str) -> int:
+    with open(path) as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"{field} not in {path}")
 
 
 def write_index(out_dir, n_shards: int) -> dict:
@@ -525,6 +605,7 @@ def _check_settings(out_dir, settings: dict) -> None:
         what = "is empty" if not raw.strip() else f"is corrupt ({e})"
         raise ValueError(f"{path} {what}: delete it and run the command again (the finished shards made with the "
                          "same settings are kept, the others are computed again)") from None
+    old.pop("batch_size", None)   # recorded for the reader, not a setting (see attribute_dataset)
     if old != settings:
         diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
         raise ValueError(f"{out_dir!r} holds a run with different settings ({', '.join(diff)} differ; "

@@ -407,8 +407,9 @@ def _add_attribute_parser(sub, fmt) -> None:
     p.add_argument("--targets", default="predicted", metavar="T",
                    help="classes to explain per image: predicted, label (ImageFolder layout), topk:K "
                         "(the K highest-scoring classes) or a list like 1,5,7 (default: %(default)s)")
-    p.add_argument("--batch-size", type=_positive, default=32, metavar="N",
-                   help="images per batch (default: %(default)s)")
+    p.add_argument("--batch-size", type=_batch_size, default=32, metavar="N",
+                   help="images per batch, or 'auto': the largest that fits, from the measured memory of one "
+                        "image and the memory free now (printed, and recorded in run.json) (default: %(default)s)")
     p.add_argument("--shard-size", type=_positive, default=1024, metavar="N",
                    help="images per shard file (default: %(default)s)")
     p.add_argument("--float16", action="store_true", help="store the relevance as float16 (half the disk space)")
@@ -691,6 +692,10 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def _batch_size(text: str):
+    return "auto" if text == "auto" else _positive(text)
 
 
 def _non_negative(text: str) -> int:

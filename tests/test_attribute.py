@@ -124,7 +124,8 @@ def test_dataset_preprocesses_like_resize_crop_normalise(tmp_path):
 def test_shards_equal_the_explainer_on_the_same_batches(data, tmp_path):
     out = tmp_path / "out"
     summary = _run(data, out)
-    assert summary == {"shards": 3, "done": 3, "skipped_shards": 0, "items": 10, "skipped_images": 0}
+    assert summary == {"shards": 3, "done": 3, "skipped_shards": 0, "items": 10, "skipped_images": 0,
+                       "batch_size": 3}
     ds, model = _dataset(data), tiny_model()
     explainer = relprop.Explainer(model, "rap")
     arrays = _shard_arrays(out, 3)
@@ -257,6 +258,46 @@ def test_batch_size_may_change_on_resume(data, tmp_path):
     _run(data, tmp_path / "out")
     summary = _run(data, tmp_path / "out", batch_size=1)
     assert summary["done"] == 0 and summary["items"] == 10
+
+
+def test_batch_size_auto_is_measured_printed_and_recorded(data, tmp_path, capsys, monkeypatch):
+    """``auto`` extrapolates the measured per-image peak to the memory available: with
+    MemAvailable pretended to be 40 MiB plus what the fixed part needs, it picks about
+    0.7 * 40 MiB / per-image, capped at the shard size; the choice is printed, recorded in
+    run.json (outside the settings, so a resume with a fixed size is not refused), and the
+    maps equal a run with that batch size."""
+    real = attr_mod._proc_kib
+    monkeypatch.setattr(attr_mod, "_proc_kib",
+                        lambda path, field: 40 * 1024 if field == "MemAvailable" else real(path, field))
+    summary = attribute_dataset(tiny_model(), _dataset(data), out_dir=tmp_path / "auto", batch_size="auto",
+                                shard_size=1024, progress=True)
+    with open(tmp_path / "auto" / "run.json") as f:
+        batch = json.load(f)["batch_size"]
+    assert batch["requested"] == "auto" and batch["chosen"] == summary["batch_size"] >= 1
+    per, fixed, free = batch["per_image_bytes"], batch["fixed_bytes"], batch["available_bytes"]
+    assert free == 40 * 2**20 and per > 0 and fixed >= 0
+    assert abs(batch["chosen"] - max(1, min(1024, (0.7 * free - fixed) / per))) <= 1
+    err = capsys.readouterr().err
+    assert f"--batch-size auto: {batch['chosen']} images per batch (measured" in err
+    fixed = attribute_dataset(tiny_model(), _dataset(data), out_dir=tmp_path / "fixed", batch_size=batch["chosen"],
+                              shard_size=1024, progress=False)
+    np.testing.assert_array_equal(_shard_arrays(tmp_path / "auto", 1)[0], _shard_arrays(tmp_path / "fixed", 1)[0])
+    assert fixed["items"] == summary["items"] == 10
+    resumed = attribute_dataset(tiny_model(), _dataset(data), out_dir=tmp_path / "auto", batch_size=2,
+                                shard_size=1024, progress=False)
+    assert resumed["done"] == 0
+
+
+def test_batch_size_auto_is_capped_by_the_shard_size(data, tmp_path):
+    summary = _run(data, tmp_path / "out", batch_size="auto", shard_size=4)   # GiBs free: the cap decides
+    assert summary["batch_size"] == 4
+
+
+@pytest.mark.parametrize("bad", [0, -1, "big", 2.5, True])
+def test_bad_batch_size_is_refused_before_anything_is_written(data, tmp_path, bad):
+    with pytest.raises(ValueError, match="batch_size"):
+        _run(data, tmp_path / "out", batch_size=bad)
+    assert not (tmp_path / "out").exists()
 
 
 def test_progress_bar_shows_images_per_second_and_eta(data, tmp_path, capsys, monkeypatch):
