@@ -38,7 +38,7 @@ class Layer:
 
     def recompute(self, t: torch.Tensor) -> torch.Tensor:
         """The node's own operation applied to ``t`` instead of its input (for pooling vjps)."""
-        return g._evaluate(self.node, (t,) + tuple(self.args[1:]), self.kwargs)
+        return g.evaluate(self.node, (t,) + tuple(self.args[1:]), self.kwargs)
 
 
 Rule = Callable[[Layer, torch.Tensor], list]
@@ -187,8 +187,8 @@ class Context:
 
     def layer(self, node: g.Node, fold_bn: bool) -> Layer:
         xs = [self.values[p] for p in node.parents]
-        args = g._substitute(node.args, self.values)
-        kwargs = g._substitute(node.kwargs, self.values)
+        args = g.substitute(node.args, self.values)
+        kwargs = g.substitute(node.kwargs, self.values)
         lay = Layer(node, xs, self.values[node.index], args, kwargs,
                     x_nonneg=bool(node.parents) and self.graph.nodes[node.parents[0]].nonneg, ops=self.ops)
         if node.kind in (g.CONV, g.LINEAR):
