@@ -15,7 +15,7 @@ import torch
 
 from . import graph as g
 from .ops import reference as reference_ops
-from .ops import LinearMap
+from .ops import LinearMap, PerPosition, channels_first, channels_last
 
 
 @dataclass(eq=False)
@@ -55,13 +55,15 @@ class RuleTable:
     fold_bn: bool = False
     name: str = ""
 
-    def rule(self, node: g.Node, head: g.Node | None) -> Rule:
+    def rule(self, node: g.Node, head: g.Node | None, per_position: bool = False) -> Rule:
+        """The rule of ``node``; a Linear over channels-last positions (``per_position``) takes
+        the conv rule, as the 1x1 conv it is."""
         if node.kind in (g.CONV, g.LINEAR):
             if node.first_layer and self.first is not None:
                 return self.first
             if node is head and self.head is not None:
                 return self.head
-        rule = self.by_kind.get(node.kind)
+        rule = self.by_kind.get(g.CONV if per_position else node.kind)
         if rule is None:
             raise NotImplementedError(f"method {self.name!r} has no rule for {node.describe()}")
         return rule
@@ -165,6 +167,11 @@ class Context:
         """Relative error of the forward values (``FORWARD_ERROR`` rounding units)."""
         return FORWARD_ERROR * torch.finfo(self.forward_dtype).eps
 
+    def per_position(self, node: g.Node) -> bool:
+        """``node`` is a Linear over the last dim of a ``(B, H, W, C)`` tensor (ConvNeXt's MLP
+        after a permute): a 1x1 conv per position, explained as one (channels first)."""
+        return node.kind == g.LINEAR and self.values[node.parents[0]].ndim == 4
+
     def linear_map(self, node: g.Node, fold_bn: bool) -> tuple[LinearMap, torch.Tensor]:
         """The node's map (with the following BatchNorm folded in if asked and possible) and
         its pre-activation value.  Maps live in ``self.maps``, i.e. for this call only."""
@@ -173,7 +180,12 @@ class Context:
         lin = self.maps.get(key)
         if lin is None:
             dtype = self.x.dtype
-            lin = LinearMap(node.module, dtype=dtype) if bn is None else LinearMap.folded(node.module, bn.module, dtype)
+            if self.per_position(node):
+                lin = LinearMap(PerPosition(node.module), dtype=dtype)
+            elif bn is None:
+                lin = LinearMap(node.module, dtype=dtype)
+            else:
+                lin = LinearMap.folded(node.module, bn.module, dtype)
             self.maps[key] = lin
         return lin, self.values[(bn or node).index]
 
@@ -193,7 +205,17 @@ class Context:
                     x_nonneg=bool(node.parents) and self.graph.nodes[node.parents[0]].nonneg, ops=self.ops)
         if node.kind in (g.CONV, g.LINEAR):
             lay.lin, lay.z = self.linear_map(node, fold_bn)
+            if self.per_position(node):   # the 1x1 conv's view: channels first
+                lay.xs, lay.y, lay.z = [channels_first(lay.x)], channels_first(lay.y), channels_first(lay.z)
         return lay
+
+    def apply(self, table: RuleTable, node: g.Node, head: g.Node | None, r: torch.Tensor) -> list:
+        """Relevance at each input of ``node`` for relevance ``r`` at its output, by the table's rule."""
+        layer = self.layer(node, table.fold_bn)
+        if not self.per_position(node):
+            return table.rule(node, head)(layer, r)
+        outs = table.rule(node, head, per_position=True)(layer, channels_first(r))
+        return [None if o is None else channels_last(o) for o in outs]
 
     def propagate(self, table: RuleTable, r0: torch.Tensor, start: g.Node | None = None) -> torch.Tensor:
         """Relevance at the input for relevance ``r0`` at the output of ``start`` (default: the
@@ -213,7 +235,7 @@ class Context:
             if node.kind == g.OUTPUT:
                 outs = [r]
             else:
-                outs = table.rule(node, head)(self.layer(node, table.fold_bn), r)
+                outs = self.apply(table, node, head, r)
             outs = [(p, ri) for p, ri in zip(node.parents, outs) if ri is not None]  # None: no relevance
             if node.kind == g.ADD and len(outs) == 2 and outs[0][1].shape == outs[1][1].shape == r.shape:
                 self.add_error(split_amplification(outs[0][1], outs[1][1]))

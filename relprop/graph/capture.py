@@ -163,16 +163,21 @@ def _activation(n: Node):
 
 
 # Functional calls that a module subclass makes on its own tensors (timm's BatchNormAct2d and
-# Linear trace through): the module class, its tensors in argument order, the optional ones.
-_BN_OWNED = (nn.BatchNorm2d, ("running_mean", "running_var", "weight", "bias"), ("weight", "bias"))
-_OWNED = {F.batch_norm: _BN_OWNED, torch.batch_norm: _BN_OWNED, F.linear: (nn.Linear, ("weight", "bias"), ("bias",))}
+# Linear, torchvision's LayerNorm2d trace through): the module class, the call's arguments
+# after the input in order, the module's tensors among them, the optional ones.
+_BN_OWNED = (nn.BatchNorm2d, ("running_mean", "running_var", "weight", "bias"),
+             ("running_mean", "running_var", "weight", "bias"), ("weight", "bias"))
+_OWNED = {F.batch_norm: _BN_OWNED, torch.batch_norm: _BN_OWNED,
+          F.linear: (nn.Linear, ("weight", "bias"), ("weight", "bias"), ("bias",)),
+          F.layer_norm: (nn.LayerNorm, ("normalized_shape", "weight", "bias"), ("weight", "bias"), ("weight", "bias"))}
 
 
 def _owning_module(fn: fx.Node, model: nn.Module) -> tuple[nn.Module | None, str]:
-    """The module whose own tensors a functional ``batch_norm`` / ``linear`` call reads (a
-    BatchNorm2d / Linear subclass that traces through), or None and why not."""
-    cls, tensors, optional = _OWNED[fn.target]
-    given = dict(zip(("input",) + tensors, fn.args), **{k: v for k, v in fn.kwargs.items() if k in tensors})
+    """The module whose own tensors a functional ``batch_norm`` / ``linear`` / ``layer_norm``
+    call reads (a BatchNorm2d / Linear / LayerNorm subclass that traces through), or None and
+    why not."""
+    cls, names, tensors, optional = _OWNED[fn.target]
+    given = dict(zip(("input",) + names, fn.args), **{k: v for k, v in fn.kwargs.items() if k in tensors})
     why = f"a functional {fn.target.__name__} must read the tensors of one {cls.__name__} of the model"
     owners = set()
     for attr in tensors:
@@ -244,6 +249,12 @@ def _resolve_gates(nodes: list[Node]) -> None:
             n = nodes[n.parents[0]]
         return n.kind == GATE_ACTIVATION
 
+    def is_constant(i: int) -> bool:   # a parameter or buffer of the model, possibly reshaped
+        n = nodes[i]
+        while n.kind == RESHAPE and n.parents:
+            n = nodes[n.parents[0]]
+        return n.op == "get_attr"
+
     for n in nodes:
         if n.kind != PRODUCT:
             continue
@@ -251,13 +262,20 @@ def _resolve_gates(nodes: list[Node]) -> None:
         divides = n.target in (operator.truediv, torch.div, "div")
         factor = _factor(n) if len(n.parents) == 1 else None
         numerator_is_tensor = isinstance(n.args[0], Ref)
+        constants = [is_constant(p) for p in n.parents]
         if _is_number(factor, minimum=-math.inf) and factor != 0 and (numerator_is_tensor or not divides):
             n.kind = SCALE   # x * c, c * x, x / c
+        elif len(constants) == 2 and sum(constants) == 1 and not (divides and constants[0]):
+            # x * gamma, gamma * x, x / gamma with gamma a model tensor (ConvNeXt's layer scale):
+            # read at every forward like any parameter; the signal is the only parent left
+            n.kind = SCALE
+            _mark_constant(nodes, n.parents[constants.index(True)])
         elif len(gates) == 2 and sum(gates) == 1 and not divides:
             n.kind, n.gate = GATE, gates.index(True)
         else:
             n.kind, n.why = None, ("only a signal times a Sigmoid/Hardsigmoid gate (squeeze-excitation) or a "
-                                   "tensor times or over a constant number is supported")
+                                   "tensor times or over a constant number is supported, or times or over a "
+                                   "parameter or buffer of the model (a layer scale)")
     feeds_gates = [False] * len(nodes)
     consumers: list[list[tuple[Node, int]]] = [[] for _ in nodes]
     for n in nodes:
@@ -269,6 +287,14 @@ def _resolve_gates(nodes: list[Node]) -> None:
             for c, k in consumers[n.index])
         if n.kind in (GATE_ACTIVATION, EXPAND) and not feeds_gates[n.index]:
             n.kind, n.why = None, "supported only as the gate of a product (squeeze-excitation)"
+
+
+def _mark_constant(nodes: list[Node], i: int) -> None:
+    """A parameter or buffer (and the reshapes of it) that a layer scale multiplies by: a helper."""
+    n = nodes[i]
+    n.kind = HELPER
+    if n.op != "get_attr":
+        _mark_constant(nodes, n.parents[0])
 
 
 def _factor(n: Node):
@@ -318,8 +344,9 @@ def _mark_signs_and_first_layers(nodes: list[Node]) -> None:
             n.nonneg = True
         elif n.kind == GATE:  # the gate factor is >= 0: the signal decides
             n.nonneg = nodes[n.parents[1 - n.gate]].nonneg
-        elif n.kind == SCALE:
-            n.nonneg = _factor(n) > 0 and nodes[n.parents[0]].nonneg
+        elif n.kind == SCALE:   # a layer scale's sign is unknown at capture (never read from parameters)
+            factor = _factor(n)
+            n.nonneg = _is_number(factor, minimum=0) and factor > 0 and nodes[n.parents[0]].nonneg
         elif n.kind in SIGN_PRESERVING and n.parents:
             n.nonneg = all(nodes[p].nonneg for p in n.parents)
     for n in nodes:

@@ -21,8 +21,11 @@ import torch.nn.functional as F
 # Hardswish, GELU) need not, and "pass" is the identity in the forward pass too.  A "gate"
 # multiplies a signal by a "gate_activation" (Sigmoid, Hardsigmoid: squeeze-excitation),
 # possibly reshaped or expanded on the way; the signal takes all the relevance.  A "scale"
-# multiplies or divides by a constant number, which relevance passes unchanged.
-CONV, LINEAR = "conv", "linear"
+# multiplies or divides by a constant number, or by a parameter or buffer of the model (a
+# ConvNeXt layer scale), which relevance passes unchanged.  A "layernorm" normalises over its
+# last dims (channels-last nn.LayerNorm, torchvision's LayerNorm2d): with its statistics
+# held fixed it is an elementwise affine map, whose z-rule it takes (rules.layernorm).
+CONV, LINEAR, LAYERNORM = "conv", "linear", "layernorm"
 RELU, LEAKY_RELU, ACTIVATION, BN, PASS = "relu", "leaky_relu", "activation", "bn", "pass"
 GATE, GATE_ACTIVATION, EXPAND, SCALE = "gate", "gate_activation", "expand", "scale"
 PRODUCT = "product"   # at capture only: a product or quotient, resolved to a gate or a scale (or refused)
@@ -34,7 +37,7 @@ INPUT, OUTPUT, HELPER = "input", "output", "helper"
 SIZE_OP = "size_op"   # a comparison, assertion or integer arithmetic: fine on sizes (a helper), not on tensors
 
 MODULE_KINDS = {
-    nn.Conv2d: CONV, nn.Linear: LINEAR, nn.BatchNorm2d: BN,
+    nn.Conv2d: CONV, nn.Linear: LINEAR, nn.BatchNorm2d: BN, nn.LayerNorm: LAYERNORM,
     nn.ReLU: RELU, nn.ReLU6: RELU, nn.LeakyReLU: LEAKY_RELU, nn.SiLU: ACTIVATION, nn.Hardswish: ACTIVATION,
     nn.GELU: ACTIVATION, nn.Sigmoid: GATE_ACTIVATION, nn.Hardsigmoid: GATE_ACTIVATION,
     nn.Dropout: PASS, nn.Identity: PASS, nn.MaxPool2d: MAXPOOL, nn.AvgPool2d: AVGPOOL,
@@ -54,7 +57,7 @@ FUNCTION_KINDS = {
     torch.split: SPLIT, torch.chunk: SPLIT, torch.transpose: PERMUTE, torch.permute: PERMUTE, torch._assert: SIZE_OP,
     operator.eq: SIZE_OP, operator.ne: SIZE_OP, operator.lt: SIZE_OP, operator.le: SIZE_OP, operator.gt: SIZE_OP,
     operator.ge: SIZE_OP, operator.floordiv: SIZE_OP, operator.sub: SIZE_OP, operator.mod: SIZE_OP,
-    F.batch_norm: BN, torch.batch_norm: BN, F.linear: LINEAR,
+    F.batch_norm: BN, torch.batch_norm: BN, F.linear: LINEAR, F.layer_norm: LAYERNORM,
 }
 METHOD_KINDS = {
     "relu": RELU, "relu_": RELU, "sigmoid": GATE_ACTIVATION, "mul": PRODUCT, "div": PRODUCT, "expand": EXPAND, "expand_as": EXPAND,

@@ -20,8 +20,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .kinds import (ADAPTIVE_AVGPOOL, ADD, AVGPOOL, BN, CONV, INPUT, LINEAR, MAXPOOL, MEANS, OUTPUT, PASS, RELU,
-                    RESHAPE, UPSAMPLE)
+from .kinds import (ADAPTIVE_AVGPOOL, ADD, AVGPOOL, BN, CONV, INPUT, LAYERNORM, LINEAR, MAXPOOL, MEANS, OUTPUT, PASS,
+                    RELU, RESHAPE, UPSAMPLE)
 
 
 class Ref(int):
@@ -179,6 +179,8 @@ def evaluate(n: Node, args: tuple, kwargs: dict) -> Any:
             return F.linear(x, m.weight, m.bias)
         if n.kind == BN:
             return F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
+        if n.kind == LAYERNORM:
+            return F.layer_norm(x, m.normalized_shape, m.weight, m.bias, m.eps)
         if n.act is not None:
             return n.act(x)
         if n.kind == PASS:
