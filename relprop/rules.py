@@ -84,6 +84,18 @@ def layernorm(divide: Divide = safe_divide) -> Rule:
     return rule
 
 
+def response_norm(divide: Divide = safe_divide) -> Rule:
+    """ConvNeXt V2's GlobalResponseNorm ``y = x + b + w * x * n(x)`` by the LayerNorm convention:
+    with the response ``n(x)`` (:func:`relprop.graph.response_norm_scale`) held fixed it is the
+    elementwise affine map ``y = a * x + b``, ``a = 1 + w * n(x)``, whose z-rule
+    ``R_in = x * a * divide(R, y)`` relevance takes.  Used by every method (its own ``divide``)."""
+    def rule(layer: Layer, r: torch.Tensor) -> list:
+        m, x = layer.node.module, layer.x
+        a = 1 + m.weight.detach().to(x.dtype).view(m.wb_shape) * g.response_norm_scale(m, x)
+        return [x * a * divide(r, layer.y)]
+    return rule
+
+
 def reshape(layer: Layer, r: torch.Tensor) -> list:
     """Flatten / view / reshape: relevance takes the input's shape back."""
     return [r.reshape(layer.x.shape)]
@@ -162,7 +174,7 @@ def shared_layers(pool: Rule, add: Rule, maxpool: Rule | None = None, bn: Rule =
     """The rule table entries every method shares, with its own pooling and add rules and the
     quotient ``norm`` its LayerNorm rule divides with."""
     return {g.RELU: passthrough, g.LEAKY_RELU: passthrough, g.ACTIVATION: passthrough, g.GATE: signal_take_all,
-            g.SCALE: scale, g.LAYERNORM: layernorm(norm), g.PASS: passthrough, g.INDEX: index, g.SPLIT: passthrough, g.PIECE: split_piece,
+            g.SCALE: scale, g.LAYERNORM: layernorm(norm), g.RESPONSE_NORM: response_norm(norm), g.PASS: passthrough, g.INDEX: index, g.SPLIT: passthrough, g.PIECE: split_piece,
             g.PERMUTE: permute, g.BN: bn, g.RESHAPE: reshape,
             g.CAT: cat, g.ADD: add, g.MAXPOOL: maxpool or pool, g.AVGPOOL: pool, g.ADAPTIVE_AVGPOOL: pool,
             g.UPSAMPLE: pool}

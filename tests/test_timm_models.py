@@ -15,7 +15,8 @@ timm = pytest.importorskip("timm")
 
 MODELS = ["resnet50", "seresnet50", "resnext50_32x4d", "densenet121", "inception_v3", "inception_resnet_v2",
           "xception41", "efficientnet_b0", "mobilenetv3_large_100", "regnety_008", "dla34", "res2net50_26w_4s",
-          "ghostnet_100", "mixnet_s", "dpn68", "hrnet_w18_small", "convnext_atto", "convnext_tiny"]
+          "ghostnet_100", "mixnet_s", "dpn68", "hrnet_w18_small", "convnext_atto", "convnext_tiny",
+          "convnextv2_atto"]
 METHODS = sorted(relprop.available_methods())
 
 
@@ -33,6 +34,9 @@ def create(name: str) -> torch.nn.Module:
             mod.running_var.uniform_(0.5, 1.5)
         if isinstance(mod, torch.nn.LayerNorm):   # ConvNeXt: random affines and layer scales (init 1, 0, 1e-6)
             mod.weight.data.uniform_(0.5, 1.5)
+            mod.bias.data.normal_(0, 0.1)
+        if type(mod).__name__ == "GlobalResponseNorm":   # ConvNeXt V2 (init 0, 0: the identity)
+            mod.weight.data.normal_(0, 0.5)
             mod.bias.data.normal_(0, 0.1)
     for name, p in m.named_parameters():
         if name.endswith("gamma"):
@@ -52,27 +56,29 @@ def test_every_method_runs_on_timm_models(model, method):
     assert att.relevance.abs().sum() > 0
 
 
-@pytest.mark.parametrize("name", ["convnext_atto", "convnext_tiny"])
-def test_timm_convnext_epsilon_lrp_is_gradient_x_input_with_detached_statistics(name):
+def _detached_response_norm(self, x):
+    """timm's GlobalResponseNorm with its response ``n(x)`` detached (the oracle's convention)."""
+    x_g = x.norm(p=2, dim=self.spatial_dim, keepdim=True)
+    x_n = (x_g / (x_g.mean(dim=self.channel_dim, keepdim=True) + self.eps)).detach()
+    return x + torch.addcmul(self.bias.view(self.wb_shape), self.weight.view(self.wb_shape), x * x_n)
+
+
+@pytest.mark.parametrize("name", ["convnext_atto", "convnext_tiny", "convnextv2_atto", "convnextv2_tiny"])
+def test_timm_convnext_epsilon_lrp_is_gradient_x_input_with_detached_statistics(name, monkeypatch):
     """The LayerNorm / GELU / layer-scale conventions hold on timm's ConvNeXt as on
-    torchvision's (float64, epsilon and stabiliser 0: 1e-12 already moves the deep net's map
-    by ~1e-7 of its maximum)."""
+    torchvision's, and GlobalResponseNorm's (ConvNeXt V2, 1x1-conv and channels-last MLPs) by
+    the same identity with its response detached (float64, epsilon and stabiliser 0:
+    1e-12 already moves the deep net's map by ~1e-7 of its maximum)."""
     from test_layernorm import gradient_x_input
+    from timm.layers.grn import GlobalResponseNorm
     torch.manual_seed(0)
     model = create(name).double()
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     a = relprop.Explainer(model, "lrp-epsilon", epsilon=0, stabilizer=0, first_layer="same").attribute(x)
+    monkeypatch.setattr(GlobalResponseNorm, "forward", _detached_response_norm)
     expected, logits = gradient_x_input(model, x, a.target)
     torch.testing.assert_close(a.logits, logits, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(a.relevance, expected, rtol=1e-9, atol=1e-12 * expected.abs().max().item())
-
-
-def test_timm_convnext_v2_global_response_norm_is_refused_in_one_error():
-    """ConvNeXt V2's GlobalResponseNorm (an L2 norm over space, divided by its channel mean)
-    has no rule yet: one error names its operations, and nothing else."""
-    with pytest.raises(relprop.UnsupportedModelError) as err:
-        relprop.Explainer(timm.create_model("convnextv2_atto", pretrained=False), "lrp-epsilon")
-    listed = str(err.value).splitlines()[1:]
-    assert any(line.strip().startswith("norm (call_method norm)") for line in listed)
-    assert all("grn" in line or line.split(" (")[0].strip().split("_")[0] in ("norm", "add", "truediv", "mul", "addcmul")
-               for line in listed)
+    monkeypatch.undo()
+    plain, _ = gradient_x_input(model, x, a.target, detached=False)
+    assert (a.relevance - plain).abs().max() > 1e-3 * plain.abs().max()

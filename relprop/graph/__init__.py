@@ -7,17 +7,18 @@ all three: ``g.CONV``, ``g.capture(model)``, ``g.evaluate(node, args, kwargs)``.
 """
 from .kinds import (ACTIVATION, ADAPTIVE_AVGPOOL, ADD, AVGPOOL, BN, CAT, CONV, EXPAND, GATE, GATE_ACTIVATION,
                     GETITEM, HELPER, INDEX, INPUT, LAYERNORM, LEAKY_RELU, LINEAR, MAXPOOL, OUTPUT, PASS, PERMUTE, PIECE,
-                    PRODUCT, RELU, RESHAPE, SCALE, SIZE_OP, SPLIT, UPSAMPLE)
-from .kinds import (ACTIVATIONS, FUNCTION_KINDS, MEANS, METHOD_KINDS, MODULE_KINDS, NONNEG_UPSAMPLING,
-                    SIGN_PRESERVING, function_kind)
-from .nodes import Graph, Node, Ref, UnsupportedModelError, evaluate, flatten, mean_dims, substitute
+                    PRODUCT, RELU, RESHAPE, RESPONSE_NORM, SCALE, SIZE_OP, SPLIT, UPSAMPLE)
+from .kinds import (ACTIVATIONS, FUNCTION_KINDS, MEANS, METHOD_KINDS, MODULE_KINDS, NAMED_MODULE_KINDS,
+                    NONNEG_UPSAMPLING, SIGN_PRESERVING, function_kind, module_kind)
+from .nodes import (Graph, Node, Ref, UnsupportedModelError, evaluate, flatten, mean_dims, response_norm_scale,
+                    substitute)
 from .capture import capture
 
 __all__ = [
     "ACTIVATION", "ADAPTIVE_AVGPOOL", "ADD", "AVGPOOL", "BN", "CAT", "CONV", "EXPAND", "GATE", "GATE_ACTIVATION",
     "GETITEM", "HELPER", "INDEX", "INPUT", "LAYERNORM", "LEAKY_RELU", "LINEAR", "MAXPOOL", "OUTPUT", "PASS", "PERMUTE", "PIECE",
-    "PRODUCT", "RELU", "RESHAPE", "SCALE", "SIZE_OP", "SPLIT", "UPSAMPLE",
-    "ACTIVATIONS", "FUNCTION_KINDS", "MEANS", "METHOD_KINDS", "MODULE_KINDS", "NONNEG_UPSAMPLING", "SIGN_PRESERVING",
-    "function_kind", "Graph", "Node", "Ref", "UnsupportedModelError", "evaluate", "flatten", "mean_dims",
+    "PRODUCT", "RELU", "RESHAPE", "RESPONSE_NORM", "SCALE", "SIZE_OP", "SPLIT", "UPSAMPLE",
+    "ACTIVATIONS", "FUNCTION_KINDS", "MEANS", "METHOD_KINDS", "MODULE_KINDS", "NAMED_MODULE_KINDS", "NONNEG_UPSAMPLING",
+    "SIGN_PRESERVING", "function_kind", "module_kind", "response_norm_scale", "Graph", "Node", "Ref", "UnsupportedModelError", "evaluate", "flatten", "mean_dims",
     "substitute", "capture",
 ]

@@ -28,9 +28,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .kinds import (ACTIVATION, ACTIVATIONS, ADD, BN, CAT, CONV, EXPAND, GATE, GATE_ACTIVATION, GETITEM, HELPER,
-                    INDEX, INPUT, LEAKY_RELU, LINEAR, MEANS, METHOD_KINDS, MODULE_KINDS, NONNEG_UPSAMPLING, OUTPUT,
+                    INDEX, INPUT, LEAKY_RELU, LINEAR, MEANS, METHOD_KINDS, NAMED_MODULE_KINDS, NONNEG_UPSAMPLING, OUTPUT,
                     PASS, PIECE, PRODUCT, RELU, RESHAPE, SCALE, SIGN_PRESERVING, SIZE_OP, SPLIT, UPSAMPLE,
-                    function_kind)
+                    function_kind, module_kind)
 from .nodes import Graph, Node, Ref, UnsupportedModelError, flatten, mean_dims, substitute
 
 
@@ -40,6 +40,10 @@ class _Tracer(fx.Tracer):
     def __init__(self):
         super().__init__()
         self.module_outputs: dict[str, fx.Node] = {}
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        """torch.nn modules, and the optional libraries' modules relprop knows whole."""
+        return super().is_leaf_module(m, qualname) or (type(m).__module__, type(m).__name__) in NAMED_MODULE_KINDS
 
     def call_module(self, m, forward, args, kwargs):
         out = super().call_module(m, forward, args, kwargs)
@@ -109,7 +113,7 @@ def _make_node(fn: fx.Node, model: nn.Module, i: int, index: dict) -> Node:
     elif fn.op == "call_module":
         target = model.get_submodule(fn.target)
         name = fn.target
-        kind = MODULE_KINDS.get(type(target))
+        kind = module_kind(target)
         if kind == CONV:
             target, why = _explicit_padding(target)
             if target.padding_mode != "zeros":

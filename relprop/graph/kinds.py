@@ -25,7 +25,9 @@ import torch.nn.functional as F
 # ConvNeXt layer scale), which relevance passes unchanged.  A "layernorm" normalises over its
 # last dims (channels-last nn.LayerNorm, torchvision's LayerNorm2d): with its statistics
 # held fixed it is an elementwise affine map, whose z-rule it takes (rules.layernorm).
-CONV, LINEAR, LAYERNORM = "conv", "linear", "layernorm"
+# A "response_norm" is ConvNeXt V2's GlobalResponseNorm ``x + b + w * x * n(x)``: with the
+# response ``n(x)`` held fixed, an elementwise affine map too (rules.response_norm).
+CONV, LINEAR, LAYERNORM, RESPONSE_NORM = "conv", "linear", "layernorm", "response_norm"
 RELU, LEAKY_RELU, ACTIVATION, BN, PASS = "relu", "leaky_relu", "activation", "bn", "pass"
 GATE, GATE_ACTIVATION, EXPAND, SCALE = "gate", "gate_activation", "expand", "scale"
 PRODUCT = "product"   # at capture only: a product or quotient, resolved to a gate or a scale (or refused)
@@ -75,6 +77,17 @@ ACTIVATIONS = {
     F.hardswish: F.hardswish, nn.Sigmoid: torch.sigmoid, torch.sigmoid: torch.sigmoid, "sigmoid": torch.sigmoid,
     nn.Hardsigmoid: F.hardsigmoid, F.hardsigmoid: F.hardsigmoid,
 }
+
+
+# Modules of optional libraries, known by module path and class name (never imported here);
+# they are captured whole (fx leaves) and evaluated by nodes.evaluate.
+NAMED_MODULE_KINDS = {("timm.layers.grn", "GlobalResponseNorm"): RESPONSE_NORM}
+
+
+def module_kind(m) -> str | None:
+    """Kind of a module: by its class, or by name for :data:`NAMED_MODULE_KINDS`."""
+    kind = MODULE_KINDS.get(type(m))
+    return kind if kind is not None else NAMED_MODULE_KINDS.get((type(m).__module__, type(m).__name__))
 
 
 def function_kind(fn) -> str | None:

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .kinds import (ADAPTIVE_AVGPOOL, ADD, AVGPOOL, BN, CONV, INPUT, LAYERNORM, LINEAR, MAXPOOL, MEANS, OUTPUT, PASS,
-                    RELU, RESHAPE, UPSAMPLE)
+                    RELU, RESHAPE, RESPONSE_NORM, UPSAMPLE)
 
 
 class Ref(int):
@@ -154,6 +154,13 @@ class Graph:
 
 
 
+def response_norm_scale(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The response ``n(x)`` of a GlobalResponseNorm (ConvNeXt V2): each channel's L2 norm over
+    space divided by the mean of those norms over channels (+ eps)."""
+    g = x.norm(p=2, dim=m.spatial_dim, keepdim=True)
+    return g / (g.mean(dim=m.channel_dim, keepdim=True) + m.eps)
+
+
 def mean_dims(n: Node):
     """The dims a ``mean`` node averages over, as a tuple of ints (else as given)."""
     dim = n.param("dim", 1, None)
@@ -181,6 +188,8 @@ def evaluate(n: Node, args: tuple, kwargs: dict) -> Any:
             return F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
         if n.kind == LAYERNORM:
             return F.layer_norm(x, m.normalized_shape, m.weight, m.bias, m.eps)
+        if n.kind == RESPONSE_NORM:   # timm's GlobalResponseNorm.forward, without calling the module
+            return x + torch.addcmul(m.bias.view(m.wb_shape), m.weight.view(m.wb_shape), x * response_norm_scale(m, x))
         if n.act is not None:
             return n.act(x)
         if n.kind == PASS:
