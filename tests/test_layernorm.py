@@ -241,3 +241,18 @@ def test_a_product_of_two_signals_is_still_refused_with_the_others():
     listed = str(err.value).splitlines()[1:]
     assert [line.split(" (")[0].strip() for line in listed] == ["act", "mul"]
     assert "only a signal times" in listed[1]
+
+
+def test_a_functional_layer_norm_on_foreign_tensors_is_refused():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("scale", torch.ones(3))
+
+        def forward(self, x):
+            return F.layer_norm(x.permute(0, 2, 3, 1), (3,), self.scale).flatten(1)
+
+    with pytest.raises(relprop.UnsupportedModelError,
+                       match=r"layer_norm \(call_function layer_norm\): a functional layer_norm must read the "
+                             r"tensors of one LayerNorm of the model"):
+        relprop.Explainer(Net(), "lrp-epsilon")
