@@ -15,7 +15,7 @@ import torch
 
 from . import graph as g
 from .ops import reference as reference_ops
-from .ops import LinearMap
+from .ops import LinearMap, PerPosition, channels_first, channels_last
 
 
 @dataclass(eq=False)
@@ -38,7 +38,7 @@ class Layer:
 
     def recompute(self, t: torch.Tensor) -> torch.Tensor:
         """The node's own operation applied to ``t`` instead of its input (for pooling vjps)."""
-        return g._evaluate(self.node, (t,) + tuple(self.args[1:]), self.kwargs)
+        return g.evaluate(self.node, (t,) + tuple(self.args[1:]), self.kwargs)
 
 
 Rule = Callable[[Layer, torch.Tensor], list]
@@ -55,13 +55,15 @@ class RuleTable:
     fold_bn: bool = False
     name: str = ""
 
-    def rule(self, node: g.Node, head: g.Node | None) -> Rule:
+    def rule(self, node: g.Node, head: g.Node | None, per_position: bool = False) -> Rule:
+        """The rule of ``node``; a Linear over channels-last positions (``per_position``) takes
+        the conv rule, as the 1x1 conv it is."""
         if node.kind in (g.CONV, g.LINEAR):
             if node.first_layer and self.first is not None:
                 return self.first
             if node is head and self.head is not None:
                 return self.head
-        rule = self.by_kind.get(node.kind)
+        rule = self.by_kind.get(g.CONV if per_position else node.kind)
         if rule is None:
             raise NotImplementedError(f"method {self.name!r} has no rule for {node.describe()}")
         return rule
@@ -112,7 +114,7 @@ def recomputed(graph: g.Graph, n: g.Node) -> bool:
     """``n``'s value is an elementwise activation of a kept value: recomputed, not kept."""
     if n.kind not in RECOMPUTED_KINDS or n.act is None or len(n.parents) != 1:
         return False
-    refs = [a for a in g._flatten(list(n.args) + list(n.kwargs.values())) if isinstance(a, g.Ref)]
+    refs = [a for a in g.flatten(list(n.args) + list(n.kwargs.values())) if isinstance(a, g.Ref)]
     parent = graph.nodes[n.parents[0]]
     return refs == [parent.index] and parent.op != "get_attr" and not recomputed(graph, parent)
 
@@ -153,7 +155,7 @@ class Values:
                 raise RuntimeError(f"relprop internal error: the value of {n.describe()} was released "
                                    "before its last use")
             parent = self.get(n.parents[0], rows)   # the only node it reads (see recomputed)
-            v = g._evaluate(n, g._substitute(n.args, {n.parents[0]: parent}), n.kwargs)
+            v = g.evaluate(n, g.substitute(n.args, {n.parents[0]: parent}), n.kwargs)
         elif rows is not None:
             v = v[rows]
         if torch.is_tensor(v) and v.is_floating_point() and v.dtype != self.dtype:
@@ -253,11 +255,18 @@ class Context:
         """Relative error of the forward values (``FORWARD_ERROR`` rounding units)."""
         return FORWARD_ERROR * torch.finfo(self.forward_dtype).eps
 
+    def per_position(self, node: g.Node) -> bool:
+        """``node`` is a Linear over the last dim of a ``(B, H, W, C)`` tensor (ConvNeXt's MLP
+        after a permute): a 1x1 conv per position, explained as one (channels first)."""
+        return node.kind == g.LINEAR and len(self.values.shape(node.parents[0])) == 4
+
     def linear_map(self, node: g.Node, fold_bn: bool) -> LinearMap:
         """The node's map, with the following BatchNorm folded in if asked and possible.  A map
         (and the sign-split weights it builds) lives while its node's rule runs: holding every
         layer's splits at once would cost up to twice the model's weights, and nothing
         derived from a parameter may outlive the call."""
+        if self.per_position(node):
+            return LinearMap(PerPosition(node.module), dtype=self.dtype)
         bn = self._folded_bn(node) if fold_bn else None
         return LinearMap(node.module, dtype=self.dtype) if bn is None else LinearMap.folded(node.module, bn.module, self.dtype)
 
@@ -284,13 +293,22 @@ class Context:
         bn = self._folded_bn(node) if fold_bn and node.kind == g.CONV else None
         bn_index = bn.index if bn is not None else -1
         table = _Reader(value)
-        lay = Layer(node, [value(p) for p in node.parents], value(node.index), g._substitute(node.args, table),
-                    g._substitute(node.kwargs, table),
+        lay = Layer(node, [value(p) for p in node.parents], value(node.index), g.substitute(node.args, table),
+                    g.substitute(node.kwargs, table),
                     x_nonneg=bool(node.parents) and self.graph.nodes[node.parents[0]].nonneg, ops=self.ops)
         if node.kind in (g.CONV, g.LINEAR):
             lay.lin = lin or self.linear_map(node, fold_bn)
             lay.z = value(bn.index if bn is not None else node.index)
+            if self.per_position(node):   # the 1x1 conv's view: channels first
+                lay.xs, lay.y, lay.z = [channels_first(lay.x)], channels_first(lay.y), channels_first(lay.z)
         return lay
+
+    def apply(self, table: RuleTable, node: g.Node, head: g.Node | None, r: torch.Tensor) -> list:
+        """Relevance at each input of ``node`` for relevance ``r`` at its output, by the table's rule."""
+        if not self.per_position(node):
+            return self._apply(table.rule(node, head), node, table.fold_bn, r)
+        outs = self._apply(table.rule(node, head, per_position=True), node, table.fold_bn, channels_first(r))
+        return [None if o is None else channels_last(o) for o in outs]
 
     def propagate(self, table: RuleTable, r0: torch.Tensor, start: g.Node | None = None,
                   last: bool = True) -> torch.Tensor:
@@ -323,7 +341,7 @@ class Context:
             if node.kind == g.OUTPUT:
                 outs = [r]
             else:
-                outs = self._apply(table.rule(node, head), node, table.fold_bn, r)
+                outs = self.apply(table, node, head, r)
             outs = [(p, ri) for p, ri in zip(node.parents, outs) if ri is not None]  # None: no relevance
             if node.kind == g.ADD and len(outs) == 2 and outs[0][1].shape == outs[1][1].shape == r.shape:
                 self.add_error(split_amplification(outs[0][1], outs[1][1]))

@@ -116,19 +116,7 @@ class Explainer:
             raise TypeError(f"input must be a floating-point tensor, got {x.dtype}")
         if x.ndim == 0 or x.shape[0] == 0:
             raise ValueError(f"empty batch: input has shape {tuple(x.shape)}")
-        first = next((n for n in self.graph.nodes if n.kind in (g.CONV, g.LINEAR)), None)
-        if first is not None and first.kind == g.CONV:
-            m = first.module
-            if x.ndim != 4:
-                raise ValueError(f"input must have shape (B, C, H, W) for {type(self.model).__name__}; "
-                                 f"got {x.ndim} dims, shape {tuple(x.shape)}")
-            if first.first_layer and x.shape[1] != m.in_channels:
-                raise ValueError(f"input has {x.shape[1]} channels but the first layer {first.name!r} "
-                                 f"expects {m.in_channels}")
-        if first is not None:
-            w = first.module.weight
-            if w.device != x.device or w.dtype != x.dtype:
-                raise ValueError(f"input is {x.dtype} on {x.device} but the model is {w.dtype} on {w.device}")
+        self.graph.check_input(x)
         bad = ~torch.isfinite(x)
         if bad.any():
             samples = bad.flatten(1).any(1).nonzero()[:, 0].tolist()

@@ -29,8 +29,10 @@ def plus_divide(eps: float) -> Divide:
 
 # ----------------------------------------------------------------- structural rules
 def passthrough(layer: Layer, r: torch.Tensor) -> list:
-    """ReLU and the other activations, Dropout, Identity, a constant scale (and BatchNorm for
-    Zennit): relevance passes unchanged."""
+    """ReLU and the other activations (GELU, SiLU, ...: the epsilon/z rules see an elementwise
+    activation ``g`` as the identity, i.e. gradient x input with ``g'(z)`` replaced by
+    ``g(z) / z``), Dropout, Identity, stochastic depth (and BatchNorm for Zennit): relevance
+    passes unchanged."""
     return [r]
 
 
@@ -53,6 +55,45 @@ def batchnorm_authors(layer: Layer, r: torch.Tensor) -> list:
         w = w * m.weight.detach()
     xw = layer.x * w.reshape(1, -1, *([1] * (layer.x.ndim - 2)))
     return [torch.where(xw != 0, r, torch.zeros((), dtype=r.dtype, device=r.device))]
+
+
+def scale(layer: Layer, r: torch.Tensor) -> list:
+    """``y = c * x`` for a constant number or a model tensor ``c`` (ConvNeXt's layer scale): an
+    elementwise linear map without bias, whose z-rule ``x * c * R / y`` is ``R``; summed over
+    the dims ``c`` broadcasts ``x`` along, if any."""
+    return [r.sum_to_size(layer.x.shape)]
+
+
+def layernorm(divide: Divide = safe_divide) -> Rule:
+    """LayerNorm over the last dims (channels-last ``nn.LayerNorm``, torchvision's
+    ``LayerNorm2d``), the "identity" convention of AttnLRP / LXT (Achtibat et al. 2024): with
+    the mean and standard deviation held fixed, ``y = (x - mean) / std * w + b`` is the
+    elementwise affine map ``y = a * x + c``, ``a = w / std``, ``c = b - mean * a``.  Relevance
+    takes its z-rule, ``R_in = x * a * divide(R, y)``: the offset ``c`` is a bias in the
+    denominator, as a BatchNorm's is once folded into the conv before it (lrp-epsilon).  With
+    ``divide`` the plain quotient this is gradient x input of the net with the statistics
+    detached (tests/test_layernorm.py); it conserves where ``c = 0``.  Used by every method
+    (its own ``divide``)."""
+    def rule(layer: Layer, r: torch.Tensor) -> list:
+        m, x = layer.node.module, layer.x
+        dims = tuple(range(x.ndim - len(m.normalized_shape), x.ndim))
+        a = (x.var(dims, unbiased=False, keepdim=True) + m.eps).rsqrt()
+        if m.weight is not None:
+            a = a * m.weight.detach().to(x.dtype)
+        return [x * a * divide(r, layer.y)]
+    return rule
+
+
+def response_norm(divide: Divide = safe_divide) -> Rule:
+    """ConvNeXt V2's GlobalResponseNorm ``y = x + b + w * x * n(x)`` by the LayerNorm convention:
+    with the response ``n(x)`` (:func:`relprop.graph.response_norm_scale`) held fixed it is the
+    elementwise affine map ``y = a * x + b``, ``a = 1 + w * n(x)``, whose z-rule
+    ``R_in = x * a * divide(R, y)`` relevance takes.  Used by every method (its own ``divide``)."""
+    def rule(layer: Layer, r: torch.Tensor) -> list:
+        m, x = layer.node.module, layer.x
+        a = 1 + m.weight.detach().to(x.dtype).view(m.wb_shape) * g.response_norm_scale(m, x)
+        return [x * a * divide(r, layer.y)]
+    return rule
 
 
 def reshape(layer: Layer, r: torch.Tensor) -> list:
@@ -128,10 +169,12 @@ def maxpool_ties_shared(layer: Layer, r: torch.Tensor) -> list:
     return [maxpool_ties_split(layer.x, r, *p)]
 
 
-def shared_layers(pool: Rule, add: Rule, maxpool: Rule | None = None, bn: Rule = batchnorm_authors) -> dict:
-    """The rule table entries every method shares, with its own pooling and add rules."""
+def shared_layers(pool: Rule, add: Rule, maxpool: Rule | None = None, bn: Rule = batchnorm_authors,
+                  norm: Divide = safe_divide) -> dict:
+    """The rule table entries every method shares, with its own pooling and add rules and the
+    quotient ``norm`` its LayerNorm rule divides with."""
     return {g.RELU: passthrough, g.LEAKY_RELU: passthrough, g.ACTIVATION: passthrough, g.GATE: signal_take_all,
-            g.SCALE: passthrough, g.PASS: passthrough, g.INDEX: index, g.SPLIT: passthrough, g.PIECE: split_piece,
+            g.SCALE: scale, g.LAYERNORM: layernorm(norm), g.RESPONSE_NORM: response_norm(norm), g.PASS: passthrough, g.INDEX: index, g.SPLIT: passthrough, g.PIECE: split_piece,
             g.PERMUTE: permute, g.BN: bn, g.RESHAPE: reshape,
             g.CAT: cat, g.ADD: add, g.MAXPOOL: maxpool or pool, g.AVGPOOL: pool, g.ADAPTIVE_AVGPOOL: pool,
             g.UPSAMPLE: pool}

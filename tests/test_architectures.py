@@ -1,5 +1,5 @@
 """Every supported torchvision architecture runs every method at 224x224 and at one other
-input size, with random weights: finite relevance shaped like the input."""
+input size, with random weights: finite relevance shaped like the input, the model's logits."""
 import pytest
 import torch
 
@@ -14,7 +14,7 @@ ARCHS = {  # name -> the other (non-square) input size it is tested at
     "resnext50_32x4d": (48, 80), "densenet121": (64, 96), "inception_v3": (107, 139), "googlenet": (64, 96),
     "alexnet": (127, 160), "squeezenet1_1": (64, 96), "mobilenet_v2": (64, 96), "mnasnet0_5": (48, 80),
     "mobilenet_v3_small": (64, 96), "efficientnet_b0": (64, 96), "regnet_y_400mf": (48, 80),
-    "shufflenet_v2_x0_5": (64, 96),
+    "shufflenet_v2_x0_5": (64, 96), "convnext_tiny": (64, 96),
 }
 METHODS = sorted(relprop.available_methods())
 
@@ -30,6 +30,11 @@ def build(name):
             m.running_var.uniform_(0.5, 1.5)
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.normal_(0, 0.1)
+        if isinstance(m, torch.nn.LayerNorm):   # ConvNeXt: random affines and layer scales (init: 1, 0, 1e-6)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_(0, 0.1)
+        if hasattr(m, "layer_scale"):
+            m.layer_scale.data.uniform_(0.1, 1.0)
     return model
 
 
@@ -46,7 +51,10 @@ def test_every_method_runs(arch, method):
     explainer = relprop.Explainer(model, method)
     for size in ((224, 224), ARCHS[name]):
         x = torch.randn(1, 3, *size)
-        rel = explainer(x)
+        attribution = explainer.attribute(x)
+        rel = attribution.relevance
+        with torch.no_grad():
+            torch.testing.assert_close(attribution.logits, model(x), msg=f"{name} {method} at {size}: logits")
         assert rel.shape == x.shape
         assert torch.isfinite(rel).all(), f"{name} {method} at {size}: non-finite relevance"
         assert rel.abs().sum() > 0, f"{name} {method} at {size}: all-zero relevance"
@@ -54,7 +62,8 @@ def test_every_method_runs(arch, method):
 
 # the module whose output is RSP's and AE's default Grad-CAM layer: the last convolutional block
 DEFAULT_LAYERS = {"vgg16": "features.29", "resnet50": "layer4", "inception_v3": "Mixed_7c", "alexnet": "features.11",
-                  "shufflenet_v2_x0_5": "conv5", "mobilenet_v2": "features", "efficientnet_b0": "features"}
+                  "shufflenet_v2_x0_5": "conv5", "mobilenet_v2": "features", "efficientnet_b0": "features",
+                  "convnext_tiny": "features"}
 
 
 @pytest.mark.parametrize("name", list(DEFAULT_LAYERS))

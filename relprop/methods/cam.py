@@ -5,9 +5,9 @@ the same maps on the same captured graph.
 ``cam = A * mean_hw(d<logits, seed>/dA)`` per channel, not summed, not clipped, where
 ``A`` is the output of the chosen layer.  The default layer is the output of the last
 convolutional block: the last node every path from input to output goes through that
-is not a pooling, dropout or reshape, before the network flattens its features
-(VGG: ``features.29``, ResNet: the output of ``layer4``, DenseNet: the final ReLU,
-Inception: ``Mixed_7c``, AlexNet: ``features.11``).
+is not a pooling, dropout, reshape, permute or LayerNorm, before the network flattens its
+features (VGG: ``features.29``, ResNet: the output of ``layer4``, DenseNet: the final ReLU,
+Inception: ``Mixed_7c``, AlexNet: ``features.11``, ConvNeXt: the output of ``features``).
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from .. import graph as g
 from ..engine import Context
 from . import Method, layer_name, register
 
-_NOT_A_BLOCK_OUTPUT = (g.MAXPOOL, g.AVGPOOL, g.ADAPTIVE_AVGPOOL, g.PASS, g.RESHAPE, g.INPUT)
+# ... nor a LayerNorm or permute (ConvNeXt's classifier normalises the pooled features channels-last).
+_NOT_A_BLOCK_OUTPUT = (g.MAXPOOL, g.AVGPOOL, g.ADAPTIVE_AVGPOOL, g.PASS, g.RESHAPE, g.INPUT, g.LAYERNORM, g.PERMUTE)
 
 
 def default_layer(graph: g.Graph) -> g.Node:

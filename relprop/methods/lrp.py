@@ -170,7 +170,7 @@ def zennit_table(conv_rule, linear_rule, first, stabilizer: float, name: str) ->
     norm = rules.eps_divide(stabilizer)
     by_kind = rules.shared_layers(pool=rules.proportional_pool(divide=norm),
                                   add=rules.proportional_add(divide=norm), maxpool=rules.winner_take_all,
-                                  bn=rules.passthrough)
+                                  bn=rules.passthrough, norm=norm)
     by_kind.update({g.CONV: conv_rule, g.LINEAR: linear_rule})
     return RuleTable(by_kind, first=first, fold_bn=True, name=name)
 

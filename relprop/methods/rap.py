@@ -64,7 +64,7 @@ def _pos_prop(layer: Layer, x: torch.Tensor, r: torch.Tensor, conv_routing: bool
 
 def hidden(layer: Layer, r: torch.Tensor) -> list:
     """Hidden Linear/Conv rule of RAP (§2.4, §2.5)."""
-    conv = layer.node.kind == g.CONV
+    conv = layer.lin.is_conv   # a Conv2d, or a Linear over channels-last positions (a 1x1 conv)
     x = layer.x
     out = _pos_prop(layer, x.clamp(min=0), r, conv)
     if not layer.x_nonneg:

@@ -64,7 +64,7 @@ def _tensors_covered(*tensors: torch.Tensor | None) -> bool | str:
 
 def _layer_covered(lin: LinearMap) -> bool | str:
     m = lin.module
-    if isinstance(m, nn.Conv2d):
+    if lin.is_conv:   # a Conv2d, or a Linear over channels-last positions as a 1x1 conv
         return True if m.groups == 1 else "grouped convolution"
     return True if isinstance(m, nn.Linear) else f"layer {type(m).__name__}"
 

@@ -1,5 +1,6 @@
-"""The linear map of a Conv2d or Linear layer (a BatchNorm optionally folded in), its
-sign-split weights, its transpose, and the per-sample conv products RSP needs.
+"""The linear map of a Conv2d or Linear layer (a BatchNorm optionally folded in; a Linear
+over channels-last positions as a 1x1 conv, :class:`PerPosition`), its sign-split weights,
+its transpose, and the per-sample conv products RSP needs.
 
 Notation of methods.md §1.1: for a Linear/Conv2d layer, ``fwd(x, V)`` is the bias-free
 layer map with weights ``V`` and ``bwd(S, V)`` its transpose (the gradient of
@@ -21,8 +22,8 @@ def output_padding(conv: nn.Conv2d, out_shape, in_shape) -> list[int]:
                                + conv.dilation[i] * (conv.kernel_size[i] - 1) + 1) for i in range(2)]
 
 
-# A Linear layer whose weight is larger than this (VGG16's 4096x4096 classifier layer is 64 MiB) forms its sign splits per block of
-# output rows inside each product (:class:`RowSplit`) instead of as whole copies: VGG16's
+# A Linear layer whose weight is larger than this (VGG16's 4096x4096 classifier layer is
+# 64 MiB) forms its sign splits per block of output rows inside each product (:class:`RowSplit`) instead of as whole copies: VGG16's
 # first classifier layer has 103 M weights, so ``[W+; W-]`` alone would be 822 MB, more than
 # the whole gradient pass needs at batch 8.  Convolution weights are far below it.
 STREAM_BYTES = 32 * 2**20
@@ -50,6 +51,36 @@ _SPLITS = {"pos": lambda w: w.clamp(min=0), "neg": lambda w: w.clamp(max=0),
 _PAIRS = {"pn": ("pos", "neg"), "pa": ("pos", "abs_neg")}
 
 
+class PerPosition:
+    """A Linear applied to the last dim of a channels-last ``(B, H, W, C)`` tensor (ConvNeXt's
+    MLP) seen as the 1x1 conv it is on ``(B, C, H, W)``: the Linear's own weight, viewed as
+    ``(out, in, 1, 1)`` at every read, never copied or kept, so that every conv rule applies."""
+
+    stride, padding, dilation, kernel_size, groups, padding_mode = (1, 1), (0, 0), (1, 1), (1, 1), 1, "zeros"
+
+    def __init__(self, linear: nn.Linear):
+        self.linear = linear
+        self.in_channels, self.out_channels = linear.in_features, linear.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight[:, :, None, None]
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.linear.bias
+
+
+def channels_first(t: torch.Tensor) -> torch.Tensor:
+    """``(B, H, W, C)`` -> ``(B, C, H, W)`` (contiguous: the fast backends' kernels need it)."""
+    return t.permute(0, 3, 1, 2).contiguous()
+
+
+def channels_last(t: torch.Tensor) -> torch.Tensor:
+    """``(B, C, H, W)`` -> ``(B, H, W, C)``."""
+    return t.permute(0, 2, 3, 1).contiguous()
+
+
 class LinearMap:
     """The bias-free linear map of a Conv2d or Linear layer, with its sign-split weights.
 
@@ -64,7 +95,7 @@ class LinearMap:
     def __init__(self, module: nn.Module, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
                  dtype: torch.dtype | None = None):
         self.module = module
-        self.is_conv = isinstance(module, nn.Conv2d)
+        self.is_conv = isinstance(module, (nn.Conv2d, PerPosition))
         self.dtype = dtype or module.weight.dtype
         self._scale, self._shift = scale, shift   # folded BN: W*scale, (b - mean)*scale + beta
         self._cache: dict = {}

@@ -1,0 +1,24 @@
+"""A model captured once as a graph of relevance-relevant operations (torch.fx).
+
+:mod:`.kinds` the vocabulary (node kinds and the module/function/method tables),
+:mod:`.capture` tracing and the resolve/mark passes, :mod:`.nodes` the data model
+(:class:`Node`, :class:`Graph`) and node evaluation.  ``import relprop.graph as g`` gives
+all three: ``g.CONV``, ``g.capture(model)``, ``g.evaluate(node, args, kwargs)``.
+"""
+from .kinds import (ACTIVATION, ADAPTIVE_AVGPOOL, ADD, AVGPOOL, BN, CAT, CONV, EXPAND, GATE, GATE_ACTIVATION,
+                    GETITEM, HELPER, INDEX, INPUT, LAYERNORM, LEAKY_RELU, LINEAR, MAXPOOL, OUTPUT, PASS, PERMUTE, PIECE,
+                    PRODUCT, RELU, RESHAPE, RESPONSE_NORM, SCALE, SIZE_OP, SPLIT, UPSAMPLE)
+from .kinds import (ACTIVATIONS, FUNCTION_KINDS, MEANS, METHOD_KINDS, MODULE_KINDS, NAMED_MODULE_KINDS,
+                    NONNEG_UPSAMPLING, SIGN_PRESERVING, function_kind, module_kind)
+from .nodes import (Graph, Node, Ref, UnsupportedModelError, evaluate, flatten, mean_dims, response_norm_scale,
+                    substitute)
+from .capture import capture
+
+__all__ = [
+    "ACTIVATION", "ADAPTIVE_AVGPOOL", "ADD", "AVGPOOL", "BN", "CAT", "CONV", "EXPAND", "GATE", "GATE_ACTIVATION",
+    "GETITEM", "HELPER", "INDEX", "INPUT", "LAYERNORM", "LEAKY_RELU", "LINEAR", "MAXPOOL", "OUTPUT", "PASS", "PERMUTE", "PIECE",
+    "PRODUCT", "RELU", "RESHAPE", "RESPONSE_NORM", "SCALE", "SIZE_OP", "SPLIT", "UPSAMPLE",
+    "ACTIVATIONS", "FUNCTION_KINDS", "MEANS", "METHOD_KINDS", "MODULE_KINDS", "NAMED_MODULE_KINDS", "NONNEG_UPSAMPLING",
+    "SIGN_PRESERVING", "function_kind", "module_kind", "response_norm_scale", "Graph", "Node", "Ref", "UnsupportedModelError", "evaluate", "flatten", "mean_dims",
+    "substitute", "capture",
+]

@@ -1,0 +1,361 @@
+"""Capture a model once as a :class:`~.nodes.Graph` of relevance-relevant operations.
+
+Why torch.fx: ``fx.Tracer`` records a graph whose nodes keep the *module* boundaries
+(``features.28``, ``layer4.0.conv3``) that users, the authors' code and the golden files
+name layers by, it traces every torchvision classifier without running it, and it never
+touches the model: leaf modules are recorded, not executed, so no hook fires and no buffer
+moves.  ``torch.export`` would decompose modules into aten ops (losing those names and
+the conv/BN/pool structure the rules are defined on) and needs example inputs of a fixed
+size; relprop has to work at any input size.
+
+:func:`capture` makes one :class:`~.nodes.Node` per fx node with its kind from the tables
+of :mod:`.kinds`, then resolves what a kind alone cannot say (helpers computing sizes,
+products that are gates or constant scales, getitems that are indices or pieces of a
+split), refuses every operation left without a rule in one :class:`UnsupportedModelError`,
+and marks provably non-negative outputs and the layers reading the input.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import math
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .kinds import (ACTIVATION, ACTIVATIONS, ADD, BN, CAT, CONV, EXPAND, GATE, GATE_ACTIVATION, GETITEM, HELPER,
+                    INDEX, INPUT, LEAKY_RELU, LINEAR, MEANS, METHOD_KINDS, NAMED_MODULE_KINDS, NONNEG_UPSAMPLING, OUTPUT,
+                    PASS, PIECE, PRODUCT, RELU, RESHAPE, SCALE, SIGN_PRESERVING, SIZE_OP, SPLIT, UPSAMPLE,
+                    function_kind, module_kind)
+from .nodes import Graph, Node, Ref, UnsupportedModelError, flatten, mean_dims, substitute
+
+
+class _Tracer(fx.Tracer):
+    """fx tracer that also records the output node of every (container) module."""
+
+    def __init__(self):
+        super().__init__()
+        self.module_outputs: dict[str, fx.Node] = {}
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        """torch.nn modules, and the optional libraries' modules relprop knows whole."""
+        return super().is_leaf_module(m, qualname) or (type(m).__module__, type(m).__name__) in NAMED_MODULE_KINDS
+
+    def call_module(self, m, forward, args, kwargs):
+        out = super().call_module(m, forward, args, kwargs)
+        if isinstance(out, fx.Proxy):
+            self.module_outputs[self.path_of_module(m)] = out.node
+        return out
+
+
+def capture(model: nn.Module) -> Graph:
+    """Trace ``model`` (in inference mode, flags restored afterwards) into a :class:`Graph`."""
+    flags = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        tracer = _Tracer()
+        try:
+            fx_graph = tracer.trace(model)
+        except Exception as e:  # noqa: BLE001 - any tracing failure means "cannot capture"
+            raise UnsupportedModelError(
+                f"relprop could not capture {type(model).__name__} with torch.fx: {type(e).__name__}: {e}. "
+                "Its forward must not branch on tensor values.") from e
+    finally:
+        for m, t in flags.items():
+            m.training = t
+
+    index: dict[fx.Node, int] = {}
+    nodes: list[Node] = []
+    placeholders = [n for n in fx_graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        raise UnsupportedModelError(f"the model's forward must take exactly one tensor; it takes {len(placeholders)}")
+    seen: dict[str, int] = {}
+    for fn in fx_graph.nodes:
+        node = _make_node(fn, model, len(nodes), index)
+        if node.name in seen:  # a module called more than once (ResNet's shared relu)
+            seen[node.name] += 1
+            node.name = f"{node.name}#{seen[node.name]}"
+        else:
+            seen[node.name] = 0
+        index[fn] = node.index
+        nodes.append(node)
+    _resolve_helpers(nodes)
+    _resolve_gates(nodes)
+    problems = [n.describe() for n in nodes if n.kind is None]
+    if problems:
+        raise UnsupportedModelError(
+            "relprop has no relevance rule for these operations of "
+            f"{type(model).__name__}:\n  " + "\n  ".join(problems))
+    out = nodes[-1]
+    if len(out.parents) != 1 or len(out.args) != 1 or not isinstance(out.args[0], Ref):
+        raise UnsupportedModelError("the model must return a single tensor of class scores")
+
+    _mark_signs_and_first_layers(nodes)
+    module_outputs = {k: index[v] for k, v in tracer.module_outputs.items() if v in index}
+    return Graph(model, nodes, module_outputs)
+
+
+def _make_node(fn: fx.Node, model: nn.Module, i: int, index: dict) -> Node:
+    args = substitute(fn.args, index)
+    kwargs = substitute(fn.kwargs, index)
+    kind: str | None
+    target: Any = fn.target
+    name = fn.name
+    why = ""
+    if fn.op == "placeholder":
+        kind = INPUT
+    elif fn.op == "output":
+        kind = OUTPUT
+    elif fn.op == "call_module":
+        target = model.get_submodule(fn.target)
+        name = fn.target
+        kind = module_kind(target)
+        if kind == CONV:
+            target, why = _explicit_padding(target)
+            if target.padding_mode != "zeros":
+                why = f"padding_mode={target.padding_mode!r} has no transposed map here (only 'zeros')"
+            if why:
+                kind = None
+        if kind == BN and (target.running_mean is None or target.running_var is None):
+            kind = None
+    elif fn.op == "call_function":
+        kind = function_kind(fn.target)
+        if fn.target in _OWNED:
+            owner, why = _owning_module(fn, model)
+            target, name, kind = (owner, _module_path(model, owner), kind) if owner is not None else (target, name, None)
+    elif fn.op == "call_method":
+        kind = METHOD_KINDS.get(fn.target)
+    else:  # get_attr: a parameter or buffer used outside a module
+        kind = None
+    tensor_args = list(args) + list(kwargs.values())
+    if kind == CAT:
+        tensor_args = list(args[0]) if args else list(kwargs.get("tensors", []))
+    parents = tuple(int(a) for a in flatten(tensor_args) if isinstance(a, Ref))
+    node = Node(i, name, kind, fn.op, target, args, kwargs, why=why)
+    if kind == HELPER:
+        node.parents = ()
+    elif kind in (ADD, CAT, PRODUCT, SIZE_OP):
+        node.parents = parents
+    elif kind not in (INPUT, None):
+        node.parents = parents[:1]
+    if kind == LEAKY_RELU and not _is_number(slope := _negative_slope(node), minimum=0):
+        node.kind, node.why = None, f"negative_slope={slope!r}: only a constant slope >= 0 keeps the sign"
+    if node.kind in (RELU, LEAKY_RELU, ACTIVATION, GATE_ACTIVATION):
+        node.act = _activation(node)
+    if kind == SPLIT:
+        node.dim = node.param("dim", 2, 0)
+    if kind == UPSAMPLE and (mode := _upsample_mode(node)) not in NONNEG_UPSAMPLING:
+        node.kind, node.why = None, f"mode={mode!r}: only {', '.join(NONNEG_UPSAMPLING)} interpolate with weights >= 0"
+    if target in MEANS and not (isinstance(dims := mean_dims(node), tuple) and 0 not in dims):
+        node.kind, node.why = None, (f"a mean over dim={dims!r} averages across the batch; average over "
+                                     "the feature dims only, e.g. x.mean((2, 3))")
+    return node
+
+
+def _activation(n: Node):
+    """The node's elementwise activation as an out-of-place function of its input."""
+    key = type(n.module) if n.module is not None else n.target
+    if n.kind == LEAKY_RELU:
+        return functools.partial(F.leaky_relu, negative_slope=_negative_slope(n))
+    if key in (nn.GELU, F.gelu):
+        return functools.partial(F.gelu, approximate=n.param("approximate", 1, "none"))
+    return ACTIVATIONS[key]
+
+
+# Functional calls that a module subclass makes on its own tensors (timm's BatchNormAct2d and
+# Linear, torchvision's LayerNorm2d trace through): the module class, the call's arguments
+# after the input in order, the module's tensors among them, the optional ones.
+_BN_OWNED = (nn.BatchNorm2d, ("running_mean", "running_var", "weight", "bias"),
+             ("running_mean", "running_var", "weight", "bias"), ("weight", "bias"))
+_OWNED = {F.batch_norm: _BN_OWNED, torch.batch_norm: _BN_OWNED,
+          F.linear: (nn.Linear, ("weight", "bias"), ("weight", "bias"), ("bias",)),
+          F.layer_norm: (nn.LayerNorm, ("normalized_shape", "weight", "bias"), ("weight", "bias"), ("weight", "bias"))}
+
+
+def _owning_module(fn: fx.Node, model: nn.Module) -> tuple[nn.Module | None, str]:
+    """The module whose own tensors a functional ``batch_norm`` / ``linear`` / ``layer_norm``
+    call reads (a BatchNorm2d / Linear / LayerNorm subclass that traces through), or None and
+    why not."""
+    cls, names, tensors, optional = _OWNED[fn.target]
+    given = dict(zip(("input",) + names, fn.args), **{k: v for k, v in fn.kwargs.items() if k in tensors})
+    why = f"a functional {fn.target.__name__} must read the tensors of one {cls.__name__} of the model"
+    owners = set()
+    for attr in tensors:
+        a = given.get(attr)
+        if a is None and attr in optional:
+            continue
+        if not (isinstance(a, fx.Node) and a.op == "get_attr" and a.target.rpartition(".")[2] == attr):
+            return None, why
+        owners.add(a.target.rpartition(".")[0])
+    owner = model.get_submodule(owners.pop()) if len(owners) == 1 else None
+    return (owner, "") if isinstance(owner, cls) else (None, why)
+
+
+def _module_path(model: nn.Module, module: nn.Module) -> str:
+    return next(name for name, m in model.named_modules() if m is module)
+
+
+def _resolve_helpers(nodes: list[Node]) -> None:
+    """Helpers compute shapes and sizes, never relevance: parameters and buffers read outside a
+    module (``get_attr``) that no relevance-carrying node takes as an input (a functional
+    BatchNorm reads them through its module), and sums, products, comparisons, assertions and
+    indexing that read only helpers (``c // 2`` of ``x.shape``, timm's ``_assert(x.ndim == 4)``)."""
+    inputs = {p for n in nodes for p in n.parents}
+    for n in nodes:
+        on_sizes = all(nodes[p].kind == HELPER and nodes[p].op != "get_attr" for p in n.parents)
+        if n.op == "get_attr" and n.index not in inputs:
+            n.kind = HELPER
+        elif n.kind in (ADD, PRODUCT, SIZE_OP, GETITEM) and on_sizes:
+            n.kind, n.parents = HELPER, ()
+        elif n.kind == SIZE_OP:
+            n.kind, n.why = None, "compares or computes with tensor values"
+        elif n.kind == ADD and len(n.parents) != 2:
+            n.kind = None  # adding a constant is not a relevance-preserving op
+        elif n.kind == GETITEM:
+            n.kind, n.why = _getitem_kind(n, nodes)
+            if n.kind == PIECE:
+                n.dim = nodes[n.parents[0]].dim
+
+
+def _getitem_kind(n: Node, nodes: list[Node]) -> tuple[str | None, str]:
+    """``a[i]`` on a tensor: a piece of a split, or an index; only basic indexing (ints,
+    slices, None, ...) is an index."""
+    source = nodes[n.parents[0]].kind if n.parents else None
+    index = n.args[1]
+    if source == SPLIT:
+        by_position = isinstance(index, int) and not isinstance(index, Ref)
+        return (PIECE, "") if by_position else (None, "a split's pieces are taken by position")
+    items = index if isinstance(index, tuple) else (index,)
+    if source is not None and all(_basic_index(v, nodes) for v in items):
+        return INDEX, ""
+    return None, "only basic indexing (ints, slices, None, ...) of a tensor is supported"
+
+
+def _basic_index(v, nodes: list[Node]) -> bool:
+    if isinstance(v, slice):
+        return all(_basic_index(b, nodes) for b in (v.start, v.stop, v.step))
+    if isinstance(v, Ref):   # a size computed from shapes, not a tensor
+        return nodes[v].kind == HELPER and nodes[v].op != "get_attr"
+    return v is None or v is Ellipsis or (isinstance(v, int) and not isinstance(v, bool))
+
+
+def _resolve_gates(nodes: list[Node]) -> None:
+    """A product is a gate when exactly one of its two factors is a Sigmoid/Hardsigmoid output
+    (through reshapes and expands); those may feed nothing but gates, since no relevance
+    reaches them."""
+    def is_gate(i: int) -> bool:
+        n = nodes[i]
+        while n.kind in (RESHAPE, EXPAND) and n.parents:
+            n = nodes[n.parents[0]]
+        return n.kind == GATE_ACTIVATION
+
+    def is_constant(i: int) -> bool:   # a parameter or buffer of the model, possibly reshaped
+        n = nodes[i]
+        while n.kind == RESHAPE and n.parents:
+            n = nodes[n.parents[0]]
+        return n.op == "get_attr"
+
+    for n in nodes:
+        if n.kind != PRODUCT:
+            continue
+        gates = [is_gate(p) for p in n.parents]
+        divides = n.target in (operator.truediv, torch.div, "div")
+        factor = _factor(n) if len(n.parents) == 1 else None
+        numerator_is_tensor = isinstance(n.args[0], Ref)
+        constants = [is_constant(p) for p in n.parents]
+        if _is_number(factor, minimum=-math.inf) and factor != 0 and (numerator_is_tensor or not divides):
+            n.kind = SCALE   # x * c, c * x, x / c
+        elif len(constants) == 2 and sum(constants) == 1 and not (divides and constants[0]):
+            # x * gamma, gamma * x, x / gamma with gamma a model tensor (ConvNeXt's layer scale):
+            # read at every forward like any parameter; the signal is the only parent left
+            n.kind = SCALE
+            _mark_constant(nodes, n.parents[constants.index(True)])
+        elif len(gates) == 2 and sum(gates) == 1 and not divides:
+            n.kind, n.gate = GATE, gates.index(True)
+        else:
+            n.kind, n.why = None, ("only a signal times a Sigmoid/Hardsigmoid gate (squeeze-excitation) or a "
+                                   "tensor times or over a constant number is supported, or times or over a "
+                                   "parameter or buffer of the model (a layer scale)")
+    feeds_gates = [False] * len(nodes)
+    consumers: list[list[tuple[Node, int]]] = [[] for _ in nodes]
+    for n in nodes:
+        for k, p in enumerate(n.parents):
+            consumers[p].append((n, k))
+    for n in reversed(nodes):
+        feeds_gates[n.index] = bool(consumers[n.index]) and all(
+            (c.kind == GATE and k == c.gate) or (c.kind in (RESHAPE, EXPAND) and feeds_gates[c.index])
+            for c, k in consumers[n.index])
+        if n.kind in (GATE_ACTIVATION, EXPAND) and not feeds_gates[n.index]:
+            n.kind, n.why = None, "supported only as the gate of a product (squeeze-excitation)"
+
+
+def _mark_constant(nodes: list[Node], i: int) -> None:
+    """A parameter or buffer (and the reshapes of it) that a layer scale multiplies by: a helper."""
+    n = nodes[i]
+    n.kind = HELPER
+    if n.op != "get_attr":
+        _mark_constant(nodes, n.parents[0])
+
+
+def _factor(n: Node):
+    """The constant operand of a product or quotient with one tensor operand."""
+    others = [a for a in (n.args + tuple(n.kwargs.values())) if not isinstance(a, Ref)]
+    return others[0] if len(others) == 1 else None
+
+
+def _upsample_mode(n: Node):
+    return n.param("mode", 3, "nearest")
+
+
+def _negative_slope(n: Node):
+    return n.param("negative_slope", 1, 0.01)
+
+
+def _is_number(v, minimum: float) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, (bool, Ref)) and v >= minimum
+
+
+def _explicit_padding(conv: nn.Conv2d) -> tuple[nn.Conv2d, str]:
+    """``(conv, "")``, with a string padding written out as integers: ``"valid"`` is 0 and
+    ``"same"`` is ``dilation * (kernel - 1) / 2`` per side.  That conv is a shallow twin of the
+    user's (the same Parameter objects; the user's module is never changed).  A ``"same"``
+    whose total ``dilation * (kernel - 1)`` is odd pads one side more than the other and has
+    no symmetric integer padding: ``(conv, reason)``."""
+    if not isinstance(conv.padding, str):
+        return conv, ""
+    if conv.padding == "valid":
+        pad = (0, 0)
+    else:
+        totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+        if any(t % 2 for t in totals):
+            return conv, (f"padding='same' with kernel {tuple(conv.kernel_size)} and dilation "
+                          f"{tuple(conv.dilation)} pads unevenly; use an odd kernel or explicit padding")
+        pad = tuple(t // 2 for t in totals)
+    twin = copy.copy(conv)
+    twin.padding = pad
+    return twin, ""
+
+
+def _mark_signs_and_first_layers(nodes: list[Node]) -> None:
+    helpers = {n.index for n in nodes if n.kind == HELPER}
+    for n in nodes:
+        n.parents = tuple(p for p in n.parents if p not in helpers)
+        if n.kind == RELU:
+            n.nonneg = True
+        elif n.kind == GATE:  # the gate factor is >= 0: the signal decides
+            n.nonneg = nodes[n.parents[1 - n.gate]].nonneg
+        elif n.kind == SCALE:   # a layer scale's sign is unknown at capture (never read from parameters)
+            factor = _factor(n)
+            n.nonneg = _is_number(factor, minimum=0) and factor > 0 and nodes[n.parents[0]].nonneg
+        elif n.kind in SIGN_PRESERVING and n.parents:
+            n.nonneg = all(nodes[p].nonneg for p in n.parents)
+    for n in nodes:
+        if n.kind in (CONV, LINEAR):
+            p = nodes[n.parents[0]]
+            while p.kind in (PASS, RESHAPE) and p.parents:
+                p = nodes[p.parents[0]]
+            n.first_layer = p.kind == INPUT
