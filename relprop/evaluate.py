@@ -8,8 +8,13 @@ explains the ground-truth class and its map is the channel sum of the relevance.
 
 Metrics per method (:mod:`relprop.metrics`; the mean over items unless said otherwise):
 
-* ``pointing_game``: hit rate of the map's arg-max within ``15 * size / 224`` px of the
-  box (TorchRay's 15 px at 224, scaled to the input size), mean over classes;
+* ``pointing_game``: TorchRay's protocol (:func:`relprop.metrics.pointing_game`): the map
+  at image resolution (upsampled bilinearly first if it is not), its arg-max a hit when
+  closer than ``15 * size / 224`` px to the box (TorchRay's 15 px at 224, scaled to the
+  input size: :func:`relprop.metrics.torchray_tolerance`), the hit rate per class, then
+  the mean over classes; the map of the gradient baselines (:data:`MAX_ABS_METHODS`) is
+  TorchRay's ``max_c |R_c|`` (:func:`relprop.metrics.max_abs_channels`), every other map
+  the signed channel sum (the other metrics use the channel sum for every method);
 * ``outside_inside``: outside-inside ratio of positive relevance w.r.t. the box, the
   **median** over items (an item without positive relevance on the box is ``inf``);
   lower is better;
@@ -59,12 +64,16 @@ import torch
 from . import external, viz
 from .explainer import Explainer, available_methods, reported_maps_quiet, trusted_error
 from .metrics import bootstrap as B
-from .metrics import (cascading_randomization, outside_inside_ratio, pointing_game, pointing_game_accuracy,
-                      region_perturbation, relevance_mass_accuracy, segmentation_scores)
+from .metrics import (cascading_randomization, max_abs_channels, outside_inside_ratio, pointing_game,
+                      pointing_game_accuracy, region_perturbation, relevance_mass_accuracy, segmentation_scores,
+                      torchray_tolerance)
 
 DEFAULT_METHODS = ("lrp-epsilon", "lrp-alphabeta", "lrp-epsilon-plus-flat", "clrp", "sglrp", "rap", "rsp", "ae",
                    "gradient", "gradient-x-input")
 BUILTIN_MODELS = ("shapes-vgg", "shapes-resnet")
+# TorchRay's pointing game reduces the channels of its gradient baselines by max |.|
+# (gradient_to_saliency); relprop's names for them:
+MAX_ABS_METHODS = ("gradient", "gradient-x-input")
 DEFAULT_IMAGES, FULL_IMAGES = 200, 2000
 PERTURB_STEPS = 8
 GRID_IMAGES = 8
@@ -161,11 +170,14 @@ def _nanmean(v: torch.Tensor) -> float:
 
 
 def _scores(model, items: dict, heat: torch.Tensor, num_classes: int, perturb_images: int,
-            seed: int) -> tuple[dict, dict]:
-    """Every metric but the randomisation test, for the maps ``heat`` of ``items``: (the row's
-    values, metric -> (bootstrap statistic, number of items) for its confidence interval)."""
+            seed: int, point_heat: torch.Tensor | None = None) -> tuple[dict, dict]:
+    """Every metric but the randomisation test, for the maps ``heat`` of ``items`` (the
+    pointing game on ``point_heat`` when given): (the row's values, metric -> (bootstrap
+    statistic, number of items) for its confidence interval)."""
+    h, w = items["box"].shape[-2:]
     size = heat.shape[-1]
-    hits = pointing_game(heat, items["box"], tolerance=15 * size / 224)
+    hits = pointing_game(heat if point_heat is None else point_heat, items["box"],
+                         tolerance=torchray_tolerance(h, w))
     seg = segmentation_scores(heat, items["mask"])
     ratio = outside_inside_ratio(heat, items["box"])
     mass = relevance_mass_accuracy(heat, items["mask"])
@@ -252,6 +264,7 @@ def evaluate_source(src: Source, methods: list[str], batch_size: int, perturb_im
 def _evaluate_method(src: Source, method: str, batches: list, items: dict, perturb_images: int, sanity_images: int,
                      seed: int, progress, resamples: int = None) -> dict:
     resamples = BOOTSTRAP_RESAMPLES if resamples is None else resamples
+    points = []                          # TorchRay's max |.| maps of the gradient baselines
     if external.is_external(method):     # another library's method: its maps, no error estimate
         explain = external.explain_function(method)
         explain(src.model, batches[0]["x"][:1], batches[0]["target"][:1])   # warm-up: not timed
@@ -270,10 +283,13 @@ def _evaluate_method(src: Source, method: str, batches: list, items: dict, pertu
             att = explainer.attribute(b["x"], b["target"])
             heats.append(att.relevance.sum(1))
             seconds += time.perf_counter() - t0
+            if method in MAX_ABS_METHODS:
+                points.append(max_abs_channels(att.relevance))
             untrusted += int((att.error > trusted_error(b["x"].dtype)).sum())
             progress(1)
     heat = torch.cat(heats)
-    scores, stats = _scores(src.model, items, heat, len(src.classes), perturb_images, seed)
+    scores, stats = _scores(src.model, items, heat, len(src.classes), perturb_images, seed,
+                            torch.cat(points) if points else None)
     sanity, sanity_stats = _sanity(src.model, items, method, sanity_images, seed)
     row = {"method": method, **scores, **sanity, "ms_per_image": 1000 * seconds / src.count,
            "untrusted": untrusted, "ci": confidence_intervals({**stats, **sanity_stats}, resamples, seed),

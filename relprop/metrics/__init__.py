@@ -24,12 +24,13 @@ Conventions shared by every function:
 * results are tensors on the device of the inputs (per image: shape ``(B,)``), except
   the dataset-level summaries (``pointing_game_accuracy``), which also give floats.
 """
-from .localisation import (binarize, boxes_to_masks, outside_inside_ratio, pointing_game,
-                           pointing_game_accuracy, relevance_mass_accuracy, segmentation_scores)
+from .localisation import (binarize, boxes_to_masks, max_abs_channels, outside_inside_ratio, pointing_game,
+                           pointing_game_accuracy, relevance_mass_accuracy, segmentation_scores, torchray_tolerance)
 from .bootstrap import bootstrap_interval
 from .perturbation import region_perturbation
 from .sensitivity import cascading_randomization, spearman, ssim
 
-__all__ = ["boxes_to_masks", "pointing_game", "pointing_game_accuracy", "outside_inside_ratio",
+__all__ = ["boxes_to_masks", "pointing_game", "pointing_game_accuracy", "torchray_tolerance", "max_abs_channels",
+           "outside_inside_ratio",
            "relevance_mass_accuracy", "binarize", "segmentation_scores", "region_perturbation",
            "cascading_randomization", "spearman", "ssim", "bootstrap_interval"]
