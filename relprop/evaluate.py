@@ -2,10 +2,12 @@
 
 Data: the built-in "shapes in clutter" test split (:class:`relprop.benchmark.ShapesDataset`,
 64 x 64, one object per image; ``--split hard``: its hard mode, 3-4 smaller objects of
-distinct classes per image, the first the target, more clutter) with the shipped models, or user images with PASCAL VOC or
-COCO annotations and a user model (:mod:`relprop.benchmark.userdata`).  An *item* is one
-(image, ground-truth class) pair with that class's object mask and box mask; every method
-explains the ground-truth class and its map is the channel sum of the relevance.
+distinct classes per image, the first the target, more clutter) with the shipped models,
+or user images with PASCAL VOC or COCO annotations and a user model
+(:mod:`relprop.benchmark.userdata`).  An *item* is one (image, ground-truth class) pair
+with that class's object mask and box mask; every method explains the ground-truth class
+and its map is the channel sum of the relevance (the pointing game of the gradient
+baselines excepted, below).
 
 Metrics per method (:mod:`relprop.metrics`; the mean over items unless said otherwise):
 

@@ -9,7 +9,8 @@ Conventions shared by every function:
 
 * heat maps are signed ``(B, H, W)`` tensors or NumPy arrays from any attribution method
   (``Explainer.heatmap``, Captum, Zennit, ...); relevance inputs ``(B, C, H, W)`` are not
-  accepted (sum over channels first);
+  accepted (sum over channels first, or take :func:`max_abs_channels`, TorchRay's reduction
+  for gradient maps); :func:`pointing_game` upsamples a map smaller than its ground truth;
 * a metric that must explain again (``cascading_randomization``) takes a callable
   ``explain(model, x, targets) -> (B, H, W)``; ``relprop.evaluate.explain_function(method,
   **params)`` binds a relprop method; metrics never import the explainer;
