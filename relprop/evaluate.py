@@ -1,15 +1,23 @@
 """``relprop evaluate``: attribution methods scored on a localisation benchmark, as a report.
 
 Data: the built-in "shapes in clutter" test split (:class:`relprop.benchmark.ShapesDataset`,
-64 x 64, one object per image) with the shipped models, or user images with PASCAL VOC or
-COCO annotations and a user model (:mod:`relprop.benchmark.userdata`).  An *item* is one
-(image, ground-truth class) pair with that class's object mask and box mask; every method
-explains the ground-truth class and its map is the channel sum of the relevance.
+64 x 64, one object per image; ``--split hard``: its hard mode, 3-4 smaller objects of
+distinct classes per image, the first the target, more clutter) with the shipped models,
+or user images with PASCAL VOC or COCO annotations and a user model
+(:mod:`relprop.benchmark.userdata`).  An *item* is one (image, ground-truth class) pair
+with that class's object mask and box mask; every method explains the ground-truth class
+and its map is the channel sum of the relevance (the pointing game of the gradient
+baselines excepted, below).
 
 Metrics per method (:mod:`relprop.metrics`; the mean over items unless said otherwise):
 
-* ``pointing_game``: hit rate of the map's arg-max within ``15 * size / 224`` px of the
-  box (TorchRay's 15 px at 224, scaled to the input size), mean over classes;
+* ``pointing_game``: TorchRay's protocol (:func:`relprop.metrics.pointing_game`): the map
+  at image resolution (upsampled bilinearly first if it is not), its arg-max a hit when
+  closer than ``15 * size / 224`` px to the box (TorchRay's 15 px at 224, scaled to the
+  input size: :func:`relprop.metrics.torchray_tolerance`), the hit rate per class, then
+  the mean over classes; the map of the gradient baselines (:data:`MAX_ABS_METHODS`) is
+  TorchRay's ``max_c |R_c|`` (:func:`relprop.metrics.max_abs_channels`), every other map
+  the signed channel sum (the other metrics use the channel sum for every method);
 * ``outside_inside``: outside-inside ratio of positive relevance w.r.t. the box, the
   **median** over items (an item without positive relevance on the box is ``inf``);
   lower is better;
@@ -59,12 +67,17 @@ import torch
 from . import external, viz
 from .explainer import Explainer, available_methods, reported_maps_quiet, trusted_error
 from .metrics import bootstrap as B
-from .metrics import (cascading_randomization, outside_inside_ratio, pointing_game, pointing_game_accuracy,
-                      region_perturbation, relevance_mass_accuracy, segmentation_scores)
+from .metrics import (cascading_randomization, max_abs_channels, outside_inside_ratio, pointing_game,
+                      pointing_game_accuracy, region_perturbation, relevance_mass_accuracy, segmentation_scores,
+                      torchray_tolerance)
 
 DEFAULT_METHODS = ("lrp-epsilon", "lrp-alphabeta", "lrp-epsilon-plus-flat", "clrp", "sglrp", "rap", "rsp", "ae",
                    "gradient", "gradient-x-input")
 BUILTIN_MODELS = ("shapes-vgg", "shapes-resnet")
+BUILTIN_SPLITS = ("test", "hard")      # --split: the shapes test split, or its hard mode
+# TorchRay's pointing game reduces the channels of its gradient baselines by max |.|
+# (gradient_to_saliency); relprop's names for them:
+MAX_ABS_METHODS = ("gradient", "gradient-x-input")
 DEFAULT_IMAGES, FULL_IMAGES = 200, 2000
 PERTURB_STEPS = 8
 GRID_IMAGES = 8
@@ -117,13 +130,18 @@ def check_methods(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def shapes_source(model_name: str, images: int, seed: int) -> Source:
-    """The built-in model ``model_name`` on the first ``images`` items of the shapes test split."""
+def shapes_source(model_name: str, images: int, seed: int, split: str = "test") -> Source:
+    """The built-in model ``model_name`` on the first ``images`` items of the shapes test split
+    (``split="hard"``: of its hard mode; the target is each image's object 0, its mask and box
+    the ground truth, the other objects count as background)."""
     from .benchmark import CLASSES, MEAN, STD, ShapesDataset, models, normalise
     from .metrics import boxes_to_masks
 
+    if split not in BUILTIN_SPLITS:
+        raise ValueError(f"split must be one of {', '.join(BUILTIN_SPLITS)}, got {split!r}")
     model = models.load(model_name)
-    data = ShapesDataset(images, size=models.INPUT_SIZE, seed=seed, split="test")
+    hard = split == "hard"
+    data = ShapesDataset(images, size=models.INPUT_SIZE, seed=seed, split="test", hard=hard)
 
     def batches(batch_size):
         for s in range(0, images, batch_size):
@@ -132,8 +150,9 @@ def shapes_source(model_name: str, images: int, seed: int) -> Source:
             yield {"x": normalise(b["images"]), "target": b["labels"], "mask": b["masks"],
                    "box": boxes_to_masks([bx[0] for bx in b["boxes"]], S, S)}
 
+    described = f"ShapesDataset({images}, size={models.INPUT_SIZE}, seed={seed}, split='test'"
     return Source(model_name, model, images, models.INPUT_SIZE, MEAN, STD, CLASSES, batches,
-                  {"data": f"ShapesDataset({images}, size={models.INPUT_SIZE}, seed={seed}, split='test')"})
+                  {"data": described + (", hard=True)" if hard else ")"), "split": split})
 
 
 def annotated_source(name: str, model: torch.nn.Module, records: list, size: int, mean, std, classes,
@@ -161,11 +180,14 @@ def _nanmean(v: torch.Tensor) -> float:
 
 
 def _scores(model, items: dict, heat: torch.Tensor, num_classes: int, perturb_images: int,
-            seed: int) -> tuple[dict, dict]:
-    """Every metric but the randomisation test, for the maps ``heat`` of ``items``: (the row's
-    values, metric -> (bootstrap statistic, number of items) for its confidence interval)."""
+            seed: int, point_heat: torch.Tensor | None = None) -> tuple[dict, dict]:
+    """Every metric but the randomisation test, for the maps ``heat`` of ``items`` (the
+    pointing game on ``point_heat`` when given): (the row's values, metric -> (bootstrap
+    statistic, number of items) for its confidence interval)."""
+    h, w = items["box"].shape[-2:]
     size = heat.shape[-1]
-    hits = pointing_game(heat, items["box"], tolerance=15 * size / 224)
+    hits = pointing_game(heat if point_heat is None else point_heat, items["box"],
+                         tolerance=torchray_tolerance(h, w))
     seg = segmentation_scores(heat, items["mask"])
     ratio = outside_inside_ratio(heat, items["box"])
     mass = relevance_mass_accuracy(heat, items["mask"])
@@ -252,6 +274,7 @@ def evaluate_source(src: Source, methods: list[str], batch_size: int, perturb_im
 def _evaluate_method(src: Source, method: str, batches: list, items: dict, perturb_images: int, sanity_images: int,
                      seed: int, progress, resamples: int = None) -> dict:
     resamples = BOOTSTRAP_RESAMPLES if resamples is None else resamples
+    points = []                          # TorchRay's max |.| maps of the gradient baselines
     if external.is_external(method):     # another library's method: its maps, no error estimate
         explain = external.explain_function(method)
         explain(src.model, batches[0]["x"][:1], batches[0]["target"][:1])   # warm-up: not timed
@@ -270,10 +293,13 @@ def _evaluate_method(src: Source, method: str, batches: list, items: dict, pertu
             att = explainer.attribute(b["x"], b["target"])
             heats.append(att.relevance.sum(1))
             seconds += time.perf_counter() - t0
+            if method in MAX_ABS_METHODS:
+                points.append(max_abs_channels(att.relevance))
             untrusted += int((att.error > trusted_error(b["x"].dtype)).sum())
             progress(1)
     heat = torch.cat(heats)
-    scores, stats = _scores(src.model, items, heat, len(src.classes), perturb_images, seed)
+    scores, stats = _scores(src.model, items, heat, len(src.classes), perturb_images, seed,
+                            torch.cat(points) if points else None)
     sanity, sanity_stats = _sanity(src.model, items, method, sanity_images, seed)
     row = {"method": method, **scores, **sanity, "ms_per_image": 1000 * seconds / src.count,
            "untrusted": untrusted, "ci": confidence_intervals({**stats, **sanity_stats}, resamples, seed),
@@ -403,7 +429,8 @@ Evaluate attribution methods on a localisation benchmark and write a report fold
 
 Default (nothing to download or train): the built-in models shapes-vgg and shapes-resnet
 (trained weights ship with relprop) on the first N images of the procedural "shapes in
-clutter" test split (64x64, exact object masks).  With --voc or --coco: your own model
+clutter" test split (64x64, exact object masks; --split hard: 3-4 smaller objects of
+distinct classes per image, one of them the target, more clutter).  With --voc or --coco: your own model
 (--model, --weights) on your annotated images, each resized to --size x --size.
 
 Every method explains the ground-truth class of each (image, class) item; other
@@ -426,6 +453,7 @@ examples:
   relprop evaluate --out relprop-report                 default methods, both built-in models
   relprop evaluate --model shapes-vgg --methods rap,gradient --images 50
   relprop evaluate --full                               2000 images
+  relprop evaluate --split hard                         several objects per image, one the target
   relprop evaluate --voc VOCdevkit/VOC2007 --model mypkg.nets:voc_vgg --weights voc.pt
   relprop evaluate --coco instances.json --images-dir images/ --model resnet50 \\
       --weights coco.pt --num-classes 80
@@ -450,6 +478,9 @@ def add_arguments(p) -> None:
                    help=f"evaluate the first N items (default: {DEFAULT_IMAGES} built-in, every item of user data)")
     p.add_argument("--full", action="store_true", help=f"the longer run: {FULL_IMAGES} built-in images, AOPC on "
                                                        f"500 and randomisation on 32 of them")
+    p.add_argument("--split", choices=BUILTIN_SPLITS, metavar="SPLIT",
+                   help="built-in data: 'test' (default: one object per image) or 'hard' (3-4 smaller objects "
+                        "of distinct classes per image, one of them the target, more clutter)")
     p.add_argument("--seed", type=int, default=0, metavar="S",
                    help="seed of the built-in test images and of the perturbation noise (default: %(default)s)")
     p.add_argument("--batch-size", type=_positive, default=50, metavar="N",
@@ -497,6 +528,8 @@ def command(args, parser) -> int:
     _check_writable(parser, "--out", os.path.dirname(os.path.abspath(args.out)))
     perturb, sanity = (500, 32) if args.full else (48, 6)
     if args.voc or args.coco:
+        if args.split is not None:
+            parser.error("--split is only for the built-in benchmark (not with --voc or --coco)")
         sources = [_user_source(args, parser, methods)]
     else:
         if args.model not in BUILTIN_MODELS + ("all",):
@@ -507,11 +540,11 @@ def command(args, parser) -> int:
                 parser.error(f"--{flag.replace('_', '-')} is only for your own data (--voc or --coco)")
         names = BUILTIN_MODELS if args.model == "all" else (args.model,)
         images = FULL_IMAGES if args.full else (args.images or DEFAULT_IMAGES)
-        sources = [partial(shapes_source, name, images, args.seed) for name in names]
+        sources = [partial(shapes_source, name, images, args.seed, args.split or "test") for name in names]
     if args.threads or not (args.voc or args.coco):
         torch.set_num_threads(args.threads or 1)
     settings = {k: getattr(args, k) for k in ("model", "weights", "images", "full", "voc", "coco", "images_dir",
-                                              "batch_size")}
+                                              "batch_size", "split")}
     try:
         results = run(sources, methods, args.out, batch_size=args.batch_size, perturb_images=perturb,
                       sanity_images=sanity, seed=args.seed, show_progress=not args.quiet, settings=settings)

@@ -325,3 +325,80 @@ def test_read_coco_errors(tmp_path):
         read_coco(path)
     with pytest.raises(ValueError, match="mask shape"):
         objects_to_masks([{"name": "x", "box": (0, 0, 1, 1), "mask": torch.zeros(3, 3, dtype=torch.bool)}], 4, 4)
+
+
+# --------------------------------------------------------------------------- hard mode
+def test_hard_mode_is_deterministic_and_its_own_stream():
+    """Same arguments, same hard images, whatever the batching or access order; the hard
+    stream differs from the single-object one, and the normal streams are those of the
+    single / multi kinds (hard=False changes nothing)."""
+    data = ShapesDataset(8, seed=7, split="test", hard=True)
+    full = data.make_batch(range(8))
+    assert_batches_equal(full, ShapesDataset(8, seed=7, split="test", hard=True).make_batch(range(8)))
+    assert_batches_equal(collate([data[i] for i in range(8)]), full)
+    part = data.make_batch([5, 2])
+    for j, i in enumerate([5, 2]):
+        assert torch.equal(part["images"][j], full["images"][i])
+        assert torch.equal(part["object_masks"][j], full["object_masks"][i])
+        assert torch.equal(part["object_labels"][j], full["object_labels"][i])
+    single = ShapesDataset(8, seed=7, split="test").make_batch(range(8))
+    assert not torch.equal(single["images"], full["images"])
+    assert_batches_equal(ShapesDataset(8, seed=7, split="test", hard=False).make_batch(range(8)), single)
+    other = ShapesDataset(8, seed=8, split="test", hard=True).make_batch(range(8))
+    assert not torch.equal(other["images"], full["images"])
+
+
+def test_hard_mode_target_present_and_other_objects_of_other_classes():
+    """Object 0 is the target, class index % 10, present (a non-empty mask); every image holds
+    3-4 objects (HARD_OBJECTS) of pairwise distinct classes, all smaller than single objects,
+    with exact tight boxes, non-overlapping masks and 4-8 drawn distractors that touch no
+    object; labels / masks of the batch are the target's."""
+    from relprop.benchmark import shapes
+
+    n = 60
+    batch = ShapesDataset(n, size=64, seed=0, split="test", hard=True).make_batch(range(n))
+    counts = [len(lab) for lab in batch["object_labels"]]
+    assert set(counts) == {3, 4} and shapes.HARD_OBJECTS == (3, 4)
+    assert batch["labels"].tolist() == [i % len(CLASSES) for i in range(n)]
+    single_area = ShapesDataset(n, size=64, seed=0, split="test").make_batch(range(n))["masks"].sum((1, 2))
+    for i in range(n):
+        labels, masks, boxes = batch["object_labels"][i], batch["object_masks"][i], batch["boxes"][i]
+        assert labels[0] == i % len(CLASSES) and torch.equal(batch["masks"][i], masks[0])
+        assert len(set(labels.tolist())) == len(labels)                  # others: other classes, distinct
+        assert masks.shape == (len(labels), 64, 64) and boxes.shape == (len(labels), 4)
+        assert (masks.sum(0) <= 1).all()                                  # no two objects share a pixel
+        for mask, box in zip(masks, boxes):
+            assert mask.sum() > 10                                        # present
+            assert box.tolist() == tight_box(mask)
+        for d in batch["distractor_masks"][i]:
+            assert d.any() and not (d & masks.any(0)).any()
+    target_area = batch["masks"].sum((1, 2)).float()
+    assert target_area.mean() < 0.5 * single_area.float().mean()          # smaller objects
+    assert sum(len(d) for d in batch["distractor_masks"]) > 4 * n          # more clutter than 0-3
+
+
+def test_hard_mode_masks_are_exactly_the_rendered_shapes():
+    """Each object's mask is exactly render_shape's mask (distance <= 0) for the object's
+    drawn parameters, and its pixels carry the object's colour (up to noise): masks are
+    exact, not estimated."""
+    data = ShapesDataset(6, size=64, seed=3, split="test", hard=True)
+    batch = data.make_batch(range(6))
+    for i in range(6):
+        objects = data._params(i)["objects"]
+        assert [o["cls"] for o in objects] == batch["object_labels"][i].tolist()
+        for o, mask in zip(objects, batch["object_masks"][i]):
+            cov, want = render_shape(CLASSES[o["cls"]], 64, cx=o["cx"], cy=o["cy"], radius=o["r"], angle=o["angle"])
+            assert torch.equal(mask, want)
+            inner = cov[None] >= 1                                       # fully covered pixels
+            colour = torch.tensor(o["colour"], dtype=torch.float32).view(3, 1, 1)
+            err = (batch["images"][i] - colour).abs()[inner.expand(3, -1, -1)]
+            assert err.mean() < 0.1                                      # only the (clamped) pixel noise
+
+
+def test_hard_mode_invalid_arguments():
+    with pytest.raises(ValueError, match=re.escape("hard=True already draws several objects per image; "
+                                                   "multi_object must be False")):
+        ShapesDataset(4, hard=True, multi_object=True)
+    assert ShapesDataset(4, hard=True).num_distractors == (4, 8)
+    assert ShapesDataset(4, hard=True, num_distractors=0).num_distractors == (0, 0)
+    assert ShapesDataset(4).num_distractors == (0, 3)

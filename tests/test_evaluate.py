@@ -75,7 +75,8 @@ def test_report_files(report):
 def test_report_numbers_match_an_independent_recomputation(report):
     """Rebuild the items `relprop evaluate --model shapes-vgg --images 10` scored (the first
     10 images of the seed-0 shapes test split, ground-truth targets) and recompute the
-    gradient row's localisation metrics with relprop.metrics."""
+    gradient row's localisation metrics with relprop.metrics (the pointing game on TorchRay's
+    max-|.| channel reduction)."""
     import relprop
     from relprop.benchmark import CLASSES, ShapesDataset, models, normalise
     from relprop.metrics import (boxes_to_masks, pointing_game, pointing_game_accuracy, relevance_mass_accuracy,
@@ -90,7 +91,11 @@ def test_report_numbers_match_an_independent_recomputation(report):
     heat = relprop.Explainer(models.load("shapes-vgg"), "gradient").heatmap(x, target).detach()
     assert heat.shape == (10, size, size)
 
-    hits = pointing_game(heat, box, tolerance=15 * size / 224)
+    # TorchRay's pointing game reduces the gradient's channels by max |.| (the other metrics
+    # use the signed channel sum)
+    saliency = relprop.Explainer(models.load("shapes-vgg"), "gradient").attribute(x, target).relevance
+    saliency = saliency.detach().abs().max(dim=1).values
+    hits = pointing_game(saliency, box, tolerance=15 * size / 224)
     expected = {
         "pointing_game": pointing_game_accuracy(hits, target, len(CLASSES))["mean"],
         "relevance_mass": relevance_mass_accuracy(heat, mask).double().mean().item(),
@@ -167,6 +172,41 @@ def test_rerun_replaces_the_report(report, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
 
 
+def test_hard_split_scores_the_target_among_other_objects(tmp_path):
+    """`--split hard`: the hard-mode test images (seed 0), each explained for its target
+    (object 0); the pointing game against the target's box, recomputed here by hand from
+    the gradient's max |.| map, is the report's; a point on another object is a miss."""
+    import relprop
+    from relprop.benchmark import CLASSES, ShapesDataset, models, normalise
+
+    out = tmp_path / "hard"
+    assert _run(["--split", "hard", "--model", "shapes-resnet", "--images", "10", "--methods", "gradient",
+                 "--out", str(out), "-q"]) == 0
+    data = _strict_json(out / "metrics.json")
+    res = data["models"]["shapes-resnet"]
+    assert res["data"] == f"ShapesDataset(10, size={models.INPUT_SIZE}, seed=0, split='test', hard=True)"
+    assert res["split"] == "hard" and data["settings"]["split"] == "hard"
+    batch = ShapesDataset(10, seed=0, split="test", hard=True).make_batch(range(10))
+    assert all(len(lab) >= 3 for lab in batch["object_labels"])
+    rel = relprop.Explainer(models.load("shapes-resnet"), "gradient").attribute(normalise(batch["images"]),
+                                                                               batch["labels"]).relevance
+    sal = rel.detach().abs().max(dim=1).values
+    tol2 = (15 * 64 / 224) ** 2
+    hits, per_class = [], {}
+    for i in range(10):
+        r, c = divmod(int(sal[i].flatten().argmax()), 64)
+        x0, y0, x1, y1 = batch["boxes"][i][0].tolist()
+        dr = max(y0 - r, 0, r - (y1 - 1))                 # distance from the point to the target's box
+        dc = max(x0 - c, 0, c - (x1 - 1))
+        hit = dr * dr + dc * dc < tol2
+        hits.append(hit)
+        per_class.setdefault(int(batch["labels"][i]), []).append(hit)
+    expected = sum(sum(h) / len(h) for h in per_class.values()) / len(per_class)
+    assert len(per_class) == len(CLASSES)
+    row, = res["rows"]
+    assert row["pointing_game"] == pytest.approx(expected, abs=1e-12)
+
+
 def test_check_methods():
     assert evaluate.check_methods("default") == list(evaluate.DEFAULT_METHODS)
     assert {"gradient", "gradient-x-input", "rap", "rsp", "ae", "clrp"} <= set(evaluate.DEFAULT_METHODS)
@@ -185,6 +225,8 @@ def test_check_methods():
     (["--coco", "a.json", "--model", "m:f"], "--coco needs --images-dir"),
     (["--voc", "a", "--coco", "b", "--images-dir", "c"], "not both"),
     (["--images", "0"], "must be >= 1"),
+    (["--split", "val"], "invalid choice: 'val'"),
+    (["--split", "hard", "--voc", "missing-folder", "--model", "m:f"], "--split is only for the built-in benchmark"),
 ])
 def test_bad_input_is_reported_before_any_work(argv, message, capsys, tmp_path):
     out = tmp_path / "never"

@@ -144,6 +144,77 @@ def test_pointing_game_accuracy_by_hand():
     assert acc["overall"] == pytest.approx(0.6)
 
 
+def test_torchray_tolerance_is_15_px_at_224_on_the_shorter_side():
+    """15 px at 224: 15 at 224, 30 at 448, 15 * 64 / 224 = 4.2857 at 64, the shorter side of
+    a non-square image; a non-positive size is refused."""
+    assert M.torchray_tolerance(224) == 15
+    assert M.torchray_tolerance(448) == 30
+    assert M.torchray_tolerance(64) == pytest.approx(4.285714285714286, abs=1e-15)
+    assert M.torchray_tolerance(64, 300) == M.torchray_tolerance(300, 64) == M.torchray_tolerance(64)
+    with pytest.raises(ValueError, match="image size must be positive"):
+        M.torchray_tolerance(0)
+
+
+def test_pointing_game_scaled_tolerance_disc_by_hand():
+    """64 x 64, point at (30, 30), tolerance 15 * 64 / 224 (squared 18.37): one-pixel masks at
+    offsets (4, 1) (d^2 17), (3, 3) (18) and (0, 4) (16) are hits; (4, 2) (20), (0, 5) (25)
+    and (3, -4) (25) misses; a mask under the point is a hit."""
+    offsets = [(4, 1), (3, 3), (0, 4), (4, 2), (0, 5), (3, -4), (0, 0)]
+    pixels = [(30 + dr, 30 + dc) for dr, dc in offsets]
+    maps = torch.zeros(len(pixels), 64, 64)
+    maps[:, 30, 30] = 1.0
+    hits = M.pointing_game(maps, pixel_mask(64, 64, pixels), tolerance=M.torchray_tolerance(64))
+    assert hits.tolist() == [True, True, True, False, False, False, True]
+
+
+def test_pointing_game_upsamples_the_map_before_the_argmax():
+    """A 2 x 2 map [[0, 1], [0, 0]] against 8 x 8 masks is first resized bilinearly with
+    align_corners=False: output column j reads source column (j + 0.5) / 4 - 0.5, so the
+    value 1 fills rows 0-1, columns 6-7 and the point is (0, 6) (not (0, 4), where nearest
+    upsampling would put its first maximum).  Tolerance 1: a mask at (0, 6) hits, at
+    (0, 7) or (0, 4) misses; boxes take the image size from ``size``."""
+    small = torch.tensor([[[0.0, 1.0], [0.0, 0.0]]]).expand(3, 2, 2)
+    hits = M.pointing_game(small, pixel_mask(8, 8, [(0, 6), (0, 7), (0, 4)]), tolerance=1)
+    assert hits.tolist() == [True, False, False]
+    up = torch.nn.functional.interpolate(small[:, None], size=(8, 8), mode="bilinear", align_corners=False)[:, 0]
+    assert up[0, :2, 6:].eq(1).all() and up[0].lt(1).sum() == 60
+    boxes = torch.tensor([[6, 0, 7, 1], [7, 0, 8, 1], [4, 0, 5, 1]])
+    assert M.pointing_game(small, boxes, tolerance=1, size=(8, 8)).tolist() == [True, False, False]
+    # without the size, boxes are read at the map's own 2 x 2 resolution: the point is (0, 1)
+    assert M.pointing_game(small, torch.tensor([[1, 0, 2, 1]] * 3), tolerance=1).tolist() == [True] * 3
+    with pytest.raises(ValueError, match=r"size=\(4, 4\) disagrees with the masks' \(8, 8\)"):
+        M.pointing_game(small, pixel_mask(8, 8, [(0, 6)] * 3), size=(4, 4))
+
+
+def test_max_abs_channel_reduction_moves_the_point():
+    """Pixel (0, 0) has channels (+2, -2, 0): sum 0, max |.| 2; pixel (3, 3) has (1, 0, 0):
+    sum 1, max |.| 1.  The channel sum points at (3, 3), TorchRay's max |.| at (0, 0)."""
+    rel = torch.zeros(1, 3, 4, 4)
+    rel[0, :, 0, 0] = torch.tensor([2.0, -2.0, 0.0])
+    rel[0, :, 3, 3] = torch.tensor([1.0, 0.0, 0.0])
+    reduced = M.max_abs_channels(rel)
+    assert reduced.shape == (1, 4, 4)
+    assert reduced[0, 0, 0] == 2 and reduced[0, 3, 3] == 1 and reduced.sum() == 3
+    at_origin = pixel_mask(4, 4, [(0, 0)])
+    assert M.pointing_game(reduced, at_origin, tolerance=1).tolist() == [True]
+    assert M.pointing_game(rel.sum(1), at_origin, tolerance=1).tolist() == [False]
+    with pytest.raises(ValueError, match=r"max_abs_channels takes a \(B, C, H, W\) tensor, got \(4, 4\)"):
+        M.max_abs_channels(rel[0, 0])
+
+
+def test_pointing_game_per_class_mean_then_mean_over_classes():
+    """Six items of classes [0, 0, 0, 0, 1, 2]: class 0 hits 1 of 4, classes 1 and 2 hit:
+    per class [1/4, 1, 1], mean 0.75 (TorchRay's number), while the plain hit rate is 3/6."""
+    maps = torch.zeros(6, 10, 10)
+    maps[:, 5, 5] = 1.0
+    pixels = [(5, 5), (0, 0), (9, 9), (0, 9), (5, 6), (4, 5)]
+    hits = M.pointing_game(maps, pixel_mask(10, 10, pixels), tolerance=2)
+    assert hits.tolist() == [True, False, False, False, True, True]
+    acc = M.pointing_game_accuracy(hits, torch.tensor([0, 0, 0, 0, 1, 2]), num_classes=3)
+    assert acc["per_class"].tolist() == [0.25, 1.0, 1.0]
+    assert acc["mean"] == pytest.approx(0.75) and acc["overall"] == pytest.approx(0.5)
+
+
 # --------------------------------------------------------------------------- relevance in the box
 
 def ratio_case():

@@ -1,7 +1,11 @@
 """Procedural "shapes in clutter": a localisation data set with exact masks and boxes.
 
-Each image shows one object (``multi_object=False``, for classification) or two objects
-of two *different* classes (``multi_object=True``, for the contrastive case) out of
+Each image shows one object (``multi_object=False``, for classification), two objects
+of two *different* classes (``multi_object=True``, for the contrastive case), or, in the
+*hard* mode (``hard=True``, ``relprop evaluate --split hard``), 3-4 smaller objects of
+distinct classes of which the first is the target, under stronger clutter (4-8
+distractors, pixel noise of std 0.04-0.08), so that a map must single out the target
+among other objects; out of
 :data:`CLASSES`, each at a random position, scale, rotation and colour, drawn over a
 textured background (smooth noise, stripes or a checker pattern with random colours,
 orientation and frequency) together with 0-3 *distractors* (small wobbly blobs and short
@@ -21,6 +25,11 @@ Geometry and guarantees:
   inside the image (bounding circle at least one pixel from the border);
 * the two objects of a two-object image never overlap: their bounding circles are at
   least :data:`OBJECT_GAP` pixels apart;
+* a hard image: the target (class ``index % len(CLASSES)``, object 0) and 2-3 others
+  (:data:`HARD_OBJECTS`) whose classes are distinct and differ from the target's, radius
+  ``size * U(0.10, 0.15)`` (:data:`HARD_RADIUS`), bounding circles pairwise at least
+  :data:`OBJECT_GAP` apart (placed one after another; one that finds no place in 90 tries
+  is left out -- never the target, placed first), so every mask is exact and unoccluded;
 * distractors never touch an object: every pixel a distractor paints (coverage > 0) lies
   at least :data:`DISTRACTOR_CLEARANCE` - 0.5 pixels outside every object's bounding
   circle, so the fraction of an object's mask covered by distractors is exactly 0
@@ -30,7 +39,8 @@ Geometry and guarantees:
   both background colours whenever 30 random tries find one.
 
 Every item is generated from its own seed, a hash (BLAKE2b) of ``(seed, split,
-multi_object, index)``,
+kind, index)`` with kind single, multi or hard (independent streams; the single and
+multi streams are those of earlier releases),
 so item ``i`` is the same in every process, whatever the access order or batching.
 Classes are balanced: the (first) object of item ``i`` has class ``i % len(CLASSES)``.
 
@@ -65,6 +75,12 @@ DISTRACTOR_CLEARANCE = 2.0    # px between a distractor's extent and an object's
 MIN_CONTRAST = 0.5            # Euclidean RGB distance of the object colour from the background colours
 SPLITS = ("train", "test")
 _TRIES = 30
+# The hard mode (``hard=True``): several objects of distinct classes, the first one the
+# target, smaller than single objects, with more distractors and stronger pixel noise.
+HARD_OBJECTS = (3, 4)           # objects per image, inclusive range: the target + 2-3 others
+HARD_RADIUS = (0.10, 0.15)      # bounding-circle radius / size (single objects: 0.18-0.32)
+HARD_DISTRACTORS = (4, 8)       # default num_distractors (normal images: 0-3)
+HARD_NOISE = (0.04, 0.08)       # std of the per-pixel Gaussian noise (normal images: 0.01-0.05)
 
 
 # --------------------------------------------------------------------------- shapes
@@ -187,8 +203,9 @@ def _sd_line(size, cx, cy, half_length, half_width, angle):
 
 
 # --------------------------------------------------------------------------- data set
-def _item_seed(seed: int, split: str, multi_object: bool, index: int) -> int:
-    key = f"relprop.benchmark.shapes:{seed}:{split}:{'multi' if multi_object else 'single'}:{index}"
+def _item_seed(seed: int, split: str, multi_object: bool, index: int, hard: bool = False) -> int:
+    kind = "hard" if hard else "multi" if multi_object else "single"     # an independent stream per kind
+    key = f"relprop.benchmark.shapes:{seed}:{split}:{kind}:{index}"
     digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little")
 
@@ -243,23 +260,29 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     Item ``i`` is a dict: ``image`` (3, H, W) float32 in [0, 1], ``label`` (int, the first
     object's class index into :data:`CLASSES`), ``labels`` (list of the object classes:
-    one, or two distinct ones with ``multi_object``), ``masks`` (n_obj, H, W) bool,
+    one, two distinct ones with ``multi_object``, 3-4 distinct ones with ``hard``), ``masks`` (n_obj, H, W) bool,
     ``boxes`` (n_obj, 4) long (tight boxes of the masks, inclusive-exclusive
     ``(x0, y0, x1, y1)``) and ``distractor_masks`` (n_distractors, H, W) bool (the pixels
     each distractor paints).  ``split`` selects an independent stream of images
     ("train" / "test"); ``num_distractors`` is an int or an inclusive ``(low, high)``
-    range drawn uniformly per image.  :meth:`make_batch` renders many items at once and
+    range drawn uniformly per image (default: 0-3, 4-8 with ``hard``).  ``hard=True``
+    gives the hard mode (module docstring: 3-4 objects, the first the target; not with
+    ``multi_object``).  :meth:`make_batch` renders many items at once and
     returns them as :func:`collate` would.
     """
 
     def __init__(self, n: int, size: int = 64, seed: int = 0, split: str = "train", multi_object: bool = False,
-                 num_distractors: int | tuple[int, int] = (0, 3)):
+                 num_distractors: int | tuple[int, int] | None = None, hard: bool = False):
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"n must be a non-negative int, got {n!r}")
         if isinstance(size, bool) or not isinstance(size, int) or size < 16:
             raise ValueError(f"size must be an int >= 16, got {size!r}")
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if hard and multi_object:
+            raise ValueError("hard=True already draws several objects per image; multi_object must be False")
+        if num_distractors is None:
+            num_distractors = HARD_DISTRACTORS if hard else (0, 3)
         if isinstance(num_distractors, int):
             num_distractors = (num_distractors, num_distractors)
         lo, hi = (int(k) for k in num_distractors)
@@ -267,7 +290,7 @@ class ShapesDataset(torch.utils.data.Dataset):
             raise ValueError(f"num_distractors must be an int >= 0 or a range (low, high) with 0 <= low <= high, "
                              f"got {num_distractors!r}")
         self.n, self.size, self.seed, self.split = n, size, int(seed), split
-        self.multi_object, self.num_distractors = bool(multi_object), (lo, hi)
+        self.multi_object, self.num_distractors, self.hard = bool(multi_object), (lo, hi), bool(hard)
 
     def __len__(self) -> int:
         return self.n
@@ -290,7 +313,7 @@ class ShapesDataset(torch.utils.data.Dataset):
     # ------------------------------------------------------------------ parameters
     def _params(self, index: int) -> dict:
         """Draw every random parameter of item ``index`` from its own generator."""
-        rng = np.random.default_rng(_item_seed(self.seed, self.split, self.multi_object, index))
+        rng = np.random.default_rng(_item_seed(self.seed, self.split, self.multi_object, index, self.hard))
         size, C = self.size, len(CLASSES)
         u = lambda lo, hi: float(rng.uniform(lo, hi))  # noqa: E731
 
@@ -316,23 +339,26 @@ class ShapesDataset(torch.utils.data.Dataset):
         # objects: classes, bounding circles (cx, cy, r), rotation, colour
         first = index % C
         classes = [first]
-        if self.multi_object:
-            classes.append(int((first + 1 + rng.integers(C - 1)) % C))
-        lo_r, hi_r = (0.13, 0.20) if self.multi_object else (0.18, 0.32)
-        radii = [size * u(lo_r, hi_r) for _ in classes]
+        if self.hard:
+            classes, radii, centres = self._hard_layout(rng, first)
+        else:
+            if self.multi_object:
+                classes.append(int((first + 1 + rng.integers(C - 1)) % C))
+            lo_r, hi_r = (0.13, 0.20) if self.multi_object else (0.18, 0.32)
+            radii = [size * u(lo_r, hi_r) for _ in classes]
 
-        def centre(r):
-            return u(r + 1, size - r - 1), u(r + 1, size - r - 1)
+            def centre(r):
+                return u(r + 1, size - r - 1), u(r + 1, size - r - 1)
 
-        centres = [centre(r) for r in radii]
-        if self.multi_object:
-            for _ in range(_TRIES * 3):
-                if math.dist(*centres) >= sum(radii) + OBJECT_GAP:
-                    break
-                centres = [centre(r) for r in radii]
-            else:                                        # opposite corners always fit
-                radii = [min(r, size / 4 - 1.5) for r in radii]
-                centres = [(radii[0] + 1, radii[0] + 1), (size - radii[1] - 1, size - radii[1] - 1)]
+            centres = [centre(r) for r in radii]
+            if self.multi_object:
+                for _ in range(_TRIES * 3):
+                    if math.dist(*centres) >= sum(radii) + OBJECT_GAP:
+                        break
+                    centres = [centre(r) for r in radii]
+                else:                                        # opposite corners always fit
+                    radii = [min(r, size / 4 - 1.5) for r in radii]
+                    centres = [(radii[0] + 1, radii[0] + 1), (size - radii[1] - 1, size - radii[1] - 1)]
         colours = []
         for _ in classes:
             best, best_d = None, -1.0
@@ -365,8 +391,30 @@ class ShapesDataset(torch.utils.data.Dataset):
                     d.update(cx=x, cy=y)
                     distractors.append(d)
                     break
-        noise = u(0.01, 0.05) * rng.standard_normal((3, size, size), dtype=np.float32)
+        noise = u(*HARD_NOISE) if self.hard else u(0.01, 0.05)
+        noise = noise * rng.standard_normal((3, size, size), dtype=np.float32)
         return dict(background=background, objects=objects, distractors=distractors, noise=noise)
+
+    def _hard_layout(self, rng, first: int) -> tuple[list, list, list]:
+        """Classes, radii and centres of a hard image: the target ``first``, then 2-3 objects
+        of distinct other classes, each placed where its bounding circle keeps
+        :data:`OBJECT_GAP` px from every circle placed before (an object that finds no such
+        place in 90 tries is left out; the target, placed first, always fits)."""
+        size, C = self.size, len(CLASSES)
+        n = int(rng.integers(HARD_OBJECTS[0], HARD_OBJECTS[1] + 1))
+        others = [c for c in range(C) if c != first]
+        candidates = [first] + [others[int(k)] for k in rng.permutation(len(others))[:n - 1]]
+        classes, radii, centres = [], [], []
+        for c in candidates:
+            r = size * float(rng.uniform(*HARD_RADIUS))
+            for _ in range(_TRIES * 3):
+                x, y = (float(rng.uniform(r + 1, size - r - 1)) for _ in range(2))
+                if all(math.hypot(x - cx, y - cy) >= r + rr + OBJECT_GAP for (cx, cy), rr in zip(centres, radii)):
+                    classes.append(c)
+                    radii.append(r)
+                    centres.append((x, y))
+                    break
+        return classes, radii, centres
 
     # ------------------------------------------------------------------ rendering
     def make_batch(self, indices: Iterable[int]) -> dict:
@@ -420,12 +468,14 @@ class ShapesDataset(torch.utils.data.Dataset):
                 paint(idx, sd, [d["colour"] for _, d in sel])
                 dis_masks[idx, slot] = sd < 0.5
 
-        # objects
-        n_obj = len(params[0]["objects"])
+        # objects (hard images hold different numbers of them: slots past an image's count stay empty)
+        counts = [len(p["objects"]) for p in params]
+        n_obj = max(counts)
         obj_masks = torch.zeros(B, n_obj, S, S, dtype=torch.bool)
         for slot in range(n_obj):
             for c, name in enumerate(CLASSES):
-                sel = [(b, p["objects"][slot]) for b, p in enumerate(params) if p["objects"][slot]["cls"] == c]
+                sel = [(b, p["objects"][slot]) for b, p in enumerate(params)
+                       if slot < counts[b] and p["objects"][slot]["cls"] == c]
                 if not sel:
                     continue
                 idx = torch.tensor([b for b, _ in sel])
@@ -436,13 +486,13 @@ class ShapesDataset(torch.utils.data.Dataset):
 
         images = (images + torch.from_numpy(np.stack([p["noise"] for p in params]))).clamp(0, 1)
         boxes = _boxes_from_masks(obj_masks.view(B * n_obj, S, S)).view(B, n_obj, 4)
-        object_labels = torch.tensor([[o["cls"] for o in p["objects"]] for p in params], dtype=torch.long)
+        object_labels = [torch.tensor([o["cls"] for o in p["objects"]], dtype=torch.long) for p in params]
         return {
             "images": images,
-            "labels": object_labels[:, 0].clone(),
+            "labels": torch.stack([lab[0] for lab in object_labels]),
             "masks": obj_masks[:, 0].clone(),
-            "boxes": list(boxes.unbind(0)),
-            "object_labels": list(object_labels.unbind(0)),
-            "object_masks": list(obj_masks.unbind(0)),
+            "boxes": [boxes[b, :counts[b]] for b in range(B)],
+            "object_labels": object_labels,
+            "object_masks": [obj_masks[b, :counts[b]] for b in range(B)],
             "distractor_masks": [dis_masks[b, :n_dis[b]] for b in range(B)],
         }

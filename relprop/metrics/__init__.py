@@ -9,7 +9,8 @@ Conventions shared by every function:
 
 * heat maps are signed ``(B, H, W)`` tensors or NumPy arrays from any attribution method
   (``Explainer.heatmap``, Captum, Zennit, ...); relevance inputs ``(B, C, H, W)`` are not
-  accepted (sum over channels first);
+  accepted (sum over channels first, or take :func:`max_abs_channels`, TorchRay's reduction
+  for gradient maps); :func:`pointing_game` upsamples a map smaller than its ground truth;
 * a metric that must explain again (``cascading_randomization``) takes a callable
   ``explain(model, x, targets) -> (B, H, W)``; ``relprop.evaluate.explain_function(method,
   **params)`` binds a relprop method; metrics never import the explainer;
@@ -24,12 +25,13 @@ Conventions shared by every function:
 * results are tensors on the device of the inputs (per image: shape ``(B,)``), except
   the dataset-level summaries (``pointing_game_accuracy``), which also give floats.
 """
-from .localisation import (binarize, boxes_to_masks, outside_inside_ratio, pointing_game,
-                           pointing_game_accuracy, relevance_mass_accuracy, segmentation_scores)
+from .localisation import (binarize, boxes_to_masks, max_abs_channels, outside_inside_ratio, pointing_game,
+                           pointing_game_accuracy, relevance_mass_accuracy, segmentation_scores, torchray_tolerance)
 from .bootstrap import bootstrap_interval
 from .perturbation import region_perturbation
 from .sensitivity import cascading_randomization, spearman, ssim
 
-__all__ = ["boxes_to_masks", "pointing_game", "pointing_game_accuracy", "outside_inside_ratio",
+__all__ = ["boxes_to_masks", "pointing_game", "pointing_game_accuracy", "torchray_tolerance", "max_abs_channels",
+           "outside_inside_ratio",
            "relevance_mass_accuracy", "binarize", "segmentation_scores", "region_perturbation",
            "cascading_randomization", "spearman", "ssim", "bootstrap_interval"]

@@ -14,8 +14,8 @@ import torch
 
 from .arrays import as_tensor
 
-__all__ = ["boxes_to_masks", "pointing_game", "pointing_game_accuracy", "outside_inside_ratio",
-           "relevance_mass_accuracy", "binarize", "segmentation_scores"]
+__all__ = ["boxes_to_masks", "pointing_game", "pointing_game_accuracy", "torchray_tolerance", "max_abs_channels",
+           "outside_inside_ratio", "relevance_mass_accuracy", "binarize", "segmentation_scores"]
 
 
 # --------------------------------------------------------------------------- ground truth
@@ -94,22 +94,78 @@ def _work_dtype(t: torch.Tensor) -> torch.dtype:
 
 # --------------------------------------------------------------------------- pointing game
 
-def pointing_game(heatmaps: torch.Tensor, masks, tolerance: float = 15) -> torch.Tensor:
-    """Pointing game (Zhang et al., ECCV 2016, "Top-down neural attention by excitation
-    backprop"; protocol of TorchRay ``torchray/benchmark/pointing_game.py``): ``(B,)`` bool.
+#: TorchRay's pointing-game tolerance (``PointingGame(tolerance=15)``) and the input size
+#: (shorter side) of its VOC / COCO models; :func:`torchray_tolerance` scales one by the other.
+TORCHRAY_TOLERANCE, TORCHRAY_SIZE = 15, 224
 
-    The point of an image is the arg-max pixel ``(r*, c*)`` of its heat map; **ties go to
-    the first maximum in row-major order** (``torch.argmax``).  It is a *hit* iff some
-    ground-truth pixel ``(r, c)`` satisfies ``(r - r*)**2 + (c - c*)**2 < tolerance**2``
-    (TorchRay's strict inequality: 14 px away is a hit, 15 px a miss for the default 15),
-    or the point itself is in the mask (which only matters for ``tolerance=0``).  This is
-    the mask dilated by an open disc of radius ``tolerance``, tested at the point: done as
-    one batched distance check instead of a dilation.  An empty mask is a miss.  Heat maps
-    must be at image resolution (TorchRay upsamples before taking the arg-max).
+
+def torchray_tolerance(height: int, width: int | None = None) -> float:
+    """TorchRay's 15 px at 224 px, scaled to an image of ``height`` x ``width`` (default
+    square): ``15 * min(height, width) / 224`` pixels (the shorter side, which TorchRay's
+    transform resizes to 224).  4.29 px for the built-in 64 x 64 images."""
+    width = height if width is None else width
+    if min(height, width) < 1:
+        raise ValueError(f"image size must be positive, got {height} x {width}")
+    return TORCHRAY_TOLERANCE * min(height, width) / TORCHRAY_SIZE
+
+
+def max_abs_channels(relevance) -> torch.Tensor:
+    """``(B, C, H, W)`` -> ``(B, H, W)``: the largest absolute value over the channels.
+
+    TorchRay's saliency of the gradient baselines (``gradient_to_saliency``:
+    ``max_c |dx_c|``), used by its pointing game for ``gradient`` (and here for
+    ``gradient-x-input``); relevance methods use the signed channel sum instead.
+    """
+    relevance = as_tensor(relevance)
+    if not torch.is_tensor(relevance) or relevance.ndim != 4:
+        raise ValueError("max_abs_channels takes a (B, C, H, W) tensor, got "
+                         f"{tuple(relevance.shape) if torch.is_tensor(relevance) else type(relevance).__name__}")
+    return relevance.abs().amax(dim=1)
+
+
+def pointing_game(heatmaps: torch.Tensor, masks, tolerance: float = TORCHRAY_TOLERANCE,
+                  size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Pointing game (Zhang et al., ECCV 2016, "Top-down neural attention by excitation
+    backprop"; protocol of TorchRay ``torchray/benchmark/pointing_game.py`` and
+    ``examples/attribution_benchmark.py``): ``(B,)`` bool.
+
+    1. **Upsampling before the arg-max**: a map whose size differs from the ground truth's
+       (``masks`` ``(B, H, W)``, or ``size=(H, W)`` for boxes; default: the map's size) is
+       first resized to it bilinearly with ``align_corners=False`` (TorchRay's
+       ``resize_saliency``).
+    2. The point of an image is the arg-max pixel ``(r*, c*)`` of its map; **ties go to
+       the first maximum in row-major order** (``torch.argmax``, as TorchRay's
+       ``_saliency_to_point``).
+    3. It is a *hit* iff some ground-truth pixel ``(r, c)`` satisfies ``(r - r*)**2 +
+       (c - c*)**2 < tolerance**2`` (TorchRay's strict inequality: 14 px away is a hit,
+       15 px a miss for the default 15), or the point itself is in the mask (which only
+       matters for ``tolerance=0``, where TorchRay's acceptance disc is empty).  This is
+       the mask dilated by an open disc of radius ``tolerance``, tested at the point: one
+       batched distance check instead of a dilation.  An empty mask is a miss.
+
+    ``tolerance`` is in pixels of the ground truth; TorchRay's 15 px at 224 scaled to
+    another image size is :func:`torchray_tolerance`.  Per-class accuracy and its mean
+    over classes: :func:`pointing_game_accuracy`.  Channel reduction (signed sum, or
+    :func:`max_abs_channels` for the gradient baselines) is the caller's.
     """
     heatmaps = _check_maps(heatmaps)
-    masks = _masks(masks, heatmaps)
-    b, h, w = heatmaps.shape
+    gt = as_tensor(masks)
+    if size is not None and not (torch.is_tensor(gt) and gt.ndim == 3):
+        h, w = (int(v) for v in size)
+    elif torch.is_tensor(gt) and gt.ndim == 3:
+        h, w = gt.shape[-2:]
+        if size is not None and tuple(int(v) for v in size) != (h, w):
+            raise ValueError(f"size={tuple(size)} disagrees with the masks' {(h, w)}")
+    else:
+        h, w = heatmaps.shape[-2:]
+    if (h, w) != tuple(heatmaps.shape[-2:]):
+        if h < 1 or w < 1:
+            raise ValueError(f"size must be positive, got {(h, w)}")
+        work = heatmaps if heatmaps.dtype in (torch.float32, torch.float64) else heatmaps.float()
+        heatmaps = torch.nn.functional.interpolate(work[:, None], size=(h, w), mode="bilinear",
+                                                   align_corners=False)[:, 0]
+    masks = _masks(gt, heatmaps)
+    b = heatmaps.shape[0]
     flat = heatmaps.reshape(b, -1).argmax(dim=1)
     r, c = (flat // w)[:, None, None], (flat % w)[:, None, None]
     rows = torch.arange(h, device=heatmaps.device)[None, :, None]
@@ -126,7 +182,10 @@ def pointing_game_accuracy(hits: torch.Tensor, classes: torch.Tensor, num_classe
     in TorchRay; concatenate batches first).  Returns ``per_class`` = hits / (hits +
     misses) per class, a ``(num_classes,)`` tensor with NaN for classes that never occur;
     ``mean`` = the mean of ``per_class`` over the classes that occur (the number reported
-    by Zhang et al. and TorchRay); ``overall`` = hits / N over all entries (floats; NaN when
+    by Zhang et al. and TorchRay: per-class hit rate first, then the mean over classes, so
+    a frequent class does not dominate; TorchRay's ``accuracy`` averages over all
+    ``num_classes``, an absent class counting 0, which is the same when every class occurs,
+    as on VOC / COCO and the built-in splits); ``overall`` = hits / N over all entries (floats; NaN when
     N = 0).
     """
     hits = torch.as_tensor(hits).reshape(-1)
