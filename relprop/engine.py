@@ -104,19 +104,34 @@ def amplification(size: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 
 
 # Kinds whose value the relevance walk recomputes from their input when it needs it instead
-# of keeping it from the forward: elementwise activations cost one read and one write, and
-# keeping only the pre-activation of each conv -> ReLU pair halves what the forward holds
-# (autograd keeps one of the two for the same reason).
-RECOMPUTED_KINDS = (g.RELU, g.LEAKY_RELU, g.ACTIVATION)
+# of keeping it from the forward: elementwise activations and inference-mode BatchNorms
+# cost one read and one write, and keeping only the conv output of each conv -> BN -> ReLU
+# triple cuts what the forward holds by up to three (autograd keeps fewer tensors for the
+# same reason).  A recomputed value's input is kept, or itself recomputed from a kept one.
+RECOMPUTED_KINDS = (g.RELU, g.LEAKY_RELU, g.ACTIVATION, g.BN)
+
+
+def _elementwise_of_parent(graph: g.Graph, n: g.Node) -> bool:
+    if n.kind not in RECOMPUTED_KINDS or len(n.parents) != 1:
+        return False
+    if (n.module is None) if n.kind == g.BN else (n.act is None):   # functional batch_norm reads parameters
+        return False
+    refs = [a for a in g.flatten(list(n.args) + list(n.kwargs.values())) if isinstance(a, g.Ref)]
+    return refs == [n.parents[0]] and graph.nodes[n.parents[0]].op != "get_attr"
+
+
+def _recompute_depth(graph: g.Graph, n: g.Node) -> int:
+    """Steps from ``n`` back to the kept value it is recomputed from (0: ``n`` is kept)."""
+    if not _elementwise_of_parent(graph, n):
+        return 0
+    depth = _recompute_depth(graph, graph.nodes[n.parents[0]]) + 1
+    return depth if depth <= 2 else 0
 
 
 def recomputed(graph: g.Graph, n: g.Node) -> bool:
-    """``n``'s value is an elementwise activation of a kept value: recomputed, not kept."""
-    if n.kind not in RECOMPUTED_KINDS or n.act is None or len(n.parents) != 1:
-        return False
-    refs = [a for a in g.flatten(list(n.args) + list(n.kwargs.values())) if isinstance(a, g.Ref)]
-    parent = graph.nodes[n.parents[0]]
-    return refs == [parent.index] and parent.op != "get_attr" and not recomputed(graph, parent)
+    """``n``'s value is an elementwise function of one other value, kept or itself recomputed
+    from a kept one (at most two steps: BatchNorm then ReLU): recomputed when read, not kept."""
+    return _recompute_depth(graph, n) > 0
 
 
 def forward(graph: g.Graph, x: torch.Tensor, grad_from: g.Node | None, walks: bool) -> list[Any]:
@@ -181,6 +196,7 @@ class Values:
 # fill the device.
 CHUNK_BYTES = 8 * 2**20
 CUDA_CHUNK_BYTES = 256 * 2**20
+SLICED_KINDS = (g.CONV, g.LINEAR, g.MAXPOOL, g.AVGPOOL, g.ADAPTIVE_AVGPOOL, g.ADD, g.UPSAMPLE)
 
 
 class _Reader:
@@ -318,60 +334,72 @@ class Context:
         With ``last`` (a method's last pass over this forward) each node's value is released
         as soon as the walk is past its last reader, as autograd frees saved tensors during
         backward: the pass then holds at most the forward's values, shrinking, plus one
-        layer's temporaries.  A method that propagates twice passes ``last=False`` first.
+        layer's temporaries.  ``last=False`` keeps every value for another pass; a method with
+        several passes over one forward does better with :meth:`propagate_together`.
+        """
+        return self.propagate_together([(table, r0)], start, release=last)[0]
+
+    def propagate_together(self, passes: list[tuple[RuleTable, torch.Tensor]], start: g.Node | None = None,
+                           release: bool = True) -> list[torch.Tensor]:
+        """Several relevance passes (a rule table and an initial relevance each) in one walk:
+        each node applies every pass's rule in turn, so values are released after the last
+        pass has read them and the memory is that of one pass plus the extra relevances.
+        Each pass's result equals its own :meth:`propagate`; ``layer_sums`` are the last pass's.
         """
         nodes = self.graph.nodes
         start = start or self.graph.output
         head = self.head()
-        relevance: dict[int, torch.Tensor] = {start.index: r0}
-        result = torch.zeros_like(self.x)
-        release_at = self._release_points() if last else {}
-        if last:
+        relevances: list[dict[int, torch.Tensor]] = [{start.index: r0} for _, r0 in passes]
+        results = [torch.zeros_like(self.x) for _ in passes]
+        release_at = self._release_points() if release else {}
+        if release:
             for n in nodes[start.index + 1:]:
                 self.values.release(n.index)
         for node in reversed(nodes[:start.index + 1]):
             for i in release_at.get(node.index + 1, ()):   # read for the last time by the node before
                 self.values.release(i)
-            r = relevance.pop(node.index, None)
-            if r is None:
-                continue
-            if node.kind == g.INPUT:
-                result = r
-                break
-            if node.kind == g.OUTPUT:
-                outs = [r]
-            else:
-                outs = self.apply(table, node, head, r)
-            outs = [(p, ri) for p, ri in zip(node.parents, outs) if ri is not None]  # None: no relevance
-            if node.kind == g.ADD and len(outs) == 2 and outs[0][1].shape == outs[1][1].shape == r.shape:
-                self.add_error(split_amplification(outs[0][1], outs[1][1]))
-            for p, ri in outs:
-                relevance[p] = relevance[p] + ri if p in relevance else ri
-            if self.layer_sums is not None and node.kind not in (g.OUTPUT, g.HELPER):
-                self.layer_sums[node.name] = sum(ri.flatten(1).sum(1) for _, ri in outs)
-        return result
+            for k, ((table, _), relevance) in enumerate(zip(passes, relevances)):
+                r = relevance.pop(node.index, None)
+                if r is None:
+                    continue
+                if node.kind == g.INPUT:
+                    results[k] = r
+                    continue
+                outs = [r] if node.kind == g.OUTPUT else self.apply(table, node, head, r)
+                outs = [(p, ri) for p, ri in zip(node.parents, outs) if ri is not None]  # None: no relevance
+                if node.kind == g.ADD and len(outs) == 2 and outs[0][1].shape == outs[1][1].shape == r.shape:
+                    self.add_error(split_amplification(outs[0][1], outs[1][1]))
+                for p, ri in outs:
+                    relevance[p] = relevance[p] + ri if p in relevance else ri
+                if self.layer_sums is not None and node.kind not in (g.OUTPUT, g.HELPER):
+                    self.layer_sums[node.name] = sum(ri.flatten(1).sum(1) for _, ri in outs)
+        return results
 
     def _apply(self, rule: Rule, node: g.Node, fold_bn: bool, r: torch.Tensor) -> list:
         """``rule`` on the node's layer, over slices of the batch where the layer is large.
 
         Every rule is per sample (methods.md §1.1: sums and shifts never mix samples), so a
-        conv/linear whose input or output exceeds ``chunk_bytes`` runs on chunks of samples
+        conv/linear, pool or add (:data:`SLICED_KINDS`) whose input or output exceeds
+        ``chunk_bytes`` runs on chunks of samples
         written into one output: its temporaries (several layer-sized tensors in the split
         rules) then cost a chunk each instead of the batch, which keeps the pass within the
         gradient's peak on the early, widest layers.  A rule that builds weight-sized tensors
         per sample (RSP's data-dependent kernels) says how many as ``weights_per_sample``.
         """
-        if node.kind not in (g.CONV, g.LINEAR) or len(node.parents) != 1:
+        if node.kind not in SLICED_KINDS or not node.parents:
             return rule(self.layer(node, fold_bn), r)
-        x_shape, y_shape = self.values.shape(node.parents[0]), self.values.shape(node.index)
-        batch = x_shape[0]
-        per_sample = (max(x_shape[1:].numel(), y_shape[1:].numel())
-                      + getattr(rule, "weights_per_sample", 0) * node.module.weight.numel()) * torch.finfo(self.dtype).bits // 8
+        shapes = [self.values.shape(p) for p in node.parents] + [self.values.shape(node.index)]
+        batch = r.shape[0]
+        if any(len(sh) == 0 or sh[0] != batch for sh in shapes):
+            return rule(self.layer(node, fold_bn), r)
+        weights = node.module.weight.numel() if node.kind in (g.CONV, g.LINEAR) else 0
+        per_sample = (max(sh[1:].numel() for sh in shapes)
+                      + getattr(rule, "weights_per_sample", 0) * weights) * torch.finfo(self.dtype).bits // 8
         budget = self.chunk_bytes or (CUDA_CHUNK_BYTES if self.x.is_cuda else CHUNK_BYTES)
         step = max(1, budget // max(per_sample, 1))
         if step >= batch:
             return rule(self.layer(node, fold_bn), r)
-        lin = self.linear_map(node, fold_bn)
+        lin = self.linear_map(node, fold_bn) if node.kind in (g.CONV, g.LINEAR) else None
         outs: list = []
         for start in range(0, batch, step):
             s = slice(start, start + step)

@@ -204,7 +204,8 @@ def test_damaged_shards_are_computed_again_with_a_warning(data, tmp_path):
         (4, f"{js[4]} is not valid JSON ({cut})"),
         (5, f"{js[5]} was made with other settings than run.json"),
         (6, f"{npy[6]} holds a float32 array of shape (1, 3, 32, 31), not float32 (1, 3, 32, 32)")]]
-    assert summary == {"shards": 10, "done": 7, "skipped_shards": 3, "items": 10, "skipped_images": 0}
+    assert summary == {"shards": 10, "done": 7, "skipped_shards": 3, "items": 10, "skipped_images": 0,
+                       "batch_size": 3}
     assert _stamps(out, range(7, 10)) == kept
     _run(data, tmp_path / "fresh", shard_size=1)
     assert _index(out) == _index(tmp_path / "fresh")

@@ -98,7 +98,8 @@ def test_relevance_pass_within_gradient_peak(deep, method):
     itself holds one per layer: 18 layers here; measured 1.9 for alpha-beta and 2.2 for RAP,
     whose rules keep about nine slice-sized temporaries; before the walk freed values it was
     17 to 31)."""
-    assert deep[method][-1][0] <= deep["autograd"][-1][0] + 2.5, (method, deep[method], deep["autograd"])
+    extra = 1.0 if method in ("clrp", "sglrp") else 0.0   # their two passes walk together: one more relevance
+    assert deep[method][-1][0] <= deep["autograd"][-1][0] + 2.5 + extra, (method, deep[method], deep["autograd"])
 
 
 @_measured

@@ -96,8 +96,7 @@ class CLRP(Method):
             z_t = psum(z * onehot)
             seed_t = z_t * onehot
             seed_d = (1 - onehot) / (z.shape[1] - 1) * z_t if self.variant == "clrp1" else seed_t
-        r_t = ctx.propagate(self.target_table, seed_t, last=False)
-        r_d = ctx.propagate(self.dual_table, seed_d)
+        r_t, r_d = ctx.propagate_together([(self.target_table, seed_t), (self.dual_table, seed_d)])
         if self.style == "gu":
             return _pick(self.output, r_t, r_d, lambda: difference(ctx, r_t / psum(r_t), r_d / psum(r_d)))
         return _pick(self.output, r_t, r_d, lambda: scaled_difference(ctx, r_t, r_d))
@@ -119,6 +118,6 @@ class SGLRP(Method):
         # 1 - p_t as the sum of the other classes' probabilities: the same number, without
         # the cancellation of 1 - p_t when the model is confident (p_t -> 1 in float32)
         rest = psum(p * (1 - onehot))
-        r_t = ctx.propagate(self.table, onehot * (p_t * rest + 1e-8), last=False)
-        r_o = ctx.propagate(self.table, (1 - onehot) * p_t * p)
+        r_t, r_o = ctx.propagate_together([(self.table, onehot * (p_t * rest + 1e-8)),
+                                           (self.table, (1 - onehot) * p_t * p)])
         return scaled_difference(ctx, r_t, r_o)
