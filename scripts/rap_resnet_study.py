@@ -152,9 +152,38 @@ def resnet_latest_add(skips: dict[int, int]):
     return rule
 
 
-ADDS = {"signed": lambda ctx: rules.proportional_add(), "abs": lambda ctx: rules.abs_add(),
+def recording_add(log: dict):
+    """The signed split (today's rule), recording per add: the share of relevance-carrying
+    entries whose two inputs have opposite signs, and ``sum(|R0| + |R1|) / sum|R|`` (1 when
+    the split keeps signs; large when nearly cancelling branches get large opposite shares)."""
+    signed = rules.proportional_add()
+
+    def rule(layer, r):
+        r0, r1 = signed(layer, r)
+        x0, x1 = layer.xs
+        live = r != 0
+        opposite = ((x0 * x1 < 0) & live).flatten(1).sum(1) / live.flatten(1).sum(1).clamp(min=1)
+        mass = (r0.abs() + r1.abs()).flatten(1)
+        amp = mass.sum(1) / r.abs().flatten(1).sum(1)
+        k = ((x0.abs() + x1.abs()) / (x0 + x1).abs()).flatten(1)     # per-entry inflation
+        hot = (mass * (k > 10)).sum(1) / mass.sum(1)
+        log.setdefault(layer.node.name, []).append((opposite, amp, hot))
+        return [r0, r1]
+    return rule
+
+
+def abs_at(names: set):
+    """``abs`` at the adds named ``names``, the signed split at the others."""
+    signed, absolute = rules.proportional_add(), rules.abs_add()
+    return lambda layer, r: (absolute if layer.node.name in names else signed)(layer, r)
+
+
+ADD_LOG: dict = {}
+ADDS = {"signed": lambda ctx: rules.proportional_add(), "record": lambda ctx: recording_add(ADD_LOG),
+        "abs": lambda ctx: rules.abs_add(),
         "equal": lambda ctx: rules.equal_add,
-        "resnet-latest": lambda ctx: resnet_latest_add(identity_shortcuts(ctx.graph))}
+        "resnet-latest": lambda ctx: resnet_latest_add(identity_shortcuts(ctx.graph)),
+        **{f"abs@{n}": (lambda ctx, n=n: abs_at({n})) for n in ("add", "add_1", "add_2")}}
 
 
 def variant(name: str, head: bool = True, add: str = "signed", fold_bn: bool = False) -> str:
@@ -187,10 +216,14 @@ VARIANTS = [
     ("(b) add: abs (Relevance Splitting ratio)", variant("study-abs", add="abs"), False),
     ("(b) add: LRP-for-ResNet default", variant("study-latest", add="resnet-latest"), False),
     ("(b) add: equal", variant("study-equal", add="equal"), False),
+    ("(b) abs at block 1's add only (identity shortcut)", variant("study-abs-add", add="abs@add"), False),
+    ("(b) abs at block 2's add only (projection)", variant("study-abs-add1", add="abs@add_1"), False),
+    ("(b) abs at block 3's add only (projection)", variant("study-abs-add2", add="abs@add_2"), False),
     ("(c) BN folded into conv", variant("study-bnfold", fold_bn=True), False),
     ("(a)+(b) no head, add abs", variant("study-nohead-abs", head=False, add="abs"), False),
     ("(b)+(c) add abs, BN folded", variant("study-abs-bnfold", add="abs", fold_bn=True), False),
 ]
+DIAGNOSE = variant("study-record", add="record")
 BASELINES = [("gradient", "gradient", False), ("gradient-x-input", "gradient-x-input", False),
              ("lrp-epsilon-plus-flat", "lrp-epsilon-plus-flat", False)]
 
@@ -250,6 +283,17 @@ def table_rows(model_name: str, model, items: dict, variants, resamples: int) ->
     return lines
 
 
+def diagnose(model_name: str, model, items: dict) -> None:
+    """Per residual add of RAP's pass: how often the inputs have opposite signs where relevance
+    arrives, and how much the signed split inflates |R| (median and 90th percentile over images)."""
+    ADD_LOG.clear()
+    heatmaps(model, DIAGNOSE, items, False)
+    for name, parts in reversed(ADD_LOG.items()):
+        opp, amp, hot = (torch.cat([p[i] for p in parts]).double() for i in range(3))
+        print(f"| {model_name} | {name} | {opp.median():.2f} | {amp.median():.1f} | {amp.quantile(0.9):.1f} "
+              f"| {hot.median():.2f} |")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=200, help="first items of ShapesDataset(split='test')")
@@ -276,9 +320,17 @@ def main(argv=None) -> int:
         print("| shapes-bottleneck | not trained: run with --train-bottleneck | | | | | | | |")
     else:
         table_rows(f"shapes-bottleneck (acc {bottleneck[1]:.3f})", bottleneck[0], items,
-                   VARIANTS[:1] + VARIANTS[2:7] + BASELINES[:2], args.resamples)
+                   [VARIANTS[i] for i in (0, 2, 3, 4, 5, 6, 7, 8, 9)] + BASELINES[:2], args.resamples)
     table_rows("shapes-vgg", models.load("shapes-vgg"), items,
-               VARIANTS[:1] + VARIANTS[2:3] + VARIANTS[6:7] + BASELINES[:2], args.resamples)
+               [VARIANTS[i] for i in (0, 2, 9)] + BASELINES[:2], args.resamples)
+    print("\nRAP's signed add split, per residual add (medians over images; 'inflation' = "
+          "sum(|R0| + |R1|) / sum|R|):\n")
+    print("| model | add | share of entries with opposite-sign inputs | inflation (median) | inflation (90th pct) "
+          "| share of the split's \\|R\\| at entries with (\\|x0\\| + \\|x1\\|) / \\|x0 + x1\\| > 10 |")
+    print("|---|---|---|---|---|---|")
+    diagnose("shapes-resnet", models.load("shapes-resnet"), items)
+    if bottleneck is not None:
+        diagnose("shapes-bottleneck", bottleneck[0], items)
     return 0
 
 
