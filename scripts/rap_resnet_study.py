@@ -224,6 +224,22 @@ VARIANTS = [
     ("(b)+(c) add abs, BN folded", variant("study-abs-bnfold", add="abs", fold_bn=True), False),
 ]
 DIAGNOSE = variant("study-record", add="record")
+class WithAdd(Method):
+    """A registered method with ``add_rule="abs"`` (the library option), as a study row."""
+
+
+def with_abs(name: str) -> str:
+    from relprop.methods import create
+    cls = type(f"Abs{name}", (WithAdd,), {"name": f"study-{name}-abs",
+                                           "run": lambda self, ctx: self.inner.run(ctx),
+                                           "__init__": lambda self: setattr(self, "inner", create(name, add_rule="abs"))})
+    cls.accepts_initial_relevance = False
+    METHODS[cls.name] = cls
+    return cls.name
+
+
+OTHERS = [("clrp (signed add)", "clrp", False), ("clrp, add_rule='abs'", with_abs("clrp"), False),
+          ("sglrp (signed add)", "sglrp", False), ("sglrp, add_rule='abs'", with_abs("sglrp"), False)]
 BASELINES = [("gradient", "gradient", False), ("gradient-x-input", "gradient-x-input", False),
              ("lrp-epsilon-plus-flat", "lrp-epsilon-plus-flat", False)]
 
@@ -310,11 +326,14 @@ def main(argv=None) -> int:
 
     items = data(args.images)
     print(f"{args.images} images of ShapesDataset(split='test'); pointing game with its 95% bootstrap interval; "
-          f"'vs rap' = paired 95% interval of (variant - rap) on the same resamples\n")
-    print("| model | variant | pointing game [95% CI] | vs rap | outside/inside ↓ | relevance mass ↑ | IoU ↑ "
+          f"'vs first' = paired 95% interval of (row - first row of its model's block, rap or the "
+          f"method's signed-add row) on the same resamples\n")
+    print("| model | variant | pointing game [95% CI] | vs first | outside/inside ↓ | relevance mass ↑ | IoU ↑ "
           "| AP ↑ | s |")
     print("|---|---|---|---|---|---|---|---|---|")
     table_rows("shapes-resnet", models.load("shapes-resnet"), items, VARIANTS + BASELINES, args.resamples)
+    for pair in (OTHERS[:2], OTHERS[2:]):       # the contrastive methods also split adds by signed inputs
+        table_rows("shapes-resnet", models.load("shapes-resnet"), items, pair, args.resamples)
     bottleneck = load_bottleneck()
     if bottleneck is None:
         print("| shapes-bottleneck | not trained: run with --train-bottleneck | | | | | | | |")
