@@ -229,13 +229,21 @@ class WithAdd(Method):
 
 
 def with_abs(name: str) -> str:
+    """Register method ``name`` with ``add_rule="abs"`` as ``study-<name>-abs``."""
     from relprop.methods import create
-    cls = type(f"Abs{name}", (WithAdd,), {"name": f"study-{name}-abs",
-                                           "run": lambda self, ctx: self.inner.run(ctx),
-                                           "__init__": lambda self: setattr(self, "inner", create(name, add_rule="abs"))})
-    cls.accepts_initial_relevance = False
-    METHODS[cls.name] = cls
-    return cls.name
+
+    class Abs(WithAdd):
+        accepts_initial_relevance = False
+
+        def __init__(self):
+            self.inner = create(name, add_rule="abs")
+
+        def run(self, ctx):
+            return self.inner.run(ctx)
+
+    Abs.name = f"study-{name}-abs"
+    METHODS[Abs.name] = Abs
+    return Abs.name
 
 
 OTHERS = [("clrp (signed add)", "clrp", False), ("clrp, add_rule='abs'", with_abs("clrp"), False),

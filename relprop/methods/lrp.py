@@ -7,7 +7,7 @@ Two families:
   ``lrp-epsilon-gamma-box``; the composites' input layer is Zennit's too): biases in
   the denominators, BatchNorm folded into the conv before it, stabiliser
   ``z + eps*sign(z)``, max-pool as gradient, average pools and residual adds by the
-  stabilised proportional ("Norm") rule.
+  stabilised proportional ("Norm") rule (``add_rule="abs"`` / ``"equal"``: rules.add_rule).
 * ``lrp-rap-repo``: LRP-alpha-beta exactly as the RAP repository computes it (§1.4):
   one separate denominator per signed term, biases and BatchNorm ignored, ``SD`` guards,
   z^B with ``+1e-9`` at the input.  The golden ``lrp_*`` cases use it.
