@@ -140,6 +140,49 @@ def proportional_add(transform=None, divide: Divide = safe_divide) -> Rule:
     return rule
 
 
+def abs_add(divide: Divide = safe_divide) -> Rule:
+    """Residual add ``y = x0 + x1``: ``R_k = |x_k| * R / (|x0| + |x1|)``, the ratio of the
+    "Relevance Splitting" of LRP for ResNet (Otsuki et al., arXiv 2407.09115; their
+    ``flows_skip`` variant applies it at every add).  Both shares have the sign of ``R``, so
+    nearly cancelling branches (``x0 ~ -x1``) split ``R`` about equally instead of into two
+    large opposite shares.  ``R0 + R1 = R`` wherever ``|x0| + |x1| > 0``."""
+    def rule(layer: Layer, r: torch.Tensor) -> list:
+        xs = [x.abs() for x in layer.xs]
+        s = divide(r, xs[0] + xs[1])
+        return [x * s for x in xs]
+    return rule
+
+
+def equal_add(layer: Layer, r: torch.Tensor) -> list:
+    """Residual add ``y = x0 + x1``: ``R_k = R / 2`` whatever the inputs (the "simple" split of
+    the LRP-for-ResNet ablation); conserves ``R`` exactly."""
+    half = r / 2
+    return [half.sum_to_size(x.shape) if x.shape != r.shape else half for x in layer.xs]
+
+
+ADD_RULES = ("proportional", "abs", "equal")
+
+
+def add_rule(method: str, choice: str, transform=None, divide: Divide = safe_divide) -> Rule:
+    """The residual-add rule ``choice`` of a method (its ``add_rule=`` parameter):
+
+    * ``"proportional"``: the method's own rule, :func:`proportional_add` with its
+      ``transform`` and ``divide`` (signed inputs for LRP, RAP, CLRP, SGLRP; ``x+ + 1e-9``
+      for RSP and AE);
+    * ``"abs"``: :func:`abs_add` (LRP-for-ResNet's Relevance Splitting ratio) with ``divide``;
+    * ``"equal"``: :func:`equal_add`.
+
+    A ValueError naming the method for anything else."""
+    if not isinstance(choice, str) or choice not in ADD_RULES:
+        raise ValueError(f"method {method!r}: add_rule must be one of {', '.join(map(repr, ADD_RULES))}, "
+                         f"got {choice!r}")
+    if choice == "abs":
+        return abs_add(divide)
+    if choice == "equal":
+        return equal_add
+    return proportional_add(transform, divide)
+
+
 def proportional_pool(transform=None, divide: Divide = safe_divide) -> Rule:
     """Pooling as a z-rule: ``R_in = x * vjp_pool(R / pool(x))`` -- winner-take-all for max
     pooling (PyTorch's arg-max), proportional to the input for average pooling and for

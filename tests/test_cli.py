@@ -51,8 +51,8 @@ def test_methods_lists_every_method(capsys):
     assert cli.main(["methods"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     methods = relprop.available_methods()
-    assert len(methods) == 18 and len(lines) == len(methods)
-    assert {"lrp-gamma", "lrp-epsilon-gamma-box", "gradcam"} <= {line.split()[0] for line in lines}
+    assert len(methods) == 19 and len(lines) == len(methods)
+    assert {"lrp-gamma", "lrp-epsilon-gamma-box", "gradcam", "rap-split"} <= {line.split()[0] for line in lines}
     for line, (name, summary) in zip(lines, methods.items()):
         assert line.split()[0] == name
         assert line.rstrip().endswith(summary)

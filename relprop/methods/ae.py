@@ -48,9 +48,9 @@ def conv(ratio: float):
     return rule
 
 
-def table(ratio: float) -> RuleTable:
+def table(ratio: float, add_rule: str = "proportional") -> RuleTable:
     pool = rules.proportional_pool(_relu_plus_tiny)
-    by_kind = rules.shared_layers(pool=pool, add=rules.proportional_add(_relu_plus_tiny))
+    by_kind = rules.shared_layers(pool=pool, add=rules.add_rule("ae", add_rule, _relu_plus_tiny))
     by_kind[g.CONV] = conv(ratio)
     return RuleTable(by_kind, first=rules.zbox("image", safe_divide), name="ae")
 
@@ -60,13 +60,13 @@ class AE(Method):
     name = "ae"
     summary = "Attribution Equilibrium: balanced positive/negative evidence with ratio r (Nam & Lee 2022)"
 
-    def __init__(self, ratio: float = 2.0, init_layer: str | None = None):
+    def __init__(self, ratio: float = 2.0, init_layer: str | None = None, add_rule: str = "proportional"):
         number(self.name, "ratio", ratio)
         layer_name(self.name, init_layer)
         if not 1 <= ratio <= 2:
             raise ValueError(f"method {self.name!r}: ratio r must lie in [1, 2], got {ratio}")
-        self.ratio, self.init_layer = ratio, init_layer
-        self.table = table(ratio)
+        self.ratio, self.init_layer, self.add_rule = ratio, init_layer, add_rule
+        self.table = table(ratio, add_rule)
 
     def grad_node(self, graph: g.Graph) -> g.Node:
         return resolve_layer(graph, self.init_layer)

@@ -32,8 +32,8 @@ GU_BOUNDS = (-2.1179, 2.64)
 OUTPUTS = ("clrp", "lrp", "dual")
 
 
-def gu_table(bounds, negate_head: bool) -> RuleTable:
-    by_kind = rules.shared_layers(pool=rules.proportional_pool(), add=rules.proportional_add(),
+def gu_table(bounds, negate_head: bool, add_rule: str = "proportional") -> RuleTable:
+    by_kind = rules.shared_layers(pool=rules.proportional_pool(), add=rules.add_rule("clrp", add_rule),
                                   maxpool=rules.maxpool_ties_shared)
     by_kind.update({g.CONV: zplus_plain(), g.LINEAR: zplus_plain()})
     return RuleTable(by_kind, first=rules.zbox(bounds, rules.plus_divide(1e-9)),
@@ -69,7 +69,8 @@ class CLRP(Method):
     summary = "Contrastive LRP: target minus dual-concept relevance (Gu et al. 2018), CLRP1 or CLRP2"
     accepts_initial_relevance = False
 
-    def __init__(self, variant: str = "clrp1", style: str = "gu", output: str = "clrp", zb_bounds=None):
+    def __init__(self, variant: str = "clrp1", style: str = "gu", output: str = "clrp", zb_bounds=None,
+                 add_rule: str = "proportional"):
         if variant not in ("clrp1", "clrp2"):
             raise ValueError(f"method {self.name!r}: variant must be 'clrp1' or 'clrp2', got {variant!r}")
         if style not in ("gu", "agf"):
@@ -79,12 +80,13 @@ class CLRP(Method):
         if zb_bounds is not None:
             check_bounds(self.name, zb_bounds)
         self.variant, self.style, self.output, self.zb_bounds = variant, style, output, zb_bounds
+        self.add_rule = add_rule
         if style == "gu":
             bounds = GU_BOUNDS if zb_bounds is None else zb_bounds
-            self.target_table = gu_table(bounds, False)
-            self.dual_table = gu_table(bounds, variant == "clrp2")
+            self.target_table = gu_table(bounds, False, add_rule)
+            self.dual_table = gu_table(bounds, variant == "clrp2", add_rule)
         else:
-            self.target_table = rap_repo_table(1.0, "clrp")
+            self.target_table = rap_repo_table(1.0, "clrp", add_rule)
             self.dual_table = negated_head(self.target_table) if variant == "clrp2" else self.target_table
 
     def run(self, ctx: Context) -> torch.Tensor:
@@ -108,8 +110,9 @@ class SGLRP(Method):
     summary = "Softmax-Gradient LRP: target vs all other classes weighted by the softmax gradient (Iwana et al. 2019)"
     accepts_initial_relevance = False
 
-    def __init__(self):
-        self.table = rap_repo_table(1.0, "sglrp")
+    def __init__(self, add_rule: str = "proportional"):
+        self.add_rule = add_rule
+        self.table = rap_repo_table(1.0, "sglrp", add_rule)
 
     def run(self, ctx: Context) -> torch.Tensor:
         onehot = ctx.seed

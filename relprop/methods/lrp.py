@@ -7,7 +7,7 @@ Two families:
   ``lrp-epsilon-gamma-box``; the composites' input layer is Zennit's too): biases in
   the denominators, BatchNorm folded into the conv before it, stabiliser
   ``z + eps*sign(z)``, max-pool as gradient, average pools and residual adds by the
-  stabilised proportional ("Norm") rule.
+  stabilised proportional ("Norm") rule (``add_rule="abs"`` / ``"equal"``: rules.add_rule).
 * ``lrp-rap-repo``: LRP-alpha-beta exactly as the RAP repository computes it (§1.4):
   one separate denominator per signed term, biases and BatchNorm ignored, ``SD`` guards,
   z^B with ``+1e-9`` at the input.  The golden ``lrp_*`` cases use it.
@@ -166,17 +166,18 @@ def first_layer_rule(method: str, first_layer: str, zb_bounds, stabilizer: float
     return None
 
 
-def zennit_table(conv_rule, linear_rule, first, stabilizer: float, name: str) -> RuleTable:
+def zennit_table(conv_rule, linear_rule, first, stabilizer: float, name: str,
+                 add_rule: str = "proportional") -> RuleTable:
     norm = rules.eps_divide(stabilizer)
     by_kind = rules.shared_layers(pool=rules.proportional_pool(divide=norm),
-                                  add=rules.proportional_add(divide=norm), maxpool=rules.winner_take_all,
+                                  add=rules.add_rule(name, add_rule, divide=norm), maxpool=rules.winner_take_all,
                                   bn=rules.passthrough, norm=norm)
     by_kind.update({g.CONV: conv_rule, g.LINEAR: linear_rule})
     return RuleTable(by_kind, first=first, fold_bn=True, name=name)
 
 
-def rap_repo_table(alpha: float, name: str = "lrp-rap-repo") -> RuleTable:
-    by_kind = rules.shared_layers(pool=rules.proportional_pool(), add=rules.proportional_add())
+def rap_repo_table(alpha: float, name: str = "lrp-rap-repo", add_rule: str = "proportional") -> RuleTable:
+    by_kind = rules.shared_layers(pool=rules.proportional_pool(), add=rules.add_rule(name, add_rule))
     ab = alphabeta_rap_repo(alpha)
     by_kind.update({g.CONV: ab, g.LINEAR: ab})
     return RuleTable(by_kind, first=rules.zbox("image", rules.plus_divide(1e-9)), name=name)
@@ -189,13 +190,14 @@ def logit_relevance(ctx: Context) -> torch.Tensor:
 
 class _ZennitLRP(Method):
     def __init__(self, epsilon: float = 1e-6, stabilizer: float = 1e-6, first_layer: str = "zb",
-                 zb_bounds="image"):
+                 zb_bounds="image", add_rule: str = "proportional"):
         number(self.name, "epsilon", epsilon, low=0)
         number(self.name, "stabilizer", stabilizer, low=0)
         check_bounds(self.name, zb_bounds)
         self.epsilon, self.stabilizer, self.first_layer, self.zb_bounds = epsilon, stabilizer, first_layer, zb_bounds
+        self.add_rule = add_rule
         first = first_layer_rule(self.name, first_layer, zb_bounds, stabilizer)
-        self.table = zennit_table(self._conv_rule(), self._linear_rule(), first, stabilizer, self.name)
+        self.table = zennit_table(self._conv_rule(), self._linear_rule(), first, stabilizer, self.name, add_rule)
 
     def run(self, ctx: Context) -> torch.Tensor:
         return ctx.propagate(self.table, logit_relevance(ctx))
@@ -229,8 +231,8 @@ class _ZennitComposite(_ZennitLRP):
     takes the conv rule); ``first_layer="zb"`` or ``"flat"`` asks for one."""
 
     def __init__(self, epsilon: float = 1e-6, stabilizer: float = 1e-6, first_layer: str = "same",
-                 zb_bounds="image"):
-        super().__init__(epsilon, stabilizer, first_layer, zb_bounds)
+                 zb_bounds="image", add_rule: str = "proportional"):
+        super().__init__(epsilon, stabilizer, first_layer, zb_bounds, add_rule)
 
 
 @register
@@ -262,11 +264,11 @@ class EpsilonPlusFlat(EpsilonPlus):
     name = "lrp-epsilon-plus-flat"
     summary = "Zennit's EpsilonPlusFlat: EpsilonPlus with the flat rule on the input layer"
 
-    def __init__(self, epsilon: float = 1e-6, stabilizer: float = 1e-6):
-        super().__init__(epsilon, stabilizer, first_layer="flat")
+    def __init__(self, epsilon: float = 1e-6, stabilizer: float = 1e-6, add_rule: str = "proportional"):
+        super().__init__(epsilon, stabilizer, first_layer="flat", add_rule=add_rule)
 
     def params(self):
-        return {"epsilon": self.epsilon, "stabilizer": self.stabilizer}
+        return {"epsilon": self.epsilon, "stabilizer": self.stabilizer, "add_rule": self.add_rule}
 
 
 @register
@@ -274,8 +276,8 @@ class EpsilonAlpha2Beta1Flat(EpsilonAlpha2Beta1):
     name = "lrp-epsilon-alpha2beta1-flat"
     summary = "Zennit's EpsilonAlpha2Beta1Flat: EpsilonAlpha2Beta1 with the flat rule on the input layer"
 
-    def __init__(self, epsilon: float = 1e-6, stabilizer: float = 1e-6):
-        super().__init__(epsilon, stabilizer, first_layer="flat")
+    def __init__(self, epsilon: float = 1e-6, stabilizer: float = 1e-6, add_rule: str = "proportional"):
+        super().__init__(epsilon, stabilizer, first_layer="flat", add_rule=add_rule)
 
     params = EpsilonPlusFlat.params
 
@@ -286,7 +288,7 @@ class AlphaBeta(Method):
     summary = "LRP-alpha-beta (default alpha2beta1) on every conv and linear layer, z^B input layer by default"
 
     def __init__(self, alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-6, first_layer: str = "zb",
-                 zb_bounds="image"):
+                 zb_bounds="image", add_rule: str = "proportional"):
         number(self.name, "alpha", alpha)
         number(self.name, "beta", beta)
         number(self.name, "stabilizer", stabilizer, low=0)
@@ -294,10 +296,10 @@ class AlphaBeta(Method):
         if alpha - beta != 1 or beta < 0:
             raise ValueError(f"method {self.name!r}: alpha-beta needs alpha - beta = 1 and beta >= 0, got alpha={alpha}, beta={beta}")
         self.alpha, self.beta, self.stabilizer = alpha, beta, stabilizer
-        self.first_layer, self.zb_bounds = first_layer, zb_bounds
+        self.first_layer, self.zb_bounds, self.add_rule = first_layer, zb_bounds, add_rule
         ab = alphabeta(alpha, beta, stabilizer)
         first = first_layer_rule(self.name, first_layer, zb_bounds, stabilizer)
-        self.table = zennit_table(ab, ab, first, stabilizer, self.name)
+        self.table = zennit_table(ab, ab, first, stabilizer, self.name, add_rule)
 
     def run(self, ctx: Context) -> torch.Tensor:
         return ctx.propagate(self.table, logit_relevance(ctx))
@@ -308,17 +310,19 @@ class Gamma(Method):
     name = "lrp-gamma"
     summary = "LRP-gamma (Zennit's Gamma rule, gamma=0.25) on every conv and linear layer, z^B input layer by default"
 
-    def __init__(self, gamma: float = 0.25, stabilizer: float = 1e-6, first_layer: str = "zb", zb_bounds="image"):
+    def __init__(self, gamma: float = 0.25, stabilizer: float = 1e-6, first_layer: str = "zb", zb_bounds="image",
+                 add_rule: str = "proportional"):
         number(self.name, "gamma", gamma, low=0)
         number(self.name, "stabilizer", stabilizer, low=0)
         check_bounds(self.name, zb_bounds)
         self.gamma, self.stabilizer, self.first_layer, self.zb_bounds = gamma, stabilizer, first_layer, zb_bounds
+        self.add_rule = add_rule
         first = first_layer_rule(self.name, first_layer, zb_bounds, stabilizer)
         self.table = self._table(first)
 
     def _table(self, first) -> RuleTable:
         rule = gamma(self.gamma, self.stabilizer)
-        return zennit_table(rule, rule, first, self.stabilizer, self.name)
+        return zennit_table(rule, rule, first, self.stabilizer, self.name, self.add_rule)
 
     def run(self, ctx: Context) -> torch.Tensor:
         return ctx.propagate(self.table, logit_relevance(ctx))
@@ -329,12 +333,14 @@ class EpsilonGammaBox(Method):
     name = "lrp-epsilon-gamma-box"
     summary = "Zennit's EpsilonGammaBox: z^B on the input conv, gamma on the other convs, epsilon on linear layers"
 
-    def __init__(self, epsilon: float = 1e-6, gamma: float = 0.25, stabilizer: float = 1e-6, zb_bounds="image"):
+    def __init__(self, epsilon: float = 1e-6, gamma: float = 0.25, stabilizer: float = 1e-6, zb_bounds="image",
+                 add_rule: str = "proportional"):
         number(self.name, "epsilon", epsilon, low=0)
         number(self.name, "gamma", gamma, low=0)
         number(self.name, "stabilizer", stabilizer, low=0)
         check_bounds(self.name, zb_bounds)
         self.epsilon, self.gamma, self.stabilizer, self.zb_bounds = epsilon, gamma, stabilizer, zb_bounds
+        self.add_rule = add_rule
         self.table = self._table()
 
     def _table(self) -> RuleTable:
@@ -344,7 +350,8 @@ class EpsilonGammaBox(Method):
         def first(layer: Layer, r: torch.Tensor) -> list:
             # Zennit's first map holds convolutions only: an input Linear (an MLP) keeps epsilon
             return (zb if layer.lin.is_conv else dense)(layer, r)
-        return zennit_table(gamma(self.gamma, self.stabilizer), dense, first, self.stabilizer, self.name)
+        return zennit_table(gamma(self.gamma, self.stabilizer), dense, first, self.stabilizer, self.name,
+                            self.add_rule)
 
     def run(self, ctx: Context) -> torch.Tensor:
         return ctx.propagate(self.table, logit_relevance(ctx))
@@ -355,12 +362,12 @@ class RapRepoLRP(Method):
     name = "lrp-rap-repo"
     summary = "LRP-alpha-beta exactly as the RAP authors' code (separate denominators, BN and biases ignored)"
 
-    def __init__(self, alpha: float = 1.0):
+    def __init__(self, alpha: float = 1.0, add_rule: str = "proportional"):
         number(self.name, "alpha", alpha)
         if alpha < 1:
             raise ValueError(f"method {self.name!r}: alpha must be >= 1 (beta = alpha - 1), got {alpha}")
-        self.alpha = alpha
-        self.table = rap_repo_table(alpha)
+        self.alpha, self.add_rule = alpha, add_rule
+        self.table = rap_repo_table(alpha, add_rule=add_rule)
 
     def run(self, ctx: Context) -> torch.Tensor:
         return ctx.propagate(self.table, logit_relevance(ctx))

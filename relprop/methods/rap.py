@@ -15,7 +15,9 @@ Generalised beyond the authors' code: BasicBlock ResNets, DenseNet / Inception
 concatenations and any input size work, because relevance simply flows through both
 residual branches by the proportional Add rule and concatenations are split by slice.
 If the output layer is not a Linear, the seed starts as ``z * onehot`` at the output
-and every layer uses the hidden rule.
+and every layer uses the hidden rule.  ``add_rule`` (``rules.add_rule``) changes the residual
+add only: ``"proportional"`` (default, the signed inputs, as above), ``"abs"`` or ``"equal"``;
+``rap-split`` is RAP with ``"abs"``.
 """
 from __future__ import annotations
 
@@ -72,11 +74,11 @@ def hidden(layer: Layer, r: torch.Tensor) -> list:
     return [out]
 
 
-def table(with_head: bool) -> RuleTable:
-    by_kind = rules.shared_layers(pool=rules.proportional_pool(), add=rules.proportional_add())
+def table(with_head: bool, add_rule: str = "proportional", method: str = "rap") -> RuleTable:
+    by_kind = rules.shared_layers(pool=rules.proportional_pool(), add=rules.add_rule(method, add_rule))
     by_kind.update({g.CONV: hidden, g.LINEAR: hidden})
     return RuleTable(by_kind, first=rules.zbox("image", safe_divide),
-                     head=first_propagation if with_head else None, name="rap")
+                     head=first_propagation if with_head else None, name=method)
 
 
 @register
@@ -84,11 +86,28 @@ class RAP(Method):
     name = "rap"
     summary = "Relative Attributing Propagation: bi-polar relevant/irrelevant attribution (Nam et al. 2020)"
 
-    def __init__(self):
-        self.with_head, self.without_head = table(True), table(False)
+    def __init__(self, add_rule: str = "proportional"):
+        self.add_rule = add_rule
+        self.with_head = table(True, self.add_rule, self.name)
+        self.without_head = table(False, self.add_rule, self.name)
 
     def run(self, ctx: Context) -> torch.Tensor:
         head = ctx.head()
         if head is not None and head.kind == g.LINEAR:
             return ctx.propagate(self.with_head, ctx.seed)
         return ctx.propagate(self.without_head, ctx.seed if ctx.user_seed else ctx.logits * ctx.seed)
+
+
+@register
+class RAPSplit(RAP):
+    """RAP with residual adds split by ``|x_k| / (|x0| + |x1|)`` (``rules.abs_add``, the ratio
+    of LRP-for-ResNet's Relevance Splitting) instead of the signed inputs.  Where a model has
+    no residual add (VGG) it is ``rap`` exactly.  On ResNets RAP's signed split meets branches
+    that nearly cancel after BatchNorm and hands them large shares of opposite signs; the
+    one-signed split does not (README, "Why RAP fails on ResNets")."""
+
+    name = "rap-split"
+    summary = "RAP with residual adds split by |x| (LRP-for-ResNet's Relevance Splitting ratio); = rap without adds"
+
+    def __init__(self, add_rule: str = "abs"):
+        super().__init__(add_rule)

@@ -56,8 +56,9 @@ def _relu_plus_tiny(x):
     return x.clamp(min=0) + 1e-9
 
 
-def table() -> RuleTable:
-    by_kind = rules.shared_layers(pool=rules.proportional_pool(_plus_tiny), add=rules.proportional_add(_relu_plus_tiny))
+def table(add_rule: str = "proportional") -> RuleTable:
+    by_kind = rules.shared_layers(pool=rules.proportional_pool(_plus_tiny),
+                                  add=rules.add_rule("rsp", add_rule, _relu_plus_tiny))
     by_kind[g.CONV] = conv
     return RuleTable(by_kind, first=rules.zbox("image", safe_divide), name="rsp")
 
@@ -67,9 +68,10 @@ class RSP(Method):
     name = "rsp"
     summary = "Relative Sectional Propagation: target vs hostile attribution from Grad-CAM channels (Nam et al. 2021)"
 
-    def __init__(self, init_layer: str | None = None):
+    def __init__(self, init_layer: str | None = None, add_rule: str = "proportional"):
         self.init_layer = layer_name(self.name, init_layer)
-        self.table = table()
+        self.add_rule = add_rule
+        self.table = table(add_rule)
 
     def grad_node(self, graph: g.Graph) -> g.Node:
         return resolve_layer(graph, self.init_layer)
