@@ -163,19 +163,25 @@ class Values:
 
     def get(self, i: int, rows: slice | None = None) -> Any:
         """Node ``i``'s value, or its samples ``rows`` (a batch-carrying value only)."""
+        v = self._forward_value(i, rows)
+        if torch.is_tensor(v) and v.is_floating_point() and v.dtype != self.dtype:
+            v = v.to(self.dtype)
+        return v
+
+    def _forward_value(self, i: int, rows: slice | None) -> Any:
+        """The value as the forward computed it, in the model's dtype: a recomputed value is
+        evaluated on its parent's forward value (never on a cast copy: the model's modules
+        take their own dtype, and the forward's rounding is what the map explains)."""
         v = self.stored[i]
         if v is None:
             n = self.graph.nodes[i]
             if not recomputed(self.graph, n):
                 raise RuntimeError(f"relprop internal error: the value of {n.describe()} was released "
                                    "before its last use")
-            parent = self.get(n.parents[0], rows)   # the only node it reads (see recomputed)
-            v = g.evaluate(n, g.substitute(n.args, {n.parents[0]: parent}), n.kwargs)
-        elif rows is not None:
-            v = v[rows]
-        if torch.is_tensor(v) and v.is_floating_point() and v.dtype != self.dtype:
-            v = v.to(self.dtype)
-        return v
+            parent = self._forward_value(n.parents[0], rows)   # the only node it reads (see recomputed)
+            with torch.no_grad():
+                return g.evaluate(n, g.substitute(n.args, {n.parents[0]: parent}), n.kwargs)
+        return v if rows is None else v[rows]
 
     def shape(self, i: int) -> torch.Size:
         """Shape of node ``i``'s value without recomputing it (activations keep their input's)."""

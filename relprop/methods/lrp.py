@@ -79,8 +79,9 @@ def gamma(g: float, eps: float):
     nothing.  ``g = 0`` is LRP-0 with the stabiliser; for ``x >= 0`` it is Montavon's gamma."""
     def rule(layer: Layer, r: torch.Tensor) -> list:
         lin, x = layer.lin, layer.x
-        w = lin.weight
-        up, un = w + g * lin.pos, w + g * lin.neg      # built per call: weights may change in place
+        # built per call (weights may change in place); streamed for a large Linear
+        up = lin.derived(lambda w: w + g * w.clamp(min=0))
+        un = lin.derived(lambda w: w + g * w.clamp(max=0))
         signed = not layer.x_nonneg           # x- == 0 after a ReLU: its terms are exact zeros, skipped
         xp = x.clamp(min=0) if signed else x
         zp, zn = lin.fwd(xp, up), lin.fwd(xp, un)
@@ -138,11 +139,11 @@ def zplus_plain(negate: bool = False, eps: float | None = 1e-9):
         if layer.x_nonneg and not negate and eps is not None:   # the fused split passes
             s1, _ = ops.split_scale(lin, x, r, "zplus", eps=eps)
             return [ops.split_backward(lin, x, s1, None, "pn")]
-        vp = (-lin.weight).clamp(min=0) if negate else lin.pos
+        vp = lin.derived(lambda w: (-w).clamp(min=0)) if negate else lin.pos
         if layer.x_nonneg:
             return [x * lin.bwd(divide(r, lin.fwd(x, vp)), vp, x.shape)]
         xp, xn = x.clamp(min=0), x.clamp(max=0)
-        vn = (-lin.weight).clamp(max=0) if negate else lin.neg
+        vn = lin.derived(lambda w: (-w).clamp(max=0)) if negate else lin.neg
         s = divide(r, lin.fwd(xp, vp) + lin.fwd(xn, vn))
         return [xp * lin.bwd(s, vp, x.shape) + xn * lin.bwd(s, vn, x.shape)]
     return rule

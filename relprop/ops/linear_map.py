@@ -157,6 +157,12 @@ class LinearMap:
             return tuple(RowSplit(self, _SPLITS[h]) for h in _PAIRS[name])
         return self.split(name).chunk(2, dim=0)
 
+    def derived(self, fn) -> torch.Tensor | RowSplit:
+        """Weights ``fn(W)`` for an elementwise ``fn`` (a rule's own combination of the
+        weights, e.g. LRP-gamma's ``W + g W+``): a tensor, or for a streamed map a
+        :class:`RowSplit` formed per block of rows inside each product."""
+        return RowSplit(self, fn) if self.streams else fn(self.weight)
+
     @property
     def streams(self) -> bool:
         """A Linear map too large to hold sign-split copies of (``STREAM_BYTES``): its splits
