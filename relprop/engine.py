@@ -92,9 +92,12 @@ def split_amplification(r0: torch.Tensor, r1: torch.Tensor) -> torch.Tensor:
     L2 norm over the L2 norm of ``R``: ``||R k^2|| / ||R||``; 1 where both shares have one sign
     (inputs >= 0, as RSP/AE make them), infinite where shares appear from nothing.
     """
-    s = (r0 + r1).abs().flatten(1)
-    k = amplification(r0.abs().flatten(1) + r1.abs().flatten(1), s)
-    return amplification((s * k * k).norm(dim=1), s.norm(dim=1))
+    s = (r0 + r1).abs_().flatten(1)
+    t = r0.abs().add_(r1.abs()).flatten(1)
+    # s k^2 = t^2 / s in place (these are the largest tensors of a ResNet walk): 0/0 (no
+    # shares) is 0, t/0 (shares from nothing) stays infinite
+    sk2 = t.square_().div_(s).nan_to_num_(nan=0.0, posinf=float("inf"))
+    return amplification(sk2.norm(dim=1), s.norm(dim=1))
 
 
 def amplification(size: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -154,6 +157,12 @@ class Values:
 
     def __init__(self, graph: g.Graph, stored: list[Any], dtype: torch.dtype):
         self.graph, self.stored, self.dtype = graph, stored, dtype
+        # Recomputed values (whole batch) kept from their first read to their release, while a
+        # walk releases values (``hold_recomputed``): a conv -> BN -> ReLU value is then computed
+        # once, not by each of its three or four readers, and lives only between its readers,
+        # as a saved tensor of autograd does.  Without releases nothing is held.
+        self.hold_recomputed = False
+        self._recomputed: dict[int, Any] = {}
 
     def __len__(self) -> int:
         return len(self.stored)
@@ -174,13 +183,19 @@ class Values:
         take their own dtype, and the forward's rounding is what the map explains)."""
         v = self.stored[i]
         if v is None:
+            held = self._recomputed.get(i)
+            if held is not None:
+                return held if rows is None else held[rows]
             n = self.graph.nodes[i]
             if not recomputed(self.graph, n):
                 raise RuntimeError(f"relprop internal error: the value of {n.describe()} was released "
                                    "before its last use")
             parent = self._forward_value(n.parents[0], rows)   # the only node it reads (see recomputed)
             with torch.no_grad():
-                return g.evaluate(n, g.substitute(n.args, {n.parents[0]: parent}), n.kwargs)
+                v = g.evaluate(n, g.substitute(n.args, {n.parents[0]: parent}), n.kwargs)
+            if self.hold_recomputed and rows is None:
+                self._recomputed[i] = v
+            return v
         return v if rows is None else v[rows]
 
     def shape(self, i: int) -> torch.Size:
@@ -191,6 +206,10 @@ class Values:
     def release(self, i: int) -> None:
         if 0 < i < len(self.stored) - 1:   # the input and the output stay
             self.stored[i] = None
+            self._recomputed.pop(i, None)
+
+    def drop_recomputed(self) -> None:
+        self._recomputed.clear()
 
 
 # A conv/linear whose input or output is larger than this (at the full batch) applies its
@@ -361,6 +380,7 @@ class Context:
         if release:
             for n in nodes[start.index + 1:]:
                 self.values.release(n.index)
+        self.values.hold_recomputed = release
         for node in reversed(nodes[:start.index + 1]):
             for i in release_at.get(node.index + 1, ()):   # read for the last time by the node before
                 self.values.release(i)
@@ -379,6 +399,8 @@ class Context:
                     relevance[p] = relevance[p] + ri if p in relevance else ri
                 if self.layer_sums is not None and node.kind not in (g.OUTPUT, g.HELPER):
                     self.layer_sums[node.name] = sum(ri.flatten(1).sum(1) for _, ri in outs)
+        self.values.hold_recomputed = False
+        self.values.drop_recomputed()
         return results
 
     def _apply(self, rule: Rule, node: g.Node, fold_bn: bool, r: torch.Tensor) -> list:

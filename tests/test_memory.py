@@ -188,3 +188,29 @@ def test_streamed_linear_splits_equal_materialised(monkeypatch):
     torch.testing.assert_close(lm.bwd2(s, 2 * s, "pn", x.shape), ref.bwd2(s, 2 * s, "pn", x.shape),
                                rtol=1e-13, atol=1e-13)
     assert "split-pn" not in lm._cache and "split-pa" not in lm._cache   # never held whole
+
+
+def test_recomputed_values_are_evaluated_once_per_walk(monkeypatch):
+    """A conv -> BN -> ReLU value that the forward did not keep is recomputed once per walk
+    (then held until its last reader), not once per reader; the maps are unchanged."""
+    import torch
+    import relprop
+    from relprop import engine
+    from relprop.graph import nodes
+    model = _small_net()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    counts: dict = {}
+    real = nodes.evaluate
+
+    def counting(n, args, kwargs):
+        counts[n.index] = counts.get(n.index, 0) + 1
+        return real(n, args, kwargs)
+
+    explainer = relprop.Explainer(model, "lrp-epsilon-plus-flat")
+    want = explainer(x, target=[1, 2])
+    monkeypatch.setattr(engine.g, "evaluate", counting)
+    got = explainer(x, target=[1, 2])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    recomputed_reads = {i: c for i, c in counts.items() if c > 1}
+    assert counts, "no node was evaluated through relprop.graph.evaluate"
+    assert not recomputed_reads, recomputed_reads

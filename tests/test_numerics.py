@@ -215,3 +215,17 @@ def test_half_precision_models_get_float32_relevance_within_the_stated_bound(dty
         r64 = relprop.Explainer(model64, method)(x.double(), target)
         err = rel_l2(att.relevance, r64)
         assert err.median() <= HALF_BOUND[dtype], (method, err.median().item())
+
+
+def test_split_amplification_of_exactly_cancelling_shares_is_infinite():
+    """Shares of opposite sign that sum to exactly 0 (relevance from nothing) make the
+    estimate infinite, so the map is reported; no shares at all leave it at 1."""
+    from relprop.engine import split_amplification
+    r0 = torch.tensor([[1.0, 2.0], [0.0, 2.0], [3.0, 1.0]])
+    r1 = torch.tensor([[-1.0, 2.0], [0.0, 2.0], [1.0, 1.0]])
+    amp = split_amplification(r0, r1)
+    assert amp[0] == float("inf")
+    assert amp[1] == 1.0 and amp[2] == 1.0        # one-signed shares: no amplification
+    r0, r1 = torch.tensor([[3.0, -1.0]]), torch.tensor([[-1.0, 2.0]])   # |R| = (2, 1), sum|.| = (4, 3)
+    want = torch.tensor([4.0**2 / 2, 3.0**2 / 1]).norm() / torch.tensor([2.0, 1.0]).norm()
+    torch.testing.assert_close(split_amplification(r0, r1), want.reshape(1))

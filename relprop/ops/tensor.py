@@ -16,7 +16,10 @@ def safe_divide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
     """Zennit's stabiliser: ``z + eps * sign(z)`` with ``sign(0) = +1``."""
-    return z + eps * ((z == 0).to(z.dtype) + z.sign())
+    # two passes where z + eps * sign(z) takes five; the same values (z +/- eps in z's dtype,
+    # NaN stays NaN: NaN >= 0 is false, NaN - eps is NaN)
+    e = torch.tensor(eps, dtype=z.dtype, device=z.device)
+    return torch.where(z >= 0, e, -e).add_(z)
 
 
 def psum(t: torch.Tensor) -> torch.Tensor:
