@@ -110,9 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate_parser(sub, fmt)
     _add_attribute_parser(sub, fmt)
     _add_explain_parser(sub, fmt)
-    sub.add_parser("methods", help="list the attribution methods with a one-line description",
+    sub.add_parser("methods", help="list the attribution methods, a line each, with their parameters",
                    description="List every method name accepted by relprop.Explainer(model, method=...) "
-                               "and by 'relprop demo --methods'.",
+                               "and by 'relprop demo --methods', with its parameters and their defaults "
+                               "(set them with --param KEY=VALUE in 'explain' and 'attribute', or as "
+                               "keywords of relprop.Explainer).",
                    epilog="example:\n  relprop methods", formatter_class=fmt)
     backends = sub.add_parser(
         "backends", help="show which compute backends (torch, triton, cuda) are available and why not",
@@ -172,7 +174,19 @@ def _methods() -> int:
     width = max(map(len, methods))
     for name, summary in methods.items():
         print(f"{name:<{width}}  {summary}")
+        params = method_parameters(name)
+        if params:
+            print(f"{'':<{width}}  parameters: " + ", ".join(f"{k}={v!r}" for k, v in params.items()))
     return 0
+
+
+def method_parameters(name: str) -> dict:
+    """A method's parameters and their defaults (what ``--param KEY=VALUE`` sets)."""
+    import inspect
+
+    from .methods import METHODS
+    sig = inspect.signature(METHODS[name].__init__)
+    return {k: p.default for k, p in sig.parameters.items() if k != "self"}
 
 
 def _backends(check: bool) -> int:
@@ -404,8 +418,8 @@ def _add_attribute_parser(sub, fmt) -> None:
                    help="a --dataset constructor option, repeatable, e.g. train=False, split='val', size=100 "
                         "(values are Python literals)")
     _add_model_options(p)
-    p.add_argument("--targets", default="predicted", metavar="T",
-                   help="classes to explain per image: predicted, label (ImageFolder layout), topk:K "
+    p.add_argument("--targets", "--target", dest="targets", default="predicted", metavar="T",
+                   help="classes to explain per image (--target is the same option): predicted, label (ImageFolder layout), topk:K "
                         "(the K highest-scoring classes) or a list like 1,5,7 (default: %(default)s)")
     p.add_argument("--batch-size", type=_batch_size, default=32, metavar="N",
                    help="images per batch, or 'auto': the largest that fits, from the measured memory of one "
@@ -425,8 +439,9 @@ def _add_explain_parser(sub, fmt) -> None:
                        description=EXPLAIN_DESCRIPTION, epilog=EXPLAIN_EXAMPLES, formatter_class=fmt)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     _add_model_options(p)
-    p.add_argument("--target", metavar="C[,C...]", help="class index or comma-separated indices "
-                                                         "(default: the predicted class)")
+    p.add_argument("--target", "--targets", dest="target", metavar="C[,C...]",
+                   help="class index or comma-separated indices (--targets is the same option; "
+                        "default: the predicted class)")
     p.add_argument("-o", "--out", required=True, metavar="DIR", help="output folder, created if missing")
     p.set_defaults(subparser=p)
 

@@ -49,13 +49,27 @@ def test_no_command_prints_help_and_fails(capsys):
 
 def test_methods_lists_every_method(capsys):
     assert cli.main(["methods"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
+    out = capsys.readouterr().out.strip().splitlines()
+    lines = [line for line in out if not line.lstrip().startswith("parameters: ")]
     methods = relprop.available_methods()
     assert len(methods) == 19 and len(lines) == len(methods)
     assert {"lrp-gamma", "lrp-epsilon-gamma-box", "gradcam", "rap-split"} <= {line.split()[0] for line in lines}
     for line, (name, summary) in zip(lines, methods.items()):
         assert line.split()[0] == name
         assert line.rstrip().endswith(summary)
+    # each method's parameter line, right under it, gives the defaults Explainer uses
+    params, name = {}, None
+    for line in out:
+        if line.lstrip().startswith("parameters: "):
+            params[name] = line.strip()
+        else:
+            name = line.split()[0]
+    assert params["lrp-epsilon"].startswith("parameters: epsilon=")
+    assert "ratio=" in params["ae"] and "gradient" not in params
+    for name, line in params.items():
+        defaults = relprop.Explainer(torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3), torch.nn.Flatten()),
+                                     name).method.params()
+        assert line == "parameters: " + ", ".join(f"{k}={v!r}" for k, v in defaults.items())
 
 
 def test_backends_reports_availability_and_reasons(capsys):
@@ -177,3 +191,11 @@ def test_module_entry_point_exit_codes():
     bad = subprocess.run([sys.executable, "-m", "relprop.cli", "demo", "--methods", "nope"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown method(s) 'nope'" in bad.stderr
+
+
+def test_target_and_targets_are_one_option_in_both_commands():
+    parser = cli.build_parser()
+    for flag in ("--target", "--targets"):
+        assert parser.parse_args(["explain", "a.png", "--model", "shapes-vgg", flag, "3,7", "-o", "o"]).target == "3,7"
+        assert parser.parse_args(["attribute", "--data", "d", "--model", "shapes-vgg", flag, "topk:2",
+                                  "--out", "o"]).targets == "topk:2"
