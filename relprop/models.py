@@ -108,10 +108,15 @@ def _torchvision_weights(spec: str, weights):
     """The torchvision weights enum member named by ``weights``, or None for a path / no weights."""
     import torchvision
 
-    names = torchvision.models.list_models()
+    # the command line explains image classifiers: torchvision's top-level models (not its
+    # detection, segmentation, video, optical-flow or quantized ones)
+    names = torchvision.models.list_models(module=torchvision.models)
     if spec not in names:
-        raise ValueError(f"unknown model {spec!r}; {MODEL_SPEC_HELP}. torchvision architectures: "
-                         f"{', '.join(names)}")
+        other = spec in torchvision.models.list_models()
+        raise ValueError((f"{spec!r} is a torchvision model but not an image classifier; the command line "
+                          "explains image classifiers"
+                          if other else f"unknown model {spec!r}") +
+                         f"; {MODEL_SPEC_HELP}. torchvision classifiers: {', '.join(names)}")
     if weights is None or not _WEIGHTS_NAME.fullmatch(os.fspath(weights)):
         return None
     enum = torchvision.models.get_model_weights(spec)

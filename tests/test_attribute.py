@@ -545,6 +545,10 @@ def test_cli_validates_before_any_work(data, tmp_path, capsys, no_work):
     assert "cannot write" in _cli_error(_attr_args(data, tmp_path / "afile" / "out"), capsys)
     err = _cli_error(["attribute", "--data", str(data), "--model", "no_such_net", "--out", str(out)], capsys)
     assert "unknown model 'no_such_net'" in err and "package.module:function" in err and "resnet50" in err
+    assert "fcn_resnet50" not in err and "fasterrcnn" not in err and "quantized" not in err   # classifiers only
+    err = _cli_error(["attribute", "--data", str(data), "--model", "fasterrcnn_resnet50_fpn", "--out", str(out)],
+                     capsys)
+    assert "'fasterrcnn_resnet50_fpn' is a torchvision model but not an image classifier" in err
     err = _cli_error(_attr_args(data, out, "--method", "nope"), capsys)
     assert "unknown method 'nope'" in err and "lrp-epsilon" in err
     assert "no parameter" in _cli_error(_attr_args(data, out, "--param", "bogus=1"), capsys)
