@@ -173,7 +173,7 @@ class Values:
         evaluated on its parent's forward value (never on a cast copy: the model's modules
         take their own dtype, and the forward's rounding is what the map explains)."""
         v = self.stored[i]
-        if v is None:
+        if v is None and self.graph.nodes[i].kind != g.HELPER:   # a helper may compute None (timm's no-mask)
             n = self.graph.nodes[i]
             if not recomputed(self.graph, n):
                 raise RuntimeError(f"relprop internal error: the value of {n.describe()} was released "

@@ -172,7 +172,7 @@ def _make_node(fn: fx.Node, model: nn.Module, i: int, index: dict) -> Node:
         if type(target) is nn.MultiheadAttention:
             why = _mha_refusal(target, *fn.args, **fn.kwargs)
     elif fn.op == "call_function":
-        kind = function_kind(fn.target)
+        kind = function_kind(fn.target) or _no_mask_kind(fn)
         if fn.target is F.linear and (owner := _in_projection_owner(fn, model)) is not None:
             target, name = InProjection(owner), _module_path(model, owner) + ".in_proj"
         elif fn.target in _OWNED:
@@ -205,6 +205,27 @@ def _make_node(fn: fx.Node, model: nn.Module, i: int, index: dict) -> Node:
         node.kind, node.why = None, (f"a mean over dim={dims!r} averages across the batch; average over "
                                      "the feature dims only, e.g. x.mean((2, 3))")
     return node
+
+
+def _no_mask(fn) -> bool:
+    """A call of timm's ``resolve_self_attn_mask(n, attn, attn_mask, is_causal)`` building no mask."""
+    if not (isinstance(fn, fx.Node) and getattr(fn.target, "__module__", "") == "timm.layers.attention"
+            and getattr(fn.target, "__name__", "") == "resolve_self_attn_mask"):
+        return False
+    mask = fn.args[2] if len(fn.args) > 2 else fn.kwargs.get("attn_mask")
+    causal = fn.args[3] if len(fn.args) > 3 else fn.kwargs.get("is_causal", False)
+    return mask is None and causal is False
+
+
+def _no_mask_kind(fn: fx.Node) -> str | None:
+    """timm's unfused attention without a mask (fx-wrapped calls): ``resolve_self_attn_mask``
+    then computes no mask (a helper) and ``maybe_add_mask(scores, None)`` is the identity."""
+    if _no_mask(fn):
+        return HELPER
+    if getattr(fn.target, "__module__", "") == "timm.layers.attention" and fn.target.__name__ == "maybe_add_mask":
+        mask = fn.args[1] if len(fn.args) > 1 else fn.kwargs.get("attn_mask")
+        return PASS if mask is None or _no_mask(mask) else None
+    return None
 
 
 def _activation(n: Node):
