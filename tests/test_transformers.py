@@ -148,10 +148,11 @@ def test_every_method_runs(name, method):
     assert (a.relevance.flatten(1).abs().sum(1) > 0).all()
 
 
-@pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("method", WITH_ATTENTION_RULE)
-def test_every_method_runs_with_attnlrp(name, method):
-    model = MODELS[name](dtype=D)
+def test_every_method_runs_with_attnlrp(method):
+    """On timm's unfused attention (its softmax and both products); the fused attention takes
+    the same rules (test_fused_and_unfused_timm_attention_give_the_same_map)."""
+    model = timm_vit(fused=False, dtype=D)
     x = torch.randn(2, 3, 32, 32, dtype=D, generator=torch.Generator().manual_seed(3))
     cp = relprop.Explainer(model, method).attribute(x)
     a = relprop.Explainer(model, method, attention_rule="attnlrp").attribute(x)
@@ -169,8 +170,8 @@ def test_fused_and_unfused_timm_attention_give_the_same_map(method, attention_ru
     torch.testing.assert_close(fused, unfused, rtol=1e-9, atol=1e-12 * fused.abs().max().item())
 
 
-@pytest.mark.parametrize("name", list(MODELS))
-@pytest.mark.parametrize("method", ["lrp-epsilon", "lrp-alphabeta", "rap", "rsp", "ae", "clrp", "sglrp"])
+@pytest.mark.parametrize("name", ["torchvision", "timm-unfused"])
+@pytest.mark.parametrize("method", ["lrp-epsilon", "rap", "rsp", "clrp"])
 def test_batch_equals_single_samples(name, method):
     model = MODELS[name](dtype=D)
     x = torch.randn(3, 3, 32, 32, dtype=D, generator=torch.Generator().manual_seed(5))
@@ -201,10 +202,11 @@ def test_cp_lrp_attention_and_bias_free_projections_conserve(fused):
         out = sums[f"blocks.{block}.attn.proj"]        # relevance at the projection's input
         assert (out.abs() > 1e-3 * a.logits.abs().max()).all()
         torch.testing.assert_close(sums[f"blocks.{block}.attn.qkv"], out, rtol=1e-9, atol=0)
-    for n in attention:
-        if sums.get(n.name) is not None and n.kind == g.ATTENTION or (n.kind == g.MATMUL and n.name in sums):
-            consumer = graph.nodes[graph.consumers[n.index][0]]
-            torch.testing.assert_close(sums[n.name], sums[consumer.name], rtol=1e-9, atol=0)
+    reached = [n for n in attention if n.name in sums]   # q @ k^T takes no relevance under CP-LRP
+    assert len(reached) == 2
+    for n in reached:   # relevance at the attention's inputs = at its output (its consumer's inputs)
+        consumer = graph.nodes[graph.consumers[n.index][0]]
+        torch.testing.assert_close(sums[n.name], sums[consumer.name], rtol=1e-9, atol=0)
 
 
 def test_attnlrp_product_rule_splits_half_half_and_conserves():
@@ -219,7 +221,6 @@ def test_attnlrp_product_rule_splits_half_half_and_conserves():
     torch.testing.assert_close(ra.sum((1, 2, 3)), r.sum((1, 2, 3)) / 2)
     torch.testing.assert_close(rb.sum((1, 2, 3)), r.sum((1, 2, 3)) / 2)
     ag, bg = a.clone().requires_grad_(), b.clone().requires_grad_()
-    torch.autograd.grad((ag @ bg * (r / z)).sum(), [ag, bg])
     ga, gb = torch.autograd.grad((ag @ bg * (r / z)).sum(), [ag, bg])
     torch.testing.assert_close(ra, a * ga / 2)
     torch.testing.assert_close(rb, b * gb / 2)
