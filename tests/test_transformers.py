@@ -315,3 +315,22 @@ def test_swin_is_refused_with_what_is_missing():
                     "_get_relative_position_bias (call_function _get_relative_position_bias)",
                     "_patch_merging_pad (call_function _patch_merging_pad)"):
         assert missing in msg
+
+
+# ------------------------------------------------------------------ full-size models (slow)
+@pytest.fixture(scope="module", params=["vit_tiny_patch16_224", "deit_tiny_patch16_224"])
+def timm_model(request):
+    torch.manual_seed(0)
+    return request.param, _randomise(timm.create_model(request.param, pretrained=False)).eval()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_runs_on_timm_vit_and_deit(timm_model, method):
+    name, model = timm_model
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(9))
+    a = relprop.Explainer(model, method).attribute(x)
+    with torch.no_grad():
+        torch.testing.assert_close(a.logits, model(x), rtol=1e-4, atol=1e-5, msg=f"{name} {method}: logits")
+    assert a.relevance.shape == x.shape
+    assert torch.isfinite(a.relevance).all() and a.relevance.abs().sum() > 0, f"{name} {method}"
