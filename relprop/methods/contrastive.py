@@ -16,6 +16,8 @@ returns their difference.
 ``sglrp``: seeds from the softmax gradient, ``p_t (1 - p_t) + 1e-8`` at the target and
 ``p_t p_n`` on the others, both through the RAP repository's LRP (alpha=1), combined like
 ``agf``.  ``clrp(output="lrp" | "dual")`` returns one of the two raw maps instead.
+Transformers: ``attention_rule`` as in :mod:`.lrp` (CP-LRP by default: the values of
+``a @ v`` take the table's z+ / alpha-beta Linear rule; or ``"attnlrp"``).
 """
 from __future__ import annotations
 

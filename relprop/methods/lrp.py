@@ -12,6 +12,11 @@ Two families:
   one separate denominator per signed term, biases and BatchNorm ignored, ``SD`` guards,
   z^B with ``+1e-9`` at the input.  The golden ``lrp_*`` cases use it.
 
+Transformers: ``attention_rule="cp-lrp"`` (default) holds the attention weights constant and
+gives ``a @ v`` the method's Linear rule (epsilon, z+, alpha-beta, gamma, or the RAP
+repository's alpha-beta for ``lrp-rap-repo``); ``"attnlrp"`` takes AttnLRP's softmax and
+half/half product rules with the method's quotient (rules.attention_layers).
+
 Relevance starts as ``z_t`` at the target logit (``z * onehot``), or as the
 ``initial_relevance`` given by the caller.
 """

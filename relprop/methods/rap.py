@@ -17,7 +17,9 @@ residual branches by the proportional Add rule and concatenations are split by s
 If the output layer is not a Linear, the seed starts as ``z * onehot`` at the output
 and every layer uses the hidden rule.  ``add_rule`` (``rules.add_rule``) changes the residual
 add only: ``"proportional"`` (default, the signed inputs, as above), ``"abs"`` or ``"equal"``;
-``rap-split`` is RAP with ``"abs"``.
+``rap-split`` is RAP with ``"abs"``.  Transformers: ``attention_rule="cp-lrp"`` (default)
+gives the values of ``a @ v`` (attention weights held constant, >= 0) the hidden Linear rule;
+``"attnlrp"`` AttnLRP's rules (rules.attention_layers).
 """
 from __future__ import annotations
 
