@@ -334,3 +334,29 @@ def test_every_method_runs_on_timm_vit_and_deit(timm_model, method):
         torch.testing.assert_close(a.logits, model(x), rtol=1e-4, atol=1e-5, msg=f"{name} {method}: logits")
     assert a.relevance.shape == x.shape
     assert torch.isfinite(a.relevance).all() and a.relevance.abs().sum() > 0, f"{name} {method}"
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("attention_rule", ["cp-lrp", "attnlrp"])
+def test_input_relevance_sums_to_the_logit_without_biases(fused, attention_rule):
+    """A ViT with every bias, the class token and the position embedding zero and its
+    LayerNorms removed (their offsets are biases of the z-rule) conserves: the epsilon map
+    (epsilon -> 0) sums to the target logit under CP-LRP.  AttnLRP's softmax rule does not
+    conserve, so there the sum differs."""
+    model = timm_vit(fused=fused, dtype=D)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("bias", "cls_token", "pos_embed")):
+                p.zero_()
+    for block in model.blocks:
+        block.norm1, block.norm2 = nn.Identity(), nn.Identity()
+    model.norm = nn.Identity()
+    x = torch.randn(2, 3, 32, 32, dtype=D, generator=torch.Generator().manual_seed(10))
+    a = relprop.Explainer(model, "lrp-epsilon", epsilon=1e-12, stabilizer=1e-12, first_layer="same",
+                          attention_rule=attention_rule).attribute(x)
+    logit = a.logits.gather(1, a.target[:, None])[:, 0]
+    total = a.relevance.flatten(1).sum(1)
+    if attention_rule == "cp-lrp":
+        torch.testing.assert_close(total, logit, rtol=1e-8, atol=0)
+    else:
+        assert not torch.allclose(total, logit, rtol=1e-3)
