@@ -96,7 +96,10 @@ def capture(model: nn.Module) -> Graph:
         tracer = _Tracer()
         # extra forward parameters with defaults (timm's ``attn_mask=None, is_causal=False``) are
         # fixed at their defaults: their placeholders only feed fx's checks of those values
-        params = list(inspect.signature(model.forward).parameters.values())[1:]
+        try:
+            params = list(inspect.signature(model.forward).parameters.values())[1:]
+        except (TypeError, ValueError):   # no signature to read: trace as before
+            params = []
         concrete = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty
                     and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
         try:
