@@ -360,3 +360,48 @@ def test_input_relevance_sums_to_the_logit_without_biases(fused, attention_rule)
         torch.testing.assert_close(total, logit, rtol=1e-8, atol=0)
     else:
         assert not torch.allclose(total, logit, rtol=1e-3)
+
+
+class _HalfMatmul(torch.autograd.Function):
+    """``a @ b`` whose gradients are halved (AttnLRP's uniform rule as gradient x input)."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return _matmul(a, b)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        return _matmul(grad, b.transpose(-2, -1)) / 2, _matmul(a.transpose(-2, -1), grad) / 2
+
+
+_matmul = torch.Tensor.__matmul__
+
+
+def _half_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return _HalfMatmul.apply((_HalfMatmul.apply(q, k.transpose(-2, -1)) * scale).softmax(-1), v)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_attnlrp_epsilon_is_gradient_x_input_with_halved_products(name):
+    """AttnLRP's softmax rule ``x * (R - s * sum R)`` is gradient x input through the softmax
+    (its Jacobian), and its product rule gradient x input with halved gradients: with epsilon
+    -> 0 the map is gradient x input of the network with the LayerNorm statistics detached,
+    GELU's derivative ``gelu(z) / z`` and both attention products' gradients halved."""
+    model = MODELS[name](dtype=D)
+    x = torch.randn(2, 3, 32, 32, dtype=D, generator=torch.Generator().manual_seed(11))
+    a = relprop.Explainer(model, "lrp-epsilon", epsilon=0, stabilizer=0, first_layer="same",
+                          attention_rule="attnlrp").attribute(x)
+    xg = x.clone().requires_grad_(True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(F, "layer_norm", _detached_layer_norm)
+        mp.setattr(F, "gelu", lambda z, approximate="none": _SecantGelu.apply(z, approximate))
+        mp.setattr(F, "scaled_dot_product_attention", _half_attention)
+        mp.setattr(torch.Tensor, "__matmul__", lambda s, o: _HalfMatmul.apply(s, o))
+        out = model(xg)
+    (grad,) = torch.autograd.grad(out.gather(1, a.target[:, None]).sum(), xg)
+    expected = x * grad
+    error = (a.relevance - expected).norm() / expected.norm()
+    assert error < 1e-8, f"relative L2 error {error:.3g}"
