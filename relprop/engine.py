@@ -182,7 +182,7 @@ class Values:
         evaluated on its parent's forward value (never on a cast copy: the model's modules
         take their own dtype, and the forward's rounding is what the map explains)."""
         v = self.stored[i]
-        if v is None:
+        if v is None and self.graph.nodes[i].kind != g.HELPER:   # a helper may compute None (timm's no-mask)
             held = self._recomputed.get(i)
             if held is not None:
                 return held if rows is None else held[rows]

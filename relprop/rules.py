@@ -12,7 +12,8 @@ import torch
 
 from . import graph as g
 from .engine import Layer, Rule
-from .ops import maxpool_ties_split, safe_divide, stabilize, vjp
+from .ops import WeightsMap, maxpool_ties_split, safe_divide, stabilize, vjp
+from .ops import reference as reference_ops
 
 Divide = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -102,9 +103,23 @@ def reshape(layer: Layer, r: torch.Tensor) -> list:
 
 
 def cat(layer: Layer, r: torch.Tensor) -> list:
-    """Concatenation: each input gets its own slice of the relevance."""
+    """Concatenation: each input gets its own slice of the relevance; the slice of a model
+    tensor concatenated to the signal (a ViT's class token) is dropped, as a bias's share."""
     dim = layer.args[1] if len(layer.args) > 1 else layer.kwargs.get("dim", 0)
-    return list(r.split([x.shape[dim] for x in layer.xs], dim=dim))
+    tensors = layer.args[0] if layer.args else layer.kwargs["tensors"]
+    refs = layer.node.args[0] if layer.node.args else layer.node.kwargs["tensors"]
+    pieces = r.split([t.shape[dim] for t in tensors], dim=dim)
+    return [p for ref, p in zip(refs, pieces) if isinstance(ref, g.Ref) and ref in layer.node.parents]
+
+
+def offset(divide: Divide = safe_divide) -> Rule:
+    """``y = x + c`` with ``c`` a model tensor (a ViT's position embedding), a bias: the z-rule
+    ``R_in = x * divide(R, y)``; the share ``c * R / y`` of the offset is dropped.  With the
+    plain quotient it is gradient x input; it conserves where ``c = 0``.  Used by every method
+    (its own ``divide``)."""
+    def rule(layer: Layer, r: torch.Tensor) -> list:
+        return [layer.x * divide(r, layer.y)]
+    return rule
 
 
 def index(layer: Layer, r: torch.Tensor) -> list:
@@ -119,6 +134,8 @@ def split_piece(layer: Layer, r: torch.Tensor) -> list:
     elsewhere; the pieces' relevances add up at the split, which passes them on."""
     pieces = layer.x
     i = layer.args[1] % len(pieces)
+    if layer.node.stack:   # a piece of unbind: the dim it was cut along is stacked back
+        return [torch.stack([r if j == i else torch.zeros_like(p) for j, p in enumerate(pieces)], dim=layer.node.dim)]
     return [torch.cat([r if j == i else torch.zeros_like(p) for j, p in enumerate(pieces)], dim=layer.node.dim)]
 
 
@@ -212,11 +229,103 @@ def maxpool_ties_shared(layer: Layer, r: torch.Tensor) -> list:
     return [maxpool_ties_split(layer.x, r, *p)]
 
 
+# ----------------------------------------------------------------- attention
+ATTENTION_RULES = ("cp-lrp", "attnlrp")
+
+
+def attention_weights(layer: Layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(a, v)`` of an attention node: for ``scaled_dot_product_attention(q, k, v)`` the
+    weights ``a = softmax(q @ k^T * scale)`` (``scale`` default ``1 / sqrt(d)``) recomputed from
+    ``q`` and ``k``, for ``softmax(...) @ v`` the product's own operands."""
+    if layer.node.kind != g.ATTENTION:
+        return layer.xs[0], layer.xs[1]
+    q, k, v = layer.xs
+    return (q @ k.transpose(-2, -1) * _sdpa_scale(layer, q)).softmax(-1), v
+
+
+def _sdpa_scale(layer: Layer, q: torch.Tensor) -> float:
+    scale = layer.kwargs.get("scale", layer.args[6] if len(layer.args) > 6 else None)
+    return q.shape[-1] ** -0.5 if scale is None else scale
+
+
+def constant_weights(method: str, linear: Rule | None) -> Rule:
+    """CP-LRP (Ali et al. 2022): the attention weights ``a`` (the softmax output) are held
+    constant, so ``out = a @ v`` is a linear map of the values ``v`` (:class:`~relprop.ops.WeightsMap`),
+    whose relevance the method's own Linear rule ``linear`` gives (for LRP-epsilon
+    ``R_v = v * (a^T @ (R / stabilize(out)))``); nothing flows into ``q`` and ``k``.  Under the
+    epsilon rule (epsilon -> 0) this is gradient x input with the weights detached."""
+    def rule(layer: Layer, r: torch.Tensor) -> list:
+        if linear is None:
+            raise NotImplementedError(f"method {method!r} has no Linear rule for the values of "
+                                      f"{layer.node.describe()}")
+        a, v = attention_weights(layer)
+        z = (a @ v).transpose(-1, -2)
+        sub = Layer(layer.node, [v.transpose(-1, -2)], z, (), {}, lin=WeightsMap(a), z=z, ops=reference_ops)
+        rv = linear(sub, r.transpose(-1, -2))[0].transpose(-1, -2)
+        return [None] * (len(layer.xs) - 1) + [rv]
+    return rule
+
+
+def no_relevance(layer: Layer, r: torch.Tensor) -> list:
+    """CP-LRP's softmax: the attention weights are constant, their branch takes no relevance."""
+    return [None]
+
+
+def half_product(a: torch.Tensor, b: torch.Tensor, r: torch.Tensor, z: torch.Tensor, divide: Divide,
+                 scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """AttnLRP's uniform rule for ``z = scale * a @ b`` with two non-constant operands: each
+    takes half, ``R_a = a * (S @ b^T) / 2``, ``R_b = b * (a^T @ S) / 2``, ``S = scale * divide(R, z)``
+    (gradient x input with the gradients halved); ``R_a + R_b`` sums to ``R`` where ``divide``
+    is exact."""
+    s = divide(r, z) * scale
+    return a * (s @ b.transpose(-1, -2)) / 2, b * (a.transpose(-1, -2) @ s) / 2
+
+
+def softmax_rule(x: torch.Tensor, s: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """AttnLRP's softmax rule (Achtibat et al. 2024, Prop. 3.1; LXT): ``s = softmax(x)`` over the
+    last dim, ``R_in = x * (R - s * sum_j R_j)`` (the linearisation at ``x``; it does not conserve)."""
+    return x * (r - s * r.sum(-1, keepdim=True))
+
+
+def attnlrp_layers(divide: Divide) -> dict:
+    """AttnLRP's rules for the attention kinds: :func:`softmax_rule`, :func:`half_product` on
+    ``q @ k^T`` and ``a @ v``; the fused attention takes them in turn."""
+    def matmul(layer: Layer, r: torch.Tensor) -> list:
+        return list(half_product(layer.xs[0], layer.xs[1], r, layer.y, divide))
+
+    def softmax(layer: Layer, r: torch.Tensor) -> list:
+        return [softmax_rule(layer.x, layer.y, r)]
+
+    def fused(layer: Layer, r: torch.Tensor) -> list:
+        q, k, v = layer.xs
+        scale = _sdpa_scale(layer, q)
+        scores = q @ k.transpose(-2, -1) * scale
+        a = scores.softmax(-1)
+        r_a, r_v = half_product(a, v, r, a @ v, divide)
+        r_q, r_k_t = half_product(q, k.transpose(-2, -1), softmax_rule(scores, a, r_a), scores, divide, scale)
+        return [r_q, r_k_t.transpose(-2, -1), r_v]
+    return {g.SOFTMAX: softmax, g.MATMUL: matmul, g.ATTENTION: fused}
+
+
+def attention_layers(method: str, choice: str, linear: Rule | None, divide: Divide = safe_divide) -> dict:
+    """The attention entries of a method's table (its ``attention_rule=`` parameter):
+    ``"cp-lrp"`` (default): :func:`constant_weights` with the method's Linear rule ``linear``
+    and :func:`no_relevance` at the softmax; ``"attnlrp"``: :func:`attnlrp_layers` with the
+    method's quotient ``divide``.  A ValueError naming the method for anything else."""
+    if not isinstance(choice, str) or choice not in ATTENTION_RULES:
+        raise ValueError(f"method {method!r}: attention_rule must be one of "
+                         f"{', '.join(map(repr, ATTENTION_RULES))}, got {choice!r}")
+    if choice == "attnlrp":
+        return attnlrp_layers(divide)
+    cp = constant_weights(method, linear)
+    return {g.SOFTMAX: no_relevance, g.MATMUL: cp, g.ATTENTION: cp}
+
+
 def shared_layers(pool: Rule, add: Rule, maxpool: Rule | None = None, bn: Rule = batchnorm_authors,
                   norm: Divide = safe_divide) -> dict:
     """The rule table entries every method shares, with its own pooling and add rules and the
-    quotient ``norm`` its LayerNorm rule divides with."""
-    return {g.RELU: passthrough, g.LEAKY_RELU: passthrough, g.ACTIVATION: passthrough, g.GATE: signal_take_all,
+    quotient ``norm`` its LayerNorm and offset rules divide with."""
+    return {g.OFFSET: offset(norm), g.RELU: passthrough, g.LEAKY_RELU: passthrough, g.ACTIVATION: passthrough, g.GATE: signal_take_all,
             g.SCALE: scale, g.LAYERNORM: layernorm(norm), g.RESPONSE_NORM: response_norm(norm), g.PASS: passthrough, g.INDEX: index, g.SPLIT: passthrough, g.PIECE: split_piece,
             g.PERMUTE: permute, g.BN: bn, g.RESHAPE: reshape,
             g.CAT: cat, g.ADD: add, g.MAXPOOL: maxpool or pool, g.AVGPOOL: pool, g.ADAPTIVE_AVGPOOL: pool,

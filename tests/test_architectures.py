@@ -73,3 +73,28 @@ def test_default_cam_layer_is_the_last_convolutional_block(name):
     from relprop.methods.cam import default_layer
     graph = capture(build(name))
     assert default_layer(graph) is graph.node(DEFAULT_LAYERS[name])
+
+
+# torchvision's ViT-B/16 at its only input size (its forward asserts 224x224): a few methods (LRP, RAP,
+# contrastive, RSP), since a full-size relevance pass takes seconds on CPU; every method runs on timm's
+# full-size ViT and DeiT (tests/test_transformers.py) and on toy torchvision ViTs.
+VIT_METHODS = ["lrp-epsilon", "rap", "sglrp", "rsp"]
+
+
+@pytest.fixture(scope="module")
+def vit_b_16():
+    torch.manual_seed(0)
+    model = torchvision.models.vit_b_16(weights=None).eval()
+    torch.nn.init.normal_(model.heads.head.weight, std=0.05)   # torchvision's init: a zero head
+    return model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", VIT_METHODS)
+def test_vit_b_16(vit_b_16, method):
+    x = torch.randn(1, 3, 224, 224)
+    attribution = relprop.Explainer(vit_b_16, method).attribute(x)
+    with torch.no_grad():
+        torch.testing.assert_close(attribution.logits, vit_b_16(x), msg=f"vit_b_16 {method}: logits")
+    rel = attribution.relevance
+    assert rel.shape == x.shape and torch.isfinite(rel).all() and rel.abs().sum() > 0, method

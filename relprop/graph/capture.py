@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import math
 import operator
 from typing import Any
@@ -27,11 +28,11 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .kinds import (ACTIVATION, ACTIVATIONS, ADD, BN, CAT, CONV, EXPAND, GATE, GATE_ACTIVATION, GETITEM, HELPER,
-                    INDEX, INPUT, LEAKY_RELU, LINEAR, MEANS, METHOD_KINDS, NAMED_MODULE_KINDS, NONNEG_UPSAMPLING, OUTPUT,
-                    PASS, PIECE, PRODUCT, RELU, RESHAPE, SCALE, SIGN_PRESERVING, SIZE_OP, SPLIT, UPSAMPLE,
-                    function_kind, module_kind)
-from .nodes import Graph, Node, Ref, UnsupportedModelError, flatten, mean_dims, substitute
+from .kinds import (ACTIVATION, ACTIVATIONS, ADD, ATTENTION, BN, CAT, CONV, EXPAND, GATE, GATE_ACTIVATION, GETITEM,
+                    HELPER, INDEX, INPUT, LEAKY_RELU, LINEAR, MATMUL, MEANS, METHOD_KINDS, NAMED_MODULE_KINDS,
+                    NONNEG_UPSAMPLING, OFFSET, OUTPUT, PASS, PERMUTE, PIECE, PRODUCT, RELU, RESHAPE, SCALE,
+                    SIGN_PRESERVING, SIZE_OP, SOFTMAX, SPLIT, UPSAMPLE, function_kind, module_kind)
+from .nodes import (Graph, InProjection, Node, Ref, UnsupportedModelError, flatten, mean_dims, substitute)
 
 
 class _Tracer(fx.Tracer):
@@ -46,10 +47,45 @@ class _Tracer(fx.Tracer):
         return super().is_leaf_module(m, qualname) or (type(m).__module__, type(m).__name__) in NAMED_MODULE_KINDS
 
     def call_module(self, m, forward, args, kwargs):
+        if type(m) is nn.MultiheadAttention and not _mha_refusal(m, *args, **kwargs):
+            out = _self_attention(m, *args, **kwargs)   # traced through: its parts have rules
+            self.module_outputs[self.path_of_module(m)] = out[0].node
+            return out
         out = super().call_module(m, forward, args, kwargs)
         if isinstance(out, fx.Proxy):
             self.module_outputs[self.path_of_module(m)] = out.node
         return out
+
+
+def _mha_args(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+              average_attn_weights=True, is_causal=False):
+    return query, key, value, key_padding_mask, need_weights, attn_mask, is_causal
+
+
+def _mha_refusal(m: nn.MultiheadAttention, *args, **kwargs) -> str:
+    """Why relprop cannot trace this call of ``m`` through (empty: it can): only self-attention
+    of a batch-first module with a packed in-projection and no masks, extra keys or weights."""
+    query, key, value, padding_mask, need_weights, attn_mask, is_causal = _mha_args(*args, **kwargs)
+    if not (query is key is value):
+        return "only self-attention (query is key is value) is supported"
+    if not m.batch_first or not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
+        return "only batch_first=True with a packed in-projection, no bias_k/bias_v and no add_zero_attn"
+    if padding_mask is not None or attn_mask is not None or is_causal or need_weights is not False:
+        return "only calls without masks, not causal, and need_weights=False are supported"
+    return ""
+
+
+def _self_attention(m: nn.MultiheadAttention, x, *args, **kwargs):
+    """``nn.MultiheadAttention(x, x, x, need_weights=False)`` in inference mode (dropout off),
+    written with the operations relprop has rules for: the packed in-projection (a functional
+    linear on the module's own tensors: nodes.InProjection), the heads, the fused attention,
+    the out-projection; returns ``(output, None)`` like the module."""
+    b, n, e = x.shape
+    h = m.num_heads
+    qkv = F.linear(x, m.in_proj_weight, m.in_proj_bias).reshape(b, n, 3, h, e // h).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, e)
+    return m.out_proj(out), None
 
 
 def capture(model: nn.Module) -> Graph:
@@ -58,8 +94,16 @@ def capture(model: nn.Module) -> Graph:
     try:
         model.eval()
         tracer = _Tracer()
+        # extra forward parameters with defaults (timm's ``attn_mask=None, is_causal=False``) are
+        # fixed at their defaults: their placeholders only feed fx's checks of those values
         try:
-            fx_graph = tracer.trace(model)
+            params = list(inspect.signature(model.forward).parameters.values())[1:]
+        except (TypeError, ValueError):   # no signature to read: trace as before
+            params = []
+        concrete = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty
+                    and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        try:
+            fx_graph = tracer.trace(model, concrete_args=concrete or None)
         except Exception as e:  # noqa: BLE001 - any tracing failure means "cannot capture"
             raise UnsupportedModelError(
                 f"relprop could not capture {type(model).__name__} with torch.fx: {type(e).__name__}: {e}. "
@@ -71,11 +115,15 @@ def capture(model: nn.Module) -> Graph:
     index: dict[fx.Node, int] = {}
     nodes: list[Node] = []
     placeholders = [n for n in fx_graph.nodes if n.op == "placeholder"]
+    fixed = placeholders[1:] if concrete and len(placeholders) == len(concrete) + 1 else []
+    placeholders = [n for n in placeholders if n not in fixed]
     if len(placeholders) != 1:
         raise UnsupportedModelError(f"the model's forward must take exactly one tensor; it takes {len(placeholders)}")
     seen: dict[str, int] = {}
     for fn in fx_graph.nodes:
         node = _make_node(fn, model, len(nodes), index)
+        if fn in fixed:
+            node.kind = HELPER
         if node.name in seen:  # a module called more than once (ResNet's shared relu)
             seen[node.name] += 1
             node.name = f"{node.name}#{seen[node.name]}"
@@ -84,6 +132,8 @@ def capture(model: nn.Module) -> Graph:
         index[fn] = node.index
         nodes.append(node)
     _resolve_helpers(nodes)
+    _resolve_constants(nodes)
+    _resolve_attention(nodes)
     _resolve_gates(nodes)
     problems = [n.describe() for n in nodes if n.kind is None]
     if problems:
@@ -122,9 +172,13 @@ def _make_node(fn: fx.Node, model: nn.Module, i: int, index: dict) -> Node:
                 kind = None
         if kind == BN and (target.running_mean is None or target.running_var is None):
             kind = None
+        if type(target) is nn.MultiheadAttention:
+            why = _mha_refusal(target, *fn.args, **fn.kwargs)
     elif fn.op == "call_function":
-        kind = function_kind(fn.target)
-        if fn.target in _OWNED:
+        kind = function_kind(fn.target) or _no_mask_kind(fn)
+        if fn.target is F.linear and (owner := _in_projection_owner(fn, model)) is not None:
+            target, name = InProjection(owner), _module_path(model, owner) + ".in_proj"
+        elif fn.target in _OWNED:
             owner, why = _owning_module(fn, model)
             target, name, kind = (owner, _module_path(model, owner), kind) if owner is not None else (target, name, None)
     elif fn.op == "call_method":
@@ -138,7 +192,7 @@ def _make_node(fn: fx.Node, model: nn.Module, i: int, index: dict) -> Node:
     node = Node(i, name, kind, fn.op, target, args, kwargs, why=why)
     if kind == HELPER:
         node.parents = ()
-    elif kind in (ADD, CAT, PRODUCT, SIZE_OP):
+    elif kind in (ADD, CAT, PRODUCT, SIZE_OP, MATMUL, ATTENTION):
         node.parents = parents
     elif kind not in (INPUT, None):
         node.parents = parents[:1]
@@ -147,13 +201,34 @@ def _make_node(fn: fx.Node, model: nn.Module, i: int, index: dict) -> Node:
     if node.kind in (RELU, LEAKY_RELU, ACTIVATION, GATE_ACTIVATION):
         node.act = _activation(node)
     if kind == SPLIT:
-        node.dim = node.param("dim", 2, 0)
+        node.dim = node.param("dim", 1, 0) if target in ("unbind", torch.unbind) else node.param("dim", 2, 0)
     if kind == UPSAMPLE and (mode := _upsample_mode(node)) not in NONNEG_UPSAMPLING:
         node.kind, node.why = None, f"mode={mode!r}: only {', '.join(NONNEG_UPSAMPLING)} interpolate with weights >= 0"
     if target in MEANS and not (isinstance(dims := mean_dims(node), tuple) and 0 not in dims):
         node.kind, node.why = None, (f"a mean over dim={dims!r} averages across the batch; average over "
                                      "the feature dims only, e.g. x.mean((2, 3))")
     return node
+
+
+def _no_mask(fn) -> bool:
+    """A call of timm's ``resolve_self_attn_mask(n, attn, attn_mask, is_causal)`` building no mask."""
+    if not (isinstance(fn, fx.Node) and getattr(fn.target, "__module__", "") == "timm.layers.attention"
+            and getattr(fn.target, "__name__", "") == "resolve_self_attn_mask"):
+        return False
+    mask = fn.args[2] if len(fn.args) > 2 else fn.kwargs.get("attn_mask")
+    causal = fn.args[3] if len(fn.args) > 3 else fn.kwargs.get("is_causal", False)
+    return mask is None and causal is False
+
+
+def _no_mask_kind(fn: fx.Node) -> str | None:
+    """timm's unfused attention without a mask (fx-wrapped calls): ``resolve_self_attn_mask``
+    then computes no mask (a helper) and ``maybe_add_mask(scores, None)`` is the identity."""
+    if _no_mask(fn):
+        return HELPER
+    if getattr(fn.target, "__module__", "") == "timm.layers.attention" and fn.target.__name__ == "maybe_add_mask":
+        mask = fn.args[1] if len(fn.args) > 1 else fn.kwargs.get("attn_mask")
+        return PASS if mask is None or _no_mask(mask) else None
+    return None
 
 
 def _activation(n: Node):
@@ -195,6 +270,17 @@ def _owning_module(fn: fx.Node, model: nn.Module) -> tuple[nn.Module | None, str
     return (owner, "") if isinstance(owner, cls) else (None, why)
 
 
+def _in_projection_owner(fn: fx.Node, model: nn.Module) -> nn.MultiheadAttention | None:
+    """The MultiheadAttention whose ``in_proj_weight`` (and bias) a functional linear reads."""
+    tensors = list(fn.args[1:3]) + [fn.kwargs.get("weight"), fn.kwargs.get("bias")]
+    owners = {a.target.rpartition(".")[0] for a in tensors if isinstance(a, fx.Node) and a.op == "get_attr"
+              and a.target.rpartition(".")[2] in ("in_proj_weight", "in_proj_bias")}
+    if len(owners) != 1 or not (isinstance(fn.args[1], fx.Node) and fn.args[1].target.endswith("in_proj_weight")):
+        return None
+    owner = model.get_submodule(owners.pop())
+    return owner if type(owner) is nn.MultiheadAttention else None
+
+
 def _module_path(model: nn.Module, module: nn.Module) -> str:
     return next(name for name, m in model.named_modules() if m is module)
 
@@ -219,6 +305,7 @@ def _resolve_helpers(nodes: list[Node]) -> None:
             n.kind, n.why = _getitem_kind(n, nodes)
             if n.kind == PIECE:
                 n.dim = nodes[n.parents[0]].dim
+                n.stack = nodes[n.parents[0]].target in ("unbind", torch.unbind)
 
 
 def _getitem_kind(n: Node, nodes: list[Node]) -> tuple[str | None, str]:
@@ -241,6 +328,80 @@ def _basic_index(v, nodes: list[Node]) -> bool:
     if isinstance(v, Ref):   # a size computed from shapes, not a tensor
         return nodes[v].kind == HELPER and nodes[v].op != "get_attr"
     return v is None or v is Ellipsis or (isinstance(v, int) and not isinstance(v, bool))
+
+
+def _is_constant(nodes: list[Node], i: int) -> bool:
+    """A parameter or buffer of the model, possibly reshaped, expanded or permuted."""
+    n = nodes[i]
+    while n.kind in (RESHAPE, EXPAND, PERMUTE, PASS) and n.parents:
+        n = nodes[n.parents[0]]
+    return n.op == "get_attr"
+
+
+def _resolve_constants(nodes: list[Node]) -> None:
+    """Model tensors that enter the signal: a ViT's class token concatenated to the patch
+    tokens (``cat([cls.expand(B, -1, -1), x])``) and its position embedding added to them
+    (``x + pos``).  They are read at every forward like any parameter (helpers); relevance
+    reaching them is dropped, as a bias's share is.  An add of one signal and one such
+    tensor is an offset (a bias, rules.offset)."""
+    for n in nodes:
+        if n.kind == CAT:
+            for p in n.parents:
+                if _is_constant(nodes, p) and len(n.parents) > 1:
+                    _mark_constant(nodes, p)
+        elif n.kind == ADD and len(n.parents) == 2:
+            constants = [_is_constant(nodes, p) for p in n.parents]
+            if sum(constants) == 1:
+                n.kind = OFFSET
+                _mark_constant(nodes, n.parents[constants.index(True)])
+
+
+def _through_pass(nodes: list[Node], i: int, kinds=(PASS,)) -> Node:
+    n = nodes[i]
+    while n.kind in kinds and n.parents:
+        n = nodes[n.parents[0]]
+    return n
+
+
+def _resolve_attention(nodes: list[Node]) -> None:
+    """Attention's softmax and products, refused elsewhere: a softmax over the last dim whose
+    output (through dropout) only weights values, ``softmax(...) @ v``; ``q @ k^T`` feeding
+    only softmaxes (possibly through a scale); the fused ``scaled_dot_product_attention(q, k,
+    v)`` without mask, dropout or causal masking."""
+    consumers: list[list[tuple[Node, int]]] = [[] for _ in nodes]
+    for n in nodes:
+        for k, p in enumerate(n.parents):
+            consumers[p].append((n, k))
+
+    def readers(i: int, through=(PASS,)) -> list[tuple[Node, int]]:
+        out = []
+        for c, k in consumers[i]:
+            out += readers(c.index, through) if c.kind in through else [(c, k)]
+        return out
+
+    for n in nodes:
+        if n.kind == SOFTMAX:
+            dim = n.param("dim", 1, None)
+            if dim not in (-1,) or not readers(n.index) or any(c.kind != MATMUL or k != 0 for c, k in readers(n.index)):
+                n.kind, n.why = None, ("only attention's softmax over the last dim (dim=-1) whose output weights "
+                                       "values (softmax(...) @ v) is supported")
+            else:
+                n.nonneg = True
+        elif n.kind == MATMUL:
+            weights = len(n.parents) == 2 and _through_pass(nodes, n.parents[0]).kind == SOFTMAX
+            scores = len(n.parents) == 2 and bool(readers(n.index, (PASS, SCALE))) and all(
+                c.kind == SOFTMAX for c, _ in readers(n.index, (PASS, SCALE)))
+            if not (weights or scores):
+                n.kind, n.why = None, ("only attention's products are supported: q @ k^T feeding a softmax, and "
+                                       "softmax(...) @ v")
+        elif n.kind == ATTENTION:
+            dropout = n.param("dropout_p", 4, 0.0)
+            mask, causal = n.param("attn_mask", 3, None), n.param("is_causal", 5, False)
+            scale = n.kwargs.get("scale", n.args[6] if len(n.args) > 6 else None)
+            if len(n.parents) != 3 or mask is not None or causal or dropout != 0 or not (
+                    scale is None or _is_number(scale, minimum=0)) or n.kwargs.get("enable_gqa", False):
+                n.kind, n.why = None, ("only scaled_dot_product_attention(q, k, v) without mask, dropout, causal "
+                                       "masking or grouped queries is supported")
 
 
 def _resolve_gates(nodes: list[Node]) -> None:

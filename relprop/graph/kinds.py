@@ -11,6 +11,7 @@ from __future__ import annotations
 import operator
 
 import torch
+import torch.fx._symbolic_trace
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -27,7 +28,14 @@ import torch.nn.functional as F
 # held fixed it is an elementwise affine map, whose z-rule it takes (rules.layernorm).
 # A "response_norm" is ConvNeXt V2's GlobalResponseNorm ``x + b + w * x * n(x)``: with the
 # response ``n(x)`` held fixed, an elementwise affine map too (rules.response_norm).
+# Attention (ViT, DeiT): a "softmax" over the last dim whose output only weights values, the
+# "matmul"s of attention (``q @ k^T`` feeding a softmax, ``softmax(...) @ v``) and the fused
+# "attention" ``F.scaled_dot_product_attention(q, k, v)`` (torchvision's MultiheadAttention is
+# traced as in-projection, heads, this, out-projection: capture._Tracer).  Their rules are
+# chosen by a method's ``attention_rule`` (rules.attention_layers).  An "offset" adds a model
+# tensor to a signal (a ViT's position embedding): a bias, whose share relevance drops.
 CONV, LINEAR, LAYERNORM, RESPONSE_NORM = "conv", "linear", "layernorm", "response_norm"
+SOFTMAX, MATMUL, ATTENTION, OFFSET = "softmax", "matmul", "attention", "offset"
 RELU, LEAKY_RELU, ACTIVATION, BN, PASS = "relu", "leaky_relu", "activation", "bn", "pass"
 GATE, GATE_ACTIVATION, EXPAND, SCALE = "gate", "gate_activation", "expand", "scale"
 PRODUCT = "product"   # at capture only: a product or quotient, resolved to a gate or a scale (or refused)
@@ -45,6 +53,7 @@ MODULE_KINDS = {
     nn.Dropout: PASS, nn.Identity: PASS, nn.MaxPool2d: MAXPOOL, nn.AvgPool2d: AVGPOOL,
     nn.AdaptiveAvgPool2d: ADAPTIVE_AVGPOOL, nn.Flatten: RESHAPE, nn.Upsample: UPSAMPLE,
     nn.UpsamplingNearest2d: UPSAMPLE, nn.UpsamplingBilinear2d: UPSAMPLE,
+    nn.modules.linear.NonDynamicallyQuantizableLinear: LINEAR,   # MultiheadAttention's out_proj
 }
 FUNCTION_KINDS = {
     F.relu: RELU, torch.relu: RELU, torch.relu_: RELU, F.relu6: RELU, F.leaky_relu: LEAKY_RELU,
@@ -60,12 +69,15 @@ FUNCTION_KINDS = {
     operator.eq: SIZE_OP, operator.ne: SIZE_OP, operator.lt: SIZE_OP, operator.le: SIZE_OP, operator.gt: SIZE_OP,
     operator.ge: SIZE_OP, operator.floordiv: SIZE_OP, operator.sub: SIZE_OP, operator.mod: SIZE_OP,
     F.batch_norm: BN, torch.batch_norm: BN, F.linear: LINEAR, F.layer_norm: LAYERNORM,
+    operator.matmul: MATMUL, torch.matmul: MATMUL, torch.bmm: MATMUL, F.softmax: SOFTMAX, torch.softmax: SOFTMAX,
+    F.scaled_dot_product_attention: ATTENTION, torch.unbind: SPLIT, torch.fx._symbolic_trace._assert_is_none: SIZE_OP,
 }
 METHOD_KINDS = {
     "relu": RELU, "relu_": RELU, "sigmoid": GATE_ACTIVATION, "mul": PRODUCT, "div": PRODUCT, "expand": EXPAND, "expand_as": EXPAND,
     "mean": ADAPTIVE_AVGPOOL, "view": RESHAPE, "reshape": RESHAPE, "flatten": RESHAPE, "contiguous": PASS,
     "split": SPLIT, "chunk": SPLIT, "transpose": PERMUTE, "permute": PERMUTE,
-    "add": ADD, "add_": ADD, "size": HELPER, "dim": HELPER,
+    "add": ADD, "add_": ADD, "size": HELPER, "dim": HELPER, "matmul": MATMUL, "bmm": MATMUL, "softmax": SOFTMAX,
+    "unbind": SPLIT,
 }
 # Kinds whose output is >= 0 whenever all their tensor inputs are.
 SIGN_PRESERVING = {LEAKY_RELU, PASS, MAXPOOL, AVGPOOL, ADAPTIVE_AVGPOOL, UPSAMPLE, RESHAPE, ADD, CAT, INDEX, SPLIT, PIECE,

@@ -20,7 +20,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .kinds import (ADAPTIVE_AVGPOOL, ADD, AVGPOOL, BN, CONV, INPUT, LAYERNORM, LINEAR, MAXPOOL, MEANS, OUTPUT, PASS,
+from .kinds import (ADAPTIVE_AVGPOOL, ADD, AVGPOOL, BN, CONV, INPUT, LAYERNORM, LINEAR, MAXPOOL, MEANS, OFFSET, OUTPUT, PASS,
                     RELU, RESHAPE, RESPONSE_NORM, UPSAMPLE)
 
 
@@ -49,6 +49,7 @@ class Node:
     gate: int = -1                  # a gate: the position of the gate factor among the parents
     dim: int = 0                    # a split: the dimension its pieces are cut along
     first_layer: bool = False       # conv/linear reading the network input directly
+    stack: bool = False             # a piece of ``unbind`` (stacked back, not concatenated)
     why: str = ""                   # for an unsupported node (kind None): what relprop lacks, if known
 
     @property
@@ -68,6 +69,25 @@ class Node:
             return f"{self.name} ({type(self.module).__name__}){why}"
         t = self.target if isinstance(self.target, str) else getattr(self.target, "__name__", repr(self.target))
         return f"{self.name} ({self.op} {t}){why}"
+
+
+class InProjection(nn.Module):
+    """The packed in-projection of a ``nn.MultiheadAttention`` seen as a Linear: ``weight`` and
+    ``bias`` read the module's ``in_proj_weight`` / ``in_proj_bias`` at every access (never
+    copied or kept), so the Linear rules and :class:`~relprop.ops.LinearMap` apply to it."""
+
+    def __init__(self, attention: nn.MultiheadAttention):
+        super().__init__()
+        object.__setattr__(self, "attention", attention)   # not registered: a view, not a submodule
+        self.in_features, self.out_features = attention.embed_dim, 3 * attention.embed_dim
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.attention.in_proj_weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.attention.in_proj_bias
 
 
 @dataclass(eq=False)
@@ -150,6 +170,8 @@ class Graph:
         for n in self.nodes:
             if n.kind == INPUT:
                 v = x
+            elif n.op == "placeholder":   # a forward parameter fixed at its default (capture)
+                v = n.args[0] if n.args else None
             elif n.op == "get_attr":
                 v = functools.reduce(getattr, n.target.split("."), self.model)   # a parameter or buffer
             else:
@@ -233,9 +255,9 @@ def evaluate(n: Node, args: tuple, kwargs: dict) -> Any:
         raise UnsupportedModelError(f"{n.name}: mean over dims {mean_dims(n)} of a {args[0].ndim}-d "
                                     "tensor averages across the batch (dim 0)")
     if n.op == "call_method":
-        name = n.target.rstrip("_") if n.kind in (RELU, ADD) else n.target
+        name = n.target.rstrip("_") if n.kind in (RELU, ADD, OFFSET) else n.target
         return getattr(args[0], name)(*args[1:], **kwargs)
-    if n.kind == ADD:
+    if n.kind in (ADD, OFFSET):   # never in place (operator.iadd)
         return torch.add(*args, **kwargs)
     return n.target(*args, **kwargs)
 

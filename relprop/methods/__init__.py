@@ -37,7 +37,10 @@ class Method:
         return {k: getattr(self, k) for k in inspect.signature(type(self).__init__).parameters if k != "self"}
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.params().items())})"
+        # attention_rule is left out at its default: it changes transformers only, and the
+        # reprs of the methods on CNNs stay what they were before it existed
+        shown = {k: v for k, v in self.params().items() if not (k == "attention_rule" and v == "cp-lrp")}
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
 
 def number(method: str, name: str, value, low: float | None = None, high: float | None = None,

@@ -8,6 +8,10 @@ convolutional block: the last node every path from input to output goes through 
 is not a pooling, dropout, reshape, permute or LayerNorm, before the network flattens its
 features (VGG: ``features.29``, ResNet: the output of ``layer4``, DenseNet: the final ReLU,
 Inception: ``Mixed_7c``, AlexNet: ``features.11``, ConvNeXt: the output of ``features``).
+In a transformer (a graph with attention) the last (B, C, H, W) feature map is the patch
+embedding's: the default layer is the last conv before the first attention, the patch grid
+(ViT: ``conv_proj``, timm: ``patch_embed.proj``); RSP and AE have no rule for the Linear
+layers and attention after it, so they start there.
 """
 from __future__ import annotations
 
@@ -22,8 +26,18 @@ from . import Method, layer_name, register
 _NOT_A_BLOCK_OUTPUT = (g.MAXPOOL, g.AVGPOOL, g.ADAPTIVE_AVGPOOL, g.PASS, g.RESHAPE, g.INPUT, g.LAYERNORM, g.PERMUTE)
 
 
+_ATTENTION_KINDS = (g.ATTENTION, g.MATMUL, g.SOFTMAX)
+
+
 def default_layer(graph: g.Graph) -> g.Node:
     """The output node of the last convolutional block (see module docstring)."""
+    attention = next((n for n in graph.nodes if n.kind in _ATTENTION_KINDS), None)
+    if attention is not None:
+        convs = [n for n in graph.nodes[:attention.index] if n.kind == g.CONV]
+        if not convs:
+            raise ValueError("could not find a (B, C, H, W) feature map before the attention layers to start "
+                             "from; pass init_layer=")
+        return convs[-1]
     reach = -1
     best = None
     for n in graph.nodes:

@@ -16,6 +16,8 @@ returns their difference.
 ``sglrp``: seeds from the softmax gradient, ``p_t (1 - p_t) + 1e-8`` at the target and
 ``p_t p_n`` on the others, both through the RAP repository's LRP (alpha=1), combined like
 ``agf``.  ``clrp(output="lrp" | "dual")`` returns one of the two raw maps instead.
+Transformers: ``attention_rule`` as in :mod:`.lrp` (CP-LRP by default: the values of
+``a @ v`` take the table's z+ / alpha-beta Linear rule; or ``"attnlrp"``).
 """
 from __future__ import annotations
 
@@ -32,10 +34,11 @@ GU_BOUNDS = (-2.1179, 2.64)
 OUTPUTS = ("clrp", "lrp", "dual")
 
 
-def gu_table(bounds, negate_head: bool, add_rule: str = "proportional") -> RuleTable:
+def gu_table(bounds, negate_head: bool, add_rule: str = "proportional", attention_rule: str = "cp-lrp") -> RuleTable:
     by_kind = rules.shared_layers(pool=rules.proportional_pool(), add=rules.add_rule("clrp", add_rule),
                                   maxpool=rules.maxpool_ties_shared)
     by_kind.update({g.CONV: zplus_plain(), g.LINEAR: zplus_plain()})
+    by_kind.update(rules.attention_layers("clrp", attention_rule, zplus_plain()))
     return RuleTable(by_kind, first=rules.zbox(bounds, rules.plus_divide(1e-9)),
                      head=zplus_plain(negate=True) if negate_head else None, name="clrp")
 
@@ -70,7 +73,7 @@ class CLRP(Method):
     accepts_initial_relevance = False
 
     def __init__(self, variant: str = "clrp1", style: str = "gu", output: str = "clrp", zb_bounds=None,
-                 add_rule: str = "proportional"):
+                 add_rule: str = "proportional", attention_rule: str = "cp-lrp"):
         if variant not in ("clrp1", "clrp2"):
             raise ValueError(f"method {self.name!r}: variant must be 'clrp1' or 'clrp2', got {variant!r}")
         if style not in ("gu", "agf"):
@@ -80,13 +83,13 @@ class CLRP(Method):
         if zb_bounds is not None:
             check_bounds(self.name, zb_bounds)
         self.variant, self.style, self.output, self.zb_bounds = variant, style, output, zb_bounds
-        self.add_rule = add_rule
+        self.add_rule, self.attention_rule = add_rule, attention_rule
         if style == "gu":
             bounds = GU_BOUNDS if zb_bounds is None else zb_bounds
-            self.target_table = gu_table(bounds, False, add_rule)
-            self.dual_table = gu_table(bounds, variant == "clrp2", add_rule)
+            self.target_table = gu_table(bounds, False, add_rule, attention_rule)
+            self.dual_table = gu_table(bounds, variant == "clrp2", add_rule, attention_rule)
         else:
-            self.target_table = rap_repo_table(1.0, "clrp", add_rule)
+            self.target_table = rap_repo_table(1.0, "clrp", add_rule, attention_rule)
             self.dual_table = negated_head(self.target_table) if variant == "clrp2" else self.target_table
 
     def run(self, ctx: Context) -> torch.Tensor:
@@ -110,9 +113,9 @@ class SGLRP(Method):
     summary = "Softmax-Gradient LRP: target vs all other classes weighted by the softmax gradient (Iwana et al. 2019)"
     accepts_initial_relevance = False
 
-    def __init__(self, add_rule: str = "proportional"):
-        self.add_rule = add_rule
-        self.table = rap_repo_table(1.0, "sglrp", add_rule)
+    def __init__(self, add_rule: str = "proportional", attention_rule: str = "cp-lrp"):
+        self.add_rule, self.attention_rule = add_rule, attention_rule
+        self.table = rap_repo_table(1.0, "sglrp", add_rule, attention_rule)
 
     def run(self, ctx: Context) -> torch.Tensor:
         onehot = ctx.seed

@@ -12,6 +12,11 @@ Two families:
   one separate denominator per signed term, biases and BatchNorm ignored, ``SD`` guards,
   z^B with ``+1e-9`` at the input.  The golden ``lrp_*`` cases use it.
 
+Transformers: ``attention_rule="cp-lrp"`` (default) holds the attention weights constant and
+gives ``a @ v`` the method's Linear rule (epsilon, z+, alpha-beta, gamma, or the RAP
+repository's alpha-beta for ``lrp-rap-repo``); ``"attnlrp"`` takes AttnLRP's softmax and
+half/half product rules with the method's quotient (rules.attention_layers).
+
 Relevance starts as ``z_t`` at the target logit (``z * onehot``), or as the
 ``initial_relevance`` given by the caller.
 """
@@ -168,19 +173,22 @@ def first_layer_rule(method: str, first_layer: str, zb_bounds, stabilizer: float
 
 
 def zennit_table(conv_rule, linear_rule, first, stabilizer: float, name: str,
-                 add_rule: str = "proportional") -> RuleTable:
+                 add_rule: str = "proportional", attention_rule: str = "cp-lrp") -> RuleTable:
     norm = rules.eps_divide(stabilizer)
     by_kind = rules.shared_layers(pool=rules.proportional_pool(divide=norm),
                                   add=rules.add_rule(name, add_rule, divide=norm), maxpool=rules.winner_take_all,
                                   bn=rules.passthrough, norm=norm)
     by_kind.update({g.CONV: conv_rule, g.LINEAR: linear_rule})
+    by_kind.update(rules.attention_layers(name, attention_rule, linear_rule, norm))
     return RuleTable(by_kind, first=first, fold_bn=True, name=name)
 
 
-def rap_repo_table(alpha: float, name: str = "lrp-rap-repo", add_rule: str = "proportional") -> RuleTable:
+def rap_repo_table(alpha: float, name: str = "lrp-rap-repo", add_rule: str = "proportional",
+                   attention_rule: str = "cp-lrp") -> RuleTable:
     by_kind = rules.shared_layers(pool=rules.proportional_pool(), add=rules.add_rule(name, add_rule))
     ab = alphabeta_rap_repo(alpha)
     by_kind.update({g.CONV: ab, g.LINEAR: ab})
+    by_kind.update(rules.attention_layers(name, attention_rule, ab))
     return RuleTable(by_kind, first=rules.zbox("image", rules.plus_divide(1e-9)), name=name)
 
 
@@ -191,14 +199,15 @@ def logit_relevance(ctx: Context) -> torch.Tensor:
 
 class _ZennitLRP(Method):
     def __init__(self, epsilon: float = 1e-6, stabilizer: float = 1e-6, first_layer: str = "zb",
-                 zb_bounds="image", add_rule: str = "proportional"):
+                 zb_bounds="image", add_rule: str = "proportional", attention_rule: str = "cp-lrp"):
         number(self.name, "epsilon", epsilon, low=0)
         number(self.name, "stabilizer", stabilizer, low=0)
         check_bounds(self.name, zb_bounds)
         self.epsilon, self.stabilizer, self.first_layer, self.zb_bounds = epsilon, stabilizer, first_layer, zb_bounds
-        self.add_rule = add_rule
+        self.add_rule, self.attention_rule = add_rule, attention_rule
         first = first_layer_rule(self.name, first_layer, zb_bounds, stabilizer)
-        self.table = zennit_table(self._conv_rule(), self._linear_rule(), first, stabilizer, self.name, add_rule)
+        self.table = zennit_table(self._conv_rule(), self._linear_rule(), first, stabilizer, self.name, add_rule,
+                                  attention_rule)
 
     def run(self, ctx: Context) -> torch.Tensor:
         return ctx.propagate(self.table, logit_relevance(ctx))
@@ -232,8 +241,8 @@ class _ZennitComposite(_ZennitLRP):
     takes the conv rule); ``first_layer="zb"`` or ``"flat"`` asks for one."""
 
     def __init__(self, epsilon: float = 1e-6, stabilizer: float = 1e-6, first_layer: str = "same",
-                 zb_bounds="image", add_rule: str = "proportional"):
-        super().__init__(epsilon, stabilizer, first_layer, zb_bounds, add_rule)
+                 zb_bounds="image", add_rule: str = "proportional", attention_rule: str = "cp-lrp"):
+        super().__init__(epsilon, stabilizer, first_layer, zb_bounds, add_rule, attention_rule)
 
 
 @register
@@ -265,11 +274,13 @@ class EpsilonPlusFlat(EpsilonPlus):
     name = "lrp-epsilon-plus-flat"
     summary = "Zennit's EpsilonPlusFlat: EpsilonPlus with the flat rule on the input layer"
 
-    def __init__(self, epsilon: float = 1e-6, stabilizer: float = 1e-6, add_rule: str = "proportional"):
-        super().__init__(epsilon, stabilizer, first_layer="flat", add_rule=add_rule)
+    def __init__(self, epsilon: float = 1e-6, stabilizer: float = 1e-6, add_rule: str = "proportional",
+                 attention_rule: str = "cp-lrp"):
+        super().__init__(epsilon, stabilizer, first_layer="flat", add_rule=add_rule, attention_rule=attention_rule)
 
     def params(self):
-        return {"epsilon": self.epsilon, "stabilizer": self.stabilizer, "add_rule": self.add_rule}
+        return {"epsilon": self.epsilon, "stabilizer": self.stabilizer, "add_rule": self.add_rule,
+                "attention_rule": self.attention_rule}
 
 
 @register
@@ -277,8 +288,9 @@ class EpsilonAlpha2Beta1Flat(EpsilonAlpha2Beta1):
     name = "lrp-epsilon-alpha2beta1-flat"
     summary = "Zennit's EpsilonAlpha2Beta1Flat: EpsilonAlpha2Beta1 with the flat rule on the input layer"
 
-    def __init__(self, epsilon: float = 1e-6, stabilizer: float = 1e-6, add_rule: str = "proportional"):
-        super().__init__(epsilon, stabilizer, first_layer="flat", add_rule=add_rule)
+    def __init__(self, epsilon: float = 1e-6, stabilizer: float = 1e-6, add_rule: str = "proportional",
+                 attention_rule: str = "cp-lrp"):
+        super().__init__(epsilon, stabilizer, first_layer="flat", add_rule=add_rule, attention_rule=attention_rule)
 
     params = EpsilonPlusFlat.params
 
@@ -289,7 +301,7 @@ class AlphaBeta(Method):
     summary = "LRP-alpha-beta (default alpha2beta1) on every conv and linear layer, z^B input layer by default"
 
     def __init__(self, alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-6, first_layer: str = "zb",
-                 zb_bounds="image", add_rule: str = "proportional"):
+                 zb_bounds="image", add_rule: str = "proportional", attention_rule: str = "cp-lrp"):
         number(self.name, "alpha", alpha)
         number(self.name, "beta", beta)
         number(self.name, "stabilizer", stabilizer, low=0)
@@ -298,9 +310,10 @@ class AlphaBeta(Method):
             raise ValueError(f"method {self.name!r}: alpha-beta needs alpha - beta = 1 and beta >= 0, got alpha={alpha}, beta={beta}")
         self.alpha, self.beta, self.stabilizer = alpha, beta, stabilizer
         self.first_layer, self.zb_bounds, self.add_rule = first_layer, zb_bounds, add_rule
+        self.attention_rule = attention_rule
         ab = alphabeta(alpha, beta, stabilizer)
         first = first_layer_rule(self.name, first_layer, zb_bounds, stabilizer)
-        self.table = zennit_table(ab, ab, first, stabilizer, self.name, add_rule)
+        self.table = zennit_table(ab, ab, first, stabilizer, self.name, add_rule, attention_rule)
 
     def run(self, ctx: Context) -> torch.Tensor:
         return ctx.propagate(self.table, logit_relevance(ctx))
@@ -312,18 +325,18 @@ class Gamma(Method):
     summary = "LRP-gamma (Zennit's Gamma rule, gamma=0.25) on every conv and linear layer, z^B input layer by default"
 
     def __init__(self, gamma: float = 0.25, stabilizer: float = 1e-6, first_layer: str = "zb", zb_bounds="image",
-                 add_rule: str = "proportional"):
+                 add_rule: str = "proportional", attention_rule: str = "cp-lrp"):
         number(self.name, "gamma", gamma, low=0)
         number(self.name, "stabilizer", stabilizer, low=0)
         check_bounds(self.name, zb_bounds)
         self.gamma, self.stabilizer, self.first_layer, self.zb_bounds = gamma, stabilizer, first_layer, zb_bounds
-        self.add_rule = add_rule
+        self.add_rule, self.attention_rule = add_rule, attention_rule
         first = first_layer_rule(self.name, first_layer, zb_bounds, stabilizer)
         self.table = self._table(first)
 
     def _table(self, first) -> RuleTable:
         rule = gamma(self.gamma, self.stabilizer)
-        return zennit_table(rule, rule, first, self.stabilizer, self.name, self.add_rule)
+        return zennit_table(rule, rule, first, self.stabilizer, self.name, self.add_rule, self.attention_rule)
 
     def run(self, ctx: Context) -> torch.Tensor:
         return ctx.propagate(self.table, logit_relevance(ctx))
@@ -335,13 +348,13 @@ class EpsilonGammaBox(Method):
     summary = "Zennit's EpsilonGammaBox: z^B on the input conv, gamma on the other convs, epsilon on linear layers"
 
     def __init__(self, epsilon: float = 1e-6, gamma: float = 0.25, stabilizer: float = 1e-6, zb_bounds="image",
-                 add_rule: str = "proportional"):
+                 add_rule: str = "proportional", attention_rule: str = "cp-lrp"):
         number(self.name, "epsilon", epsilon, low=0)
         number(self.name, "gamma", gamma, low=0)
         number(self.name, "stabilizer", stabilizer, low=0)
         check_bounds(self.name, zb_bounds)
         self.epsilon, self.gamma, self.stabilizer, self.zb_bounds = epsilon, gamma, stabilizer, zb_bounds
-        self.add_rule = add_rule
+        self.add_rule, self.attention_rule = add_rule, attention_rule
         self.table = self._table()
 
     def _table(self) -> RuleTable:
@@ -352,7 +365,7 @@ class EpsilonGammaBox(Method):
             # Zennit's first map holds convolutions only: an input Linear (an MLP) keeps epsilon
             return (zb if layer.lin.is_conv else dense)(layer, r)
         return zennit_table(gamma(self.gamma, self.stabilizer), dense, first, self.stabilizer, self.name,
-                            self.add_rule)
+                            self.add_rule, self.attention_rule)
 
     def run(self, ctx: Context) -> torch.Tensor:
         return ctx.propagate(self.table, logit_relevance(ctx))
@@ -363,12 +376,12 @@ class RapRepoLRP(Method):
     name = "lrp-rap-repo"
     summary = "LRP-alpha-beta exactly as the RAP authors' code (separate denominators, BN and biases ignored)"
 
-    def __init__(self, alpha: float = 1.0, add_rule: str = "proportional"):
+    def __init__(self, alpha: float = 1.0, add_rule: str = "proportional", attention_rule: str = "cp-lrp"):
         number(self.name, "alpha", alpha)
         if alpha < 1:
             raise ValueError(f"method {self.name!r}: alpha must be >= 1 (beta = alpha - 1), got {alpha}")
-        self.alpha, self.add_rule = alpha, add_rule
-        self.table = rap_repo_table(alpha, add_rule=add_rule)
+        self.alpha, self.add_rule, self.attention_rule = alpha, add_rule, attention_rule
+        self.table = rap_repo_table(alpha, add_rule=add_rule, attention_rule=attention_rule)
 
     def run(self, ctx: Context) -> torch.Tensor:
         return ctx.propagate(self.table, logit_relevance(ctx))

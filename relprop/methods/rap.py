@@ -17,7 +17,9 @@ residual branches by the proportional Add rule and concatenations are split by s
 If the output layer is not a Linear, the seed starts as ``z * onehot`` at the output
 and every layer uses the hidden rule.  ``add_rule`` (``rules.add_rule``) changes the residual
 add only: ``"proportional"`` (default, the signed inputs, as above), ``"abs"`` or ``"equal"``;
-``rap-split`` is RAP with ``"abs"``.
+``rap-split`` is RAP with ``"abs"``.  Transformers: ``attention_rule="cp-lrp"`` (default)
+gives the values of ``a @ v`` (attention weights held constant, >= 0) the hidden Linear rule;
+``"attnlrp"`` AttnLRP's rules (rules.attention_layers).
 """
 from __future__ import annotations
 
@@ -74,9 +76,11 @@ def hidden(layer: Layer, r: torch.Tensor) -> list:
     return [out]
 
 
-def table(with_head: bool, add_rule: str = "proportional", method: str = "rap") -> RuleTable:
+def table(with_head: bool, add_rule: str = "proportional", method: str = "rap",
+          attention_rule: str = "cp-lrp") -> RuleTable:
     by_kind = rules.shared_layers(pool=rules.proportional_pool(), add=rules.add_rule(method, add_rule))
     by_kind.update({g.CONV: hidden, g.LINEAR: hidden})
+    by_kind.update(rules.attention_layers(method, attention_rule, hidden))
     return RuleTable(by_kind, first=rules.zbox("image", safe_divide),
                      head=first_propagation if with_head else None, name=method)
 
@@ -86,10 +90,10 @@ class RAP(Method):
     name = "rap"
     summary = "Relative Attributing Propagation: bi-polar relevant/irrelevant attribution (Nam et al. 2020)"
 
-    def __init__(self, add_rule: str = "proportional"):
-        self.add_rule = add_rule
-        self.with_head = table(True, self.add_rule, self.name)
-        self.without_head = table(False, self.add_rule, self.name)
+    def __init__(self, add_rule: str = "proportional", attention_rule: str = "cp-lrp"):
+        self.add_rule, self.attention_rule = add_rule, attention_rule
+        self.with_head = table(True, self.add_rule, self.name, attention_rule)
+        self.without_head = table(False, self.add_rule, self.name, attention_rule)
 
     def run(self, ctx: Context) -> torch.Tensor:
         head = ctx.head()
@@ -109,5 +113,5 @@ class RAPSplit(RAP):
     name = "rap-split"
     summary = "RAP with residual adds split by |x| (LRP-for-ResNet's Relevance Splitting ratio); = rap without adds"
 
-    def __init__(self, add_rule: str = "abs"):
-        super().__init__(add_rule)
+    def __init__(self, add_rule: str = "abs", attention_rule: str = "cp-lrp"):
+        super().__init__(add_rule, attention_rule)

@@ -271,3 +271,53 @@ def conv_transpose_per_sample(lin: LinearMap, s: torch.Tensor, g: torch.Tensor, 
     y = F.conv_transpose2d(s.reshape(1, -1, *s.shape[2:]), g.reshape(-1, *g.shape[2:]), None,
                            m.stride, m.padding, output_padding(m, s.shape, x_shape), b * m.groups, m.dilation)
     return y.reshape(b, -1, *y.shape[2:])
+
+
+class WeightsMap:
+    """``v -> a @ v`` with the attention weights ``a`` (B, heads, N, M) held constant (CP-LRP),
+    as the linear map the methods' Linear rules take.  It acts on the token dim of ``v``
+    (B, heads, M, d), so the rules see it transposed, as a Linear over the last dim: the input
+    is ``v^T`` (B, heads, d, M), ``fwd(x, V) = x @ V^T = (V @ v)^T`` and ``bwd(S, V) = S @ V``
+    its transpose, with per-sample weights ``V`` (``a`` or its sign splits).  No bias; the
+    weights are a forward value of this call, never a parameter."""
+
+    is_conv, kernel_is_1x1, streams, module_groups, bias = False, False, False, 1, None
+
+    def __init__(self, a: torch.Tensor):
+        self.weight = a
+
+    @property
+    def pos(self) -> torch.Tensor:
+        return self.weight.clamp(min=0)
+
+    @property
+    def neg(self) -> torch.Tensor:
+        return self.weight.clamp(max=0)
+
+    @property
+    def abs_neg(self) -> torch.Tensor:
+        return (-self.weight).clamp(min=0)
+
+    @property
+    def abs(self) -> torch.Tensor:
+        return self.weight.abs()
+
+    def derived(self, fn) -> torch.Tensor:
+        return fn(self.weight)
+
+    def halves(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(_SPLITS[h](self.weight) for h in _PAIRS[name])
+
+    def fwd(self, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return x @ v.transpose(-1, -2)
+
+    def bwd(self, s: torch.Tensor, v: torch.Tensor, x_shape=None) -> torch.Tensor:
+        return s @ v
+
+    def fwd2(self, x: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        v1, v2 = self.halves(name)
+        return self.fwd(x, v1), self.fwd(x, v2)
+
+    def bwd2(self, s1: torch.Tensor, s2: torch.Tensor, name: str, x_shape=None) -> torch.Tensor:
+        v1, v2 = self.halves(name)
+        return self.bwd(s1, v1) + self.bwd(s2, v2)

@@ -1,0 +1,407 @@
+"""Vision transformers: torchvision's VisionTransformer (nn.MultiheadAttention, traced through
+as in-projection, heads, fused attention, out-projection) and timm's (its Attention, fused
+``scaled_dot_product_attention`` or ``q @ k^T`` / softmax / ``attn @ v``), at toy size.
+
+Conventions (README, Conventions; ``relprop.rules``): CP-LRP by default, the attention weights
+held constant and the values taking the method's Linear rule; LayerNorm statistics held fixed;
+GELU passes relevance; the class token and the position embedding are constants whose share is
+dropped like a bias's.  Under them the epsilon-rule relevance (epsilon -> 0) is gradient x input
+of the same network with the LayerNorm statistics and the attention weights detached and GELU's
+derivative replaced by ``gelu(z) / z``: the float64 oracle here is the model's own forward with
+those functionals swapped for detached ones while it runs.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import relprop
+import relprop.graph as g
+
+torchvision = pytest.importorskip("torchvision")
+timm = pytest.importorskip("timm")
+from torchvision.models.vision_transformer import VisionTransformer as TorchvisionViT  # noqa: E402
+from timm.models.vision_transformer import VisionTransformer as TimmViT  # noqa: E402
+
+D = torch.float64
+METHODS = sorted(relprop.available_methods())
+WITH_ATTENTION_RULE = [m for m in METHODS if "attention_rule" in relprop.methods.create(m).params()]
+_layer_norm, _gelu, _sdpa, _softmax = F.layer_norm, F.gelu, F.scaled_dot_product_attention, torch.Tensor.softmax
+
+
+def _randomise(model: nn.Module) -> nn.Module:
+    """Random LayerNorm affines, class token, position embedding and head: the libraries'
+    inits (1, 0, zeros, a zero head in torchvision) would hide them."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("class_token", "cls_token", "pos_embedding", "pos_embed")):
+                p.normal_(0, 0.5)
+            elif p.ndim == 1 and name.endswith("weight"):   # LayerNorm scales
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.2)
+            elif name.startswith("head") and p.ndim == 2:
+                p.normal_(0, 0.5)
+    return model
+
+
+def torchvision_vit(seed: int = 0, dtype=torch.float32) -> nn.Module:
+    torch.manual_seed(seed)
+    model = TorchvisionViT(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32,
+                           num_classes=5)
+    return _randomise(model).to(dtype).eval()
+
+
+def timm_vit(seed: int = 0, fused: bool = True, dtype=torch.float32, **kwargs) -> nn.Module:
+    torch.manual_seed(seed)
+    model = TimmViT(img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2, num_classes=5, **kwargs)
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = fused
+    return _randomise(model).to(dtype).eval()
+
+
+MODELS = {"torchvision": torchvision_vit, "timm": timm_vit, "timm-unfused": lambda **kw: timm_vit(fused=False, **kw)}
+
+
+# ------------------------------------------------------------------ the oracle
+class _SecantGelu(torch.autograd.Function):
+    """GELU whose derivative is replaced by ``gelu(z) / z`` (the activation as LRP sees it)."""
+
+    @staticmethod
+    def forward(ctx, z, approximate):
+        ctx.save_for_backward(z)
+        ctx.approximate = approximate
+        return _gelu(z, approximate=approximate)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (z,) = ctx.saved_tensors
+        return grad * _gelu(z, approximate=ctx.approximate) / z, None
+
+
+def _detached_layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    dims = tuple(range(-len(normalized_shape), 0))
+    mean = x.mean(dims, keepdim=True).detach()
+    std = (x.var(dims, unbiased=False, keepdim=True) + eps).sqrt().detach()
+    y = (x - mean) / std
+    if weight is not None:
+        y = y * weight
+    return y if bias is None else y + bias
+
+
+def _detached_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    assert attn_mask is None and dropout_p == 0 and not is_causal
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return (q @ k.transpose(-2, -1) * scale).softmax(-1).detach() @ v
+
+
+def _detached_softmax(self, *args, **kwargs):
+    return _softmax(self, *args, **kwargs).detach()
+
+
+def gradient_x_input(model, x, target, detached: bool = True):
+    """``x * d logit_target / dx`` and the logits; ``detached``: of the network with the
+    LayerNorm statistics and the attention weights detached and GELU's derivative replaced by
+    ``gelu(z) / z`` (the model's own forward, its functionals swapped while it runs)."""
+    x = x.clone().requires_grad_(True)
+    with pytest.MonkeyPatch.context() as mp:
+        if detached:
+            mp.setattr(F, "layer_norm", _detached_layer_norm)
+            mp.setattr(F, "gelu", lambda z, approximate="none": _SecantGelu.apply(z, approximate))
+            mp.setattr(F, "scaled_dot_product_attention", _detached_attention)
+            mp.setattr(torch.Tensor, "softmax", _detached_softmax)
+        out = model(x)
+    (grad,) = torch.autograd.grad(out.gather(1, target[:, None]).sum(), x)
+    return (x * grad).detach(), out.detach()
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_epsilon_lrp_is_gradient_x_input_with_detached_attention(name):
+    """lrp-epsilon (epsilon and stabiliser 0, the epsilon rule at the patch embedding too)
+    equals the oracle to float64 precision (relative L2 error < 1e-8); plain gradient x input
+    does not, so the oracle tells the conventions apart."""
+    model = MODELS[name](dtype=D)
+    x = torch.randn(3, 3, 32, 32, dtype=D, generator=torch.Generator().manual_seed(1))
+    a = relprop.Explainer(model, "lrp-epsilon", epsilon=0, stabilizer=0, first_layer="same").attribute(x)
+    expected, logits = gradient_x_input(model, x, a.target)
+    torch.testing.assert_close(a.logits, logits, rtol=1e-12, atol=1e-12)
+    error = (a.relevance - expected).norm() / expected.norm()
+    assert error < 1e-8, f"relative L2 error {error:.3g}"
+    plain, _ = gradient_x_input(model, x, a.target, detached=False)
+    assert (a.relevance - plain).norm() > 1e-3 * plain.norm()
+
+
+# ------------------------------------------------------------------ every method
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_runs(name, method):
+    model = MODELS[name]()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    a = relprop.Explainer(model, method).attribute(x)
+    with torch.no_grad():
+        torch.testing.assert_close(a.logits, model(x), rtol=1e-5, atol=1e-6)
+    assert a.relevance.shape == x.shape
+    assert torch.isfinite(a.relevance).all()
+    assert (a.relevance.flatten(1).abs().sum(1) > 0).all()
+
+
+@pytest.mark.parametrize("method", WITH_ATTENTION_RULE)
+def test_every_method_runs_with_attnlrp(method):
+    """On timm's unfused attention (its softmax and both products); the fused attention takes
+    the same rules (test_fused_and_unfused_timm_attention_give_the_same_map)."""
+    model = timm_vit(fused=False, dtype=D)
+    x = torch.randn(2, 3, 32, 32, dtype=D, generator=torch.Generator().manual_seed(3))
+    cp = relprop.Explainer(model, method).attribute(x)
+    a = relprop.Explainer(model, method, attention_rule="attnlrp").attribute(x)
+    assert torch.isfinite(a.relevance).all() and (a.relevance.flatten(1).abs().sum(1) > 0).all()
+    assert not torch.allclose(a.relevance, cp.relevance)   # relevance now also flows through q and k
+
+
+@pytest.mark.parametrize("attention_rule", ["cp-lrp", "attnlrp"])
+@pytest.mark.parametrize("method", ["lrp-epsilon", "lrp-zplus", "lrp-gamma", "rap", "clrp", "sglrp"])
+def test_fused_and_unfused_timm_attention_give_the_same_map(method, attention_rule):
+    """``scaled_dot_product_attention`` and ``softmax(q @ k^T * scale) @ v`` take the same rules."""
+    x = torch.randn(2, 3, 32, 32, dtype=D, generator=torch.Generator().manual_seed(4))
+    fused = relprop.Explainer(timm_vit(fused=True, dtype=D), method, attention_rule=attention_rule)(x, 1)
+    unfused = relprop.Explainer(timm_vit(fused=False, dtype=D), method, attention_rule=attention_rule)(x, 1)
+    torch.testing.assert_close(fused, unfused, rtol=1e-9, atol=1e-12 * fused.abs().max().item())
+
+
+@pytest.mark.parametrize("name", ["torchvision", "timm-unfused"])
+@pytest.mark.parametrize("method", ["lrp-epsilon", "rap", "rsp", "clrp"])
+def test_batch_equals_single_samples(name, method):
+    model = MODELS[name](dtype=D)
+    x = torch.randn(3, 3, 32, 32, dtype=D, generator=torch.Generator().manual_seed(5))
+    explainer = relprop.Explainer(model, method)
+    batch = explainer(x, 2)
+    for i in range(3):
+        torch.testing.assert_close(batch[i:i + 1], explainer(x[i:i + 1], 2), rtol=1e-10, atol=1e-14)
+
+
+# ------------------------------------------------------------------ conservation
+def _bias_free_timm(fused: bool) -> nn.Module:
+    return timm_vit(fused=fused, dtype=D, qkv_bias=False, proj_bias=False)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_cp_lrp_attention_and_bias_free_projections_conserve(fused):
+    """CP-LRP's value map ``a @ v`` has no bias: relevance is conserved through the attention
+    (fused or not) and the bias-free qkv and output projections, whatever the method's Linear
+    rule (epsilon here; z+ conserves where its denominators are positive)."""
+    model = _bias_free_timm(fused)
+    x = torch.randn(2, 3, 32, 32, dtype=D, generator=torch.Generator().manual_seed(6))
+    a = relprop.Explainer(model, "lrp-epsilon", epsilon=1e-12, stabilizer=1e-12).attribute(x, layer_sums=True)
+    sums = a.layer_sums
+    graph = g.capture(model)
+    attention = [n for n in graph.nodes if n.kind in (g.ATTENTION, g.MATMUL)]
+    assert len(attention) == (2 if fused else 4)
+    for block in range(2):
+        out = sums[f"blocks.{block}.attn.proj"]        # relevance at the projection's input
+        assert (out.abs() > 1e-3 * a.logits.abs().max()).all()
+        torch.testing.assert_close(sums[f"blocks.{block}.attn.qkv"], out, rtol=1e-9, atol=0)
+    reached = [n for n in attention if n.name in sums]   # q @ k^T takes no relevance under CP-LRP
+    assert len(reached) == 2
+    for n in reached:   # relevance at the attention's inputs = at its output (its consumer's inputs)
+        consumer = graph.nodes[graph.consumers[n.index][0]]
+        torch.testing.assert_close(sums[n.name], sums[consumer.name], rtol=1e-9, atol=0)
+
+
+def test_attnlrp_product_rule_splits_half_half_and_conserves():
+    """AttnLRP's rule for ``a @ b`` with two non-constant operands: each operand takes half
+    of the relevance (gradient x input with the gradient halved)."""
+    from relprop import rules
+    gen = torch.Generator().manual_seed(7)
+    a, b = torch.randn(2, 3, 4, 5, dtype=D, generator=gen), torch.randn(2, 3, 5, 6, dtype=D, generator=gen)
+    z = a @ b
+    r = torch.randn(z.shape, dtype=D, generator=gen)
+    ra, rb = rules.half_product(a, b, r, z, lambda r_, z_: r_ / z_)
+    torch.testing.assert_close(ra.sum((1, 2, 3)), r.sum((1, 2, 3)) / 2)
+    torch.testing.assert_close(rb.sum((1, 2, 3)), r.sum((1, 2, 3)) / 2)
+    ag, bg = a.clone().requires_grad_(), b.clone().requires_grad_()
+    ga, gb = torch.autograd.grad((ag @ bg * (r / z)).sum(), [ag, bg])
+    torch.testing.assert_close(ra, a * ga / 2)
+    torch.testing.assert_close(rb, b * gb / 2)
+
+
+def test_attnlrp_softmax_rule():
+    """``R_in = x * (R - s * sum_j R_j)`` over the last dim (Achtibat et al. 2024)."""
+    from relprop import rules
+    x = torch.tensor([[1.0, 2.0, -1.0]], dtype=D)
+    s = x.softmax(-1)
+    r = torch.tensor([[0.5, -1.0, 2.0]], dtype=D)
+    torch.testing.assert_close(rules.softmax_rule(x, s, r), x * (r - s * 1.5))
+
+
+# ------------------------------------------------------------------ capture, options and errors
+def test_capture_kinds_of_a_torchvision_vit():
+    graph = g.capture(torchvision_vit())
+    prefix = "encoder.layers.encoder_layer_0.self_attention"
+    assert graph.node(prefix + ".in_proj").kind == g.LINEAR
+    assert isinstance(graph.node(prefix + ".in_proj").module, g.InProjection)
+    assert graph.node(prefix + ".out_proj").kind == g.LINEAR
+    assert graph.node(prefix).kind == g.LINEAR           # the module's output: its out-projection
+    assert sum(n.kind == g.ATTENTION for n in graph.nodes) == 2
+    assert sum(n.kind == g.OFFSET for n in graph.nodes) == 1      # + pos_embedding
+    assert graph.node("conv_proj").first_layer
+
+
+def test_the_in_projection_reads_the_model_at_every_call():
+    """Nothing derived from in_proj_weight is kept across calls (InProjection is a view)."""
+    model = torchvision_vit(dtype=D)
+    x = torch.randn(1, 3, 32, 32, dtype=D, generator=torch.Generator().manual_seed(8))
+    explainer = relprop.Explainer(model, "lrp-epsilon")
+    before = explainer(x, 0)
+    with torch.no_grad():
+        model.encoder.layers[0].self_attention.in_proj_weight.mul_(-0.5)
+    after = explainer(x, 0)
+    torch.testing.assert_close(after, relprop.Explainer(model, "lrp-epsilon")(x, 0))
+    assert not torch.allclose(before, after)
+
+
+def test_bad_attention_rule_is_refused_naming_the_method():
+    with pytest.raises(ValueError) as e:
+        relprop.Explainer(timm_vit(), "lrp-epsilon", attention_rule="attn-lrp")
+    assert str(e.value) == ("method 'lrp-epsilon': attention_rule must be one of 'cp-lrp', 'attnlrp', "
+                            "got 'attn-lrp'")
+
+
+def test_rsp_and_ae_start_at_the_patch_embedding():
+    """A transformer's only (B, C, H, W) feature map is its patch embedding's: RSP, AE and
+    Grad-CAM start there by default; a token layer is refused with the reason."""
+    from relprop.methods.cam import default_layer
+    assert default_layer(g.capture(torchvision_vit())).name == "conv_proj"
+    assert default_layer(g.capture(timm_vit())).name == "patch_embed.proj"
+    with pytest.raises(ValueError, match=r"^the initial layer 'encoder.ln' must output a \(B, C, H, W\) feature map, "
+                                         r"got shape \(1, 17, 16\)$"):
+        relprop.Explainer(torchvision_vit(), "rsp", init_layer="encoder")(torch.randn(1, 3, 32, 32), 0)
+
+
+def test_unsupported_attention_is_listed():
+    """Cross-attention through MultiheadAttention, a softmax that is not attention's and a
+    product of two signals that is not attention's are all refused, in one error."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 4, stride=4)
+            self.mha = nn.MultiheadAttention(4, 2, batch_first=True)
+
+        def forward(self, x):
+            t = self.conv(x).flatten(2).transpose(1, 2)
+            h, _ = self.mha(t, t, t)        # need_weights defaults to True
+            p = (t @ t.transpose(1, 2)).softmax(-1)
+            return (p @ h + h.relu() @ h.transpose(1, 2) @ h).mean(1)
+
+    with pytest.raises(relprop.UnsupportedModelError) as err:
+        relprop.Explainer(Net(), "lrp-epsilon")
+    msg = str(err.value)
+    assert ("mha (MultiheadAttention): only calls without masks, not causal, and need_weights=False are "
+            "supported") in msg
+    assert ("matmul_2 (call_function matmul): only attention's products are supported: q @ k^T feeding a "
+            "softmax, and softmax(...) @ v") in msg
+
+
+def test_swin_is_refused_with_what_is_missing():
+    """Swin (shifted windows, torch.roll, relative position bias) is not supported: one error
+    lists its window attention, position bias and patch merging."""
+    model = torchvision.models.swin_t(weights=None)
+    with pytest.raises(relprop.UnsupportedModelError) as err:
+        relprop.Explainer(model, "lrp-epsilon")
+    msg = str(err.value)
+    assert msg.startswith("relprop has no relevance rule for these operations of SwinTransformer:\n")
+    for missing in ("shifted_window_attention (call_function shifted_window_attention)",
+                    "_get_relative_position_bias (call_function _get_relative_position_bias)",
+                    "_patch_merging_pad (call_function _patch_merging_pad)"):
+        assert missing in msg
+
+
+# ------------------------------------------------------------------ full-size models (slow)
+@pytest.fixture(scope="module", params=["vit_tiny_patch16_224", "deit_tiny_patch16_224"])
+def timm_model(request):
+    torch.manual_seed(0)
+    return request.param, _randomise(timm.create_model(request.param, pretrained=False)).eval()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_runs_on_timm_vit_and_deit(timm_model, method):
+    name, model = timm_model
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(9))
+    a = relprop.Explainer(model, method).attribute(x)
+    with torch.no_grad():
+        torch.testing.assert_close(a.logits, model(x), rtol=1e-4, atol=1e-5, msg=f"{name} {method}: logits")
+    assert a.relevance.shape == x.shape
+    assert torch.isfinite(a.relevance).all() and a.relevance.abs().sum() > 0, f"{name} {method}"
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("attention_rule", ["cp-lrp", "attnlrp"])
+def test_input_relevance_sums_to_the_logit_without_biases(fused, attention_rule):
+    """A ViT with every bias, the class token and the position embedding zero and its
+    LayerNorms removed (their offsets are biases of the z-rule) conserves: the epsilon map
+    (epsilon -> 0) sums to the target logit under CP-LRP.  AttnLRP's softmax rule does not
+    conserve, so there the sum differs."""
+    model = timm_vit(fused=fused, dtype=D)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("bias", "cls_token", "pos_embed")):
+                p.zero_()
+    for block in model.blocks:
+        block.norm1, block.norm2 = nn.Identity(), nn.Identity()
+    model.norm = nn.Identity()
+    x = torch.randn(2, 3, 32, 32, dtype=D, generator=torch.Generator().manual_seed(10))
+    a = relprop.Explainer(model, "lrp-epsilon", epsilon=1e-12, stabilizer=1e-12, first_layer="same",
+                          attention_rule=attention_rule).attribute(x)
+    logit = a.logits.gather(1, a.target[:, None])[:, 0]
+    total = a.relevance.flatten(1).sum(1)
+    if attention_rule == "cp-lrp":
+        torch.testing.assert_close(total, logit, rtol=1e-8, atol=0)
+    else:
+        assert not torch.allclose(total, logit, rtol=1e-3)
+
+
+class _HalfMatmul(torch.autograd.Function):
+    """``a @ b`` whose gradients are halved (AttnLRP's uniform rule as gradient x input)."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return _matmul(a, b)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        return _matmul(grad, b.transpose(-2, -1)) / 2, _matmul(a.transpose(-2, -1), grad) / 2
+
+
+_matmul = torch.Tensor.__matmul__
+
+
+def _half_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return _HalfMatmul.apply((_HalfMatmul.apply(q, k.transpose(-2, -1)) * scale).softmax(-1), v)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_attnlrp_epsilon_is_gradient_x_input_with_halved_products(name):
+    """AttnLRP's softmax rule ``x * (R - s * sum R)`` is gradient x input through the softmax
+    (its Jacobian), and its product rule gradient x input with halved gradients: with epsilon
+    -> 0 the map is gradient x input of the network with the LayerNorm statistics detached,
+    GELU's derivative ``gelu(z) / z`` and both attention products' gradients halved."""
+    model = MODELS[name](dtype=D)
+    x = torch.randn(2, 3, 32, 32, dtype=D, generator=torch.Generator().manual_seed(11))
+    a = relprop.Explainer(model, "lrp-epsilon", epsilon=0, stabilizer=0, first_layer="same",
+                          attention_rule="attnlrp").attribute(x)
+    xg = x.clone().requires_grad_(True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(F, "layer_norm", _detached_layer_norm)
+        mp.setattr(F, "gelu", lambda z, approximate="none": _SecantGelu.apply(z, approximate))
+        mp.setattr(F, "scaled_dot_product_attention", _half_attention)
+        mp.setattr(torch.Tensor, "__matmul__", lambda s, o: _HalfMatmul.apply(s, o))
+        out = model(xg)
+    (grad,) = torch.autograd.grad(out.gather(1, a.target[:, None]).sum(), xg)
+    expected = x * grad
+    error = (a.relevance - expected).norm() / expected.norm()
+    assert error < 1e-8, f"relative L2 error {error:.3g}"
