@@ -38,6 +38,10 @@ class Explainer:
     inference semantics (BatchNorm running statistics, no dropout) whatever mode the
     model is in.  ``method`` is one of :func:`relprop.available_methods`; ``params`` are
     that method's options (e.g. ``ratio=2`` for ``"ae"``).
+
+    A model returning a dict of tensors (torchvision's segmentation models) is explained at
+    its ``"out"`` entry, or at ``output_key``; a dense ``(B, C, H, W)`` output takes region
+    targets (:class:`relprop.SegmentationTarget`, README "Dense outputs").
     """
 
     def __init__(self, model: nn.Module, method: str = "rap", backend: str = "auto", output_key: str | None = None,
@@ -73,9 +77,12 @@ class Explainer:
         """Explain ``x`` for ``target``: None (predicted class), an int, a per-sample list /
         tensor / array of class indices, or a callable on the model output (pytorch-grad-cam's
         ``ClassifierOutputTarget`` style) or a list of per-sample ones; :mod:`relprop.targets`
-        defines exactly what is accepted and how a callable becomes the output's seed.
+        defines exactly what is accepted and how a callable becomes the output's seed.  For a
+        dense ``(B, C, H, W)`` output the target selects a class over a region
+        (:class:`relprop.SegmentationTarget`, ``(category, mask)``, a class over the whole
+        map, a mask of the output's shape, or a callable); ``None`` is refused there.
 
-        ``initial_relevance`` (B, classes) seeds the output directly instead of the one-hot
+        ``initial_relevance`` (shaped like the output) seeds the output directly instead of the one-hot
         target (contrastive, multi-label or regression explanations); it may also be a
         callable on the (detached) logits returning that tensor (Zennit's ``attr_output``).
         ``layer_sums=True`` also returns the per-sample relevance sum at every layer's
