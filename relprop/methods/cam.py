@@ -8,12 +8,6 @@ convolutional block: the last node every path from input to output goes through 
 is not a pooling, dropout, reshape, permute or LayerNorm, before the network flattens its
 features (VGG: ``features.29``, ResNet: the output of ``layer4``, DenseNet: the final ReLU,
 Inception: ``Mixed_7c``, AlexNet: ``features.11``, ConvNeXt: the output of ``features``).
-For a dense output (a segmentation model) the search ends at the classifier conv(s) whose
-output reaches the model output through upsampling (and adds, reshapes, no-ops) only:
-torchvision's FCN and DeepLabV3 start at the ReLU of their head before the 1x1 classifier
-(``classifier.2`` / ``classifier.3``), LR-ASPP at the last backbone block feeding both its
-classifiers.  Nodes whose value never reaches the explained output (an auxiliary head)
-are ignored.
 """
 from __future__ import annotations
 
@@ -30,9 +24,13 @@ _NOT_A_BLOCK_OUTPUT = (g.MAXPOOL, g.AVGPOOL, g.ADAPTIVE_AVGPOOL, g.PASS, g.RESHA
 
 def default_layer(graph: g.Graph) -> g.Node:
     """The output node of the last convolutional block (see module docstring)."""
-    live = _reaches_output(graph)
     reach = -1
     best = None
+    # Dense outputs (segmentation): the search ends at the classifier conv(s) feeding the
+    # upsampled output (_dense_classifier), so FCN and DeepLabV3 start at the ReLU before
+    # their 1x1 classifier (classifier.2 / classifier.3), LR-ASPP at the last backbone block
+    # feeding both its classifiers; an auxiliary head's reads do not count (_reaches_output).
+    live = _reaches_output(graph)
     for n in graph.nodes:
         if _dense_classifier(graph, n):
             break
