@@ -7,6 +7,8 @@
 from .ops.dispatch import backends
 from .explainer import Attribution, Explainer, available_methods, explain
 from .graph import UnsupportedModelError
+from .targets import DenseOutputError, SegmentationTarget
 
 __version__ = "0.1.0"
-__all__ = ["Explainer", "Attribution", "explain", "available_methods", "backends", "UnsupportedModelError"]
+__all__ = ["Explainer", "Attribution", "explain", "available_methods", "backends", "UnsupportedModelError",
+           "SegmentationTarget", "DenseOutputError"]

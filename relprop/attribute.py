@@ -317,6 +317,15 @@ def _path_function(dataset):
     return (lambda i: paths[i]) if paths else (lambda i: None)
 
 
+def dense_output_refusal(command: str, shape) -> str:
+    """Why ``relprop <command>`` refuses a model with a dense output of ``shape``: its
+    targets (class indices, top-k, labels) are classes of a (B, classes) output."""
+    return (f"relprop {command} explains classifiers, whose output is (B, classes) scores; this model's output "
+            f"has shape {tuple(shape)} (a dense map, e.g. segmentation). Explain it from Python with a region "
+            "target: relprop.Explainer(model, method)(x, target=relprop.SegmentationTarget(category, mask)) "
+            "(README, Dense outputs)")
+
+
 def _validate(explainer, dataset, method, method_params, targets, kind, tvalue, labels, device) -> None:
     """Explain the first readable item (its predicted class) and check the targets against the
     model's number of classes; ValueError, before anything is written, if that fails."""
@@ -331,6 +340,13 @@ def _validate(explainer, dataset, method, method_params, targets, kind, tvalue, 
         i, err = first_error
         raise ValueError(f"none of the {len(dataset)} images can be read (the first, {item_id(i)}: {err})")
     x = x[None].to(device)
+    try:
+        with torch.no_grad():           # a dense output has no classes to take targets from: refuse it first
+            shape = explainer.graph.forward(x, drop=frozenset(range(1, len(explainer.graph.nodes) - 1)))[-1].shape
+    except ValueError as e:
+        raise ValueError(f"the model fails on the first image, {item_id(i)}: {e}") from e
+    if len(shape) != 2:
+        raise ValueError(dense_output_refusal("attribute", shape))
     try:
         with reported_maps_quiet():     # the run reports such maps in the index
             att = _in_chunks(lambda s, e: explainer.attribute(x), 1, {"chunk": 1})[0]

@@ -624,6 +624,14 @@ def _explain(args) -> int:
     except (TypeError, ValueError) as e:
         parser.error(f"--method/--param: {e}")
     x = torch.stack(images)
+    try:
+        with torch.no_grad():    # a dense output has no classes to take --target from: refuse it first
+            shape = explainer.graph.forward(x[:1], drop=frozenset(range(1, len(explainer.graph.nodes) - 1)))[-1].shape
+    except ValueError as e:      # an input the model cannot take (the layer that refused it)
+        parser.error(str(e))
+    if len(shape) != 2:
+        from .attribute import dense_output_refusal
+        parser.error(dense_output_refusal("explain", shape))
     results = []                 # every image is explained before any file is written
     for path, xi in zip(paths, x):
         xi = xi[None]

@@ -241,7 +241,8 @@ class Context:
     graph: g.Graph
     values: Any                      # the forward's values (:func:`forward`), read through :class:`Values`
     targets: torch.Tensor
-    seed: torch.Tensor               # (B, classes): onehot(target), or the caller's initial relevance
+    seed: torch.Tensor               # shaped like the output, (B, classes) or dense (B, C, H, W): onehot(target)
+                                     # (dense: the target's weights), or the caller's initial relevance
     user_seed: bool = False          # seed is the caller's ``initial_relevance``
     layer_sums: dict | None = None   # filled by propagate when not None
     ops: Any = reference_ops         # the backend's fused primitives (relprop.ops.dispatch)
@@ -271,9 +272,11 @@ class Context:
         return self.values[0]
 
     def head(self) -> g.Node | None:
-        """The conv/linear node whose output is the model output (through reshapes)."""
+        """The conv/linear node whose output is the model output (through reshapes, and through
+        the upsampling that brings a dense output to the input size: a linear map after the
+        classifier conv)."""
         n = self.graph.nodes[self.graph.output.parents[0]]
-        while n.kind in (g.PASS, g.RESHAPE):
+        while n.kind in (g.PASS, g.RESHAPE, g.UPSAMPLE):
             n = self.graph.nodes[n.parents[0]]
         return n if n.kind in (g.CONV, g.LINEAR) else None
 

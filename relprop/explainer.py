@@ -20,7 +20,7 @@ class Attribution(NamedTuple):
     """Result of :meth:`Explainer.attribute`."""
 
     relevance: torch.Tensor               # shaped like the input
-    logits: torch.Tensor                  # (B, classes)
+    logits: torch.Tensor                  # the model output: (B, classes), or (B, C, H, W) for a dense output
     target: torch.Tensor                  # (B,) explained class per sample
     layer_sums: dict | None = None        # node name -> (B,) relevance sum at that node's input(s)
     error: torch.Tensor | None = None     # (B,) estimated relative error from the ill-conditioned steps (README, Numerics)
@@ -38,16 +38,25 @@ class Explainer:
     inference semantics (BatchNorm running statistics, no dropout) whatever mode the
     model is in.  ``method`` is one of :func:`relprop.available_methods`; ``params`` are
     that method's options (e.g. ``ratio=2`` for ``"ae"``).
+
+    A model returning a dict of tensors (torchvision's segmentation models) is explained at
+    its ``"out"`` entry, or at ``output_key``; a dense ``(B, C, H, W)`` output takes region
+    targets (:class:`relprop.SegmentationTarget`, README "Dense outputs").
     """
 
-    def __init__(self, model: nn.Module, method: str = "rap", backend: str = "auto", **params):
+    def __init__(self, model: nn.Module, method: str = "rap", backend: str = "auto", output_key: str | None = None,
+                 **params):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if output_key is not None and not isinstance(output_key, str):
+            raise TypeError(f"output_key must be a str (a key of the model's dict output) or None, "
+                            f"got {type(output_key).__name__} {output_key!r}")
         self.model = model
         self.method = methods.create(method, **params)
         check_backend(backend)
         self.backend = backend
-        self.graph = g.capture(model)
+        self.output_key = output_key
+        self.graph = g.capture(model, output_key)
         try:
             self.method.grad_node(self.graph)   # resolves init_layer now, not at the first call
         except KeyError as e:
@@ -68,9 +77,12 @@ class Explainer:
         """Explain ``x`` for ``target``: None (predicted class), an int, a per-sample list /
         tensor / array of class indices, or a callable on the model output (pytorch-grad-cam's
         ``ClassifierOutputTarget`` style) or a list of per-sample ones; :mod:`relprop.targets`
-        defines exactly what is accepted and how a callable becomes the output's seed.
+        defines exactly what is accepted and how a callable becomes the output's seed.  For a
+        dense ``(B, C, H, W)`` output the target selects a class over a region
+        (:class:`relprop.SegmentationTarget`, ``(category, mask)``, a class over the whole
+        map, a mask of the output's shape, or a callable); ``None`` is refused there.
 
-        ``initial_relevance`` (B, classes) seeds the output directly instead of the one-hot
+        ``initial_relevance`` (shaped like the output) seeds the output directly instead of the one-hot
         target (contrastive, multi-label or regression explanations); it may also be a
         callable on the (detached) logits returning that tensor (Zennit's ``attr_output``).
         ``layer_sums=True`` also returns the per-sample relevance sum at every layer's
@@ -92,13 +104,22 @@ class Explainer:
         with torch.no_grad():
             values = forward(self.graph, x, self.method.grad_node(self.graph), self.method.walks)
             logits = values[-1]
-            targets, weights, one_hot = resolve_targets(target, logits)
+            if callable(initial_relevance):        # a function of the output (Zennit's attr_output)
+                initial_relevance = initial_relevance(logits.detach().clone())
+            if target is None and initial_relevance is not None and logits.ndim > 2:
+                # a dense output has no predicted class: the caller's seed says what is
+                # explained, and the reported class is the one carrying most of its weight
+                weights = _seed(initial_relevance, None, logits)
+                targets, one_hot = weights.abs().flatten(2).sum(2).argmax(dim=1), True
+            else:
+                targets, weights, one_hot = resolve_targets(target, logits)
             if not one_hot and not self.method.accepts_initial_relevance:
+                if logits.ndim > 2:
+                    raise ValueError(f"method {self.method.name!r} builds its contrastive duals from one class per "
+                                     "sample: a dense target must put its weights on one class channel per sample")
                 raise ValueError(f"method {self.method.name!r} builds its contrastive duals from one class per "
                                  "sample: a callable target must select one class (its gradient with respect to "
                                  "the output must be one-hot)")
-            if callable(initial_relevance):        # a function of the output (Zennit's attr_output)
-                initial_relevance = initial_relevance(logits.detach().clone())
             seed = _seed(initial_relevance, weights, logits)
             ctx = Context(self.graph, values, targets, seed, user_seed=initial_relevance is not None,
                           layer_sums={} if layer_sums else None,
@@ -173,11 +194,11 @@ def _seed(initial_relevance, weights: torch.Tensor, logits: torch.Tensor) -> tor
     if initial_relevance is None:
         return weights
     r = torch.as_tensor(initial_relevance, dtype=logits.dtype, device=logits.device)
-    if r.ndim == 1:
+    if r.ndim == 1 and logits.ndim == 2:
         r = r.expand_as(logits)
     if r.shape != logits.shape:
-        raise ValueError(f"initial_relevance must have shape {tuple(logits.shape)} (or ({logits.shape[1]},)), "
-                         f"got {tuple(r.shape)}")
+        also = f" (or ({logits.shape[1]},))" if logits.ndim == 2 else ""
+        raise ValueError(f"initial_relevance must have shape {tuple(logits.shape)}{also}, got {tuple(r.shape)}")
     if not torch.isfinite(r).all():
         raise ValueError("initial_relevance contains NaN or Inf")
     return r

@@ -98,3 +98,46 @@ def test_vit_b_16(vit_b_16, method):
         torch.testing.assert_close(attribution.logits, vit_b_16(x), msg=f"vit_b_16 {method}: logits")
     rel = attribution.relevance
     assert rel.shape == x.shape and torch.isfinite(rel).all() and rel.abs().sum() > 0, method
+
+
+# torchvision's segmentation models (README, Dense outputs): dict outputs explained at "out"
+# (FCN's auxiliary head ignored), a region of one class as the target.
+SEGMENTATION = ["fcn_resnet50", "deeplabv3_resnet50", "lraspp_mobilenet_v3_large"]
+
+
+@pytest.fixture(scope="module", params=SEGMENTATION)
+def segmentation(request):
+    from torchvision.models import segmentation as seg
+    torch.manual_seed(0)
+    kwargs = {"weights": None, "weights_backbone": None, "num_classes": 4}
+    if request.param == "fcn_resnet50":
+        kwargs["aux_loss"] = True
+    model = getattr(seg, request.param)(**kwargs).eval()
+    for m in model.modules():  # realistic BatchNorm statistics, as build() does
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_(0, 0.1)
+    return request.param, model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_runs_on_segmentation_models(segmentation, method):
+    import warnings
+    name, model = segmentation
+    explainer = relprop.Explainer(model, method)
+    for size in ((64, 64), (48, 80)):
+        x = torch.randn(1, 3, *size)
+        mask = torch.zeros(size, dtype=torch.bool)
+        mask[size[0] // 4:size[0] // 2, size[1] // 3:size[1] // 2] = True
+        with warnings.catch_warnings():   # random-weight ResNets trip the numerical-trust warning (test_numerics)
+            warnings.filterwarnings("ignore", r"method '.*': the map\(s\) of sample\(s\)", RuntimeWarning)
+            attribution = explainer.attribute(x, relprop.SegmentationTarget(1, mask))
+        rel = attribution.relevance
+        with torch.no_grad():
+            torch.testing.assert_close(attribution.logits, model(x)["out"], msg=f"{name} {method} at {size}: output")
+        assert rel.shape == x.shape
+        assert torch.isfinite(rel).all(), f"{name} {method} at {size}: non-finite relevance"
+        assert method == "gradcam" or rel.abs().sum() > 0, f"{name} {method} at {size}: all-zero relevance"

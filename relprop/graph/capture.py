@@ -88,8 +88,13 @@ def _self_attention(m: nn.MultiheadAttention, x, *args, **kwargs):
     return m.out_proj(out), None
 
 
-def capture(model: nn.Module) -> Graph:
-    """Trace ``model`` (in inference mode, flags restored afterwards) into a :class:`Graph`."""
+def capture(model: nn.Module, output_key: str | None = None) -> Graph:
+    """Trace ``model`` (in inference mode, flags restored afterwards) into a :class:`Graph`.
+
+    A model returning a dict of tensors (torchvision's segmentation models:
+    ``{"out": ..., "aux": ...}``) is explained at one entry: ``output_key``, by default
+    ``"out"``; the other entries (the auxiliary head) receive no relevance
+    (:func:`_select_output`)."""
     flags = {m: m.training for m in model.modules()}
     try:
         model.eval()
@@ -131,6 +136,7 @@ def capture(model: nn.Module) -> Graph:
             seen[node.name] = 0
         index[fn] = node.index
         nodes.append(node)
+    _select_output(nodes[-1], output_key)
     _resolve_helpers(nodes)
     _resolve_constants(nodes)
     _resolve_attention(nodes)
@@ -147,6 +153,28 @@ def capture(model: nn.Module) -> Graph:
     _mark_signs_and_first_layers(nodes)
     module_outputs = {k: index[v] for k, v in tracer.module_outputs.items() if v in index}
     return Graph(model, nodes, module_outputs)
+
+
+def _select_output(out: Node, output_key: str | None) -> None:
+    """Make the output node return the one tensor that is explained: the model's output, or
+    its ``output_key`` entry (default ``"out"``) when the model returns a dict.  The other
+    entries' nodes stay in the graph (they are computed, not explained: no relevance reaches
+    them), so the model's own forward is matched node for node."""
+    value = out.args[0] if len(out.args) == 1 else None
+    if isinstance(value, dict):
+        keys = list(value)
+        key = "out" if output_key is None else output_key
+        if key not in value:
+            how = ("pass output_key= to choose the entry to explain" if output_key is None
+                   else f"output_key={output_key!r} is not one of them")
+            raise UnsupportedModelError(f"the model returns a dict with keys {keys}; relprop explains one tensor "
+                                        f"entry: {how}")
+        if not isinstance(value[key], Ref):
+            raise UnsupportedModelError(f"the model's output entry {key!r} is not a tensor computed by the model")
+        out.args, out.kwargs, out.parents = (value[key],), {}, (int(value[key]),)
+    elif output_key is not None:
+        raise ValueError(f"output_key={output_key!r} selects an entry of a dict output, but the model returns "
+                         f"{'a single tensor' if isinstance(value, Ref) else type(value).__name__}")
 
 
 def _make_node(fn: fx.Node, model: nn.Module, i: int, index: dict) -> Node:

@@ -40,15 +40,50 @@ def default_layer(graph: g.Graph) -> g.Node:
         return convs[-1]
     reach = -1
     best = None
+    # Dense outputs (segmentation): the search ends at the classifier conv(s) feeding the
+    # upsampled output (_dense_classifier), so FCN and DeepLabV3 start at the ReLU before
+    # their 1x1 classifier (classifier.2 / classifier.3), LR-ASPP at the last backbone block
+    # feeding both its classifiers; an auxiliary head's reads do not count (_reaches_output).
+    live = _reaches_output(graph)
     for n in graph.nodes:
+        if _dense_classifier(graph, n):
+            break
         if (n.kind in (g.LINEAR, g.OUTPUT) or _flattens(n)) and reach <= n.index:
             break
         if reach <= n.index and n.kind not in _NOT_A_BLOCK_OUTPUT and n.kind != g.HELPER:
             best = n
-        reach = max([reach] + graph.consumers[n.index])
+        reach = max([reach] + [c for c in graph.consumers[n.index] if live[c]])
     if best is None:
         raise ValueError("could not find a convolutional block output to start from; pass init_layer=")
     return best
+
+
+def _reaches_output(graph: g.Graph) -> list[bool]:
+    """Per node: its value is read on some path to the explained output."""
+    live = [False] * len(graph.nodes)
+    live[graph.output.index] = True
+    for n in reversed(graph.nodes):
+        live[n.index] = live[n.index] or any(live[c] for c in graph.consumers[n.index])
+    return live
+
+
+# What may lie between a dense classifier conv and the output: linear maps that only move,
+# add or resample its class maps.
+_DENSE_HEAD_PATH = (g.UPSAMPLE, g.ADD, g.PASS, g.RESHAPE)
+
+
+def _dense_classifier(graph: g.Graph, n: g.Node) -> bool:
+    """``n`` is a conv whose output reaches the model output only through upsampling, adds,
+    reshapes and no-ops, with an upsampling on the way: a segmentation model's classifier."""
+    def to_output(i: int, upsampled: bool) -> bool:
+        m = graph.nodes[i]
+        if m.kind == g.OUTPUT:
+            return upsampled
+        consumers = graph.consumers[i]
+        return (m.kind in _DENSE_HEAD_PATH and bool(consumers)
+                and all(to_output(c, upsampled or m.kind == g.UPSAMPLE) for c in consumers))
+    consumers = graph.consumers[n.index]
+    return n.kind == g.CONV and bool(consumers) and all(to_output(c, False) for c in consumers)
 
 
 def _flattens(n: g.Node) -> bool:

@@ -18,6 +18,17 @@ returns their difference.
 ``agf``.  ``clrp(output="lrp" | "dual")`` returns one of the two raw maps instead.
 Transformers: ``attention_rule`` as in :mod:`.lrp` (CP-LRP by default: the values of
 ``a @ v`` take the table's z+ / alpha-beta Linear rule; or ``"attnlrp"``).
+
+**Dense outputs** ``(B, C, H, W)`` (README, "Dense outputs"): both methods are defined per
+position over the class dimension, restricted to the target's region.  With ``w`` the
+target's weight at each position (its mask) and ``t`` its class, every formula above holds
+at each position with the one-hot vector replaced by ``w`` on class ``t``, and "the other
+classes" by ``w`` on every class but ``t``: CLRP1's dual concept is the other classes at the
+same positions, SGLRP's softmax is taken over the classes at each position.  For a
+classifier (``w = 1``) these are the formulas above, to the bit.  CLRP2 negates the output
+layer, the conv producing the output map (upsampling after it is linear and kept); a model
+whose output is not produced by one conv or Linear (LR-ASPP's sum of two classifiers) has
+no output layer to negate, and CLRP2 raises a ValueError there.
 """
 from __future__ import annotations
 
@@ -62,6 +73,23 @@ def difference(ctx: Context, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return d
 
 
+def selection(ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cls, region)`` of a one-class seed: the target class indicator, shaped to broadcast
+    against the output (one-hot (B, C), or (B, C, 1, 1) for a dense output), and the
+    target's weight at each position, the seed summed over classes ((B, 1): 1 for a
+    classifier's one-hot seed; (B, 1, H, W): the mask of a dense one).  ``seed == cls *
+    region``, and ``region - seed`` puts the region's weights on every other class."""
+    seed = ctx.seed
+    cls = torch.nn.functional.one_hot(ctx.targets, seed.shape[1]).to(seed.dtype)
+    return cls.reshape(cls.shape + (1,) * (seed.ndim - 2)), seed.sum(dim=1, keepdim=True)
+
+
+def class_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over the class dim (dim 1), kept: per sample for a classifier's (B, C) (``psum``),
+    per position for a dense (B, C, H, W)."""
+    return t.sum(dim=1, keepdim=True)
+
+
 def _pick(output: str, target, dual, combined):
     return {"lrp": target, "dual": dual}[output] if output != "clrp" else combined()
 
@@ -93,14 +121,20 @@ class CLRP(Method):
             self.dual_table = negated_head(self.target_table) if variant == "clrp2" else self.target_table
 
     def run(self, ctx: Context) -> torch.Tensor:
-        onehot, z = ctx.seed, ctx.logits
+        seed, z = ctx.seed, ctx.logits
+        if self.variant == "clrp2" and ctx.head() is None:
+            raise ValueError(f"method {self.name!r}: variant 'clrp2' negates the output layer, but the output of "
+                             f"{type(ctx.graph.model).__name__} is not computed by one conv or Linear layer (through "
+                             "reshapes or upsampling); use variant='clrp1'")
+        cls, region = selection(ctx)
+        others = region - seed      # the region's weights on every class but the target (1 - onehot)
         if self.style == "gu":
-            seed_t = z.abs() * onehot
-            seed_d = z.abs() * (1 - onehot) if self.variant == "clrp1" else seed_t
+            seed_t = z.abs() * seed
+            seed_d = z.abs() * others if self.variant == "clrp1" else seed_t
         else:
-            z_t = psum(z * onehot)
-            seed_t = z_t * onehot
-            seed_d = (1 - onehot) / (z.shape[1] - 1) * z_t if self.variant == "clrp1" else seed_t
+            z_t = class_sum(z * cls)     # the target logit (at each position of a dense output)
+            seed_t = z_t * seed
+            seed_d = others / (z.shape[1] - 1) * z_t if self.variant == "clrp1" else seed_t
         r_t, r_d = ctx.propagate_together([(self.target_table, seed_t), (self.dual_table, seed_d)])
         if self.style == "gu":
             return _pick(self.output, r_t, r_d, lambda: difference(ctx, r_t / psum(r_t), r_d / psum(r_d)))
@@ -118,12 +152,13 @@ class SGLRP(Method):
         self.table = rap_repo_table(1.0, "sglrp", add_rule, attention_rule)
 
     def run(self, ctx: Context) -> torch.Tensor:
-        onehot = ctx.seed
-        p = ctx.logits.softmax(dim=1)
-        p_t = psum(p * onehot)
+        seed = ctx.seed
+        cls, region = selection(ctx)
+        p = ctx.logits.softmax(dim=1)   # over the classes (at each position of a dense output)
+        p_t = class_sum(p * cls)
         # 1 - p_t as the sum of the other classes' probabilities: the same number, without
         # the cancellation of 1 - p_t when the model is confident (p_t -> 1 in float32)
-        rest = psum(p * (1 - onehot))
-        r_t, r_o = ctx.propagate_together([(self.table, onehot * (p_t * rest + 1e-8)),
-                                           (self.table, (1 - onehot) * p_t * p)])
+        rest = class_sum(p * (1 - cls))
+        r_t, r_o = ctx.propagate_together([(self.table, seed * (p_t * rest + 1e-8)),
+                                           (self.table, (region - seed) * p_t * p)])
         return scaled_difference(ctx, r_t, r_o)
