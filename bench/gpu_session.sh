@@ -71,8 +71,10 @@ elif [ "$phase" = bench ]; then
       --benchmark-json="$out/bench-$model.json" >"$out/bench.log" 2>&1
     echo "== $model: $(tail -1 "$out/bench.log")"
   done
-  timeout "$(left 10)" python3 -m pytest -q bench/test_throughput.py -k memory -p no:cacheprovider \
-    --benchmark-json="$out/bench-memory.json" >>"$out/bench.log" 2>&1
+  # Peak CUDA memory per method at batch 64 (issue 17), a fresh process per case.
+  timeout "$(left 5)" python3 bench/memory.py --device cuda --batch 64 --deadline $(( $(date +%s) + $(left 40) )) \
+    --cases gradient relprop:gradient relprop:lrp-epsilon-plus-flat relprop:lrp-epsilon-alpha2beta1-flat \
+    relprop:rap relprop:rsp relprop:ae zennit:EpsilonPlusFlat --out "$out/memory-cuda" >>"$out/bench.log" 2>&1
   python3 bench/report.py "$out"/bench-*.json --commit "${RELPROP_COMMIT:-unknown}" --out "$out/bench" \
     && tail -n 80 "$out/bench.md"
 else

@@ -113,10 +113,13 @@ def _case(case: str, model_name: str, batch: int, device: str, size: int) -> dic
             "peak_bytes": max(peak, 0), "seconds": seconds}
 
 
-def run(models, cases, batch, device, size) -> list[dict]:
+def run(models, cases, batch, device, size, deadline: float | None = None) -> list[dict]:
     rows = []
     for model_name in models:
         for case in cases:
+            if deadline is not None and time.time() > deadline:
+                print(f"{model_name:10s} {case:40s} skipped: past the deadline", file=sys.stderr)
+                continue
             cmd = [sys.executable, __file__, "--one", case, "--models", model_name, "--batch", str(batch),
                    "--device", device, "--size", str(size)]
             p = subprocess.run(cmd, capture_output=True, text=True)
@@ -161,6 +164,8 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--out", default=None, help="write OUT.json and OUT.md")
+    p.add_argument("--deadline", type=float, default=None,
+                   help="Unix time after which cases not yet started are skipped (the tables are still written)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)   # internal: run one case here
     a = p.parse_args(argv)
     if a.device is None:
@@ -170,7 +175,7 @@ def main(argv=None):
     if a.one:
         print(json.dumps(_case(a.one, a.models[0], batch, a.device, a.size)))
         return
-    rows = run(a.models, a.cases, batch, a.device, a.size)
+    rows = run(a.models, a.cases, batch, a.device, a.size, a.deadline)
     md = table(rows)
     print(md)
     if a.out:
