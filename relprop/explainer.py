@@ -85,6 +85,12 @@ class Explainer:
         ``initial_relevance`` (shaped like the output) seeds the output directly instead of the one-hot
         target (contrastive, multi-label or regression explanations); it may also be a
         callable on the (detached) logits returning that tensor (Zennit's ``attr_output``).
+        For the relevance-propagating methods (the LRP family, RAP) it is the relevance of
+        the output, as in Zennit: ``target=t`` equals ``initial_relevance=logits * onehot(t)``
+        and the map sums to the seed's sum where the rules conserve.  For the methods that
+        start from a gradient (gradient, gradient-x-input, Grad-CAM, RSP, AE) it weights the
+        output's gradient, as the one-hot vector of a target does (there ``target=t`` is
+        ``initial_relevance=onehot(t)``).
         ``layer_sums=True`` also returns the per-sample relevance sum at every layer's
         input (conservation diagnostics).
         """

@@ -109,6 +109,23 @@ def test_target_forms_agree(golden_models):
     torch.testing.assert_close(ex.heatmap(x, 2), all_two.sum(1))
 
 
+@pytest.mark.parametrize("method", ["lrp-epsilon-plus-flat", "lrp-zplus", "rap", "rap-split", "lrp-rap-repo"])
+def test_initial_relevance_is_the_output_relevance_for_every_propagating_method(golden_models, method):
+    """One meaning for a caller's seed: the relevance of the output.  ``target=t`` is the
+    seed ``logit_t * onehot(t)`` for every relevance-propagating method (RAP included: its
+    first propagation takes the seed as the weight R / z), and a seed's map scales with it."""
+    model = small_vgg(golden_models).double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    ex = relprop.Explainer(model, method)
+    att = ex.attribute(x, [1, 3])
+    onehot = torch.nn.functional.one_hot(torch.tensor([1, 3]), 5).double()
+    torch.testing.assert_close(ex(x, initial_relevance=att.logits * onehot), att.relevance)
+    torch.testing.assert_close(ex(x, initial_relevance=2.5 * att.logits * onehot), 2.5 * att.relevance)
+    if method.startswith("rap"):   # RAP conserves, from any seed: the map sums to the seed's sum
+        seed = torch.randn(2, 5, dtype=torch.float64)
+        torch.testing.assert_close(ex(x, initial_relevance=seed).sum((1, 2, 3)), seed.sum(1))
+
+
 def test_initial_relevance_seeds_the_output(golden_models):
     """LRP is linear in the output seed: seeding logit*onehot is the default, and the map of
     a sum of seeds is the sum of the maps."""

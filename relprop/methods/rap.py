@@ -98,7 +98,11 @@ class RAP(Method):
     def run(self, ctx: Context) -> torch.Tensor:
         head = ctx.head()
         if head is not None and head.kind == g.LINEAR:
-            return ctx.propagate(self.with_head, ctx.seed)
+            # the first propagation weights the output layer's contributions by ``pd`` (one-hot:
+            # relevance sums to the target logit); a caller's initial_relevance is the output's
+            # relevance, as for the LRP family, so it enters as the weight R / z (0 where z = 0)
+            pd = safe_divide(ctx.seed, ctx.logits) if ctx.user_seed else ctx.seed
+            return ctx.propagate(self.with_head, pd)
         return ctx.propagate(self.without_head, ctx.seed if ctx.user_seed else ctx.logits * ctx.seed)
 
 
