@@ -607,3 +607,21 @@ def test_metrics_stay_on_the_gpu(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     _check_metrics_agree("cpu", "cuda")
+
+
+def test_maps_with_nan_or_inf_are_refused_naming_the_samples():
+    """A NaN pixel would win the pointing game's arg-max and vanish from the mass sums: a
+    metric of a non-finite map is an error, never an ordinary-looking score."""
+    from relprop import metrics as M
+    mask = torch.zeros(3, 16, 16, dtype=torch.bool)
+    mask[:, 4:8, 4:8] = True
+    h = torch.rand(3, 16, 16)
+    h[1, 2, 2] = float("nan")
+    h[2, 0, 0] = float("inf")
+    msg = r"heat maps of sample\(s\) \[1, 2\] contain NaN or Inf"
+    for metric in (M.pointing_game, M.relevance_mass_accuracy, M.outside_inside_ratio, M.segmentation_scores):
+        with pytest.raises(ValueError, match=msg):
+            metric(h, mask)
+    with pytest.raises(ValueError, match=r"maps of sample\(s\) \[1, 2\] contain NaN or Inf"):
+        M.spearman(h, torch.rand(3, 16, 16))
+    assert M.pointing_game(h[:1], mask[:1]).shape == (1,)          # the finite map is scored

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .arrays import as_tensor
+from .arrays import as_tensor, check_finite
 
 __all__ = ["boxes_to_masks", "pointing_game", "pointing_game_accuracy", "torchray_tolerance", "max_abs_channels",
            "outside_inside_ratio", "relevance_mass_accuracy", "binarize", "segmentation_scores"]
@@ -85,7 +85,7 @@ def _check_maps(heatmaps: torch.Tensor) -> torch.Tensor:
                          f"{tuple(heatmaps.shape) if torch.is_tensor(heatmaps) else type(heatmaps).__name__}")
     if not heatmaps.is_floating_point():
         heatmaps = heatmaps.float()
-    return heatmaps
+    return check_finite(heatmaps)
 
 
 def _work_dtype(t: torch.Tensor) -> torch.dtype:

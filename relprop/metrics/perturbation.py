@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import targets as T
-from .arrays import as_tensor
+from .arrays import as_tensor, check_finite
 
 __all__ = ["region_perturbation"]
 
@@ -75,6 +75,7 @@ def region_perturbation(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch
     if not torch.is_tensor(heatmaps) or tuple(heatmaps.shape) != (b, h, w):
         raise ValueError(f"heat maps must have shape {(b, h, w)}, got "
                          f"{tuple(heatmaps.shape) if torch.is_tensor(heatmaps) else heatmaps!r}")
+    check_finite(heatmaps)
     if order not in _ORDERS:
         raise ValueError(f"order must be one of {_ORDERS}, got {order!r}")
     if replace not in _REPLACE:

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import targets as T
-from .arrays import as_tensor
+from .arrays import as_tensor, check_finite
 
 __all__ = ["cascading_randomization", "spearman", "ssim"]
 
@@ -20,6 +20,8 @@ def _rows(a: torch.Tensor, b: torch.Tensor):
         raise ValueError(f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
     if a.ndim < 2:
         raise ValueError(f"expected a batch (B, ...), got shape {tuple(a.shape)}")
+    check_finite(a, "maps")
+    check_finite(b, "maps")
     dt = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
     return a.reshape(a.shape[0], -1).to(dt), b.reshape(b.shape[0], -1).to(dt)
 
@@ -113,7 +115,7 @@ def _explained(explain, model, x, targets, what: str) -> torch.Tensor:
         shape = tuple(h.shape) if hasattr(h, "shape") else type(h).__name__
         raise ValueError(f"explain(model, x, targets) must return (B, H, W) maps with B = {x.shape[0]} "
                          f"({what}), got {shape}")
-    return h.to(x.device)
+    return check_finite(h, f"explain(model, x, targets) maps ({what})").to(x.device)
 
 
 def cascading_randomization(model: nn.Module, x: torch.Tensor, target, explain, layers=None, seed: int = 0,
