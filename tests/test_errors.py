@@ -177,6 +177,10 @@ def test_unknown_method_and_parameter(model):
         relprop.Explainer(model, "rapp")
     with pytest.raises(TypeError, match="method 'ae' has no parameter\\(s\\) 'alpha'; its parameters are: ratio, init_layer"):
         relprop.Explainer(model, "ae", alpha=1)
+    # a parameter no rule of the method reads is refused, not ignored (z+ has no epsilon)
+    with pytest.raises(TypeError, match="method 'lrp-zplus' has no parameter\\(s\\) 'epsilon'; its parameters are: "
+                                        "stabilizer, first_layer"):
+        relprop.Explainer(model, "lrp-zplus", epsilon=10.0)
     with pytest.raises(ValueError, match="ratio r must lie in"):
         relprop.Explainer(model, "ae", ratio=3)
 

@@ -229,6 +229,12 @@ class ZPlus(_ZennitLRP):
     name = "lrp-zplus"
     summary = "LRP-z+ (alpha1beta0) on every conv and linear layer, z^B input layer by default"
 
+    def __init__(self, stabilizer: float = 1e-6, first_layer: str = "zb", zb_bounds="image",
+                 add_rule: str = "proportional", attention_rule: str = "cp-lrp"):
+        # no epsilon: z+ has no epsilon rule on any layer (the parameter would be ignored)
+        super().__init__(0.0, stabilizer, first_layer, zb_bounds, add_rule, attention_rule)
+        del self.epsilon
+
     def _conv_rule(self):
         return alphabeta(1.0, 0.0, self.stabilizer)
 
