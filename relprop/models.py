@@ -21,6 +21,7 @@ import importlib
 import os
 import re
 import urllib.parse
+import warnings
 
 import torch
 import torch.nn as nn
@@ -61,6 +62,10 @@ def load_model(spec: str, weights=None, num_classes: int | None = None) -> tuple
         else:
             tv_weights = _torchvision_weights(spec, weights)
             model = _from_torchvision(spec, tv_weights, kwargs)
+            if weights is None:   # easy to miss: the maps of an untrained net explain nothing learnt
+                warnings.warn(f"{spec}: no weights given, so the model has random weights (seed 0); pass a "
+                              "state dict file or a torchvision weights name (--weights) to explain a trained model",
+                              UserWarning, stacklevel=2)
             if tv_weights is not None:
                 preprocessing = weights_preprocessing(tv_weights)
                 weights = None

@@ -407,7 +407,8 @@ def test_load_model_specs_and_weights(tmp_path):
     assert isinstance(m, torch.nn.Module) and not m.training and pre == Preprocessing()     # ImageNet, 224
     assert load_model(SPEC, num_classes=7)[0][-1][-1].out_features == 7
     state = torch.random.get_rng_state()
-    r, pre = load_model("resnet18", num_classes=3)
+    with pytest.warns(UserWarning, match="resnet18: no weights given, so the model has random weights"):
+        r, pre = load_model("resnet18", num_classes=3)
     assert r.fc.out_features == 3 and torch.equal(torch.random.get_rng_state(), state)
     assert (pre.size, pre.resize, pre.mean) == (224, 256, (0.485, 0.456, 0.406))
     again, _ = load_model("resnet18", num_classes=3)                 # random weights, but reproducible
