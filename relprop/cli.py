@@ -176,7 +176,8 @@ def _methods() -> int:
         print(f"{name:<{width}}  {summary}")
         params = method_parameters(name)
         if params:
-            print(f"{'':<{width}}  parameters: " + ", ".join(f"{k}={v!r}" for k, v in params.items()))
+            listed = ", ".join(f"{k}={v!r}" for k, v in params.items())
+            print(f"{'':<{width}}  parameters (--param KEY=VALUE): {listed}")
     return 0
 
 
@@ -488,6 +489,15 @@ def _floats3(parser, name, text) -> tuple:
     return values
 
 
+def _declared_text(method: str, key: str) -> bool:
+    """The method's parameter ``key`` is annotated ``str`` or ``str | None``."""
+    import inspect
+
+    from .methods import METHODS
+    p = inspect.signature(METHODS[method].__init__).parameters.get(key)
+    return p is not None and str(p.annotation).replace(" ", "") in ("str", "str|None", "Optional[str]")
+
+
 def method_params_from_args(args) -> dict:
     """Check --method and --param (usage error if bad); the method parameters."""
     from . import methods
@@ -497,6 +507,12 @@ def method_params_from_args(args) -> dict:
     if args.method not in available_methods():
         parser.error(f"--method: unknown method {args.method!r}; choose one of: {', '.join(available_methods())}")
     params = _params(parser, args.param, json_only=True)
+    # A parameter declared as text (a layer name such as init_layer) keeps the text as typed:
+    # the built-in VGG's layers are named "0.10", which would otherwise read as the float 0.1.
+    raw = {item.partition("=")[0].strip(): item.partition("=")[2].strip() for item in args.param}
+    for key, value in params.items():
+        if value is not None and not isinstance(value, str) and _declared_text(args.method, key):
+            params[key] = raw[key]
     try:
         methods.create(args.method, **params)
     except (TypeError, ValueError) as e:
@@ -594,6 +610,7 @@ def _explain(args) -> int:
 
     from . import viz
     from .explainer import Explainer, reported_maps_quiet, trusted_error
+    from .graph import UnsupportedModelError
 
     parser = args.subparser
     missing = [p for p in args.images if not os.path.isfile(p)]
@@ -621,6 +638,8 @@ def _explain(args) -> int:
             parser.error(f"cannot read image {path!r}: {type(e).__name__}: {e}")
     try:
         explainer = Explainer(model, args.method, **params)
+    except UnsupportedModelError as e:   # the model's fault, not the method's
+        parser.error(f"--model {args.model}: {e}")
     except (TypeError, ValueError) as e:
         parser.error(f"--method/--param: {e}")
     x = torch.stack(images)

@@ -50,7 +50,7 @@ def test_no_command_prints_help_and_fails(capsys):
 def test_methods_lists_every_method(capsys):
     assert cli.main(["methods"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
-    lines = [line for line in out if not line.lstrip().startswith("parameters: ")]
+    lines = [line for line in out if not line.lstrip().startswith("parameters (--param KEY=VALUE): ")]
     methods = relprop.available_methods()
     assert len(methods) == 19 and len(lines) == len(methods)
     assert {"lrp-gamma", "lrp-epsilon-gamma-box", "gradcam", "rap-split"} <= {line.split()[0] for line in lines}
@@ -60,16 +60,16 @@ def test_methods_lists_every_method(capsys):
     # each method's parameter line, right under it, gives the defaults Explainer uses
     params, name = {}, None
     for line in out:
-        if line.lstrip().startswith("parameters: "):
+        if line.lstrip().startswith("parameters (--param KEY=VALUE): "):
             params[name] = line.strip()
         else:
             name = line.split()[0]
-    assert params["lrp-epsilon"].startswith("parameters: epsilon=")
+    assert params["lrp-epsilon"].startswith("parameters (--param KEY=VALUE): epsilon=")
     assert "ratio=" in params["ae"] and "gradient" not in params
     for name, line in params.items():
         defaults = relprop.Explainer(torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3), torch.nn.Flatten()),
                                      name).method.params()
-        assert line == "parameters: " + ", ".join(f"{k}={v!r}" for k, v in defaults.items())
+        assert line == "parameters (--param KEY=VALUE): " + ", ".join(f"{k}={v!r}" for k, v in defaults.items())
 
 
 def test_backends_reports_availability_and_reasons(capsys):
@@ -199,3 +199,31 @@ def test_target_and_targets_are_one_option_in_both_commands():
         assert parser.parse_args(["explain", "a.png", "--model", "shapes-vgg", flag, "3,7", "-o", "o"]).target == "3,7"
         assert parser.parse_args(["attribute", "--data", "d", "--model", "shapes-vgg", flag, "topk:2",
                                   "--out", "o"]).targets == "topk:2"
+
+
+def test_explain_blames_the_model_for_unsupported_operations(tmp_path, monkeypatch, capsys):
+    (tmp_path / "odd_net.py").write_text(
+        "import torch.nn as nn\n"
+        "def build():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ELU(), nn.Flatten(), nn.LazyLinear(3))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["explain", str(tmp_path / "a.png"), "--model", "odd_net:build", "--size", "16", "-o",
+                  str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert "relprop explain: error: --model odd_net:build: relprop has no relevance rule" in err, err
+    assert "--method/--param" not in err and not (tmp_path / "out").exists()
+
+
+def test_a_text_parameter_keeps_the_text_as_typed():
+    """The built-in VGG's layers are named like '0.10': --param init_layer=0.10 is that name,
+    not the float 0.1; numbers stay numbers for numeric parameters."""
+    parser = cli.build_parser()
+    args = parser.parse_args(["explain", "a.png", "--model", "shapes-vgg", "--method", "rsp",
+                              "--param", "init_layer=0.10", "-o", "o"])
+    assert cli.method_params_from_args(args) == {"init_layer": "0.10"}
+    args = parser.parse_args(["explain", "a.png", "--model", "shapes-vgg", "--method", "ae",
+                              "--param", "init_layer=0.10", "--param", "ratio=1.5", "-o", "o"])
+    assert cli.method_params_from_args(args) == {"init_layer": "0.10", "ratio": 1.5}
