@@ -295,3 +295,23 @@ def test_bicubic_upsampling_is_refused():
                                                             r"nearest-exact, bilinear, linear, area interpolate with "
                                                             r"weights >= 0"):
         relprop.Explainer(net, "rap")
+
+
+def test_unpacking_an_unsupported_layers_output_names_that_layer():
+    """nn.LSTM's ``(output, (h, c))``: the items taken from it blame the LSTM, not indexing."""
+    class Recurrent(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.lstm, self.fc = torch.nn.Conv2d(3, 4, 3), torch.nn.LSTM(4, 5, batch_first=True), \
+                torch.nn.Linear(5, 2)
+
+        def forward(self, x):
+            out, _ = self.lstm(self.conv(x).flatten(2).transpose(1, 2))
+            return self.fc(out[:, -1])
+
+    with pytest.raises(relprop.UnsupportedModelError) as info:
+        relprop.Explainer(Recurrent(), "rap")
+    text = str(info.value)
+    assert "  lstm (LSTM)" in text
+    assert "getitem (call_function getitem): takes an item of the output of lstm, itself unsupported" in text
+    assert "only basic indexing" not in text

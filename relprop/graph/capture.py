@@ -341,6 +341,8 @@ def _getitem_kind(n: Node, nodes: list[Node]) -> tuple[str | None, str]:
     slices, None, ...) is an index."""
     source = nodes[n.parents[0]].kind if n.parents else None
     index = n.args[1]
+    if n.parents and source is None:   # e.g. nn.LSTM's (output, (h, c)): the producer is the problem
+        return None, f"takes an item of the output of {nodes[n.parents[0]].name}, itself unsupported"
     if source == SPLIT:
         by_position = isinstance(index, int) and not isinstance(index, Ref)
         return (PIECE, "") if by_position else (None, "a split's pieces are taken by position")
