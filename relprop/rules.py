@@ -85,6 +85,17 @@ def layernorm(divide: Divide = safe_divide) -> Rule:
     return rule
 
 
+def rms_norm(divide: Divide = safe_divide) -> Rule:
+    """An RMS norm (nn.RMSNorm, timm's RmsNorm / RmsNorm2d) by the LayerNorm convention: with the
+    root mean square held fixed, ``y = a * x``, ``a = w / rms(x)``
+    (:func:`relprop.graph.rms_norm_scale`), an elementwise linear map without offset whose
+    z-rule ``R_in = x * a * divide(R, y)`` passes relevance unchanged wherever ``y != 0`` (up
+    to the method's stabiliser).  Used by every method (its own ``divide``)."""
+    def rule(layer: Layer, r: torch.Tensor) -> list:
+        return [layer.x * g.rms_norm_scale(layer.node.module, layer.x) * divide(r, layer.y)]
+    return rule
+
+
 def response_norm(divide: Divide = safe_divide) -> Rule:
     """ConvNeXt V2's GlobalResponseNorm ``y = x + b + w * x * n(x)`` by the LayerNorm convention:
     with the response ``n(x)`` (:func:`relprop.graph.response_norm_scale`) held fixed it is the
@@ -325,9 +336,10 @@ def shared_layers(pool: Rule, add: Rule, maxpool: Rule | None = None, bn: Rule =
                   norm: Divide = safe_divide) -> dict:
     """The rule table entries every method shares, with its own pooling and add rules and the
     quotient ``norm`` its LayerNorm and offset rules divide with."""
-    return {g.OFFSET: offset(norm), g.RELU: passthrough, g.LEAKY_RELU: passthrough, g.ACTIVATION: passthrough, g.GATE: signal_take_all,
-            g.SCALE: scale, g.LAYERNORM: layernorm(norm), g.RESPONSE_NORM: response_norm(norm), g.PASS: passthrough, g.INDEX: index, g.SPLIT: passthrough, g.PIECE: split_piece,
-            g.PERMUTE: permute, g.BN: bn, g.RESHAPE: reshape,
+    return {g.OFFSET: offset(norm), g.RELU: passthrough, g.LEAKY_RELU: passthrough, g.ACTIVATION: passthrough,
+            g.GATE: signal_take_all, g.SCALE: scale, g.LAYERNORM: layernorm(norm), g.RMS_NORM: rms_norm(norm),
+            g.RESPONSE_NORM: response_norm(norm), g.PASS: passthrough, g.INDEX: index, g.SPLIT: passthrough,
+            g.PIECE: split_piece, g.PERMUTE: permute, g.BN: bn, g.RESHAPE: reshape,
             g.CAT: cat, g.ADD: add, g.MAXPOOL: maxpool or pool, g.AVGPOOL: pool, g.ADAPTIVE_AVGPOOL: pool,
             g.UPSAMPLE: pool}
 

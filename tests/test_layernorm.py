@@ -256,3 +256,67 @@ def test_a_functional_layer_norm_on_foreign_tensors_is_refused():
                        match=r"layer_norm \(call_function layer_norm\): a functional layer_norm must read the "
                              r"tensors of one LayerNorm of the model"):
         relprop.Explainer(Net(), "lrp-epsilon")
+
+
+class RMSNormBlock(nn.Module):
+    """A residual block normalised by ``nn.RMSNorm`` over channels-last positions, bias-free
+    Linears and head (so the only offsets are none: an RMS norm has no mean to subtract)."""
+
+    def __init__(self, c: int = 6, classes: int = 4):
+        super().__init__()
+        self.norm = nn.RMSNorm(c, eps=1e-6)
+        self.fc1, self.fc2 = nn.Linear(c, 3 * c, bias=False), nn.Linear(3 * c, c, bias=False)
+        self.pool, self.head = nn.AdaptiveAvgPool2d(1), nn.Linear(c, classes, bias=False)
+        with torch.no_grad():
+            self.norm.weight.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        h = self.fc2(F.gelu(self.fc1(self.norm(x.permute(0, 2, 3, 1))))).permute(0, 3, 1, 2)
+        return self.head(self.pool(x + h).flatten(1))
+
+
+def _detached_rms_norm(x, normalized_shape, weight=None, eps=None):
+    dims = tuple(range(-len(normalized_shape), 0))
+    eps = torch.finfo(x.dtype).eps if eps is None else eps
+    y = x * (x.pow(2).mean(dims, keepdim=True) + eps).rsqrt().detach()
+    return y if weight is None else y * weight
+
+
+def test_rms_norm_conserves_and_is_gradient_x_input_with_its_statistic_detached():
+    """``nn.RMSNorm`` (rules.rms_norm): ``y = a * x`` with the root mean square held fixed has no
+    offset, so relevance is conserved through it at every layer; and the float64 epsilon map
+    (epsilon 0) is gradient x input with the statistic detached, which plain gradient x input
+    is not."""
+    torch.manual_seed(4)
+    model = RMSNormBlock().to(D).eval()
+    assert g.capture(model).node("norm").kind == g.RMS_NORM
+    x = torch.randn(2, 6, 5, 7, dtype=D)
+    a = relprop.Explainer(model, "lrp-epsilon", epsilon=1e-12, stabilizer=1e-12).attribute(x, layer_sums=True)
+    logit = a.logits.gather(1, a.target[:, None])[:, 0]
+    branch = a.layer_sums["permute_1"]
+    assert (branch.abs() > 1e-2 * logit.abs()).all()
+    for name in ("fc2", "gelu", "fc1", "norm", "permute"):
+        torch.testing.assert_close(a.layer_sums[name], branch, rtol=1e-9, atol=0, msg=f"not conserved at {name}")
+    torch.testing.assert_close(a.relevance.flatten(1).sum(1), logit, rtol=1e-9, atol=0)
+
+    exact = relprop.Explainer(model, "lrp-epsilon", epsilon=0, stabilizer=0, first_layer="same").attribute(x)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(F, "rms_norm", _detached_rms_norm)
+        expected, logits = gradient_x_input(model, x, exact.target)
+    torch.testing.assert_close(exact.logits, logits, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(exact.relevance, expected, rtol=1e-9, atol=1e-12 * expected.abs().max().item())
+    plain, _ = gradient_x_input(model, x, exact.target, detached=False)
+    assert (exact.relevance - plain).abs().max() > 1e-3 * plain.abs().max()
+
+
+def test_rms_norm_weight_changes_in_place_are_seen():
+    torch.manual_seed(5)
+    model = RMSNormBlock().to(D).eval()
+    x = torch.randn(1, 6, 4, 4, dtype=D)
+    explainer = relprop.Explainer(model, "lrp-epsilon-plus")
+    before = explainer(x, target=0)
+    with torch.no_grad():
+        model.norm.weight.mul_(-1.5)
+    after = explainer(x, target=0)
+    torch.testing.assert_close(after, relprop.Explainer(model, "lrp-epsilon-plus")(x, target=0))
+    assert not torch.allclose(before, after)

@@ -7,19 +7,19 @@ all three: ``g.CONV``, ``g.capture(model)``, ``g.evaluate(node, args, kwargs)``.
 """
 from .kinds import (ATTENTION, MATMUL, OFFSET, SOFTMAX, ACTIVATION, ADAPTIVE_AVGPOOL, ADD, AVGPOOL, BN, CAT, CONV, EXPAND, GATE, GATE_ACTIVATION,
                     GETITEM, HELPER, INDEX, INPUT, LAYERNORM, LEAKY_RELU, LINEAR, MAXPOOL, OUTPUT, PASS, PERMUTE, PIECE,
-                    PRODUCT, RELU, RESHAPE, RESPONSE_NORM, SCALE, SIZE_OP, SPLIT, UPSAMPLE)
+                    PRODUCT, RELU, RESHAPE, RESPONSE_NORM, RMS_NORM, SCALE, SIZE_OP, SPLIT, UPSAMPLE)
 from .kinds import (ACTIVATIONS, FUNCTION_KINDS, MEANS, METHOD_KINDS, MODULE_KINDS, NAMED_MODULE_KINDS,
                     NONNEG_UPSAMPLING, SIGN_PRESERVING, function_kind, module_kind)
 from .nodes import (InProjection, Graph, Node, Ref, UnsupportedModelError, evaluate, flatten, mean_dims, response_norm_scale,
-                    substitute)
+                    rms_norm_scale, substitute)
 from .capture import capture
 
 __all__ = [
     "ATTENTION", "MATMUL", "OFFSET", "SOFTMAX",
     "ACTIVATION", "ADAPTIVE_AVGPOOL", "ADD", "AVGPOOL", "BN", "CAT", "CONV", "EXPAND", "GATE", "GATE_ACTIVATION",
     "GETITEM", "HELPER", "INDEX", "INPUT", "LAYERNORM", "LEAKY_RELU", "LINEAR", "MAXPOOL", "OUTPUT", "PASS", "PERMUTE", "PIECE",
-    "PRODUCT", "RELU", "RESHAPE", "RESPONSE_NORM", "SCALE", "SIZE_OP", "SPLIT", "UPSAMPLE",
+    "PRODUCT", "RELU", "RESHAPE", "RESPONSE_NORM", "RMS_NORM", "SCALE", "SIZE_OP", "SPLIT", "UPSAMPLE",
     "ACTIVATIONS", "FUNCTION_KINDS", "MEANS", "METHOD_KINDS", "MODULE_KINDS", "NAMED_MODULE_KINDS", "NONNEG_UPSAMPLING",
-    "SIGN_PRESERVING", "function_kind", "module_kind", "response_norm_scale", "InProjection", "Graph", "Node", "Ref", "UnsupportedModelError", "evaluate", "flatten", "mean_dims",
+    "SIGN_PRESERVING", "function_kind", "module_kind", "response_norm_scale", "rms_norm_scale", "InProjection", "Graph", "Node", "Ref", "UnsupportedModelError", "evaluate", "flatten", "mean_dims",
     "substitute", "capture",
 ]

@@ -26,6 +26,10 @@ import torch.nn.functional as F
 # ConvNeXt layer scale), which relevance passes unchanged.  A "layernorm" normalises over its
 # last dims (channels-last nn.LayerNorm, torchvision's LayerNorm2d): with its statistics
 # held fixed it is an elementwise affine map, whose z-rule it takes (rules.layernorm).
+# An "rms_norm" (nn.RMSNorm, timm's RmsNorm, RmsNorm2d and their Fp32 variants; timm's
+# SimpleNorm* divide by the standard deviation without centring) divides by a statistic over
+# its normalised dims: with that held fixed, ``y = a * x`` without an offset, whose z-rule it
+# takes (rules.rms_norm; relevance passes unchanged wherever y != 0).
 # A "response_norm" is ConvNeXt V2's GlobalResponseNorm ``x + b + w * x * n(x)``: with the
 # response ``n(x)`` held fixed, an elementwise affine map too (rules.response_norm).
 # Attention (ViT, DeiT): a "softmax" over the last dim whose output only weights values, the
@@ -34,7 +38,7 @@ import torch.nn.functional as F
 # traced as in-projection, heads, this, out-projection: capture._Tracer).  Their rules are
 # chosen by a method's ``attention_rule`` (rules.attention_layers).  An "offset" adds a model
 # tensor to a signal (a ViT's position embedding): a bias, whose share relevance drops.
-CONV, LINEAR, LAYERNORM, RESPONSE_NORM = "conv", "linear", "layernorm", "response_norm"
+CONV, LINEAR, LAYERNORM, RMS_NORM, RESPONSE_NORM = "conv", "linear", "layernorm", "rms_norm", "response_norm"
 SOFTMAX, MATMUL, ATTENTION, OFFSET = "softmax", "matmul", "attention", "offset"
 RELU, LEAKY_RELU, ACTIVATION, BN, PASS = "relu", "leaky_relu", "activation", "bn", "pass"
 GATE, GATE_ACTIVATION, EXPAND, SCALE = "gate", "gate_activation", "expand", "scale"
@@ -47,7 +51,7 @@ INPUT, OUTPUT, HELPER = "input", "output", "helper"
 SIZE_OP = "size_op"   # a comparison, assertion or integer arithmetic: fine on sizes (a helper), not on tensors
 
 MODULE_KINDS = {
-    nn.Conv2d: CONV, nn.Linear: LINEAR, nn.BatchNorm2d: BN, nn.LayerNorm: LAYERNORM,
+    nn.Conv2d: CONV, nn.Linear: LINEAR, nn.BatchNorm2d: BN, nn.LayerNorm: LAYERNORM, nn.RMSNorm: RMS_NORM,
     nn.ReLU: RELU, nn.ReLU6: RELU, nn.LeakyReLU: LEAKY_RELU, nn.SiLU: ACTIVATION, nn.Hardswish: ACTIVATION,
     nn.GELU: ACTIVATION, nn.Sigmoid: GATE_ACTIVATION, nn.Hardsigmoid: GATE_ACTIVATION,
     nn.Dropout: PASS, nn.Identity: PASS, nn.MaxPool2d: MAXPOOL, nn.AvgPool2d: AVGPOOL,
@@ -93,7 +97,10 @@ ACTIVATIONS = {
 
 # Modules of optional libraries, known by module path and class name (never imported here);
 # they are captured whole (fx leaves) and evaluated by nodes.evaluate.
-NAMED_MODULE_KINDS = {("timm.layers.grn", "GlobalResponseNorm"): RESPONSE_NORM}
+NAMED_MODULE_KINDS = {("timm.layers.grn", "GlobalResponseNorm"): RESPONSE_NORM,
+                      **{("timm.layers.norm", name): RMS_NORM
+                         for name in ("RmsNorm", "RmsNorm2d", "RmsNormFp32", "RmsNorm2dFp32", "SimpleNorm",
+                                      "SimpleNorm2d", "SimpleNormFp32", "SimpleNorm2dFp32")}}
 
 
 def module_kind(m) -> str | None:

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .kinds import (ADAPTIVE_AVGPOOL, ADD, AVGPOOL, BN, CONV, INPUT, LAYERNORM, LINEAR, MAXPOOL, MEANS, OFFSET, OUTPUT, PASS,
-                    RELU, RESHAPE, RESPONSE_NORM, UPSAMPLE)
+                    RELU, RESHAPE, RESPONSE_NORM, RMS_NORM, UPSAMPLE)
 
 
 class Ref(int):
@@ -194,6 +194,25 @@ class Graph:
 
 
 
+def rms_norm_scale(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The factor ``a`` of an RMS norm ``y = a * x``: ``weight / sqrt(mean(x^2) + eps)`` for
+    nn.RMSNorm and timm's RmsNorm (over the last dims) and RmsNorm2d (over the channels),
+    ``weight / sqrt(var(x) + eps)`` (unbiased, not centred) for timm's SimpleNorm /
+    SimpleNorm2d; in ``x``'s dtype, timm's ``*Fp32`` variants computing it in float32 as they do."""
+    name = type(m).__name__
+    x32 = x.float() if name.endswith("Fp32") else x
+    if "Norm2d" in name:
+        dims, shape = (1,), (1, -1) + (1,) * (x.ndim - 2)
+    else:
+        dims, shape = tuple(range(x.ndim - len(m.normalized_shape), x.ndim)), tuple(m.normalized_shape)
+    eps = m.eps if m.eps is not None else torch.finfo(x.dtype).eps     # nn.RMSNorm's default
+    stat = x32.var(dims, keepdim=True) if name.startswith("SimpleNorm") else x32.pow(2).mean(dims, keepdim=True)
+    a = (stat + eps).rsqrt()
+    if m.weight is not None:
+        a = a * m.weight.to(x32.dtype).reshape(shape)
+    return a.to(x.dtype)
+
+
 def response_norm_scale(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The response ``n(x)`` of a GlobalResponseNorm (ConvNeXt V2): each channel's L2 norm over
     space divided by the mean of those norms over channels (+ eps)."""
@@ -228,6 +247,8 @@ def evaluate(n: Node, args: tuple, kwargs: dict) -> Any:
             return F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
         if n.kind == LAYERNORM:
             return F.layer_norm(x, m.normalized_shape, m.weight, m.bias, m.eps)
+        if n.kind == RMS_NORM:        # nn.RMSNorm / timm's RmsNorm*, without calling the module
+            return x * rms_norm_scale(m, x)
         if n.kind == RESPONSE_NORM:   # timm's GlobalResponseNorm.forward, without calling the module
             return x + torch.addcmul(m.bias.view(m.wb_shape), m.weight.view(m.wb_shape), x * response_norm_scale(m, x))
         if n.act is not None:

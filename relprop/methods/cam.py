@@ -23,7 +23,8 @@ from ..engine import Context
 from . import Method, layer_name, register
 
 # ... nor a LayerNorm or permute (ConvNeXt's classifier normalises the pooled features channels-last).
-_NOT_A_BLOCK_OUTPUT = (g.MAXPOOL, g.AVGPOOL, g.ADAPTIVE_AVGPOOL, g.PASS, g.RESHAPE, g.INPUT, g.LAYERNORM, g.PERMUTE)
+_NOT_A_BLOCK_OUTPUT = (g.MAXPOOL, g.AVGPOOL, g.ADAPTIVE_AVGPOOL, g.PASS, g.RESHAPE, g.INPUT, g.LAYERNORM, g.RMS_NORM,
+                       g.PERMUTE)
 
 
 _ATTENTION_KINDS = (g.ATTENTION, g.MATMUL, g.SOFTMAX)
