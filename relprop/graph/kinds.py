@@ -34,13 +34,16 @@ import torch.nn.functional as F
 # traced as in-projection, heads, this, out-projection: capture._Tracer).  Their rules are
 # chosen by a method's ``attention_rule`` (rules.attention_layers).  An "offset" adds a model
 # tensor to a signal (a ViT's position embedding): a bias, whose share relevance drops.
+# A "roll" (``torch.roll``: Swin's cyclic shift) permutes entries, and relevance goes back where
+# it was read; a "pad" (``F.pad``, constant mode: Swin's padding to whole windows, its patch
+# merging) adds constant entries whose relevance is dropped like a bias's share (rules.pad).
 CONV, LINEAR, LAYERNORM, RESPONSE_NORM = "conv", "linear", "layernorm", "response_norm"
 SOFTMAX, MATMUL, ATTENTION, OFFSET = "softmax", "matmul", "attention", "offset"
 RELU, LEAKY_RELU, ACTIVATION, BN, PASS = "relu", "leaky_relu", "activation", "bn", "pass"
 GATE, GATE_ACTIVATION, EXPAND, SCALE = "gate", "gate_activation", "expand", "scale"
 PRODUCT = "product"   # at capture only: a product or quotient, resolved to a gate or a scale (or refused)
 MAXPOOL, AVGPOOL, ADAPTIVE_AVGPOOL, UPSAMPLE = "maxpool", "avgpool", "adaptive_avgpool", "upsample"
-RESHAPE, ADD, CAT = "reshape", "add", "cat"
+RESHAPE, ADD, CAT, ROLL, PAD = "reshape", "add", "cat", "roll", "pad"
 INDEX, SPLIT, PIECE, PERMUTE = "index", "split", "piece", "permute"   # x[...], split/chunk, its pieces, transpose
 GETITEM = "getitem"   # at capture only: resolved to an index, a piece of a split, or a helper
 INPUT, OUTPUT, HELPER = "input", "output", "helper"
@@ -54,6 +57,7 @@ MODULE_KINDS = {
     nn.AdaptiveAvgPool2d: ADAPTIVE_AVGPOOL, nn.Flatten: RESHAPE, nn.Upsample: UPSAMPLE,
     nn.UpsamplingNearest2d: UPSAMPLE, nn.UpsamplingBilinear2d: UPSAMPLE,
     nn.modules.linear.NonDynamicallyQuantizableLinear: LINEAR,   # MultiheadAttention's out_proj
+    nn.Softmax: SOFTMAX,
 }
 FUNCTION_KINDS = {
     F.relu: RELU, torch.relu: RELU, torch.relu_: RELU, F.relu6: RELU, F.leaky_relu: LEAKY_RELU,
@@ -71,17 +75,18 @@ FUNCTION_KINDS = {
     F.batch_norm: BN, torch.batch_norm: BN, F.linear: LINEAR, F.layer_norm: LAYERNORM,
     operator.matmul: MATMUL, torch.matmul: MATMUL, torch.bmm: MATMUL, F.softmax: SOFTMAX, torch.softmax: SOFTMAX,
     F.scaled_dot_product_attention: ATTENTION, torch.unbind: SPLIT, torch.fx._symbolic_trace._assert_is_none: SIZE_OP,
+    torch.roll: ROLL, F.pad: PAD, torch._C._nn.pad: PAD,
 }
 METHOD_KINDS = {
     "relu": RELU, "relu_": RELU, "sigmoid": GATE_ACTIVATION, "mul": PRODUCT, "div": PRODUCT, "expand": EXPAND, "expand_as": EXPAND,
     "mean": ADAPTIVE_AVGPOOL, "view": RESHAPE, "reshape": RESHAPE, "flatten": RESHAPE, "contiguous": PASS,
     "split": SPLIT, "chunk": SPLIT, "transpose": PERMUTE, "permute": PERMUTE,
     "add": ADD, "add_": ADD, "size": HELPER, "dim": HELPER, "matmul": MATMUL, "bmm": MATMUL, "softmax": SOFTMAX,
-    "unbind": SPLIT,
+    "unbind": SPLIT, "roll": ROLL, "unsqueeze": RESHAPE, "squeeze": RESHAPE,
 }
 # Kinds whose output is >= 0 whenever all their tensor inputs are.
 SIGN_PRESERVING = {LEAKY_RELU, PASS, MAXPOOL, AVGPOOL, ADAPTIVE_AVGPOOL, UPSAMPLE, RESHAPE, ADD, CAT, INDEX, SPLIT, PIECE,
-                    PERMUTE}
+                    PERMUTE, ROLL}
 # The elementwise activations, as out-of-place functions of the input.
 ACTIVATIONS = {
     nn.ReLU: F.relu, F.relu: F.relu, torch.relu: F.relu, torch.relu_: F.relu, "relu": F.relu, "relu_": F.relu,
