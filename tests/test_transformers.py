@@ -29,6 +29,7 @@ D = torch.float64
 METHODS = sorted(relprop.available_methods())
 WITH_ATTENTION_RULE = [m for m in METHODS if "attention_rule" in relprop.methods.create(m).params()]
 _layer_norm, _gelu, _sdpa, _softmax = F.layer_norm, F.gelu, F.scaled_dot_product_attention, torch.Tensor.softmax
+_f_softmax = F.softmax
 
 
 def _randomise(model: nn.Module) -> nn.Module:
@@ -93,13 +94,20 @@ def _detached_layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
 
 
 def _detached_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    assert attn_mask is None and dropout_p == 0 and not is_causal
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return (q @ k.transpose(-2, -1) * scale).softmax(-1).detach() @ v
+    """The weights are torch's own (its masking conventions): its attention applied to the
+    identity as values, then detached."""
+    assert dropout_p == 0
+    eye = torch.eye(k.shape[-2], dtype=q.dtype).expand(*k.shape[:-1], k.shape[-2])
+    weights = _sdpa(q, k, eye, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
+    return weights.detach() @ v
 
 
 def _detached_softmax(self, *args, **kwargs):
     return _softmax(self, *args, **kwargs).detach()
+
+
+def _detached_f_softmax(*args, **kwargs):
+    return _f_softmax(*args, **kwargs).detach()
 
 
 def gradient_x_input(model, x, target, detached: bool = True):
@@ -113,6 +121,7 @@ def gradient_x_input(model, x, target, detached: bool = True):
             mp.setattr(F, "gelu", lambda z, approximate="none": _SecantGelu.apply(z, approximate))
             mp.setattr(F, "scaled_dot_product_attention", _detached_attention)
             mp.setattr(torch.Tensor, "softmax", _detached_softmax)
+            mp.setattr(F, "softmax", _detached_f_softmax)
         out = model(x)
     (grad,) = torch.autograd.grad(out.gather(1, target[:, None]).sum(), x)
     return (x * grad).detach(), out.detach()
@@ -280,41 +289,33 @@ def test_rsp_and_ae_start_at_the_patch_embedding():
 
 
 def test_unsupported_attention_is_listed():
-    """Cross-attention through MultiheadAttention, a softmax that is not attention's and a
-    product of two signals that is not attention's are all refused, in one error."""
+    """A MultiheadAttention with bias_k/bias_v, the attention weights of another one read by the
+    model, a softmax that is not attention's and a product of two signals that is not
+    attention's are all refused, in one error.  (Swin: tests/test_swin.py.)"""
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
             self.conv = nn.Conv2d(3, 4, 4, stride=4)
-            self.mha = nn.MultiheadAttention(4, 2, batch_first=True)
+            self.mha = nn.MultiheadAttention(4, 2, batch_first=True, add_bias_kv=True)
+            self.mha2 = nn.MultiheadAttention(4, 2, batch_first=True)
 
         def forward(self, x):
             t = self.conv(x).flatten(2).transpose(1, 2)
-            h, _ = self.mha(t, t, t)        # need_weights defaults to True
+            h, _ = self.mha(t, t, t)
+            h2, w = self.mha2(t, t, t)        # need_weights defaults to True: its weights are read
             p = (t @ t.transpose(1, 2)).softmax(-1)
-            return (p @ h + h.relu() @ h.transpose(1, 2) @ h).mean(1)
+            return (p @ h + h.relu() @ h.transpose(1, 2) @ h + w @ h2).mean(1)
 
     with pytest.raises(relprop.UnsupportedModelError) as err:
         relprop.Explainer(Net(), "lrp-epsilon")
     msg = str(err.value)
-    assert ("mha (MultiheadAttention): only calls without masks, not causal, and need_weights=False are "
-            "supported") in msg
+    assert ("mha (MultiheadAttention): only a packed in-projection (kdim = vdim = embed_dim), no bias_k/bias_v and "
+            "no add_zero_attn are supported") in msg
+    assert ("unexplained_weights (call_function unexplained_weights): the attention weights returned by "
+            "MultiheadAttention(need_weights=True) are not explained; use only its output [0], or "
+            "need_weights=False") in msg
     assert ("matmul_2 (call_function matmul): only attention's products are supported: q @ k^T feeding a "
-            "softmax, and softmax(...) @ v") in msg
-
-
-def test_swin_is_refused_with_what_is_missing():
-    """Swin (shifted windows, torch.roll, relative position bias) is not supported: one error
-    lists its window attention, position bias and patch merging."""
-    model = torchvision.models.swin_t(weights=None)
-    with pytest.raises(relprop.UnsupportedModelError) as err:
-        relprop.Explainer(model, "lrp-epsilon")
-    msg = str(err.value)
-    assert msg.startswith("relprop has no relevance rule for these operations of SwinTransformer:\n")
-    for missing in ("shifted_window_attention (call_function shifted_window_attention)",
-                    "_get_relative_position_bias (call_function _get_relative_position_bias)",
-                    "_patch_merging_pad (call_function _patch_merging_pad)"):
-        assert missing in msg
+            "softmax (through scales, additive constants and reshapes), and softmax(...) @ v") in msg
 
 
 # ------------------------------------------------------------------ full-size models (slow)
@@ -380,8 +381,12 @@ _matmul = torch.Tensor.__matmul__
 
 
 def _half_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    assert not is_causal
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return _HalfMatmul.apply((_HalfMatmul.apply(q, k.transpose(-2, -1)) * scale).softmax(-1), v)
+    logits = _HalfMatmul.apply(q, k.transpose(-2, -1)) * scale
+    if attn_mask is not None:
+        logits = logits.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else logits + attn_mask
+    return _HalfMatmul.apply(logits.softmax(-1), v)
 
 
 @pytest.mark.parametrize("name", list(MODELS))

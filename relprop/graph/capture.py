@@ -360,18 +360,7 @@ def _basic_index(v, nodes: list[Node]) -> bool:
 
 def _refs(n: Node):
     """Every node reference among the node's arguments (nested in tuples, lists, dicts, slices)."""
-    def walk(obj):
-        if isinstance(obj, Ref):
-            yield int(obj)
-        elif isinstance(obj, (tuple, list)):
-            for o in obj:
-                yield from walk(o)
-        elif isinstance(obj, dict):
-            for o in obj.values():
-                yield from walk(o)
-        elif isinstance(obj, slice):
-            yield from walk((obj.start, obj.stop, obj.step))
-    return walk((n.args, n.kwargs))
+    return (int(a) for a in flatten((n.args, n.kwargs)) if isinstance(a, Ref))
 
 
 def _in_place(n: Node) -> bool:

@@ -282,8 +282,13 @@ def substitute(obj, table):
 
 
 def flatten(obj):
+    """The leaves of nested tuples, lists, dicts (their values) and slices (start, stop, step)."""
     if isinstance(obj, (list, tuple)):
         for o in obj:
             yield from flatten(o)
+    elif isinstance(obj, dict):
+        yield from flatten(list(obj.values()))
+    elif isinstance(obj, slice):
+        yield from flatten((obj.start, obj.stop, obj.step))
     else:
         yield obj
