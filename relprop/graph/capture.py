@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .kinds import (ACTIVATION, ACTIVATIONS, ADD, ATTENTION, BN, CAT, CONV, EXPAND, GATE, GATE_ACTIVATION, GETITEM,
-                    HELPER, INDEX, INPUT, LEAKY_RELU, LINEAR, MATMUL, MEANS, METHOD_KINDS, NAMED_MODULE_KINDS,
+                    HELPER, INDEX, INPUT, LEAKY_RELU, LINEAR, MATMUL, MEANS, METADATA_READERS, METHOD_KINDS, NAMED_MODULE_KINDS,
                     NONNEG_UPSAMPLING, OFFSET, OUTPUT, PAD, PASS, PERMUTE, PIECE, PRODUCT, RELU, RESHAPE, SCALE,
                     SIGN_PRESERVING, SIZE_OP, SOFTMAX, SPLIT, UPSAMPLE, function_kind, module_kind)
 from . import through
@@ -388,7 +388,10 @@ def _constants(nodes: list[Node]) -> list[bool]:
         if n.op == "get_attr":
             constant[n.index] = True
         elif n.op in ("call_function", "call_method") and n.kind != HELPER and not _in_place(n):
-            constant[n.index] = all(known(r) for r in _refs(n))
+            refs = list(_refs(n))
+            if n.target in METADATA_READERS and n.args and isinstance(n.args[0], Ref):
+                refs = refs[1:]   # the tensor whose shape, dtype and device it reads
+            constant[n.index] = all(known(r) for r in refs)
     return constant
 
 
@@ -398,7 +401,12 @@ def _resolve_constants(nodes: list[Node], constant: list[bool]) -> None:
     (``x + pos``), a Swin's relative position bias and shift mask added to its attention
     logits.  They are read at every forward like any parameter (helpers); relevance
     reaching them is dropped, as a bias's share is.  An add of one signal and one constant
-    (:func:`_constants`) is an offset (a bias, rules.offset)."""
+    (:func:`_constants`) is an offset (a bias, rules.offset).  A constant that nothing reads
+    is a helper."""
+    read = {r for n in nodes for r in _refs(n)}
+    for n in reversed(nodes):
+        if constant[n.index] and n.index not in read and n.kind != HELPER:
+            _mark_constant(nodes, n.index, constant)
     for n in nodes:
         if constant[n.index]:
             continue
@@ -420,9 +428,10 @@ def _through_pass(nodes: list[Node], i: int, kinds=(PASS,)) -> Node:
     return n
 
 
-# What may lie between ``q @ k^T`` and its softmax: dropout, a scale, an additive constant (a
-# relative position bias, a mask: offsets), reshapes (Swin's windows and heads).
-_LOGITS_PATH = (PASS, SCALE, OFFSET, RESHAPE)
+# What may lie between ``q @ k^T`` and its softmax: dropout, a scale (a product, resolved to a
+# scale or refused by _resolve_gates), an additive constant (a relative position bias, a mask:
+# offsets), reshapes (Swin's windows and heads).
+_LOGITS_PATH = (PASS, PRODUCT, SCALE, OFFSET, RESHAPE)
 
 
 def _resolve_attention(nodes: list[Node], constant: list[bool]) -> None:
