@@ -238,16 +238,5 @@ def test_input_relevance_sums_to_the_logit_without_biases(name, attention_rule):
     else:
         assert not torch.allclose(total, logit, rtol=1e-3)
 
-
-# ------------------------------------------------------------------ full-size models (slow)
-@pytest.mark.slow
-@pytest.mark.parametrize("method", ["lrp-epsilon", "rap", "rsp"])
-def test_full_size_swin_tiny(method):
-    """torchvision ``swin_t`` and timm ``swin_tiny_patch4_window7_224`` (random weights) at 224."""
-    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(9))
-    for model in (torchvision.models.swin_t(weights=None), timm.create_model("swin_tiny_patch4_window7_224")):
-        model = _randomise_swin(model).eval()
-        a = relprop.Explainer(model, method).attribute(x)
-        with torch.no_grad():
-            torch.testing.assert_close(a.logits, model(x), rtol=1e-4, atol=1e-5)
-        assert torch.isfinite(a.relevance).all() and a.relevance.abs().sum() > 0
+# Full size (slow): swin_t in tests/test_architectures.py, timm's swin_tiny_patch4_window7_224 in
+# tests/test_timm_models.py, every method, in float64.
