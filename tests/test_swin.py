@@ -238,5 +238,6 @@ def test_input_relevance_sums_to_the_logit_without_biases(name, attention_rule):
     else:
         assert not torch.allclose(total, logit, rtol=1e-3)
 
+
 # Full size (slow): swin_t in tests/test_architectures.py, timm's swin_tiny_patch4_window7_224 in
 # tests/test_timm_models.py, every method, in float64.
