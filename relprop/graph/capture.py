@@ -472,8 +472,9 @@ def _resolve_attention(nodes: list[Node], constant: list[bool]) -> None:
             mask = n.param("attn_mask", 3, None)
             scale = n.kwargs.get("scale", n.args[6] if len(n.args) > 6 else None)
             constant_mask = isinstance(mask, Ref) and constant[mask]
-            if len(n.parents) != 3 + isinstance(mask, Ref) or not (mask is None or constant_mask) or dropout != 0 or not (
-                    scale is None or _is_number(scale, minimum=0)) or n.kwargs.get("enable_gqa", False):
+            good_scale = scale is None or _is_number(scale, minimum=0)
+            if len(n.parents) != 3 + isinstance(mask, Ref) or not (mask is None or constant_mask) or dropout != 0 \
+                    or not good_scale or n.kwargs.get("enable_gqa", False):
                 n.kind, n.why = None, ("only scaled_dot_product_attention(q, k, v) without dropout or grouped queries, "
                                        "possibly causal or with an attn_mask computed from model tensors and sizes "
                                        "(not from the input), is supported")

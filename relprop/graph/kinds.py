@@ -28,12 +28,14 @@ import torch.nn.functional as F
 # held fixed it is an elementwise affine map, whose z-rule it takes (rules.layernorm).
 # A "response_norm" is ConvNeXt V2's GlobalResponseNorm ``x + b + w * x * n(x)``: with the
 # response ``n(x)`` held fixed, an elementwise affine map too (rules.response_norm).
-# Attention (ViT, DeiT): a "softmax" over the last dim whose output only weights values, the
-# "matmul"s of attention (``q @ k^T`` feeding a softmax, ``softmax(...) @ v``) and the fused
-# "attention" ``F.scaled_dot_product_attention(q, k, v)`` (torchvision's MultiheadAttention is
-# traced as in-projection, heads, this, out-projection: capture._Tracer).  Their rules are
-# chosen by a method's ``attention_rule`` (rules.attention_layers).  An "offset" adds a model
-# tensor to a signal (a ViT's position embedding): a bias, whose share relevance drops.
+# Attention (ViT, DeiT, Swin): a "softmax" over the last dim whose output only weights values,
+# the "matmul"s of attention (``q @ k^T`` feeding a softmax, possibly through a scale, additive
+# constants and reshapes, and ``softmax(...) @ v``) and the fused "attention"
+# ``F.scaled_dot_product_attention(q, k, v)``, possibly with a constant mask or causal
+# (torchvision's MultiheadAttention and Swin attention are traced through as written out in
+# .through).  Their rules are chosen by a method's ``attention_rule`` (rules.attention_layers).
+# An "offset" adds a constant (capture._constants: a ViT's position embedding, a Swin's relative
+# position bias and shift mask) to a signal: a bias, whose share relevance drops.
 # A "roll" (``torch.roll``: Swin's cyclic shift) permutes entries, and relevance goes back where
 # it was read; a "pad" (``F.pad``, constant mode: Swin's padding to whole windows, its patch
 # merging) adds constant entries whose relevance is dropped like a bias's share (rules.pad).
