@@ -8,7 +8,11 @@ GELU passes relevance; the class token and the position embedding are constants 
 dropped like a bias's.  Under them the epsilon-rule relevance (epsilon -> 0) is gradient x input
 of the same network with the LayerNorm statistics and the attention weights detached and GELU's
 derivative replaced by ``gelu(z) / z``: the float64 oracle here is the model's own forward with
-those functionals swapped for detached ones while it runs.
+those functionals swapped for detached ones while it runs (the detached attention weights are
+torch's own, masks included).  Masks and biases of the attention logits (``attn_mask``,
+``is_causal``, ``q @ k^T * scale + bias + mask``) and ``nn.MultiheadAttention``'s masks,
+sequence-first layout, cross-attention and unread ``need_weights`` output are tested at the end
+on small token models; Swin in tests/test_swin.py.
 """
 from __future__ import annotations
 
