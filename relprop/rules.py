@@ -287,8 +287,9 @@ def sdpa_logits(layer: Layer, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.T
 def constant_weights(method: str, linear: Rule | None) -> Rule:
     """CP-LRP (Ali et al. 2022): the attention weights ``a`` (the softmax output, any mask or bias
     of the logits included: README, Conventions) are held constant, so ``out = a @ v`` is a
-    linear map of the values ``v`` (:class:`~relprop.ops.WeightsMap`), whose relevance the method's own Linear rule ``linear`` gives (for LRP-epsilon
-    ``R_v = v * (a^T @ (R / stabilize(out)))``); nothing flows into ``q`` and ``k``.  Under the
+    linear map of the values ``v`` (:class:`~relprop.ops.WeightsMap`), whose relevance the
+    method's own Linear rule ``linear`` gives (for LRP-epsilon ``R_v = v * (a^T @ (R /
+    stabilize(out)))``); nothing flows into ``q`` and ``k``.  Under the
     epsilon rule (epsilon -> 0) this is gradient x input with the weights detached."""
     def rule(layer: Layer, r: torch.Tensor) -> list:
         if linear is None:

@@ -15,10 +15,11 @@ ARCHS = {  # name -> the other (non-square) input size it is tested at
     "alexnet": (127, 160), "squeezenet1_1": (64, 96), "mobilenet_v2": (64, 96), "mnasnet0_5": (48, 80),
     "mobilenet_v3_small": (64, 96), "efficientnet_b0": (64, 96), "regnet_y_400mf": (48, 80),
     "shufflenet_v2_x0_5": (64, 96), "convnext_tiny": (64, 96), "swin_t": (96, 160),
+    "swin_v2_t": (96, 160),
 }
 # Swin runs in float64: its shift mask's -100 gives attention weights near exp(-100), which RAP's
 # unstabilised quotients divide by; in float32 RAP's maps overflow there (relprop warns; README, Conventions).
-FLOAT64 = {"swin_t"}
+FLOAT64 = {"swin_t", "swin_v2_t"}
 METHODS = sorted(relprop.available_methods())
 
 

@@ -1,5 +1,5 @@
-"""Swin Transformers at toy size: torchvision's ``SwinTransformer`` (its fx-wrapped window
-attention and patch merging traced through as re-written in ``relprop.graph.through``) and
+"""Swin Transformers at toy size: torchvision's ``SwinTransformer``, V1 and V2 (its fx-wrapped
+window attention and patch merging traced through as re-written in ``relprop.graph.through``) and
 timm's (fused ``scaled_dot_product_attention`` with the bias and mask as ``attn_mask``, or
 ``q @ k^T + bias + mask`` -> softmax -> ``@ v``).
 
@@ -27,6 +27,7 @@ timm = pytest.importorskip("timm")
 from test_transformers import (METHODS, WITH_ATTENTION_RULE, _detached_layer_norm, _HalfMatmul,  # noqa: E402
                                _half_attention, _randomise, _SecantGelu, gradient_x_input)
 from timm.models.swin_transformer import SwinTransformer as TimmSwin  # noqa: E402
+from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformerBlockV2  # noqa: E402
 from torchvision.models.swin_transformer import SwinTransformer as TorchvisionSwin  # noqa: E402
 
 D = torch.float64
@@ -44,11 +45,19 @@ def _randomise_swin(model: nn.Module) -> nn.Module:
     return model
 
 
-def torchvision_swin(seed: int = 0, dtype=torch.float32) -> nn.Module:
+def torchvision_swin(seed: int = 0, dtype=torch.float32, v2: bool = False) -> nn.Module:
+    """Swin V1, or V2 (post-norm blocks, cosine attention with a learned logit scale, the position
+    bias MLP, the key bias zeroed in the forward: random here, so that it matters)."""
     torch.manual_seed(seed)
+    kwargs = {"block": SwinTransformerBlockV2, "downsample_layer": PatchMergingV2} if v2 else {}
     model = TorchvisionSwin(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=[4, 4],
-                            num_classes=5)
-    return _randomise_swin(model).to(dtype).eval()
+                            num_classes=5, **kwargs)
+    model = _randomise_swin(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("logit_scale"):   # init log(10) in every head
+                p.uniform_(1.0, 3.0)
+    return model.to(dtype).eval()
 
 
 def timm_swin(seed: int = 0, fused: bool = True, dtype=torch.float32, **kwargs) -> nn.Module:
@@ -61,7 +70,8 @@ def timm_swin(seed: int = 0, fused: bool = True, dtype=torch.float32, **kwargs) 
     return _randomise_swin(model).to(dtype).eval()
 
 
-MODELS = {"torchvision": torchvision_swin, "timm": timm_swin, "timm-unfused": lambda **kw: timm_swin(fused=False, **kw)}
+MODELS = {"torchvision": torchvision_swin, "torchvision-v2": lambda **kw: torchvision_swin(v2=True, **kw),
+          "timm": timm_swin, "timm-unfused": lambda **kw: timm_swin(fused=False, **kw)}
 
 
 def _input(batch: int, seed: int, dtype=D) -> torch.Tensor:
@@ -81,7 +91,7 @@ def test_the_toy_models_pad_shift_and_merge_at_this_size():
         rolls = [n for n in graph.nodes if n.kind == g.ROLL]
         shifting = [n for n in rolls if not torch.equal(values[n.index], values[n.parents[0]])]
         pads = [n for n in graph.nodes if n.kind == g.PAD]
-        assert len(rolls) == (8 if name == "torchvision" else 4) and len(shifting) == 4, name
+        assert len(rolls) == (8 if name.startswith("torchvision") else 4) and len(shifting) == 4, name
         assert len(pads) == 5, name
         for n in pads:
             assert values[n.index].shape != values[n.parents[0]].shape, f"{name}: {n.name} does not pad"
@@ -98,13 +108,13 @@ def test_capture_kinds_of_a_torchvision_swin():
     assert graph.node("features.0.0").first_layer
 
 
-def test_swin_v2_is_refused_with_the_reason():
-    model = torchvision.models.swin_v2_t(weights=None)
-    with pytest.raises(relprop.UnsupportedModelError) as err:
-        relprop.Explainer(model, "lrp-epsilon")
-    assert ("shifted_window_attention (call_function shifted_window_attention): Swin V2's cosine attention "
-            "(normalised q and k, a learned logit scale, a position bias MLP, the key bias zeroed in forward) has "
-            "no rule; Swin V1 (swin_t, swin_s, swin_b) is supported") in str(err.value)
+def test_capture_kinds_of_a_torchvision_swin_v2():
+    """Cosine attention: the normalisations are scales (their norms held fixed), the logit scale
+    a constant factor, the position bias MLP a constant, the key bias subtracted an offset."""
+    graph = g.capture(torchvision_swin(v2=True))
+    assert sum(n.kind == g.SCALE and n.target is F.normalize for n in graph.nodes) == 8
+    assert sum(n.kind == g.OFFSET for n in graph.nodes) == 12     # - key bias, + position bias, + shift mask
+    assert not any(n.name.startswith("features.1.0.attn.cpb_mlp") for n in graph.nodes)   # inside the constant
 
 
 # ------------------------------------------------------------------ the oracle
@@ -124,7 +134,8 @@ def test_epsilon_lrp_is_gradient_x_input_with_detached_attention(name):
     assert (a.relevance - plain).norm() > 1e-3 * plain.norm()
 
 
-_matmul_method = torch.Tensor.matmul
+def _detached_normalize(x, p=2.0, dim=1, eps=1e-12, out=None):
+    return x / x.norm(p, dim, keepdim=True).clamp_min(eps).detach()
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -136,7 +147,9 @@ def test_attnlrp_epsilon_is_gradient_x_input_with_halved_products(name):
     gradients halved."""
     model = MODELS[name](dtype=D)
     x = _input(2, 2)
-    a = relprop.Explainer(model, "lrp-epsilon", epsilon=0, stabilizer=0, first_layer="same",
+    # epsilon and stabiliser 1e-200, not 0: V2's keys of padded tokens are exactly 0 (their bias
+    # subtracted), a 0 / 0 at the offset without a stabiliser
+    a = relprop.Explainer(model, "lrp-epsilon", epsilon=1e-200, stabilizer=1e-200, first_layer="same",
                           attention_rule="attnlrp").attribute(x)
     xg = x.clone().requires_grad_(True)
     with pytest.MonkeyPatch.context() as mp:
@@ -145,6 +158,7 @@ def test_attnlrp_epsilon_is_gradient_x_input_with_halved_products(name):
         mp.setattr(F, "scaled_dot_product_attention", _half_attention)
         mp.setattr(torch.Tensor, "__matmul__", lambda s, o: _HalfMatmul.apply(s, o))
         mp.setattr(torch.Tensor, "matmul", lambda s, o: _HalfMatmul.apply(s, o))   # torchvision's q.matmul(k)
+        mp.setattr(F, "normalize", _detached_normalize)   # Swin V2
         out = model(xg)
     (grad,) = torch.autograd.grad(out.gather(1, a.target[:, None]).sum(), xg)
     expected = x * grad
@@ -153,7 +167,7 @@ def test_attnlrp_epsilon_is_gradient_x_input_with_halved_products(name):
 
 
 # ------------------------------------------------------------------ every method
-@pytest.mark.parametrize("name", ["torchvision", "timm"])
+@pytest.mark.parametrize("name", ["torchvision", "torchvision-v2", "timm"])
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_runs(name, method):
     """In float64: the shift mask's -100 gives attention weights near exp(-100), which the

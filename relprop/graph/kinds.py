@@ -23,8 +23,9 @@ import torch.nn.functional as F
 # multiplies a signal by a "gate_activation" (Sigmoid, Hardsigmoid: squeeze-excitation),
 # possibly reshaped or expanded on the way; the signal takes all the relevance.  A "scale"
 # multiplies or divides by a constant number, or by a parameter or buffer of the model (a
-# ConvNeXt layer scale), which relevance passes unchanged.  A "layernorm" normalises over its
-# last dims (channels-last nn.LayerNorm, torchvision's LayerNorm2d): with its statistics
+# ConvNeXt layer scale), which relevance passes unchanged; ``F.normalize`` (Swin V2's cosine
+# attention) divides by its norm, held fixed as LayerNorm's statistics are: a scale too.
+# A "layernorm" normalises over its last dims (channels-last nn.LayerNorm, torchvision's LayerNorm2d): with its statistics
 # held fixed it is an elementwise affine map, whose z-rule it takes (rules.layernorm).
 # A "response_norm" is ConvNeXt V2's GlobalResponseNorm ``x + b + w * x * n(x)``: with the
 # response ``n(x)`` held fixed, an elementwise affine map too (rules.response_norm).
@@ -77,7 +78,7 @@ FUNCTION_KINDS = {
     F.batch_norm: BN, torch.batch_norm: BN, F.linear: LINEAR, F.layer_norm: LAYERNORM,
     operator.matmul: MATMUL, torch.matmul: MATMUL, torch.bmm: MATMUL, F.softmax: SOFTMAX, torch.softmax: SOFTMAX,
     F.scaled_dot_product_attention: ATTENTION, torch.unbind: SPLIT, torch.fx._symbolic_trace._assert_is_none: SIZE_OP,
-    torch.roll: ROLL, F.pad: PAD, torch._C._nn.pad: PAD,
+    torch.roll: ROLL, F.pad: PAD, torch._C._nn.pad: PAD, F.normalize: SCALE,
 }
 METHOD_KINDS = {
     "relu": RELU, "relu_": RELU, "sigmoid": GATE_ACTIVATION, "mul": PRODUCT, "div": PRODUCT, "expand": EXPAND, "expand_as": EXPAND,

@@ -7,8 +7,9 @@ by ``capture._Tracer.call_module`` instead of the module's own forward, whose fx
   ``in_proj_weight``: nodes.InProjection), heads, ``scaled_dot_product_attention`` with the
   call's masks merged into one additive constant mask, out-projection
   (:func:`multi_head_attention`; refusals: :func:`mha_refusal`).
-* torchvision's Swin V1 ``ShiftedWindowAttention`` (:func:`shifted_window_attention`) and
-  ``PatchMerging`` / ``PatchMergingV2`` (:func:`patch_merging`).
+* torchvision's Swin ``ShiftedWindowAttention`` and ``ShiftedWindowAttentionV2``
+  (:func:`shifted_window_attention`) and ``PatchMerging`` / ``PatchMergingV2``
+  (:func:`patch_merging`).
 
 Sizes that torchvision's code branches on (whether a window is shifted) and the constant
 tensors it builds from sizes (the shifted windows' mask, the merged attention masks) are
@@ -17,6 +18,8 @@ so it works at any input size; their nodes are size helpers (:data:`SIZE_FUNCTIO
 constants (computed from sizes and model tensors only: capture._constants).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.fx
@@ -69,6 +72,17 @@ def additive_mask(attn_mask, key_padding_mask, batch: int, heads: int, like: tor
     return p if a is None else a if p is None else a + p
 
 
+def continuous_position_bias(coords: torch.Tensor, index: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
+                             w2: torch.Tensor, window: list, heads: int) -> torch.Tensor:
+    """Swin V2's relative position bias: its MLP ``Linear(2, 512) -> ReLU -> Linear(512, heads)``
+    of the log-spaced relative coordinates, gathered per window position pair, ``16 *
+    sigmoid(...)`` (torchvision's ``ShiftedWindowAttentionV2.get_relative_position_bias``): a
+    constant, computed from the model's tensors only."""
+    from torchvision.models.swin_transformer import _get_relative_position_bias
+    table = F.linear(F.relu(F.linear(coords, w1, b1)), w2).view(-1, heads)
+    return 16 * torch.sigmoid(_get_relative_position_bias(table, index, window))
+
+
 def unexplained_weights(output: torch.Tensor) -> None:
     """Stands for the attention weights that ``nn.MultiheadAttention(..., need_weights=True)``
     also returns: a node that is refused if anything reads it (capture._resolve_helpers);
@@ -76,7 +90,7 @@ def unexplained_weights(output: torch.Tensor) -> None:
     return None
 
 
-for _name in ("window_shifts", "shift_mask", "additive_mask", "unexplained_weights"):
+for _name in ("window_shifts", "shift_mask", "additive_mask", "continuous_position_bias", "unexplained_weights"):
     torch.fx.wrap(_name)
 
 # Wrapped functions whose result is a size (never a tensor): helpers.
@@ -154,23 +168,36 @@ def multi_head_attention(m: nn.MultiheadAttention, *args, **kwargs):
 
 # ------------------------------------------------------------------ torchvision's Swin
 def shifted_window_attention(m: nn.Module, x):
-    """torchvision's ``shifted_window_attention`` (Swin V1, ``ShiftedWindowAttention``) in
-    inference mode: zero padding to whole windows, the cyclic shift (``torch.roll``, by
-    :func:`window_shifts`), window partition, ``q * scale @ k^T`` plus the relative position
-    bias (torchvision's fx-wrapped ``_get_relative_position_bias`` of the model's table: a
-    constant) plus the shifted windows' mask (:func:`shift_mask`, all zeros without shift:
-    adding it is exact), softmax, ``@ v``, the projection, the reverse partition and shift,
-    and the crop of the padding."""
+    """torchvision's ``shifted_window_attention`` in inference mode, for Swin V1
+    (``ShiftedWindowAttention``) and V2 (``ShiftedWindowAttentionV2``): zero padding to whole
+    windows, the cyclic shift (``torch.roll``, by :func:`window_shifts`), window partition, the
+    logits, softmax, ``@ v``, the projection, the reverse partition and shift, and the crop of
+    the padding.  The logits are, V1: ``q * scale @ k^T`` plus the relative position bias
+    (torchvision's fx-wrapped ``_get_relative_position_bias`` of the model's table: a constant);
+    V2 (cosine attention): ``normalize(q) @ normalize(k)^T`` times the clamped, exponentiated
+    logit scale (a constant) plus 16 sigmoid of the position bias MLP
+    (:func:`continuous_position_bias`, a constant), with the key bias, which V2 zeroes in its
+    forward, subtracted from the keys (an offset by a constant); then, both, plus the shifted
+    windows' mask (:func:`shift_mask`, all zeros without shift: adding it is exact)."""
     b, hh, ww, c = x.shape
     (wh, wwin), heads, dim = m.window_size, m.num_heads, m.proj.in_features
+    v2 = hasattr(m, "logit_scale")
     x = F.pad(x, (0, 0, 0, (wwin - ww % wwin) % wwin, 0, (wh - hh % wh) % wh))
     ph, pw = x.shape[1], x.shape[2]
     x = torch.roll(x, shifts=window_shifts((ph, pw), m.window_size, m.shift_size, -1), dims=(1, 2))
     windows, n = (ph // wh) * (pw // wwin), wh * wwin
     x = x.view(b, ph // wh, wh, pw // wwin, wwin, dim).permute(0, 1, 3, 2, 4, 5).reshape(b * windows, n, dim)
     q, k, v = m.qkv(x).reshape(b * windows, n, 3, heads, dim // heads).permute(2, 0, 3, 1, 4).unbind(0)
-    attn = (q * (dim // heads) ** -0.5).matmul(k.transpose(-2, -1))
-    bias = m.get_relative_position_bias()
+    if v2:
+        if m.qkv.bias is not None:
+            k = k + (-m.qkv.bias[dim:2 * dim]).view(heads, 1, dim // heads)
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        attn = attn * torch.clamp(m.logit_scale, max=math.log(100.0)).exp()
+        bias = continuous_position_bias(m.relative_coords_table, m.relative_position_index, m.cpb_mlp[0].weight,
+                                        m.cpb_mlp[0].bias, m.cpb_mlp[2].weight, m.window_size, heads)
+    else:
+        attn = (q * (dim // heads) ** -0.5).matmul(k.transpose(-2, -1))
+        bias = m.get_relative_position_bias()
     attn = attn + bias
     mask = shift_mask((ph, pw), m.window_size, window_shifts((ph, pw), m.window_size, m.shift_size, -1), bias)
     attn = (attn.view(-1, windows, heads, n, n) + mask.unsqueeze(1).unsqueeze(0)).view(-1, heads, n, n)
@@ -193,12 +220,13 @@ def patch_merging(m: nn.Module, x):
 
 _SWIN = "torchvision.models.swin_transformer"
 # Modules traced through by their re-writing, known by module path and class name.
-REWRITES = {(_SWIN, "ShiftedWindowAttention"): shifted_window_attention, (_SWIN, "PatchMerging"): patch_merging,
+REWRITES = {(_SWIN, "ShiftedWindowAttention"): shifted_window_attention,
+            (_SWIN, "ShiftedWindowAttentionV2"): shifted_window_attention, (_SWIN, "PatchMerging"): patch_merging,
             (_SWIN, "PatchMergingV2"): patch_merging}
 # Opaque (fx-wrapped) library functions left in the graph, and why they have no rule.
 OPAQUE_WHY = {(_SWIN, "shifted_window_attention"): (
-    "Swin V2's cosine attention (normalised q and k, a learned logit scale, a position bias MLP, the key bias "
-    "zeroed in forward) has no rule; Swin V1 (swin_t, swin_s, swin_b) is supported")}
+    "torchvision's shifted_window_attention is traced through only as called by ShiftedWindowAttention and "
+    "ShiftedWindowAttentionV2 (relprop.graph.through)")}
 
 
 def rewrite(m: nn.Module):
