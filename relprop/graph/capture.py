@@ -29,9 +29,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .kinds import (ACTIVATION, ACTIVATIONS, ADD, ATTENTION, BN, CAT, CONV, EXPAND, GATE, GATE_ACTIVATION, GETITEM,
-                    HELPER, INDEX, INPUT, LEAKY_RELU, LINEAR, MATMUL, MEANS, METADATA_READERS, METHOD_KINDS, NAMED_MODULE_KINDS,
-                    NONNEG_UPSAMPLING, OFFSET, OUTPUT, PAD, PASS, PERMUTE, PIECE, PRODUCT, RELU, RESHAPE, SCALE,
-                    SIGN_PRESERVING, SIZE_OP, SOFTMAX, SPLIT, UPSAMPLE, function_kind, module_kind)
+                    HELPER, INDEX, INPUT, LEAKY_RELU, LINEAR, MATMUL, MEANS, METADATA_READERS, METHOD_KINDS,
+                    NAMED_MODULE_KINDS, NONNEG_UPSAMPLING, OFFSET, OUTPUT, PAD, PASS, PIECE, PRODUCT, RELU, RESHAPE,
+                    SCALE, SIGN_PRESERVING, SIZE_OP, SOFTMAX, SPLIT, UPSAMPLE, function_kind, module_kind)
 from . import through
 from .nodes import (Graph, InProjection, Node, Ref, UnsupportedModelError, flatten, mean_dims, substitute)
 

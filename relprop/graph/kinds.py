@@ -25,8 +25,9 @@ import torch.nn.functional as F
 # multiplies or divides by a constant number, or by a parameter or buffer of the model (a
 # ConvNeXt layer scale), which relevance passes unchanged; ``F.normalize`` (Swin V2's cosine
 # attention) divides by its norm, held fixed as LayerNorm's statistics are: a scale too.
-# A "layernorm" normalises over its last dims (channels-last nn.LayerNorm, torchvision's LayerNorm2d): with its statistics
-# held fixed it is an elementwise affine map, whose z-rule it takes (rules.layernorm).
+# A "layernorm" normalises over its last dims (channels-last nn.LayerNorm, torchvision's
+# LayerNorm2d): with its statistics held fixed it is an elementwise affine map, whose z-rule it
+# takes (rules.layernorm).
 # A "response_norm" is ConvNeXt V2's GlobalResponseNorm ``x + b + w * x * n(x)``: with the
 # response ``n(x)`` held fixed, an elementwise affine map too (rules.response_norm).
 # Attention (ViT, DeiT, Swin): a "softmax" over the last dim whose output only weights values,
