@@ -117,6 +117,39 @@ def test_capture_kinds_of_a_torchvision_swin_v2():
     assert not any(n.name.startswith("features.1.0.attn.cpb_mlp") for n in graph.nodes)   # inside the constant
 
 
+def test_roll_and_pad_rules():
+    """A roll's relevance is rolled back; a pad's relevance is cropped back to the input (the
+    padded entries' dropped), a negative pad (a crop) gives the cropped entries none."""
+    from relprop import rules
+    from relprop.engine import Layer
+    x = torch.arange(12.0).reshape(1, 3, 4)
+    r = torch.randn(1, 3, 4)
+    node = g.Node(0, "roll", g.ROLL, "call_function", torch.roll, (), {})
+    layer = Layer(node, [x], torch.roll(x, (1, -2), (1, 2)), (x, (1, -2), (1, 2)), {})
+    (back,) = rules.roll(layer, torch.roll(r, (1, -2), (1, 2)))
+    torch.testing.assert_close(back, r)
+    node = g.Node(0, "pad", g.PAD, "call_function", F.pad, (), {})
+    padded = F.pad(r, (0, 2, 1, -1))                  # 2 columns after, 1 row before, the last row cropped
+    (back,) = rules.pad(Layer(node, [x], padded, (x, (0, 2, 1, -1)), {}), padded)
+    assert back.shape == x.shape
+    torch.testing.assert_close(back[:, :2], r[:, :2])
+    assert (back[:, 2] == 0).all()
+
+
+def test_non_constant_padding_is_refused_with_the_reason():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return F.pad(self.conv(x), (1, 1, 1, 1), mode="reflect").mean((2, 3))
+
+    with pytest.raises(relprop.UnsupportedModelError, match=r"pad \(call_function pad\): mode='reflect': only "
+                                                            r"constant padding \(mode='constant'\) is supported"):
+        relprop.Explainer(Net(), "lrp-epsilon")
+
+
 # ------------------------------------------------------------------ the oracle
 @pytest.mark.parametrize("name", list(MODELS))
 def test_epsilon_lrp_is_gradient_x_input_with_detached_attention(name):
