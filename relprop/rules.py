@@ -159,6 +159,25 @@ def permute(layer: Layer, r: torch.Tensor) -> list:
     return [r.permute([order.index(k) for k in range(r.ndim)])]
 
 
+def roll(layer: Layer, r: torch.Tensor) -> list:
+    """``torch.roll`` (a Swin's cyclic shift), a permutation: each entry's relevance goes back
+    where it was read, rolled by the opposite shift (README, Conventions)."""
+    shifts = layer.args[1] if len(layer.args) > 1 else layer.kwargs["shifts"]
+    dims = layer.args[2] if len(layer.args) > 2 else layer.kwargs.get("dims")
+    back = -shifts if isinstance(shifts, int) else tuple(-s for s in shifts)
+    return [torch.roll(r, back, dims)]
+
+
+def pad(layer: Layer, r: torch.Tensor) -> list:
+    """``F.pad`` in constant mode (a Swin's padding to whole windows, its patch merging): the
+    padded entries are constants, whose relevance is dropped like a bias's share, and the
+    input's entries keep theirs; a negative pad (a crop) gives the cropped entries none.  With
+    zero padding every rule here already gives the padded zeros no relevance (they enter every
+    rule as a factor ``x = 0``), so nothing is dropped there (README, Conventions)."""
+    widths = layer.args[1] if len(layer.args) > 1 else layer.kwargs["pad"]
+    return [torch.nn.functional.pad(r, [-w for w in widths])]
+
+
 def proportional_add(transform=None, divide: Divide = safe_divide) -> Rule:
     """Residual add ``y = x0 + x1``: ``R_k = x_k * R / (x0 + x1)`` on transformed inputs."""
     def rule(layer: Layer, r: torch.Tensor) -> list:
@@ -246,12 +265,12 @@ ATTENTION_RULES = ("cp-lrp", "attnlrp")
 
 def attention_weights(layer: Layer) -> tuple[torch.Tensor, torch.Tensor]:
     """``(a, v)`` of an attention node: for ``scaled_dot_product_attention(q, k, v)`` the
-    weights ``a = softmax(q @ k^T * scale)`` (``scale`` default ``1 / sqrt(d)``) recomputed from
-    ``q`` and ``k``, for ``softmax(...) @ v`` the product's own operands."""
+    weights ``a = softmax(logits)`` (:func:`sdpa_logits`) recomputed from ``q`` and ``k``, for
+    ``softmax(...) @ v`` the product's own operands."""
     if layer.node.kind != g.ATTENTION:
         return layer.xs[0], layer.xs[1]
     q, k, v = layer.xs
-    return (q @ k.transpose(-2, -1) * _sdpa_scale(layer, q)).softmax(-1), v
+    return sdpa_logits(layer, q, k)[1].softmax(-1), v
 
 
 def _sdpa_scale(layer: Layer, q: torch.Tensor) -> float:
@@ -259,11 +278,29 @@ def _sdpa_scale(layer: Layer, q: torch.Tensor) -> float:
     return q.shape[-1] ** -0.5 if scale is None else scale
 
 
+def sdpa_logits(layer: Layer, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q @ k^T * scale, logits)`` of ``scaled_dot_product_attention``: the logits add the
+    call's constant ``attn_mask`` (a float mask is added, a boolean mask's False entries are
+    -inf) or, ``is_causal``, -inf above the diagonal.  The mask is a constant like a bias
+    (README, Conventions): it takes no relevance."""
+    scores = q @ k.transpose(-2, -1) * _sdpa_scale(layer, q)
+    mask = layer.args[3] if len(layer.args) > 3 else layer.kwargs.get("attn_mask")
+    causal = layer.args[5] if len(layer.args) > 5 else layer.kwargs.get("is_causal", False)
+    if causal:
+        mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
+    if mask is None:
+        return scores, scores
+    if mask.dtype == torch.bool:
+        return scores, scores.masked_fill(~mask, float("-inf"))
+    return scores, scores + mask
+
+
 def constant_weights(method: str, linear: Rule | None) -> Rule:
-    """CP-LRP (Ali et al. 2022): the attention weights ``a`` (the softmax output) are held
-    constant, so ``out = a @ v`` is a linear map of the values ``v`` (:class:`~relprop.ops.WeightsMap`),
-    whose relevance the method's own Linear rule ``linear`` gives (for LRP-epsilon
-    ``R_v = v * (a^T @ (R / stabilize(out)))``); nothing flows into ``q`` and ``k``.  Under the
+    """CP-LRP (Ali et al. 2022): the attention weights ``a`` (the softmax output, any mask or bias
+    of the logits included: README, Conventions) are held constant, so ``out = a @ v`` is a
+    linear map of the values ``v`` (:class:`~relprop.ops.WeightsMap`), whose relevance the
+    method's own Linear rule ``linear`` gives (for LRP-epsilon ``R_v = v * (a^T @ (R /
+    stabilize(out)))``); nothing flows into ``q`` and ``k``.  Under the
     epsilon rule (epsilon -> 0) this is gradient x input with the weights detached."""
     def rule(layer: Layer, r: torch.Tensor) -> list:
         if linear is None:
@@ -294,8 +331,10 @@ def half_product(a: torch.Tensor, b: torch.Tensor, r: torch.Tensor, z: torch.Ten
 
 def softmax_rule(x: torch.Tensor, s: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """AttnLRP's softmax rule (Achtibat et al. 2024, Prop. 3.1; LXT): ``s = softmax(x)`` over the
-    last dim, ``R_in = x * (R - s * sum_j R_j)`` (the linearisation at ``x``; it does not conserve)."""
-    return x * (r - s * r.sum(-1, keepdim=True))
+    last dim, ``R_in = x * (R - s * sum_j R_j)`` (the linearisation at ``x``; it does not conserve).
+    A masked logit (-inf, weight 0) gets none."""
+    out = x * (r - s * r.sum(-1, keepdim=True))
+    return out if torch.isfinite(x).all() else torch.where(torch.isfinite(x), out, 0)
 
 
 def attnlrp_layers(divide: Divide) -> dict:
@@ -310,10 +349,12 @@ def attnlrp_layers(divide: Divide) -> dict:
     def fused(layer: Layer, r: torch.Tensor) -> list:
         q, k, v = layer.xs
         scale = _sdpa_scale(layer, q)
-        scores = q @ k.transpose(-2, -1) * scale
-        a = scores.softmax(-1)
+        scores, logits = sdpa_logits(layer, q, k)
+        a = logits.softmax(-1)
         r_a, r_v = half_product(a, v, r, a @ v, divide)
-        r_q, r_k_t = half_product(q, k.transpose(-2, -1), softmax_rule(scores, a, r_a), scores, divide, scale)
+        # the mask is an additive constant: like the offset rule, its share of the logits'
+        # relevance is dropped (the quotient below divides by the logits, mask included)
+        r_q, r_k_t = half_product(q, k.transpose(-2, -1), softmax_rule(logits, a, r_a), logits, divide, scale)
         return [r_q, r_k_t.transpose(-2, -1), r_v]
     return {g.SOFTMAX: softmax, g.MATMUL: matmul, g.ATTENTION: fused}
 
@@ -339,7 +380,7 @@ def shared_layers(pool: Rule, add: Rule, maxpool: Rule | None = None, bn: Rule =
     return {g.OFFSET: offset(norm), g.RELU: passthrough, g.LEAKY_RELU: passthrough, g.ACTIVATION: passthrough,
             g.GATE: signal_take_all, g.SCALE: scale, g.LAYERNORM: layernorm(norm), g.RMS_NORM: rms_norm(norm),
             g.RESPONSE_NORM: response_norm(norm), g.PASS: passthrough, g.INDEX: index, g.SPLIT: passthrough,
-            g.PIECE: split_piece, g.PERMUTE: permute, g.BN: bn, g.RESHAPE: reshape,
+            g.PIECE: split_piece, g.PERMUTE: permute, g.ROLL: roll, g.PAD: pad, g.BN: bn, g.RESHAPE: reshape,
             g.CAT: cat, g.ADD: add, g.MAXPOOL: maxpool or pool, g.AVGPOOL: pool, g.ADAPTIVE_AVGPOOL: pool,
             g.UPSAMPLE: pool}
 

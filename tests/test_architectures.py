@@ -14,8 +14,12 @@ ARCHS = {  # name -> the other (non-square) input size it is tested at
     "resnext50_32x4d": (48, 80), "densenet121": (64, 96), "inception_v3": (107, 139), "googlenet": (64, 96),
     "alexnet": (127, 160), "squeezenet1_1": (64, 96), "mobilenet_v2": (64, 96), "mnasnet0_5": (48, 80),
     "mobilenet_v3_small": (64, 96), "efficientnet_b0": (64, 96), "regnet_y_400mf": (48, 80),
-    "shufflenet_v2_x0_5": (64, 96), "convnext_tiny": (64, 96),
+    "shufflenet_v2_x0_5": (64, 96), "convnext_tiny": (64, 96), "swin_t": (96, 160),
+    "swin_v2_t": (96, 160),
 }
+# Swin runs in float64: its shift mask's -100 gives attention weights near exp(-100), which RAP's
+# unstabilised quotients divide by; in float32 RAP's maps overflow there (relprop warns; README, Conventions).
+FLOAT64 = {"swin_t", "swin_v2_t"}
 METHODS = sorted(relprop.available_methods())
 
 
@@ -35,7 +39,9 @@ def build(name):
             m.bias.data.normal_(0, 0.1)
         if hasattr(m, "layer_scale"):
             m.layer_scale.data.uniform_(0.1, 1.0)
-    return model
+        if hasattr(m, "relative_position_bias_table"):   # Swin (init: std 0.02)
+            m.relative_position_bias_table.data.normal_(0, 0.5)
+    return model.double() if name in FLOAT64 else model
 
 
 @pytest.fixture(scope="module", params=list(ARCHS))
@@ -50,7 +56,7 @@ def test_every_method_runs(arch, method):
     name, model = arch
     explainer = relprop.Explainer(model, method)
     for size in ((224, 224), ARCHS[name]):
-        x = torch.randn(1, 3, *size)
+        x = torch.randn(1, 3, *size, dtype=torch.float64 if name in FLOAT64 else torch.float32)
         attribution = explainer.attribute(x)
         rel = attribution.relevance
         with torch.no_grad():

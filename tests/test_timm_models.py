@@ -17,7 +17,12 @@ timm = pytest.importorskip("timm")
 MODELS = ["resnet50", "seresnet50", "resnext50_32x4d", "densenet121", "inception_v3", "inception_resnet_v2",
           "xception41", "efficientnet_b0", "mobilenetv3_large_100", "regnety_008", "dla34", "res2net50_26w_4s",
           "ghostnet_100", "mixnet_s", "dpn68", "hrnet_w18_small", "convnext_atto", "convnext_tiny",
-          "convnextv2_atto", "convnext_atto_rms", "convnext_zepto_rms"]
+          "convnextv2_atto", "convnext_atto_rms", "convnext_zepto_rms", "swin_tiny_patch4_window7_224"]
+# Built at the test's input size (timm's Swin takes the size it was built for) and run in float64:
+# its shift mask's -100 gives attention weights near exp(-100), which RAP's unstabilised quotients
+# divide by; in float32 RAP's maps overflow there (relprop warns; README, Conventions).
+KWARGS = {"swin_tiny_patch4_window7_224": {"img_size": 96}}
+FLOAT64 = {"swin_tiny_patch4_window7_224"}
 METHODS = sorted(relprop.available_methods())
 
 
@@ -28,7 +33,7 @@ def model(request):
 
 
 def create(name: str) -> torch.nn.Module:
-    m = timm.create_model(name, pretrained=False).eval()
+    m = timm.create_model(name, pretrained=False, **KWARGS.get(name, {})).eval()
     for mod in m.modules():  # realistic BatchNorm statistics instead of the identity init
         if isinstance(mod, torch.nn.BatchNorm2d):
             mod.running_mean.normal_(0, 0.1)
@@ -41,16 +46,18 @@ def create(name: str) -> torch.nn.Module:
         if type(mod).__name__ == "GlobalResponseNorm":   # ConvNeXt V2 (init 0, 0: the identity)
             mod.weight.data.normal_(0, 0.5)
             mod.bias.data.normal_(0, 0.1)
-    for name, p in m.named_parameters():
-        if name.endswith("gamma"):
+    for pname, p in m.named_parameters():
+        if pname.endswith("gamma"):
             p.data.uniform_(0.1, 1.0)
-    return m
+        if pname.endswith("relative_position_bias_table"):   # Swin (init: std 0.02)
+            p.data.normal_(0, 0.5)
+    return m.double() if name in FLOAT64 else m
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_runs_on_timm_models(model, method):
-    x = torch.randn(2, 3, 96, 96)
+    x = torch.randn(2, 3, 96, 96, dtype=next(model.parameters()).dtype)
     att = relprop.Explainer(model, method).attribute(x)
     with torch.no_grad():
         torch.testing.assert_close(att.logits, model(x), rtol=1e-4, atol=1e-5)

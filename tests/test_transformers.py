@@ -8,7 +8,11 @@ GELU passes relevance; the class token and the position embedding are constants 
 dropped like a bias's.  Under them the epsilon-rule relevance (epsilon -> 0) is gradient x input
 of the same network with the LayerNorm statistics and the attention weights detached and GELU's
 derivative replaced by ``gelu(z) / z``: the float64 oracle here is the model's own forward with
-those functionals swapped for detached ones while it runs.
+those functionals swapped for detached ones while it runs (the detached attention weights are
+torch's own, masks included).  Masks and biases of the attention logits (``attn_mask``,
+``is_causal``, ``q @ k^T * scale + bias + mask``) and ``nn.MultiheadAttention``'s masks,
+sequence-first layout, cross-attention and unread ``need_weights`` output are tested at the end
+on small token models; Swin in tests/test_swin.py.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ D = torch.float64
 METHODS = sorted(relprop.available_methods())
 WITH_ATTENTION_RULE = [m for m in METHODS if "attention_rule" in relprop.methods.create(m).params()]
 _layer_norm, _gelu, _sdpa, _softmax = F.layer_norm, F.gelu, F.scaled_dot_product_attention, torch.Tensor.softmax
+_f_softmax = F.softmax
 
 
 def _randomise(model: nn.Module) -> nn.Module:
@@ -93,13 +98,20 @@ def _detached_layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
 
 
 def _detached_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    assert attn_mask is None and dropout_p == 0 and not is_causal
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return (q @ k.transpose(-2, -1) * scale).softmax(-1).detach() @ v
+    """The weights are torch's own (its masking conventions): its attention applied to the
+    identity as values, then detached."""
+    assert dropout_p == 0
+    eye = torch.eye(k.shape[-2], dtype=q.dtype).expand(*k.shape[:-1], k.shape[-2])
+    weights = _sdpa(q, k, eye, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
+    return weights.detach() @ v
 
 
 def _detached_softmax(self, *args, **kwargs):
     return _softmax(self, *args, **kwargs).detach()
+
+
+def _detached_f_softmax(*args, **kwargs):
+    return _f_softmax(*args, **kwargs).detach()
 
 
 def gradient_x_input(model, x, target, detached: bool = True):
@@ -113,6 +125,7 @@ def gradient_x_input(model, x, target, detached: bool = True):
             mp.setattr(F, "gelu", lambda z, approximate="none": _SecantGelu.apply(z, approximate))
             mp.setattr(F, "scaled_dot_product_attention", _detached_attention)
             mp.setattr(torch.Tensor, "softmax", _detached_softmax)
+            mp.setattr(F, "softmax", _detached_f_softmax)
         out = model(x)
     (grad,) = torch.autograd.grad(out.gather(1, target[:, None]).sum(), x)
     return (x * grad).detach(), out.detach()
@@ -280,41 +293,33 @@ def test_rsp_and_ae_start_at_the_patch_embedding():
 
 
 def test_unsupported_attention_is_listed():
-    """Cross-attention through MultiheadAttention, a softmax that is not attention's and a
-    product of two signals that is not attention's are all refused, in one error."""
+    """A MultiheadAttention with bias_k/bias_v, the attention weights of another one read by the
+    model, a softmax that is not attention's and a product of two signals that is not
+    attention's are all refused, in one error.  (Swin: tests/test_swin.py.)"""
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
             self.conv = nn.Conv2d(3, 4, 4, stride=4)
-            self.mha = nn.MultiheadAttention(4, 2, batch_first=True)
+            self.mha = nn.MultiheadAttention(4, 2, batch_first=True, add_bias_kv=True)
+            self.mha2 = nn.MultiheadAttention(4, 2, batch_first=True)
 
         def forward(self, x):
             t = self.conv(x).flatten(2).transpose(1, 2)
-            h, _ = self.mha(t, t, t)        # need_weights defaults to True
+            h, _ = self.mha(t, t, t)
+            h2, w = self.mha2(t, t, t)        # need_weights defaults to True: its weights are read
             p = (t @ t.transpose(1, 2)).softmax(-1)
-            return (p @ h + h.relu() @ h.transpose(1, 2) @ h).mean(1)
+            return (p @ h + h.relu() @ h.transpose(1, 2) @ h + w @ h2).mean(1)
 
     with pytest.raises(relprop.UnsupportedModelError) as err:
         relprop.Explainer(Net(), "lrp-epsilon")
     msg = str(err.value)
-    assert ("mha (MultiheadAttention): only calls without masks, not causal, and need_weights=False are "
-            "supported") in msg
+    assert ("mha (MultiheadAttention): only a packed in-projection (kdim = vdim = embed_dim), no bias_k/bias_v and "
+            "no add_zero_attn are supported") in msg
+    assert ("unexplained_weights (call_function unexplained_weights): the attention weights returned by "
+            "MultiheadAttention(need_weights=True) are not explained; use only its output [0], or "
+            "need_weights=False") in msg
     assert ("matmul_2 (call_function matmul): only attention's products are supported: q @ k^T feeding a "
-            "softmax, and softmax(...) @ v") in msg
-
-
-def test_swin_is_refused_with_what_is_missing():
-    """Swin (shifted windows, torch.roll, relative position bias) is not supported: one error
-    lists its window attention, position bias and patch merging."""
-    model = torchvision.models.swin_t(weights=None)
-    with pytest.raises(relprop.UnsupportedModelError) as err:
-        relprop.Explainer(model, "lrp-epsilon")
-    msg = str(err.value)
-    assert msg.startswith("relprop has no relevance rule for these operations of SwinTransformer:\n")
-    for missing in ("shifted_window_attention (call_function shifted_window_attention)",
-                    "_get_relative_position_bias (call_function _get_relative_position_bias)",
-                    "_patch_merging_pad (call_function _patch_merging_pad)"):
-        assert missing in msg
+            "softmax (through scales, additive constants and reshapes), and softmax(...) @ v") in msg
 
 
 # ------------------------------------------------------------------ full-size models (slow)
@@ -380,8 +385,12 @@ _matmul = torch.Tensor.__matmul__
 
 
 def _half_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    assert not is_causal
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return _HalfMatmul.apply((_HalfMatmul.apply(q, k.transpose(-2, -1)) * scale).softmax(-1), v)
+    logits = _HalfMatmul.apply(q, k.transpose(-2, -1)) * scale
+    if attn_mask is not None:
+        logits = logits.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else logits + attn_mask
+    return _HalfMatmul.apply(logits.softmax(-1), v)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -405,3 +414,215 @@ def test_attnlrp_epsilon_is_gradient_x_input_with_halved_products(name):
     expected = x * grad
     error = (a.relevance - expected).norm() / expected.norm()
     assert error < 1e-8, f"relative L2 error {error:.3g}"
+
+
+# ------------------------------------------------------------------ masks, biases, MultiheadAttention
+class _Tokens(nn.Module):
+    """A 4x4-patch embedding of a 16 x 16 image (16 tokens of 8 features), a LayerNorm, one
+    attention block (``attend(tokens, image)``) with a residual, the token mean and a head."""
+
+    def __init__(self, heads: int = 2):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 4, stride=4)
+        self.norm = nn.LayerNorm(8)
+        self.qkv = nn.Linear(8, 24)
+        self.proj = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 5)
+        self.heads = heads
+
+    def tokens(self, x):
+        return self.embed(x).flatten(2).transpose(1, 2)
+
+    def split(self, t):
+        b, n, _ = t.shape
+        return self.qkv(self.norm(t)).reshape(b, n, 3, self.heads, 8 // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def merge(self, o):
+        return self.proj(o.transpose(1, 2).reshape(o.shape[0], o.shape[2], 8))
+
+    def forward(self, x):
+        t = self.tokens(x)
+        t = t + self.attend(t, x)
+        return self.head(t.mean(1))
+
+
+def _random_mask(shape, boolean: bool, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    if boolean:   # True = may attend (sdpa's convention); two keys per query stay, so no row is empty with padding
+        rows, cols = torch.arange(shape[-2])[:, None], torch.arange(shape[-1])
+        return (torch.rand(shape, generator=gen) > 0.4) | (rows % shape[-1] == cols) | ((rows + 1) % shape[-1] == cols)
+    return torch.randn(shape, generator=gen)
+
+
+class _SdpaMasked(_Tokens):
+    """``scaled_dot_product_attention(q, k, v, attn_mask=...)``: a float or boolean buffer, a mask
+    computed from sizes (a causal one by ``tril``) or ``is_causal=True``."""
+
+    def __init__(self, mask: str):
+        super().__init__()
+        self.mask = mask
+        self.register_buffer("float_mask", _random_mask((16, 16), False, 20))
+        self.register_buffer("bool_mask", _random_mask((16, 16), True, 21))
+
+    def attend(self, t, x):
+        q, k, v = self.split(t)
+        if self.mask == "causal":
+            return self.merge(F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        mask = {"float": self.float_mask, "bool": self.bool_mask,
+                "from-sizes": t.new_ones(t.shape[1], t.shape[1], dtype=torch.bool).tril()}[self.mask]
+        return self.merge(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+
+
+class _ExplicitBias(_Tokens):
+    """``softmax(q @ k^T * scale + bias + mask) @ v`` with a learned bias per head (as timm's Swin)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = nn.Parameter(torch.randn(1, 2, 16, 16))
+        self.register_buffer("float_mask", _random_mask((16, 16), False, 22))
+
+    def attend(self, t, x):
+        q, k, v = self.split(t)
+        attn = (q @ k.transpose(-2, -1)) * 0.5 + self.bias + self.float_mask.unsqueeze(0)
+        return self.merge(attn.softmax(-1) @ v)
+
+
+class _Mha(_Tokens):
+    """``nn.MultiheadAttention`` with masks, sequence-first or batch-first, need_weights True or
+    False, self- or cross-attention (the keys and values from a coarser patch embedding: 4
+    tokens)."""
+
+    def __init__(self, batch_first=True, attn_mask=None, padding_mask=None, need_weights=False, cross=False,
+                 is_causal=False):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=batch_first)
+        self.coarse = nn.Conv2d(3, 8, 8, stride=8) if cross else None
+        s = 4 if cross else 16
+        if attn_mask is not None:
+            m = _random_mask((16, s), True, 23)   # MultiheadAttention: True = may NOT attend
+            m = ~m if attn_mask == "bool" else torch.zeros(16, s).masked_fill(~m, -1e4) if attn_mask == "float" else \
+                torch.ones(16, s, dtype=torch.bool).triu(1)
+            self.register_buffer("attn_mask", m)
+        else:
+            self.attn_mask = None
+        self.register_buffer("padding_mask", None if padding_mask is None else
+                             torch.tensor([[False] * (s - 1) + [True], [True] + [False] * (s - 1)]))
+        self.batch_first, self.need_weights, self.is_causal = batch_first, need_weights, is_causal
+
+    def attend(self, t, x):
+        q = self.norm(t)
+        kv = self.coarse(x).flatten(2).transpose(1, 2) if self.coarse is not None else q
+        if not self.batch_first:
+            q, kv = q.transpose(0, 1), (kv.transpose(0, 1) if self.coarse is not None else None)
+            kv = q if kv is None else kv
+        out = self.mha(q, kv, kv, key_padding_mask=self.padding_mask, attn_mask=self.attn_mask,
+                       need_weights=self.need_weights, is_causal=self.is_causal)[0]
+        return out if self.batch_first else out.transpose(0, 1)
+
+
+MASKED = {
+    "sdpa-float-mask": lambda: _SdpaMasked("float"), "sdpa-bool-mask": lambda: _SdpaMasked("bool"),
+    "sdpa-mask-from-sizes": lambda: _SdpaMasked("from-sizes"), "sdpa-causal": lambda: _SdpaMasked("causal"),
+    "explicit-bias-and-mask": _ExplicitBias,
+    "mha-bool-attn-mask": lambda: _Mha(attn_mask="bool"), "mha-float-attn-mask": lambda: _Mha(attn_mask="float"),
+    "mha-key-padding-mask": lambda: _Mha(padding_mask=True),
+    "mha-causal": lambda: _Mha(attn_mask="causal", is_causal=True),
+    "mha-sequence-first": lambda: _Mha(batch_first=False, attn_mask="bool", padding_mask=True),
+    "mha-need-weights": lambda: _Mha(need_weights=True),
+    "mha-cross": lambda: _Mha(cross=True, attn_mask="bool", padding_mask=True),
+    "mha-cross-sequence-first": lambda: _Mha(cross=True, batch_first=False),
+}
+
+
+def _masked(name: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return _randomise(MASKED[name]()).to(D).eval()
+
+
+@pytest.mark.parametrize("name", list(MASKED))
+def test_masked_attention_epsilon_is_gradient_x_input(name):
+    """Masks and additive biases of the attention logits are constants: the captured graph
+    computes the model's logits, and lrp-epsilon (epsilon -> 0) equals the oracle (torch's own
+    masked attention weights, detached) to float64 precision."""
+    model = _masked(name)
+    x = torch.randn(2, 3, 16, 16, dtype=D, generator=torch.Generator().manual_seed(12))
+    a = relprop.Explainer(model, "lrp-epsilon", epsilon=0, stabilizer=0, first_layer="same").attribute(x)
+    expected, logits = gradient_x_input(model, x, a.target)
+    torch.testing.assert_close(a.logits, logits, rtol=1e-12, atol=1e-12)
+    error = (a.relevance - expected).norm() / expected.norm()
+    assert error < 1e-10, f"relative L2 error {error:.3g}"
+
+
+@pytest.mark.parametrize("name", ["sdpa-float-mask", "sdpa-bool-mask", "sdpa-causal", "explicit-bias-and-mask",
+                                  "mha-key-padding-mask"])
+def test_masked_attention_attnlrp_is_gradient_x_input_with_halved_products(name):
+    """Under AttnLRP a mask or bias is an additive constant of the logits (its share dropped, as
+    a bias's): gradient x input with halved products and the softmax's Jacobian; a -inf logit
+    (boolean and padding masks) gets no relevance."""
+    model = _masked(name)
+    x = torch.randn(2, 3, 16, 16, dtype=D, generator=torch.Generator().manual_seed(13))
+    a = relprop.Explainer(model, "lrp-epsilon", epsilon=0, stabilizer=0, first_layer="same",
+                          attention_rule="attnlrp").attribute(x)
+    xg = x.clone().requires_grad_(True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(F, "layer_norm", _detached_layer_norm)
+        mp.setattr(F, "scaled_dot_product_attention", _half_attention_causal)
+        mp.setattr(torch.Tensor, "__matmul__", lambda s, o: _HalfMatmul.apply(s, o))
+        out = model(xg)
+    (grad,) = torch.autograd.grad(out.gather(1, a.target[:, None]).sum(), xg)
+    expected = x * grad
+    assert torch.isfinite(a.relevance).all()
+    error = (a.relevance - expected).norm() / expected.norm()
+    assert error < 1e-10, f"relative L2 error {error:.3g}"
+
+
+def _half_attention_causal(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    if is_causal:
+        attn_mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril()
+    return _half_attention(q, k, v, attn_mask, dropout_p, False, scale)
+
+
+def test_cross_attention_gives_the_query_no_relevance():
+    """Cross-attention under CP-LRP: the attention weights are constants, so the query's input
+    (here the fine patch embedding's tokens, through the residual only) takes relevance through
+    the residual and not through the attention; the keys' and values' input (the coarse patch
+    embedding) takes it through the values."""
+    model = _masked("mha-cross")
+    x = torch.randn(2, 3, 16, 16, dtype=D, generator=torch.Generator().manual_seed(14))
+    a = relprop.Explainer(model, "lrp-epsilon", epsilon=1e-12, stabilizer=1e-12).attribute(x, layer_sums=True)
+    graph = g.capture(model)
+    projections = [n for n in graph.nodes if n.name.startswith("mha.in_proj")]
+    assert len(projections) == 2                       # the query's and the key/value's
+    assert projections[0].name not in a.layer_sums     # the query's projection: no relevance
+    assert (a.layer_sums[projections[1].name].abs() > 0).all()
+    assert (a.layer_sums["coarse"].abs() > 0).all()
+
+
+def test_mha_need_weights_output_unused_is_a_helper():
+    graph = g.capture(_masked("mha-need-weights"))
+    weights = [n for n in graph.nodes if n.target is g.through.unexplained_weights]
+    assert len(weights) == 1 and weights[0].kind == g.HELPER
+
+
+@pytest.mark.parametrize("name", ["sdpa-bool-mask", "explicit-bias-and-mask", "mha-float-attn-mask",
+                                  "mha-cross-sequence-first"])
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_runs_on_masked_attention(name, method):
+    model = _masked(name)
+    x = torch.randn(2, 3, 16, 16, dtype=D, generator=torch.Generator().manual_seed(15))
+    a = relprop.Explainer(model, method).attribute(x)
+    assert torch.isfinite(a.relevance).all() and (a.relevance.flatten(1).abs().sum(1) > 0).all()
+    explainer = relprop.Explainer(model, method)
+    batch = explainer(x, 1)
+    torch.testing.assert_close(batch[1:], explainer(x[1:], 1), rtol=1e-9, atol=1e-13)
+
+
+def test_an_attention_mask_computed_from_the_input_is_refused():
+    class Net(_Tokens):
+        def attend(self, t, x):
+            q, k, v = self.split(t)
+            return self.merge(F.scaled_dot_product_attention(q, k, v, attn_mask=t.detach()[:, None, :, :1] > 0))
+
+    with pytest.raises(relprop.UnsupportedModelError, match=r"an attn_mask computed from model tensors and sizes "
+                                                            r"\(not from the input\)"):
+        relprop.Explainer(Net(), "lrp-epsilon")

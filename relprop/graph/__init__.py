@@ -1,11 +1,12 @@
 """A model captured once as a graph of relevance-relevant operations (torch.fx).
 
 :mod:`.kinds` the vocabulary (node kinds and the module/function/method tables),
-:mod:`.capture` tracing and the resolve/mark passes, :mod:`.nodes` the data model
+:mod:`.capture` tracing and the resolve/mark passes (:mod:`.through` the library modules it
+traces through, re-written), :mod:`.nodes` the data model
 (:class:`Node`, :class:`Graph`) and node evaluation.  ``import relprop.graph as g`` gives
 all three: ``g.CONV``, ``g.capture(model)``, ``g.evaluate(node, args, kwargs)``.
 """
-from .kinds import (ATTENTION, MATMUL, OFFSET, SOFTMAX, ACTIVATION, ADAPTIVE_AVGPOOL, ADD, AVGPOOL, BN, CAT, CONV, EXPAND, GATE, GATE_ACTIVATION,
+from .kinds import (ATTENTION, MATMUL, OFFSET, PAD, ROLL, SOFTMAX, ACTIVATION, ADAPTIVE_AVGPOOL, ADD, AVGPOOL, BN, CAT, CONV, EXPAND, GATE, GATE_ACTIVATION,
                     GETITEM, HELPER, INDEX, INPUT, LAYERNORM, LEAKY_RELU, LINEAR, MAXPOOL, OUTPUT, PASS, PERMUTE, PIECE,
                     PRODUCT, RELU, RESHAPE, RESPONSE_NORM, RMS_NORM, SCALE, SIZE_OP, SPLIT, UPSAMPLE)
 from .kinds import (ACTIVATIONS, FUNCTION_KINDS, MEANS, METHOD_KINDS, MODULE_KINDS, NAMED_MODULE_KINDS,
@@ -15,7 +16,7 @@ from .nodes import (InProjection, Graph, Node, Ref, UnsupportedModelError, evalu
 from .capture import capture
 
 __all__ = [
-    "ATTENTION", "MATMUL", "OFFSET", "SOFTMAX",
+    "ATTENTION", "MATMUL", "OFFSET", "PAD", "ROLL", "SOFTMAX",
     "ACTIVATION", "ADAPTIVE_AVGPOOL", "ADD", "AVGPOOL", "BN", "CAT", "CONV", "EXPAND", "GATE", "GATE_ACTIVATION",
     "GETITEM", "HELPER", "INDEX", "INPUT", "LAYERNORM", "LEAKY_RELU", "LINEAR", "MAXPOOL", "OUTPUT", "PASS", "PERMUTE", "PIECE",
     "PRODUCT", "RELU", "RESHAPE", "RESPONSE_NORM", "RMS_NORM", "SCALE", "SIZE_OP", "SPLIT", "UPSAMPLE",

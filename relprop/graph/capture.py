@@ -29,9 +29,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .kinds import (ACTIVATION, ACTIVATIONS, ADD, ATTENTION, BN, CAT, CONV, EXPAND, GATE, GATE_ACTIVATION, GETITEM,
-                    HELPER, INDEX, INPUT, LEAKY_RELU, LINEAR, MATMUL, MEANS, METHOD_KINDS, NAMED_MODULE_KINDS,
-                    NONNEG_UPSAMPLING, OFFSET, OUTPUT, PASS, PERMUTE, PIECE, PRODUCT, RELU, RESHAPE, SCALE,
-                    SIGN_PRESERVING, SIZE_OP, SOFTMAX, SPLIT, UPSAMPLE, function_kind, module_kind)
+                    HELPER, INDEX, INPUT, LEAKY_RELU, LINEAR, MATMUL, MEANS, METADATA_READERS, METHOD_KINDS,
+                    NAMED_MODULE_KINDS, NONNEG_UPSAMPLING, OFFSET, OUTPUT, PAD, PASS, PIECE, PRODUCT, RELU, RESHAPE,
+                    SCALE, SIGN_PRESERVING, SIZE_OP, SOFTMAX, SPLIT, UPSAMPLE, function_kind, module_kind)
+from . import through
 from .nodes import (Graph, InProjection, Node, Ref, UnsupportedModelError, flatten, mean_dims, substitute)
 
 
@@ -47,45 +48,20 @@ class _Tracer(fx.Tracer):
         return super().is_leaf_module(m, qualname) or (type(m).__module__, type(m).__name__) in NAMED_MODULE_KINDS
 
     def call_module(self, m, forward, args, kwargs):
-        if type(m) is nn.MultiheadAttention and not _mha_refusal(m, *args, **kwargs):
-            out = _self_attention(m, *args, **kwargs)   # traced through: its parts have rules
+        """Modules re-written with operations that have rules (:mod:`.through`) are traced
+        through their re-writing; the others as fx does."""
+        if type(m) is nn.MultiheadAttention and not through.mha_refusal(m, *args, **kwargs):
+            out = through.multi_head_attention(m, *args, **kwargs)
             self.module_outputs[self.path_of_module(m)] = out[0].node
+            return out
+        if (rewrite := through.rewrite(m)) is not None:
+            out = rewrite(m, *args, **kwargs)
+            self.module_outputs[self.path_of_module(m)] = out.node
             return out
         out = super().call_module(m, forward, args, kwargs)
         if isinstance(out, fx.Proxy):
             self.module_outputs[self.path_of_module(m)] = out.node
         return out
-
-
-def _mha_args(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
-              average_attn_weights=True, is_causal=False):
-    return query, key, value, key_padding_mask, need_weights, attn_mask, is_causal
-
-
-def _mha_refusal(m: nn.MultiheadAttention, *args, **kwargs) -> str:
-    """Why relprop cannot trace this call of ``m`` through (empty: it can): only self-attention
-    of a batch-first module with a packed in-projection and no masks, extra keys or weights."""
-    query, key, value, padding_mask, need_weights, attn_mask, is_causal = _mha_args(*args, **kwargs)
-    if not (query is key is value):
-        return "only self-attention (query is key is value) is supported"
-    if not m.batch_first or not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
-        return "only batch_first=True with a packed in-projection, no bias_k/bias_v and no add_zero_attn"
-    if padding_mask is not None or attn_mask is not None or is_causal or need_weights is not False:
-        return "only calls without masks, not causal, and need_weights=False are supported"
-    return ""
-
-
-def _self_attention(m: nn.MultiheadAttention, x, *args, **kwargs):
-    """``nn.MultiheadAttention(x, x, x, need_weights=False)`` in inference mode (dropout off),
-    written with the operations relprop has rules for: the packed in-projection (a functional
-    linear on the module's own tensors: nodes.InProjection), the heads, the fused attention,
-    the out-projection; returns ``(output, None)`` like the module."""
-    b, n, e = x.shape
-    h = m.num_heads
-    qkv = F.linear(x, m.in_proj_weight, m.in_proj_bias).reshape(b, n, 3, h, e // h).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, e)
-    return m.out_proj(out), None
 
 
 def capture(model: nn.Module, output_key: str | None = None) -> Graph:
@@ -138,9 +114,10 @@ def capture(model: nn.Module, output_key: str | None = None) -> Graph:
         nodes.append(node)
     _select_output(nodes[-1], output_key)
     _resolve_helpers(nodes)
-    _resolve_constants(nodes)
-    _resolve_attention(nodes)
-    _resolve_gates(nodes)
+    constant = _constants(nodes)
+    _resolve_constants(nodes, constant)
+    _resolve_attention(nodes, constant)
+    _resolve_gates(nodes, constant)
     problems = [n.describe() for n in nodes if n.kind is None]
     if problems:
         raise UnsupportedModelError(
@@ -201,9 +178,14 @@ def _make_node(fn: fx.Node, model: nn.Module, i: int, index: dict) -> Node:
         if kind == BN and (target.running_mean is None or target.running_var is None):
             kind = None
         if type(target) is nn.MultiheadAttention:
-            why = _mha_refusal(target, *fn.args, **fn.kwargs)
+            why = through.mha_refusal(target, *fn.args, **fn.kwargs)
     elif fn.op == "call_function":
         kind = function_kind(fn.target) or _no_mask_kind(fn)
+        if fn.target in through.SIZE_FUNCTIONS:
+            kind = HELPER
+        elif fn.target is through.unexplained_weights:
+            why = through.UNEXPLAINED_WEIGHTS_WHY
+        why = why or through.opaque_why(fn.target)
         if fn.target is F.linear and (owner := _in_projection_owner(fn, model)) is not None:
             target, name = InProjection(owner), _module_path(model, owner) + ".in_proj"
         elif fn.target in _OWNED:
@@ -230,12 +212,24 @@ def _make_node(fn: fx.Node, model: nn.Module, i: int, index: dict) -> Node:
         node.act = _activation(node)
     if kind == SPLIT:
         node.dim = node.param("dim", 1, 0) if target in ("unbind", torch.unbind) else node.param("dim", 2, 0)
+    if kind == PAD and (why := _pad_refusal(node)):
+        node.kind, node.why = None, why
     if kind == UPSAMPLE and (mode := _upsample_mode(node)) not in NONNEG_UPSAMPLING:
         node.kind, node.why = None, f"mode={mode!r}: only {', '.join(NONNEG_UPSAMPLING)} interpolate with weights >= 0"
     if target in MEANS and not (isinstance(dims := mean_dims(node), tuple) and 0 not in dims):
         node.kind, node.why = None, (f"a mean over dim={dims!r} averages across the batch; average over "
                                      "the feature dims only, e.g. x.mean((2, 3))")
     return node
+
+
+def _pad_refusal(n: Node) -> str:
+    """``F.pad`` has a rule in constant mode with a constant number as the value (rules.pad)."""
+    mode, value = n.param("mode", 2, "constant"), n.param("value", 3, None)
+    if mode != "constant":
+        return f"mode={mode!r}: only constant padding (mode='constant') is supported"
+    if not (value is None or _is_number(value, minimum=-math.inf)):
+        return "the padding value must be a constant number"
+    return ""
 
 
 def _no_mask(fn) -> bool:
@@ -317,12 +311,16 @@ def _resolve_helpers(nodes: list[Node]) -> None:
     """Helpers compute shapes and sizes, never relevance: parameters and buffers read outside a
     module (``get_attr``) that no relevance-carrying node takes as an input (a functional
     BatchNorm reads them through its module), and sums, products, comparisons, assertions and
-    indexing that read only helpers (``c // 2`` of ``x.shape``, timm's ``_assert(x.ndim == 4)``)."""
+    indexing that read only helpers (``c // 2`` of ``x.shape``, timm's ``_assert(x.ndim == 4)``).
+    MultiheadAttention's weights output that nothing reads is a helper too."""
     inputs = {p for n in nodes for p in n.parents}
+    read = {r for n in nodes for r in _refs(n)}
     for n in nodes:
         on_sizes = all(nodes[p].kind == HELPER and nodes[p].op != "get_attr" for p in n.parents)
         if n.op == "get_attr" and n.index not in inputs:
             n.kind = HELPER
+        elif n.target is through.unexplained_weights and n.index not in read:
+            n.kind, n.parents = HELPER, ()
         elif n.kind in (ADD, PRODUCT, SIZE_OP, GETITEM) and on_sizes:
             n.kind, n.parents = HELPER, ()
         elif n.kind == SIZE_OP:
@@ -360,30 +358,67 @@ def _basic_index(v, nodes: list[Node]) -> bool:
     return v is None or v is Ellipsis or (isinstance(v, int) and not isinstance(v, bool))
 
 
-def _is_constant(nodes: list[Node], i: int) -> bool:
-    """A parameter or buffer of the model, possibly reshaped, expanded or permuted."""
-    n = nodes[i]
-    while n.kind in (RESHAPE, EXPAND, PERMUTE, PASS) and n.parents:
-        n = nodes[n.parents[0]]
-    return n.op == "get_attr"
+def _refs(n: Node):
+    """Every node reference among the node's arguments (nested in tuples, lists, dicts, slices)."""
+    return (int(a) for a in flatten((n.args, n.kwargs)) if isinstance(a, Ref))
 
 
-def _resolve_constants(nodes: list[Node]) -> None:
+def _in_place(n: Node) -> bool:
+    name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+    return n.target in (operator.setitem, operator.iadd) or (name.endswith("_") and not name.endswith("__"))
+
+
+def _constants(nodes: list[Node]) -> list[bool]:
+    """Which nodes are constants: computed from the model's parameters and buffers and from
+    sizes only, never from the input's values.  Parameters and buffers (``get_attr``), and the
+    calls that read only constants and sizes and change nothing in place: a ViT's class token
+    expanded to the batch, a Swin's relative position bias gathered from its table
+    (torchvision's ``_get_relative_position_bias``, timm's ``table[index].view(...)``), its
+    shifted windows' mask (a buffer in timm, :func:`.through.shift_mask` in torchvision), an
+    attention mask.  They are evaluated at every forward like any node; a consumer that takes
+    a constant (an offset, a concatenation, a layer scale, an attention mask) makes it and
+    what it is computed from helpers (:func:`_mark_constant`), and relevance reaching it is
+    dropped like a bias's share."""
+    constant = [False] * len(nodes)
+
+    def known(r: int) -> bool:
+        return constant[r] or (nodes[r].kind == HELPER and nodes[r].op != "get_attr")   # a constant or a size
+
+    for n in nodes:
+        if n.op == "get_attr":
+            constant[n.index] = True
+        elif n.op in ("call_function", "call_method") and n.kind != HELPER and not _in_place(n):
+            refs = list(_refs(n))
+            if n.target in METADATA_READERS and n.args and isinstance(n.args[0], Ref):
+                refs = refs[1:]   # the tensor whose shape, dtype and device it reads
+            constant[n.index] = all(known(r) for r in refs)
+    return constant
+
+
+def _resolve_constants(nodes: list[Node], constant: list[bool]) -> None:
     """Model tensors that enter the signal: a ViT's class token concatenated to the patch
     tokens (``cat([cls.expand(B, -1, -1), x])``) and its position embedding added to them
-    (``x + pos``).  They are read at every forward like any parameter (helpers); relevance
-    reaching them is dropped, as a bias's share is.  An add of one signal and one such
-    tensor is an offset (a bias, rules.offset)."""
+    (``x + pos``), a Swin's relative position bias and shift mask added to its attention
+    logits.  They are read at every forward like any parameter (helpers); relevance
+    reaching them is dropped, as a bias's share is.  An add of one signal and one constant
+    (:func:`_constants`) is an offset (a bias, rules.offset).  A constant that nothing reads
+    is a helper."""
+    read = {r for n in nodes for r in _refs(n)}
+    for n in reversed(nodes):
+        if constant[n.index] and n.index not in read and n.kind != HELPER:
+            _mark_constant(nodes, n.index, constant)
     for n in nodes:
+        if constant[n.index]:
+            continue
         if n.kind == CAT:
             for p in n.parents:
-                if _is_constant(nodes, p) and len(n.parents) > 1:
-                    _mark_constant(nodes, p)
+                if constant[p] and len(n.parents) > 1:
+                    _mark_constant(nodes, p, constant)
         elif n.kind == ADD and len(n.parents) == 2:
-            constants = [_is_constant(nodes, p) for p in n.parents]
+            constants = [constant[p] for p in n.parents]
             if sum(constants) == 1:
                 n.kind = OFFSET
-                _mark_constant(nodes, n.parents[constants.index(True)])
+                _mark_constant(nodes, n.parents[constants.index(True)], constant)
 
 
 def _through_pass(nodes: list[Node], i: int, kinds=(PASS,)) -> Node:
@@ -393,11 +428,19 @@ def _through_pass(nodes: list[Node], i: int, kinds=(PASS,)) -> Node:
     return n
 
 
-def _resolve_attention(nodes: list[Node]) -> None:
+# What may lie between ``q @ k^T`` and its softmax: dropout, a scale (a product, resolved to a
+# scale or refused by _resolve_gates), an additive constant (a relative position bias, a mask:
+# offsets), reshapes (Swin's windows and heads).
+_LOGITS_PATH = (PASS, PRODUCT, SCALE, OFFSET, RESHAPE)
+
+
+def _resolve_attention(nodes: list[Node], constant: list[bool]) -> None:
     """Attention's softmax and products, refused elsewhere: a softmax over the last dim whose
     output (through dropout) only weights values, ``softmax(...) @ v``; ``q @ k^T`` feeding
-    only softmaxes (possibly through a scale); the fused ``scaled_dot_product_attention(q, k,
-    v)`` without mask, dropout or causal masking."""
+    only softmaxes, possibly through a scale, additive constants (a relative position bias, a
+    mask) and reshapes; the fused ``scaled_dot_product_attention(q, k, v)``, possibly causal or
+    with a constant ``attn_mask`` (additive float or boolean, computed from model tensors and
+    sizes: :func:`_constants`), without dropout."""
     consumers: list[list[tuple[Node, int]]] = [[] for _ in nodes]
     for n in nodes:
         for k, p in enumerate(n.parents):
@@ -419,22 +462,27 @@ def _resolve_attention(nodes: list[Node]) -> None:
                 n.nonneg = True
         elif n.kind == MATMUL:
             weights = len(n.parents) == 2 and _through_pass(nodes, n.parents[0]).kind == SOFTMAX
-            scores = len(n.parents) == 2 and bool(readers(n.index, (PASS, SCALE))) and all(
-                c.kind == SOFTMAX for c, _ in readers(n.index, (PASS, SCALE)))
-            if not (weights or scores):
-                n.kind, n.why = None, ("only attention's products are supported: q @ k^T feeding a softmax, and "
-                                       "softmax(...) @ v")
+            scores = len(n.parents) == 2 and bool(readers(n.index, _LOGITS_PATH)) and all(
+                c.kind == SOFTMAX for c, _ in readers(n.index, _LOGITS_PATH))
+            if not (weights or scores) or any(constant[p] for p in n.parents):
+                n.kind, n.why = None, ("only attention's products are supported: q @ k^T feeding a softmax (through "
+                                       "scales, additive constants and reshapes), and softmax(...) @ v")
         elif n.kind == ATTENTION:
             dropout = n.param("dropout_p", 4, 0.0)
-            mask, causal = n.param("attn_mask", 3, None), n.param("is_causal", 5, False)
+            mask = n.param("attn_mask", 3, None)
             scale = n.kwargs.get("scale", n.args[6] if len(n.args) > 6 else None)
-            if len(n.parents) != 3 or mask is not None or causal or dropout != 0 or not (
-                    scale is None or _is_number(scale, minimum=0)) or n.kwargs.get("enable_gqa", False):
-                n.kind, n.why = None, ("only scaled_dot_product_attention(q, k, v) without mask, dropout, causal "
-                                       "masking or grouped queries is supported")
+            constant_mask = isinstance(mask, Ref) and constant[mask]
+            good_scale = scale is None or _is_number(scale, minimum=0)
+            if len(n.parents) != 3 + isinstance(mask, Ref) or not (mask is None or constant_mask) or dropout != 0 \
+                    or not good_scale or n.kwargs.get("enable_gqa", False):
+                n.kind, n.why = None, ("only scaled_dot_product_attention(q, k, v) without dropout or grouped queries, "
+                                       "possibly causal or with an attn_mask computed from model tensors and sizes "
+                                       "(not from the input), is supported")
+            elif constant_mask:
+                _mark_constant(nodes, mask, constant)
 
 
-def _resolve_gates(nodes: list[Node]) -> None:
+def _resolve_gates(nodes: list[Node], constant: list[bool]) -> None:
     """A product is a gate when exactly one of its two factors is a Sigmoid/Hardsigmoid output
     (through reshapes and expands); those may feed nothing but gates, since no relevance
     reaches them."""
@@ -444,12 +492,6 @@ def _resolve_gates(nodes: list[Node]) -> None:
             n = nodes[n.parents[0]]
         return n.kind == GATE_ACTIVATION
 
-    def is_constant(i: int) -> bool:   # a parameter or buffer of the model, possibly reshaped
-        n = nodes[i]
-        while n.kind == RESHAPE and n.parents:
-            n = nodes[n.parents[0]]
-        return n.op == "get_attr"
-
     for n in nodes:
         if n.kind != PRODUCT:
             continue
@@ -457,14 +499,15 @@ def _resolve_gates(nodes: list[Node]) -> None:
         divides = n.target in (operator.truediv, torch.div, "div")
         factor = _factor(n) if len(n.parents) == 1 else None
         numerator_is_tensor = isinstance(n.args[0], Ref)
-        constants = [is_constant(p) for p in n.parents]
+        constants = [constant[p] for p in n.parents]
         if _is_number(factor, minimum=-math.inf) and factor != 0 and (numerator_is_tensor or not divides):
             n.kind = SCALE   # x * c, c * x, x / c
         elif len(constants) == 2 and sum(constants) == 1 and not (divides and constants[0]):
-            # x * gamma, gamma * x, x / gamma with gamma a model tensor (ConvNeXt's layer scale):
+            # x * gamma, gamma * x, x / gamma with gamma a model tensor (ConvNeXt's layer scale) or
+            # a constant computed from model tensors (:func:`_constants`):
             # read at every forward like any parameter; the signal is the only parent left
             n.kind = SCALE
-            _mark_constant(nodes, n.parents[constants.index(True)])
+            _mark_constant(nodes, n.parents[constants.index(True)], constant)
         elif len(gates) == 2 and sum(gates) == 1 and not divides:
             n.kind, n.gate = GATE, gates.index(True)
         else:
@@ -484,12 +527,14 @@ def _resolve_gates(nodes: list[Node]) -> None:
             n.kind, n.why = None, "supported only as the gate of a product (squeeze-excitation)"
 
 
-def _mark_constant(nodes: list[Node], i: int) -> None:
-    """A parameter or buffer (and the reshapes of it) that a layer scale multiplies by: a helper."""
+def _mark_constant(nodes: list[Node], i: int, constant: list[bool]) -> None:
+    """A constant (:func:`_constants`) that a signal takes, and the constants it is computed
+    from: helpers, which relevance never enters."""
     n = nodes[i]
-    n.kind = HELPER
-    if n.op != "get_attr":
-        _mark_constant(nodes, n.parents[0])
+    n.kind, n.parents = HELPER, ()
+    for r in _refs(n):
+        if constant[r] and nodes[r].kind != HELPER:
+            _mark_constant(nodes, r, constant)
 
 
 def _factor(n: Node):
@@ -544,6 +589,9 @@ def _mark_signs_and_first_layers(nodes: list[Node]) -> None:
             n.nonneg = _is_number(factor, minimum=0) and factor > 0 and nodes[n.parents[0]].nonneg
         elif n.kind in SIGN_PRESERVING and n.parents:
             n.nonneg = all(nodes[p].nonneg for p in n.parents)
+        elif n.kind == PAD:   # padding with a number >= 0 (default 0)
+            value = n.param("value", 3, None)
+            n.nonneg = nodes[n.parents[0]].nonneg and (value is None or value >= 0)
     for n in nodes:
         if n.kind in (CONV, LINEAR):
             p = nodes[n.parents[0]]

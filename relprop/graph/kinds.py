@@ -23,28 +23,35 @@ import torch.nn.functional as F
 # multiplies a signal by a "gate_activation" (Sigmoid, Hardsigmoid: squeeze-excitation),
 # possibly reshaped or expanded on the way; the signal takes all the relevance.  A "scale"
 # multiplies or divides by a constant number, or by a parameter or buffer of the model (a
-# ConvNeXt layer scale), which relevance passes unchanged.  A "layernorm" normalises over its
-# last dims (channels-last nn.LayerNorm, torchvision's LayerNorm2d): with its statistics
-# held fixed it is an elementwise affine map, whose z-rule it takes (rules.layernorm).
+# ConvNeXt layer scale), which relevance passes unchanged; ``F.normalize`` (Swin V2's cosine
+# attention) divides by its norm, held fixed as LayerNorm's statistics are: a scale too.
+# A "layernorm" normalises over its last dims (channels-last nn.LayerNorm, torchvision's
+# LayerNorm2d): with its statistics held fixed it is an elementwise affine map, whose z-rule it
+# takes (rules.layernorm).
 # An "rms_norm" (nn.RMSNorm, timm's RmsNorm, RmsNorm2d and their Fp32 variants; timm's
 # SimpleNorm* divide by the standard deviation without centring) divides by a statistic over
 # its normalised dims: with that held fixed, ``y = a * x`` without an offset, whose z-rule it
 # takes (rules.rms_norm; relevance passes unchanged wherever y != 0).
 # A "response_norm" is ConvNeXt V2's GlobalResponseNorm ``x + b + w * x * n(x)``: with the
 # response ``n(x)`` held fixed, an elementwise affine map too (rules.response_norm).
-# Attention (ViT, DeiT): a "softmax" over the last dim whose output only weights values, the
-# "matmul"s of attention (``q @ k^T`` feeding a softmax, ``softmax(...) @ v``) and the fused
-# "attention" ``F.scaled_dot_product_attention(q, k, v)`` (torchvision's MultiheadAttention is
-# traced as in-projection, heads, this, out-projection: capture._Tracer).  Their rules are
-# chosen by a method's ``attention_rule`` (rules.attention_layers).  An "offset" adds a model
-# tensor to a signal (a ViT's position embedding): a bias, whose share relevance drops.
+# Attention (ViT, DeiT, Swin): a "softmax" over the last dim whose output only weights values,
+# the "matmul"s of attention (``q @ k^T`` feeding a softmax, possibly through a scale, additive
+# constants and reshapes, and ``softmax(...) @ v``) and the fused "attention"
+# ``F.scaled_dot_product_attention(q, k, v)``, possibly with a constant mask or causal
+# (torchvision's MultiheadAttention and Swin attention are traced through as written out in
+# .through).  Their rules are chosen by a method's ``attention_rule`` (rules.attention_layers).
+# An "offset" adds a constant (capture._constants: a ViT's position embedding, a Swin's relative
+# position bias and shift mask) to a signal: a bias, whose share relevance drops.
+# A "roll" (``torch.roll``: Swin's cyclic shift) permutes entries, and relevance goes back where
+# it was read; a "pad" (``F.pad``, constant mode: Swin's padding to whole windows, its patch
+# merging) adds constant entries whose relevance is dropped like a bias's share (rules.pad).
 CONV, LINEAR, LAYERNORM, RMS_NORM, RESPONSE_NORM = "conv", "linear", "layernorm", "rms_norm", "response_norm"
 SOFTMAX, MATMUL, ATTENTION, OFFSET = "softmax", "matmul", "attention", "offset"
 RELU, LEAKY_RELU, ACTIVATION, BN, PASS = "relu", "leaky_relu", "activation", "bn", "pass"
 GATE, GATE_ACTIVATION, EXPAND, SCALE = "gate", "gate_activation", "expand", "scale"
 PRODUCT = "product"   # at capture only: a product or quotient, resolved to a gate or a scale (or refused)
 MAXPOOL, AVGPOOL, ADAPTIVE_AVGPOOL, UPSAMPLE = "maxpool", "avgpool", "adaptive_avgpool", "upsample"
-RESHAPE, ADD, CAT = "reshape", "add", "cat"
+RESHAPE, ADD, CAT, ROLL, PAD = "reshape", "add", "cat", "roll", "pad"
 INDEX, SPLIT, PIECE, PERMUTE = "index", "split", "piece", "permute"   # x[...], split/chunk, its pieces, transpose
 GETITEM = "getitem"   # at capture only: resolved to an index, a piece of a split, or a helper
 INPUT, OUTPUT, HELPER = "input", "output", "helper"
@@ -58,6 +65,7 @@ MODULE_KINDS = {
     nn.AdaptiveAvgPool2d: ADAPTIVE_AVGPOOL, nn.Flatten: RESHAPE, nn.Upsample: UPSAMPLE,
     nn.UpsamplingNearest2d: UPSAMPLE, nn.UpsamplingBilinear2d: UPSAMPLE,
     nn.modules.linear.NonDynamicallyQuantizableLinear: LINEAR,   # MultiheadAttention's out_proj
+    nn.Softmax: SOFTMAX,
 }
 FUNCTION_KINDS = {
     F.relu: RELU, torch.relu: RELU, torch.relu_: RELU, F.relu6: RELU, F.leaky_relu: LEAKY_RELU,
@@ -75,17 +83,22 @@ FUNCTION_KINDS = {
     F.batch_norm: BN, torch.batch_norm: BN, F.linear: LINEAR, F.layer_norm: LAYERNORM,
     operator.matmul: MATMUL, torch.matmul: MATMUL, torch.bmm: MATMUL, F.softmax: SOFTMAX, torch.softmax: SOFTMAX,
     F.scaled_dot_product_attention: ATTENTION, torch.unbind: SPLIT, torch.fx._symbolic_trace._assert_is_none: SIZE_OP,
+    torch.roll: ROLL, F.pad: PAD, torch._C._nn.pad: PAD, F.normalize: SCALE,
 }
 METHOD_KINDS = {
     "relu": RELU, "relu_": RELU, "sigmoid": GATE_ACTIVATION, "mul": PRODUCT, "div": PRODUCT, "expand": EXPAND, "expand_as": EXPAND,
     "mean": ADAPTIVE_AVGPOOL, "view": RESHAPE, "reshape": RESHAPE, "flatten": RESHAPE, "contiguous": PASS,
     "split": SPLIT, "chunk": SPLIT, "transpose": PERMUTE, "permute": PERMUTE,
     "add": ADD, "add_": ADD, "size": HELPER, "dim": HELPER, "matmul": MATMUL, "bmm": MATMUL, "softmax": SOFTMAX,
-    "unbind": SPLIT,
+    "unbind": SPLIT, "roll": ROLL, "unsqueeze": RESHAPE, "squeeze": RESHAPE,
 }
+# Calls that read only the shape, dtype and device of their first argument, never its values
+# (``x.new_ones(n, n)``, ``torch.zeros_like(x)``): what they compute from sizes is a constant.
+METADATA_READERS = {"new_ones", "new_zeros", "new_full", "new_empty", torch.zeros_like, torch.ones_like,
+                    torch.full_like, torch.empty_like}
 # Kinds whose output is >= 0 whenever all their tensor inputs are.
 SIGN_PRESERVING = {LEAKY_RELU, PASS, MAXPOOL, AVGPOOL, ADAPTIVE_AVGPOOL, UPSAMPLE, RESHAPE, ADD, CAT, INDEX, SPLIT, PIECE,
-                    PERMUTE}
+                    PERMUTE, ROLL}
 # The elementwise activations, as out-of-place functions of the input.
 ACTIVATIONS = {
     nn.ReLU: F.relu, F.relu: F.relu, torch.relu: F.relu, torch.relu_: F.relu, "relu": F.relu, "relu_": F.relu,

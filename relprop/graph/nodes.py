@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .kinds import (ADAPTIVE_AVGPOOL, ADD, AVGPOOL, BN, CONV, INPUT, LAYERNORM, LINEAR, MAXPOOL, MEANS, OFFSET, OUTPUT, PASS,
-                    RELU, RESHAPE, RESPONSE_NORM, RMS_NORM, UPSAMPLE)
+                    RELU, RESHAPE, RESPONSE_NORM, RMS_NORM, SOFTMAX, UPSAMPLE)
 
 
 class Ref(int):
@@ -267,6 +267,8 @@ def evaluate(n: Node, args: tuple, kwargs: dict) -> Any:
             return F.adaptive_avg_pool2d(x, m.output_size)
         if n.kind == RESHAPE:
             return x.flatten(m.start_dim, m.end_dim)
+        if n.kind == SOFTMAX:
+            return F.softmax(x, m.dim)
         raise AssertionError(n.kind)
     if n.act is not None:
         return n.act(args[0])
@@ -295,12 +297,19 @@ def substitute(obj, table):
         return [substitute(o, table) for o in obj]
     if isinstance(obj, dict):
         return {k: substitute(v, table) for k, v in obj.items()}
+    if isinstance(obj, slice):   # x[:, :h] with h a size computed in the forward
+        return slice(substitute(obj.start, table), substitute(obj.stop, table), substitute(obj.step, table))
     return obj
 
 
 def flatten(obj):
+    """The leaves of nested tuples, lists, dicts (their values) and slices (start, stop, step)."""
     if isinstance(obj, (list, tuple)):
         for o in obj:
             yield from flatten(o)
+    elif isinstance(obj, dict):
+        yield from flatten(list(obj.values()))
+    elif isinstance(obj, slice):
+        yield from flatten((obj.start, obj.stop, obj.step))
     else:
         yield obj
