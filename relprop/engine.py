@@ -15,7 +15,7 @@ import torch
 
 from . import graph as g
 from .ops import reference as reference_ops
-from .ops import LinearMap, PerPosition, channels_first, channels_last
+from .ops import LinearMap, PerPosition, channels_first, channels_last, stabilize
 
 
 @dataclass(eq=False)
@@ -31,6 +31,10 @@ class Layer:
     z: torch.Tensor | None = None      # pre-activation incl. a folded BatchNorm (conv/linear)
     x_nonneg: bool = False             # the first input is provably >= 0 (comes from a ReLU)
     ops: Any = reference_ops           # the backend's fused primitives (relprop.ops.dispatch)
+    unit: float = 0.0                  # relative error of the forward values (Context.unit)
+    # adds an error to the map's estimate: absolute error and the norm it is relative to, per
+    # leading row (Context.add_relative_error)
+    report: Callable[[torch.Tensor, torch.Tensor], None] | None = None
 
     @property
     def x(self) -> torch.Tensor:
@@ -98,6 +102,34 @@ def split_amplification(r0: torch.Tensor, r1: torch.Tensor) -> torch.Tensor:
     # shares) is 0, t/0 (shares from nothing) stays infinite
     sk2 = t.square_().div_(s).nan_to_num_(nan=0.0, posinf=float("inf"))
     return amplification(sk2.norm(dim=1), s.norm(dim=1))
+
+
+def epsilon_zone_error(layer: Layer, s: torch.Tensor, eps: float,
+                       r_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absolute error, and the norm of ``R_in`` it is relative to, per row of the layer's
+    input (a sample, or a window of one: Layer.report gathers them per sample), that rounding
+    of the pre-activations ``z`` makes in the ε-rule's ``R_in = x * bwd(s, W)``,
+    ``s = R / stabilize(z, eps)``, where some ``|z|`` is near ``eps``.
+
+    Relevance arriving at a conv/linear output is proportional to it (``R = z c``: every rule
+    here scales its input), so ``s = c z / (z + eps)``, and an absolute error ``u k`` of ``z``
+    (``k = sum_i |x_i w_i| + |b|``, bounded by ``||x patch|| ||w||_2 + |b|``) becomes
+    ``|s| u k eps / (|z| |z + eps|)`` in ``s``: nothing where ``eps = 0`` or ``|z| >> eps``,
+    of the size of ``s`` itself where ``|z| ~ eps`` and ``k / |z|`` is large.  Such an error
+    reaches the inputs through ``x * W^T``, bounded per output by ``||x patch|| ||w||_inf``;
+    their root sum of squares over the outputs, relative to the norm of ``R_in``, is the
+    estimate (README, Numerics).  The float64 map is as sensitive there (a 1e-7 change of the input
+    moves it as much): the map is ill-conditioned, not the arithmetic."""
+    z, lin = layer.z, layer.lin
+    shape = (1, -1) + (1,) * (z.ndim - 2) if lin.is_conv else (1,) * (z.ndim - 1) + (-1,)
+    rows = lin.weight.reshape(lin.weight.shape[0], -1)
+    patch = lin.patch_norms(layer.x)
+    k = patch * rows.norm(dim=1).view(shape)
+    if lin.bias is not None:
+        k = k + lin.bias.abs().view(shape)
+    ds = (s.abs() * k).mul_(layer.unit * eps).div_(z.abs() * stabilize(z, eps).abs()).nan_to_num_(nan=0.0)
+    err = ds.mul_(patch).mul_(rows.abs().amax(1).view(shape)).flatten(1).norm(dim=1)
+    return err, r_in.flatten(1).norm(dim=1)
 
 
 def amplification(size: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -294,6 +326,23 @@ class Context:
         of ``unit * amplification`` (B,) in the map; first-order errors of steps add up."""
         self.error += self.unit * amplification.to(self.error.dtype)
 
+    def add_relative_error(self, err: torch.Tensor, ref: torch.Tensor, rows: slice | None = None) -> None:
+        """Add a step's error to the map's estimate (a rule's own, through ``Layer.report``):
+        ``err`` (absolute, L2) relative to ``ref`` (the L2 norm of the relevance it is an error
+        of), one per leading row of the layer -- per sample of ``rows`` if given, or of the
+        batch; a layer over windows of the samples (Swin: ``B * windows`` rows, sample-major)
+        adds its windows' squares up per sample, and a layer whose rows do not divide among
+        the samples counts its total for every sample."""
+        target = self.error if rows is None else self.error[rows]
+        n = target.shape[0]
+        err, ref = err.to(target.dtype), ref.to(target.dtype)
+        if err.shape[0] != n:
+            if err.shape[0] % n == 0:
+                err, ref = err.view(n, -1).norm(dim=1), ref.view(n, -1).norm(dim=1)
+            else:
+                err, ref = err.norm().expand(n), ref.norm().expand(n)
+        target += amplification(err, ref)
+
     @property
     def unit(self) -> float:
         """Relative error of the forward values (``FORWARD_ERROR`` rounding units)."""
@@ -339,7 +388,8 @@ class Context:
         table = _Reader(value)
         lay = Layer(node, [value(p) for p in node.parents], value(node.index), g.substitute(node.args, table),
                     g.substitute(node.kwargs, table),
-                    x_nonneg=bool(node.parents) and self.graph.nodes[node.parents[0]].nonneg, ops=self.ops)
+                    x_nonneg=bool(node.parents) and self.graph.nodes[node.parents[0]].nonneg, ops=self.ops,
+                    unit=self.unit, report=lambda err, ref: self.add_relative_error(err, ref, rows))
         if node.kind in (g.CONV, g.LINEAR):
             lay.lin = lin or self.linear_map(node, fold_bn)
             lay.z = value(bn.index if bn is not None else node.index)

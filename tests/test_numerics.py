@@ -229,3 +229,35 @@ def test_split_amplification_of_exactly_cancelling_shares_is_infinite():
     r0, r1 = torch.tensor([[3.0, -1.0]]), torch.tensor([[-1.0, 2.0]])   # |R| = (2, 1), sum|.| = (4, 3)
     want = torch.tensor([4.0**2 / 2, 3.0**2 / 1]).norm() / torch.tensor([2.0, 1.0]).norm()
     torch.testing.assert_close(split_amplification(r0, r1), want.reshape(1))
+
+
+def test_a_pre_activation_near_epsilon_is_reported(benchmark_images):
+    """LRP-epsilon on the built-in VGG, test image 171: a pre-activation of ~2e-7 next to
+    epsilon = 1e-6 makes ``z / (z + eps)`` sensitive to the rounding of ``z``, so the float32
+    map is 2.7e-3 off float64 and the float64 map itself moves by ~1e-3 under a 1e-7 change of
+    the input.  The epsilon rule's estimate (engine.epsilon_zone_error) reports it; with
+    epsilon 0 (the ratio is exactly 1) it adds nothing."""
+    model = models.load("shapes-vgg")
+    model64 = copy.deepcopy(model).double()
+    x = benchmark_images[171:172]
+    target = model64(x.double()).argmax(1)
+    a = explain_quietly(relprop.Explainer(model, "lrp-epsilon"), x, target)
+    r64 = explain_quietly(relprop.Explainer(model64, "lrp-epsilon"), x.double(), target).relevance
+    assert rel_l2(a.relevance, r64).item() > 1e-3
+    assert a.error.item() > trusted_error(torch.float32)
+    exact = explain_quietly(relprop.Explainer(model, "lrp-epsilon", epsilon=0), x, target)
+    assert exact.error.item() < 1e-6
+
+
+def test_the_epsilon_estimate_follows_samples_through_windows():
+    """A Linear over (samples x windows, tokens, channels) rows (Swin's window attention): the
+    estimate of each row is gathered to its own sample (Context.add_relative_error)."""
+    from relprop.engine import Context
+    ctx = Context.__new__(Context)
+    ctx.error = torch.zeros(2, dtype=torch.float64)
+    err = torch.tensor([0.0, 0.0, 0.0, 3.0], dtype=torch.float64)      # 2 samples x 2 windows
+    ref = torch.tensor([1.0, 1.0, 0.0, 4.0], dtype=torch.float64)
+    ctx.add_relative_error(err, ref)
+    torch.testing.assert_close(ctx.error, torch.tensor([0.0, 3.0 / 4.0], dtype=torch.float64))
+    ctx.add_relative_error(torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64), torch.ones(3, dtype=torch.float64))
+    torch.testing.assert_close(ctx.error, torch.tensor([1.0, 1.75], dtype=torch.float64))

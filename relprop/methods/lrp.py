@@ -26,7 +26,7 @@ import torch
 
 from .. import graph as g
 from .. import rules
-from ..engine import Context, Layer, RuleTable
+from ..engine import Context, Layer, RuleTable, epsilon_zone_error
 from ..ops import bias_view, safe_divide, stabilize
 from . import Method, number, register, zb_bounds as check_bounds
 
@@ -35,10 +35,15 @@ FIRST_LAYER_CHOICES = ("zb", "flat", "same")
 
 # ----------------------------------------------------------------------------- rules
 def epsilon(eps: float):
-    """LRP-epsilon: ``R_in = x * bwd(R / stabilize(z, eps), W)``, ``z`` with bias."""
+    """LRP-epsilon: ``R_in = x * bwd(R / stabilize(z, eps), W)``, ``z`` with bias; reports the
+    error that pre-activations near ``eps`` make of rounding (:func:`epsilon_zone_error`)."""
     def rule(layer: Layer, r: torch.Tensor) -> list:
         lin = layer.lin
-        return [layer.x * lin.bwd(r / stabilize(layer.z, eps), lin.weight, layer.x.shape)]
+        s = r / stabilize(layer.z, eps)
+        out = layer.x * lin.bwd(s, lin.weight, layer.x.shape)
+        if layer.report is not None and eps > 0:
+            layer.report(*epsilon_zone_error(layer, s, eps, out))
+        return [out]
     return rule
 
 

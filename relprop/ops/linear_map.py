@@ -216,6 +216,22 @@ class LinearMap:
         return F.conv_transpose2d(s, v, None, m.stride, m.padding, output_padding(m, s.shape, x_shape),
                                   m.groups, m.dilation)
 
+    def patch_norms(self, x: torch.Tensor) -> torch.Tensor:
+        """The L2 norm of the inputs each output reads (its receptive field within its group),
+        shaped to broadcast against an output: a box filter over the per-group sum of ``x^2``
+        for a conv (a single-channel conv per group: cheap), ``||x||`` over the last dim for
+        a linear.  Bounds ``sum_i |x_i w_i| <= ||x patch|| ||w||`` (Cauchy-Schwarz)."""
+        sq = x.detach().square()
+        if not self.is_conv:
+            return sq.sum(-1, keepdim=True).sqrt_()
+        m, g = self.module, self.module_groups
+        b, c, h, w = sq.shape
+        per_group = sq.view(b, g, c // g, h, w).sum(2)
+        box = per_group.new_ones((g, 1) + tuple(m.kernel_size))
+        norms = F.conv2d(per_group, box, None, m.stride, m.padding, m.dilation, g).clamp_(min=0).sqrt_()
+        cout = m.weight.shape[0]
+        return norms.unsqueeze(2).expand(-1, -1, cout // g, -1, -1).reshape(b, cout, *norms.shape[2:])
+
     def fwd2(self, x: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(fwd(x, V1), fwd(x, V2))`` for the split ``name`` in one call."""
         if self.module_groups != 1 or self.streams:
