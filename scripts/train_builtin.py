@@ -3,13 +3,18 @@
     python scripts/train_builtin.py            # both models -> relprop/benchmark/weights/
 
 Trains every model of :data:`relprop.benchmark.models.MODELS` on
-``ShapesDataset(n_train, split="train", seed)`` (rendered once with ``make_batch``;
-every step applies a random dihedral transform per image -- a rotation by a multiple of
-90 degrees, optionally mirrored, which keeps every class), Adam with linear warm-up and
-cosine decay (the accuracy on 500 further training-split items is printed every 250 steps),
-then measures the accuracy on ``ShapesDataset(1000, split="test", seed)``, saves the float32
-state dicts to ``weights/<name>.pt`` and writes ``weights/README.md``.  Deterministic for a
-given seed and thread count.
+``ShapesDataset(n_train, split="train", seed)`` (one object per image, its class as label;
+the shipped weights) or, with ``--n-hard N``, on a mix of those (one-hot labels) and
+``ShapesDataset(N, split="train", seed, hard=True)`` (3-4 smaller objects of distinct
+classes: the label spreads evenly over the classes present, since nothing marks one of them
+as the target), rendered once with ``make_batch``; every step applies a random
+dihedral transform per image -- a rotation by a multiple of 90 degrees, optionally mirrored,
+which keeps every class -- Adam with linear warm-up and cosine decay (the accuracy on 500
+further single-object training items is printed every 250 steps).  Then it measures the
+accuracy on ``ShapesDataset(1000, split="test", seed)`` and, on the hard test images
+``ShapesDataset(1000, split="test", seed, hard=True)``, three accuracies (:func:`hard_accuracy`),
+saves the float32 state dicts to ``weights/<name>.pt`` and writes ``weights/README.md``.
+Deterministic for a given seed and thread count.
 """
 from __future__ import annotations
 
@@ -24,17 +29,58 @@ import torch.nn.functional as F
 
 from relprop.benchmark import ShapesDataset, normalise
 from relprop.benchmark import models
+from relprop.benchmark.shapes import CLASSES
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "relprop" / "benchmark" / "weights"
 
 
-def render(data: ShapesDataset, chunk: int = 500):
+def render(data: ShapesDataset, chunk: int = 500, present: bool = False):
+    """Normalised images and labels of ``data``: the target classes (N,), or with ``present``
+    the (N, classes) distribution spread evenly over the classes each image holds."""
     images, labels = [], []
     for s in range(0, len(data), chunk):
         b = data.make_batch(range(s, min(s + chunk, len(data))))
         images.append(normalise(b["images"]))
-        labels.append(b["labels"])
+        if present:
+            dist = torch.zeros(len(b["images"]), len(CLASSES))
+            for row, objects in zip(dist, b["object_labels"]):
+                row[objects] = 1.0 / len(objects)
+            labels.append(dist)
+        else:
+            labels.append(b["labels"])
     return torch.cat(images), torch.cat(labels)
+
+
+def training_data(n_train: int, n_hard: int, seed: int, size: int = models.INPUT_SIZE):
+    """The training mix: ``n_train`` single-object images (one-hot labels) and ``n_hard`` hard
+    images (labels spread over the classes present), as (images, (N, classes) labels), and
+    500 further single-object items (images, class indices) for monitoring."""
+    single_x, single_y = render(ShapesDataset(n_train + 500, size=size, seed=seed, split="train"))
+    (single_x, val_x), (single_y, val_y) = single_x.split([n_train, 500]), single_y.split([n_train, 500])
+    if not n_hard:   # class indices, as the shipped weights were trained (bit for bit)
+        return (single_x, single_y), (val_x, val_y)
+    hard_x, hard_y = render(ShapesDataset(n_hard, size=size, seed=seed, split="train", hard=True), present=True)
+    labels = torch.cat([F.one_hot(single_y, len(CLASSES)).float(), hard_y])
+    return (torch.cat([single_x, hard_x]), labels), (val_x, val_y)
+
+
+@torch.no_grad()
+def hard_accuracy(model, data: ShapesDataset, chunk: int = 250) -> dict:
+    """On hard images: ``target`` -- top-1 is the target's class (object 0; at most about 1/3,
+    since nothing marks which object is the target); ``present`` -- top-1 is one of the
+    image's objects; ``recall`` -- the share of the image's n classes among its top n."""
+    model.eval()
+    target = present = recall = 0.0
+    for s in range(0, len(data), chunk):
+        b = data.make_batch(range(s, min(s + chunk, len(data))))
+        logits = model(normalise(b["images"]))
+        top1 = logits.argmax(1)
+        target += (top1 == b["labels"]).sum().item()
+        for row, t, objects in zip(logits, top1, b["object_labels"]):
+            present += float(t.item() in objects.tolist())
+            top = set(row.topk(len(objects)).indices.tolist())
+            recall += len(top & set(objects.tolist())) / len(objects)
+    return {"target": target / len(data), "present": present / len(data), "recall": recall / len(data)}
 
 
 @torch.no_grad()
@@ -69,7 +115,7 @@ def train(model, images, labels, steps: int, batch: int, lr: float, seed: int, m
     for step in range(steps):
         idx = torch.randint(len(images), (batch,), generator=g)
         x = dihedral(images[idx], g)
-        loss = F.cross_entropy(model(x), labels[idx])
+        loss = F.cross_entropy(model(x), labels[idx])   # class indices or (batch, classes) distributions
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -86,8 +132,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(models.MODELS), choices=models.MODELS)
-    p.add_argument("--n-train", type=int, default=24000, help="training images")
-    p.add_argument("--n-test", type=int, default=1000, help="test images")
+    p.add_argument("--n-train", type=int, default=24000, help="single-object training images")
+    p.add_argument("--n-hard", type=int, default=0,
+                   help="hard training images (several objects) mixed in; 0 (the shipped weights): none")
+    p.add_argument("--n-test", type=int, default=1000, help="test images (and as many hard test images)")
     p.add_argument("--steps", type=int, default=1500, help="optimiser steps per model")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -99,12 +147,13 @@ def main(argv=None) -> int:
     torch.use_deterministic_algorithms(True)
 
     t0 = time.time()
-    # the training split's items n_train .. n_train + 500 are a validation set, printed during training
-    train_x, train_y = render(ShapesDataset(args.n_train + 500, size=models.INPUT_SIZE, seed=args.seed, split="train"))
-    (train_x, val_x), (train_y, val_y) = train_x.split(args.n_train), train_y.split(args.n_train)
+    # the single-object training split's items n_train .. n_train + 500 are a validation set, printed during training
+    (train_x, train_y), (val_x, val_y) = training_data(args.n_train, args.n_hard, args.seed)
     test_x, test_y = render(ShapesDataset(args.n_test, size=models.INPUT_SIZE, seed=args.seed, split="test"))
+    hard_test = ShapesDataset(args.n_test, size=models.INPUT_SIZE, seed=args.seed, split="test", hard=True)
     render_s = time.time() - t0
-    print(f"rendered {args.n_train} train + {args.n_test} test images in {render_s:.1f} s", flush=True)
+    print(f"rendered {args.n_train} + {args.n_hard} hard train + {args.n_test} test images in {render_s:.1f} s",
+          flush=True)
 
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -117,12 +166,14 @@ def main(argv=None) -> int:
                      monitor=(val_x, val_y))
         wall = time.time() - t
         acc = accuracy(model, test_x, test_y)
+        hard = hard_accuracy(model, hard_test)
         state = {k: v.float() if v.is_floating_point() else v for k, v in model.state_dict().items()}
         path = args.out / f"{name}.pt"
         torch.save(state, path)
         size_kb = path.stat().st_size / 1024
-        print(f"{name}: test accuracy {acc:.4f}, final loss {loss:.3f}, {wall:.1f} s, {size_kb:.0f} KiB", flush=True)
-        rows.append((name, acc, wall, size_kb, loss))
+        print(f"{name}: test accuracy {acc:.4f}, hard {hard}, final loss {loss:.3f}, {wall:.1f} s, "
+              f"{size_kb:.0f} KiB", flush=True)
+        rows.append((name, acc, hard, wall, size_kb))
 
     command = "python scripts/train_builtin.py " + " ".join(sys.argv[1:] if argv is None else argv)
     lines = [
@@ -132,16 +183,21 @@ def main(argv=None) -> int:
         "Inputs: 64 x 64 images normalised with `relprop.benchmark.normalise`.",
         "",
         f"- command: `{command.strip()}`",
-        f"- seed: {args.seed}; training images: {args.n_train} (`ShapesDataset(split=\"train\")`, single object, "
-        f"0-3 distractors); steps: {args.steps}; batch: {args.batch}; Adam lr {args.lr} (warm-up + cosine), "
-        f"random rotations by multiples of 90 degrees and mirroring",
-        f"- test set: `ShapesDataset({args.n_test}, seed={args.seed}, split=\"test\")`",
+        f"- seed: {args.seed}; training images: {args.n_train} single-object (`ShapesDataset(split=\"train\")`, "
+        f"0-3 distractors, one-hot labels) and {args.n_hard} hard (`ShapesDataset(split=\"train\", hard=True)`, "
+        f"3-4 objects, labels spread evenly over the classes present); steps: {args.steps}; batch: {args.batch}; "
+        f"Adam lr {args.lr} (warm-up + cosine), random rotations by multiples of 90 degrees and mirroring",
+        f"- test sets: `ShapesDataset({args.n_test}, seed={args.seed}, split=\"test\")` (test accuracy) and "
+        f"`ShapesDataset({args.n_test}, seed={args.seed}, split=\"test\", hard=True)`: hard target = top-1 is the "
+        f"target's class (object 0; nothing marks it, so about 1/3 at best), hard present = top-1 is one of the "
+        f"image's objects, hard recall = share of the image's n classes among its top n",
         f"- torch {torch.__version__}, {args.threads} CPU threads; rendering took {render_s:.1f} s",
         "",
-        "| model | test accuracy | training wall time (s) | file size (KiB) |",
-        "|---|---|---|---|",
+        "| model | test accuracy | hard target | hard present | hard recall | training wall time (s) | file size (KiB) |",
+        "|---|---|---|---|---|---|---|",
     ]
-    lines += [f"| {n} | {a:.4f} | {w:.1f} | {s:.0f} |" for n, a, w, s, _ in rows]
+    lines += [f"| {n} | {a:.4f} | {h['target']:.4f} | {h['present']:.4f} | {h['recall']:.4f} | {w:.1f} | {s:.0f} |"
+              for n, a, h, w, s in rows]
     if set(args.models) == set(models.MODELS):
         (args.out / "README.md").write_text("\n".join(lines) + "\n")
     else:
