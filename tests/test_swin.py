@@ -25,7 +25,8 @@ import relprop.graph as g
 torchvision = pytest.importorskip("torchvision")
 timm = pytest.importorskip("timm")
 from test_transformers import (METHODS, WITH_ATTENTION_RULE, _detached_layer_norm, _HalfMatmul,  # noqa: E402
-                               _half_attention, _randomise, _SecantGelu, gradient_x_input)
+                               _half_attention, _randomise, _SecantGelu, assert_epsilon_oracle, assert_method_runs,
+                               gradient_x_input)
 from timm.models.swin_transformer import SwinTransformer as TimmSwin  # noqa: E402
 from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformerBlockV2  # noqa: E402
 from torchvision.models.swin_transformer import SwinTransformer as TorchvisionSwin  # noqa: E402
@@ -156,15 +157,7 @@ def test_epsilon_lrp_is_gradient_x_input_with_detached_attention(name):
     """lrp-epsilon (epsilon and stabiliser 0) equals gradient x input of the library's own
     forward with the LayerNorm statistics and attention weights detached (relative L2 error
     < 1e-10); plain gradient x input does not."""
-    model = MODELS[name](dtype=D)
-    x = _input(2, 1)
-    a = relprop.Explainer(model, "lrp-epsilon", epsilon=0, stabilizer=0, first_layer="same").attribute(x)
-    expected, logits = gradient_x_input(model, x, a.target)
-    torch.testing.assert_close(a.logits, logits, rtol=1e-12, atol=1e-12)
-    error = (a.relevance - expected).norm() / expected.norm()
-    assert error < 1e-10, f"relative L2 error {error:.3g}"
-    plain, _ = gradient_x_input(model, x, a.target, detached=False)
-    assert (a.relevance - plain).norm() > 1e-3 * plain.norm()
+    assert_epsilon_oracle(MODELS[name](dtype=D), _input(2, 1), 1e-10)
 
 
 def _detached_normalize(x, p=2.0, dim=1, eps=1e-12, out=None):
@@ -207,14 +200,7 @@ def test_every_method_runs(name, method):
     unstabilised quotients of RAP, RAP-split, the RAP repository's LRP and SGLRP can divide by;
     in float32 their maps then overflow on the toy torchvision model (relprop warns and names
     float64, as for any overflow)."""
-    model = MODELS[name](dtype=D)
-    x = _input(2, 3)
-    a = relprop.Explainer(model, method).attribute(x)
-    with torch.no_grad():
-        torch.testing.assert_close(a.logits, model(x), rtol=1e-10, atol=1e-12)
-    assert a.relevance.shape == x.shape
-    assert torch.isfinite(a.relevance).all()
-    assert (a.relevance.flatten(1).abs().sum(1) > 0).all()
+    assert_method_runs(MODELS[name](dtype=D), method, _input(2, 3), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("method", WITH_ATTENTION_RULE)

@@ -131,34 +131,44 @@ def gradient_x_input(model, x, target, detached: bool = True):
     return (x * grad).detach(), out.detach()
 
 
+def assert_epsilon_oracle(model, x, tolerance: float):
+    """lrp-epsilon (epsilon and stabiliser 0, the epsilon rule at the input layer too) computes
+    the model's logits and equals :func:`gradient_x_input` within ``tolerance`` (relative L2),
+    and plain gradient x input does not (the oracle tells the conventions apart)."""
+    a = relprop.Explainer(model, "lrp-epsilon", epsilon=0, stabilizer=0, first_layer="same").attribute(x)
+    expected, logits = gradient_x_input(model, x, a.target)
+    torch.testing.assert_close(a.logits, logits, rtol=1e-12, atol=1e-12)
+    error = (a.relevance - expected).norm() / expected.norm()
+    assert error < tolerance, f"relative L2 error {error:.3g}"
+    plain, _ = gradient_x_input(model, x, a.target, detached=False)
+    assert (a.relevance - plain).norm() > 1e-3 * plain.norm()
+
+
+def assert_method_runs(model, method, x, rtol, atol):
+    """``method`` computes the model's logits and a finite, non-zero map per sample shaped like ``x``."""
+    a = relprop.Explainer(model, method).attribute(x)
+    with torch.no_grad():
+        torch.testing.assert_close(a.logits, model(x), rtol=rtol, atol=atol)
+    assert a.relevance.shape == x.shape
+    assert torch.isfinite(a.relevance).all()
+    assert (a.relevance.flatten(1).abs().sum(1) > 0).all()
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_epsilon_lrp_is_gradient_x_input_with_detached_attention(name):
     """lrp-epsilon (epsilon and stabiliser 0, the epsilon rule at the patch embedding too)
     equals the oracle to float64 precision (relative L2 error < 1e-8); plain gradient x input
     does not, so the oracle tells the conventions apart."""
-    model = MODELS[name](dtype=D)
-    x = torch.randn(3, 3, 32, 32, dtype=D, generator=torch.Generator().manual_seed(1))
-    a = relprop.Explainer(model, "lrp-epsilon", epsilon=0, stabilizer=0, first_layer="same").attribute(x)
-    expected, logits = gradient_x_input(model, x, a.target)
-    torch.testing.assert_close(a.logits, logits, rtol=1e-12, atol=1e-12)
-    error = (a.relevance - expected).norm() / expected.norm()
-    assert error < 1e-8, f"relative L2 error {error:.3g}"
-    plain, _ = gradient_x_input(model, x, a.target, detached=False)
-    assert (a.relevance - plain).norm() > 1e-3 * plain.norm()
+    assert_epsilon_oracle(MODELS[name](dtype=D), torch.randn(3, 3, 32, 32, dtype=D,
+                                                            generator=torch.Generator().manual_seed(1)), 1e-8)
 
 
 # ------------------------------------------------------------------ every method
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_runs(name, method):
-    model = MODELS[name]()
-    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    a = relprop.Explainer(model, method).attribute(x)
-    with torch.no_grad():
-        torch.testing.assert_close(a.logits, model(x), rtol=1e-5, atol=1e-6)
-    assert a.relevance.shape == x.shape
-    assert torch.isfinite(a.relevance).all()
-    assert (a.relevance.flatten(1).abs().sum(1) > 0).all()
+    assert_method_runs(MODELS[name](), method, torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2)),
+                       rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("method", WITH_ATTENTION_RULE)
@@ -543,14 +553,10 @@ def _masked(name: str, seed: int = 0) -> nn.Module:
 def test_masked_attention_epsilon_is_gradient_x_input(name):
     """Masks and additive biases of the attention logits are constants: the captured graph
     computes the model's logits, and lrp-epsilon (epsilon -> 0) equals the oracle (torch's own
-    masked attention weights, detached) to float64 precision."""
-    model = _masked(name)
+    masked attention weights, detached) to float64 precision, which plain gradient x input
+    does not."""
     x = torch.randn(2, 3, 16, 16, dtype=D, generator=torch.Generator().manual_seed(12))
-    a = relprop.Explainer(model, "lrp-epsilon", epsilon=0, stabilizer=0, first_layer="same").attribute(x)
-    expected, logits = gradient_x_input(model, x, a.target)
-    torch.testing.assert_close(a.logits, logits, rtol=1e-12, atol=1e-12)
-    error = (a.relevance - expected).norm() / expected.norm()
-    assert error < 1e-10, f"relative L2 error {error:.3g}"
+    assert_epsilon_oracle(_masked(name), x, 1e-10)
 
 
 @pytest.mark.parametrize("name", ["sdpa-float-mask", "sdpa-bool-mask", "sdpa-causal", "explicit-bias-and-mask",
