@@ -263,13 +263,15 @@ def maxpool_ties_shared(layer: Layer, r: torch.Tensor) -> list:
 ATTENTION_RULES = ("cp-lrp", "attnlrp")
 
 
-def attention_weights(layer: Layer) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_weights(layer: Layer, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(a, v)`` of an attention node: for ``scaled_dot_product_attention(q, k, v)`` the
-    weights ``a = softmax(logits)`` (:func:`sdpa_logits`) recomputed from ``q`` and ``k``, for
-    ``softmax(...) @ v`` the product's own operands."""
+    weights ``a = softmax(logits)`` (:func:`sdpa_logits`) recomputed from ``q`` and ``k`` (in
+    ``dtype`` if given), for ``softmax(...) @ v`` the product's own operands."""
     if layer.node.kind != g.ATTENTION:
         return layer.xs[0], layer.xs[1]
     q, k, v = layer.xs
+    if dtype is not None:
+        q, k = q.to(dtype), k.to(dtype)
     return sdpa_logits(layer, q, k)[1].softmax(-1), v
 
 
@@ -301,17 +303,52 @@ def constant_weights(method: str, linear: Rule | None) -> Rule:
     linear map of the values ``v`` (:class:`~relprop.ops.WeightsMap`), whose relevance the
     method's own Linear rule ``linear`` gives (for LRP-epsilon ``R_v = v * (a^T @ (R /
     stabilize(out)))``); nothing flows into ``q`` and ``k``.  Under the
-    epsilon rule (epsilon -> 0) this is gradient x input with the weights detached."""
+    epsilon rule (epsilon -> 0) this is gradient x input with the weights detached.
+
+    Weights below float32's smallest normal number (a Swin's shift mask adds -100 to the
+    logits: weights of about ``exp(-100)``) are :func:`subnormal_weights`' case."""
     def rule(layer: Layer, r: torch.Tensor) -> list:
         if linear is None:
             raise NotImplementedError(f"method {method!r} has no Linear rule for the values of "
                                       f"{layer.node.describe()}")
         a, v = attention_weights(layer)
-        z = (a @ v).transpose(-1, -2)
-        sub = Layer(layer.node, [v.transpose(-1, -2)], z, (), {}, lin=WeightsMap(a), z=z, ops=reference_ops)
-        rv = linear(sub, r.transpose(-1, -2))[0].transpose(-1, -2)
+        if a.dtype == torch.float32 and bool(((a > 0) & (a < torch.finfo(a.dtype).tiny)).any()):
+            rv = subnormal_weights(layer, linear, a, v, r)
+        else:
+            rv = _values_rule(layer, linear, a, v, r)
         return [None] * (len(layer.xs) - 1) + [rv]
     return rule
+
+
+def _values_rule(layer: Layer, linear: Rule, a: torch.Tensor, v: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """``linear`` on ``out = a @ v`` as a Linear over the token dim of ``v`` (transposed)."""
+    z = (a @ v).transpose(-1, -2)
+    sub = Layer(layer.node, [v.transpose(-1, -2)], z, (), {}, lin=WeightsMap(a), z=z, ops=reference_ops)
+    return linear(sub, r.transpose(-1, -2))[0].transpose(-1, -2)
+
+
+def subnormal_weights(layer: Layer, linear: Rule, a: torch.Tensor, v: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """The values' relevance where float32 attention weights are subnormal (``0 < a < 2^-126``;
+    README, Numerics).  A rule whose sign-split quotient ``R / sum_j a_ij v_j^+`` meets a sum of
+    such weights alone (RAP's, SGLRP's on a Swin: the only positive values sit in masked
+    windows) divides by ~1e-44 and overflows float32, and a subnormal weight carries only a few
+    bits.  So the rule runs in float64 here, on weights recomputed in float64 from ``q`` and
+    ``k`` for ``scaled_dot_product_attention`` (exact, as the float64 model's), or else on the
+    float32 weights, each known only to within half the smallest subnormal ``u = 2^-150``: the
+    map's sensitivity to that is estimated by the rule itself, once more in float64 with the
+    subnormal weights moved by ``+-u`` (alternating signs), and reported per row."""
+    fused = layer.node.kind == g.ATTENTION
+    a64 = attention_weights(layer, torch.float64)[0] if fused else a.double()
+    rv = _values_rule(layer, linear, a64, v.double(), r.double())
+    if not fused and layer.report is not None:
+        sub = (a > 0) & (a < torch.finfo(a.dtype).tiny)
+        i = torch.arange(a.shape[-2], device=a.device).view(-1, 1)
+        j = torch.arange(a.shape[-1], device=a.device)
+        sign = 1.0 - 2.0 * ((i + j) % 2).to(torch.float64)
+        moved = a64 + torch.where(sub, sign * 2.0 ** -150, 0.0)
+        err = (_values_rule(layer, linear, moved, v.double(), r.double()) - rv).flatten(1).norm(dim=1)
+        layer.report(err.to(v.dtype), rv.flatten(1).norm(dim=1).to(v.dtype))
+    return rv.to(v.dtype)
 
 
 def no_relevance(layer: Layer, r: torch.Tensor) -> list:
