@@ -85,6 +85,18 @@ def layernorm(divide: Divide = safe_divide) -> Rule:
     return rule
 
 
+def norm_identity(layer: Layer, r: torch.Tensor) -> list:
+    """AE's and RSP's LayerNorm, RMS norm, GlobalResponseNorm and constant offset ``x + c`` (a
+    ViT's position embedding): relevance passes unchanged where the input is non-zero, as
+    through their authors' BatchNorm (:func:`batchnorm_authors`), and their convolutions' bias
+    takes none.  Their relevance is not proportional to a layer's output (it starts from a
+    Grad-CAM map, and their hidden rules give inactive units a share), so the z-rule's
+    ``R * (1 - c / y)`` would amplify it without bound where the output ``y`` nears 0 beside
+    the offset ``c`` (README, Numerics: up to 0.29 off float64 on shapes-convnext, and as
+    unstable in float64 under a 1e-7 change of the input)."""
+    return [torch.where(layer.x != 0, r, torch.zeros((), dtype=r.dtype, device=r.device))]
+
+
 def rms_norm(divide: Divide = safe_divide) -> Rule:
     """An RMS norm (nn.RMSNorm, timm's RmsNorm / RmsNorm2d) by the LayerNorm convention: with the
     root mean square held fixed, ``y = a * x``, ``a = w / rms(x)``
@@ -411,12 +423,17 @@ def attention_layers(method: str, choice: str, linear: Rule | None, divide: Divi
 
 
 def shared_layers(pool: Rule, add: Rule, maxpool: Rule | None = None, bn: Rule = batchnorm_authors,
-                  norm: Divide = safe_divide) -> dict:
+                  norm: Divide | None = safe_divide) -> dict:
     """The rule table entries every method shares, with its own pooling and add rules and the
-    quotient ``norm`` its LayerNorm and offset rules divide with."""
-    return {g.OFFSET: offset(norm), g.RELU: passthrough, g.LEAKY_RELU: passthrough, g.ACTIVATION: passthrough,
-            g.GATE: signal_take_all, g.SCALE: scale, g.LAYERNORM: layernorm(norm), g.RMS_NORM: rms_norm(norm),
-            g.RESPONSE_NORM: response_norm(norm), g.PASS: passthrough, g.INDEX: index, g.SPLIT: passthrough,
+    quotient ``norm`` its normalisation and offset rules divide with (their z-rules), or with
+    ``norm=None`` the identity there (:func:`norm_identity`: AE and RSP)."""
+    identity = norm is None
+    return {g.OFFSET: norm_identity if identity else offset(norm), g.RELU: passthrough,
+            g.LEAKY_RELU: passthrough, g.ACTIVATION: passthrough, g.GATE: signal_take_all, g.SCALE: scale,
+            g.LAYERNORM: norm_identity if identity else layernorm(norm),
+            g.RMS_NORM: norm_identity if identity else rms_norm(norm),
+            g.RESPONSE_NORM: norm_identity if identity else response_norm(norm), g.PASS: passthrough,
+            g.INDEX: index, g.SPLIT: passthrough,
             g.PIECE: split_piece, g.PERMUTE: permute, g.ROLL: roll, g.PAD: pad, g.BN: bn, g.RESHAPE: reshape,
             g.CAT: cat, g.ADD: add, g.MAXPOOL: maxpool or pool, g.AVGPOOL: pool, g.ADAPTIVE_AVGPOOL: pool,
             g.UPSAMPLE: pool}

@@ -50,7 +50,7 @@ def conv(ratio: float):
 
 def table(ratio: float, add_rule: str = "proportional") -> RuleTable:
     pool = rules.proportional_pool(_relu_plus_tiny)
-    by_kind = rules.shared_layers(pool=pool, add=rules.add_rule("ae", add_rule, _relu_plus_tiny))
+    by_kind = rules.shared_layers(pool=pool, add=rules.add_rule("ae", add_rule, _relu_plus_tiny), norm=None)
     by_kind[g.CONV] = conv(ratio)
     return RuleTable(by_kind, first=rules.zbox("image", safe_divide), name="ae")
 

@@ -58,7 +58,7 @@ def _relu_plus_tiny(x):
 
 def table(add_rule: str = "proportional") -> RuleTable:
     by_kind = rules.shared_layers(pool=rules.proportional_pool(_plus_tiny),
-                                  add=rules.add_rule("rsp", add_rule, _relu_plus_tiny))
+                                  add=rules.add_rule("rsp", add_rule, _relu_plus_tiny), norm=None)
     by_kind[g.CONV] = conv
     return RuleTable(by_kind, first=rules.zbox("image", safe_divide), name="rsp")
 
