@@ -234,8 +234,9 @@ def _demo(args) -> int:
 
 MODEL_HELP = """\
 MODEL (--model), one of:
-  shapes-vgg, shapes-resnet   relprop's built-in classifiers of the synthetic shapes
-                              benchmark (trained weights included; 10 classes);
+  shapes-vgg, shapes-resnet,  relprop's built-in classifiers of the synthetic shapes
+  shapes-convnext, shapes-vit benchmark (trained weights included; 10 classes; two
+                              ReLU/BatchNorm CNNs, a ConvNeXt and a vision transformer);
                               preprocessing: 64x64, the benchmark's mean/std
   a torchvision architecture  resnet50, vgg16, densenet121...  --weights is a state dict
                               file (torch.save(model.state_dict(), PATH)) or a
@@ -368,7 +369,7 @@ examples:
 def _add_model_options(p) -> None:
     """--model, --weights, --num-classes, --method, --param and the preprocessing options."""
     p.add_argument("--model", required=True, metavar="MODEL",
-                   help="shapes-vgg, shapes-resnet, a torchvision architecture name (e.g. resnet50) or "
+                   help="a built-in model (shapes-vgg, shapes-resnet, shapes-convnext, shapes-vit), a torchvision architecture name (e.g. resnet50) or "
                         "package.module:function returning a torch.nn.Module (see MODEL above)")
     p.add_argument("--weights", metavar="PATH|NAME",
                    help="state dict file to load into the model (strict), or for a torchvision model a weights "

@@ -65,6 +65,7 @@ from typing import Callable, Iterator
 import torch
 
 from . import external, viz
+from .benchmark.models import MODELS as BUILTIN_MODELS     # shapes-vgg, -resnet, -convnext, -vit
 from .explainer import Explainer, available_methods, reported_maps_quiet, trusted_error
 from .metrics import bootstrap as B
 from .metrics import (cascading_randomization, max_abs_channels, outside_inside_ratio, pointing_game,
@@ -73,7 +74,6 @@ from .metrics import (cascading_randomization, max_abs_channels, outside_inside_
 
 DEFAULT_METHODS = ("lrp-epsilon", "lrp-alphabeta", "lrp-epsilon-plus-flat", "clrp", "sglrp", "rap", "rsp", "ae",
                    "gradient", "gradient-x-input")
-BUILTIN_MODELS = ("shapes-vgg", "shapes-resnet")
 BUILTIN_SPLITS = ("test", "hard")      # --split: the shapes test split, or its hard mode
 # TorchRay's pointing game reduces the channels of its gradient baselines by max |.|
 # (gradient_to_saliency); relprop's names for them:
@@ -427,8 +427,8 @@ def check_out(out: str) -> None:
 DESCRIPTION = """\
 Evaluate attribution methods on a localisation benchmark and write a report folder.
 
-Default (nothing to download or train): the built-in models shapes-vgg and shapes-resnet
-(trained weights ship with relprop) on the first N images of the procedural "shapes in
+Default (nothing to download or train): the built-in models shapes-vgg, shapes-resnet,
+shapes-convnext and shapes-vit (trained weights ship with relprop) on the first N images of the procedural "shapes in
 clutter" test split (64x64, exact object masks; --split hard: 3-4 smaller objects of
 distinct classes per image, one of them the target, more clutter).  With --voc or --coco: your own model
 (--model, --weights) on your annotated images, each resized to --size x --size.
@@ -450,7 +450,7 @@ Output (OUT, replaced as a whole when the run has finished):
 
 EXAMPLES = """\
 examples:
-  relprop evaluate --out relprop-report                 default methods, both built-in models
+  relprop evaluate --out relprop-report                 default methods, every built-in model
   relprop evaluate --model shapes-vgg --methods rap,gradient --images 50
   relprop evaluate --full                               2000 images
   relprop evaluate --split hard                         several objects per image, one the target
@@ -470,7 +470,7 @@ def add_arguments(p) -> None:
                         f"captum:<Attribution> (e.g. captum:IntegratedGradients) and zennit:<Composite> (e.g. "
                         f"zennit:EpsilonPlusFlat) when those packages are installed")
     p.add_argument("--model", default="all", metavar="MODEL",
-                   help="built-in data: shapes-vgg, shapes-resnet or all (default: all); with --voc/--coco: "
+                   help="built-in data: shapes-vgg, shapes-resnet, shapes-convnext, shapes-vit or all (default: all); with --voc/--coco: "
                         "a torchvision architecture name or package.module:function returning your model")
     p.add_argument("--weights", metavar="PATH", help="state dict of your model (with --voc/--coco)")
     p.add_argument("--num-classes", type=_positive, metavar="N", help="build your model with N classes")

@@ -1,20 +1,21 @@
 """Train the built-in "shapes in clutter" classifiers and ship their weights.
 
-    python scripts/train_builtin.py            # both models -> relprop/benchmark/weights/
+    python scripts/train_builtin.py            # every model -> relprop/benchmark/weights/
 
-Trains every model of :data:`relprop.benchmark.models.MODELS` on
-``ShapesDataset(n_train, split="train", seed)`` (one object per image, its class as label;
-the shipped weights) or, with ``--n-hard N``, on a mix of those (one-hot labels) and
+Trains each model of :data:`relprop.benchmark.models.MODELS` by its recipe
+(:data:`RECIPES`: steps, learning rate, optimiser, clipping, hard images) on
+``ShapesDataset(n_train, split="train", seed)`` (one object per image, its class as label)
+mixed, where the recipe says so (or ``--n-hard N``), with
 ``ShapesDataset(N, split="train", seed, hard=True)`` (3-4 smaller objects of distinct
 classes: the label spreads evenly over the classes present, since nothing marks one of them
 as the target), rendered once with ``make_batch``; every step applies a random
 dihedral transform per image -- a rotation by a multiple of 90 degrees, optionally mirrored,
-which keeps every class -- Adam with linear warm-up and cosine decay (the accuracy on 500
-further single-object training items is printed every 250 steps).  Then it measures the
-accuracy on ``ShapesDataset(1000, split="test", seed)`` and, on the hard test images
-``ShapesDataset(1000, split="test", seed, hard=True)``, three accuracies (:func:`hard_accuracy`),
-saves the float32 state dicts to ``weights/<name>.pt`` and writes ``weights/README.md``.
-Deterministic for a given seed and thread count.
+which keeps every class -- with linear warm-up and cosine decay of the learning rate (the
+accuracy on 500 further single-object training items is printed every 250 steps).  Then it
+measures the accuracy on ``ShapesDataset(1000, split="test", seed)`` and, on the hard test
+images ``ShapesDataset(1000, split="test", seed, hard=True)``, three accuracies
+(:func:`hard_accuracy`), saves the float32 state dicts to ``weights/<name>.pt`` and writes
+``weights/README.md``.  Deterministic for a given seed and thread count.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import argparse
 import math
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -104,10 +106,46 @@ def dihedral(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return out
 
 
-def train(model, images, labels, steps: int, batch: int, lr: float, seed: int, monitor=None) -> float:
+@dataclass(frozen=True)
+class Recipe:
+    """How one built-in model is trained: optimiser steps, peak learning rate, ``"adam"``
+    (L2 penalty ``weight_decay`` on every parameter) or ``"adamw"`` (decoupled weight decay on
+    the weight matrices and kernels only, not on biases, norms, the class token and the
+    position embedding), gradient-norm clipping (None: none) and hard training images."""
+    steps: int
+    lr: float
+    optimizer: str = "adam"
+    weight_decay: float = 1e-4
+    clip: float | None = None
+    n_hard: int = 0
+
+
+# The CNNs learn the single-object split in 1500 steps; the LayerNorm / attention models
+# (no BatchNorm outside the ViT's stem) need about seven times as many, with AdamW and clipping.
+RECIPES = {
+    "shapes-vgg": Recipe(1500, 3e-3),
+    "shapes-resnet": Recipe(1500, 3e-3),
+    "shapes-convnext": Recipe(10000, 2e-3, "adamw", 0.05, 1.0, n_hard=12000),
+    "shapes-vit": Recipe(10000, 1e-3, "adamw", 0.05, 1.0, n_hard=12000),
+}
+assert tuple(RECIPES) == models.MODELS
+
+
+def optimiser(model, recipe: Recipe) -> torch.optim.Optimizer:
+    if recipe.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    decay, rest = [], []
+    for name, p in model.named_parameters():
+        (rest if p.ndim <= 1 or name in ("cls", "pos") else decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
+                              {"params": rest, "weight_decay": 0.0}], lr=recipe.lr)
+
+
+def train(model, images, labels, recipe: Recipe, batch: int, seed: int, monitor=None) -> float:
     g = torch.Generator().manual_seed(seed)
     model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-4)
+    opt = optimiser(model, recipe)
+    steps = recipe.steps
     warm = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
@@ -118,6 +156,8 @@ def train(model, images, labels, steps: int, batch: int, lr: float, seed: int, m
         loss = F.cross_entropy(model(x), labels[idx])   # class indices or (batch, classes) distributions
         opt.zero_grad()
         loss.backward()
+        if recipe.clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.clip)
         opt.step()
         sched.step()
         if (step + 1) % 250 == 0:
@@ -133,37 +173,40 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(models.MODELS), choices=models.MODELS)
     p.add_argument("--n-train", type=int, default=24000, help="single-object training images")
-    p.add_argument("--n-hard", type=int, default=0,
-                   help="hard training images (several objects) mixed in; 0 (the shipped weights): none")
+    p.add_argument("--n-hard", type=int, default=None,
+                   help="hard training images (several objects) mixed in (default: the model's recipe, RECIPES)")
     p.add_argument("--n-test", type=int, default=1000, help="test images (and as many hard test images)")
-    p.add_argument("--steps", type=int, default=1500, help="optimiser steps per model")
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps per model (default: the model's recipe)")
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the model's recipe)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=WEIGHTS, help="output folder")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
+    overrides = {k: getattr(args, k) for k in ("steps", "lr", "n_hard") if getattr(args, k) is not None}
+    recipes = {name: replace(RECIPES[name], **overrides) for name in args.models}
 
     t0 = time.time()
     # the single-object training split's items n_train .. n_train + 500 are a validation set, printed during training
-    (train_x, train_y), (val_x, val_y) = training_data(args.n_train, args.n_hard, args.seed)
+    data = {n_hard: training_data(args.n_train, n_hard, args.seed) for n_hard in {r.n_hard for r in recipes.values()}}
     test_x, test_y = render(ShapesDataset(args.n_test, size=models.INPUT_SIZE, seed=args.seed, split="test"))
     hard_test = ShapesDataset(args.n_test, size=models.INPUT_SIZE, seed=args.seed, split="test", hard=True)
     render_s = time.time() - t0
-    print(f"rendered {args.n_train} + {args.n_hard} hard train + {args.n_test} test images in {render_s:.1f} s",
+    print(f"rendered {args.n_train} + {sorted(data)} hard train + {args.n_test} test images in {render_s:.1f} s",
           flush=True)
 
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.models:
+        recipe = recipes[name]
+        (train_x, train_y), (val_x, val_y) = data[recipe.n_hard]
         torch.manual_seed(args.seed)
         model = models.build(name)
-        print(f"{name}: training {args.steps} steps", flush=True)
+        print(f"{name}: training {recipe}", flush=True)
         t = time.time()
-        loss = train(model, train_x, train_y, args.steps, args.batch, args.lr, args.seed,
-                     monitor=(val_x, val_y))
+        loss = train(model, train_x, train_y, recipe, args.batch, args.seed, monitor=(val_x, val_y))
         wall = time.time() - t
         acc = accuracy(model, test_x, test_y)
         hard = hard_accuracy(model, hard_test)
@@ -173,7 +216,7 @@ def main(argv=None) -> int:
         size_kb = path.stat().st_size / 1024
         print(f"{name}: test accuracy {acc:.4f}, hard {hard}, final loss {loss:.3f}, {wall:.1f} s, "
               f"{size_kb:.0f} KiB", flush=True)
-        rows.append((name, acc, hard, wall, size_kb))
+        rows.append((name, recipe, acc, hard, wall, size_kb))
 
     command = "python scripts/train_builtin.py " + " ".join(sys.argv[1:] if argv is None else argv)
     lines = [
@@ -184,20 +227,21 @@ def main(argv=None) -> int:
         "",
         f"- command: `{command.strip()}`",
         f"- seed: {args.seed}; training images: {args.n_train} single-object (`ShapesDataset(split=\"train\")`, "
-        f"0-3 distractors, one-hot labels) and {args.n_hard} hard (`ShapesDataset(split=\"train\", hard=True)`, "
-        f"3-4 objects, labels spread evenly over the classes present); steps: {args.steps}; batch: {args.batch}; "
-        f"Adam lr {args.lr} (warm-up + cosine), random rotations by multiples of 90 degrees and mirroring",
+        f"0-3 distractors, one-hot labels) and the recipe's hard ones (`ShapesDataset(split=\"train\", hard=True)`, "
+        f"3-4 objects, labels spread evenly over the classes present); batch: {args.batch}; warm-up + cosine "
+        f"learning rate, random rotations by multiples of 90 degrees and mirroring; recipes: `RECIPES` in the script",
         f"- test sets: `ShapesDataset({args.n_test}, seed={args.seed}, split=\"test\")` (test accuracy) and "
         f"`ShapesDataset({args.n_test}, seed={args.seed}, split=\"test\", hard=True)`: hard target = top-1 is the "
         f"target's class (object 0; nothing marks it, so about 1/3 at best), hard present = top-1 is one of the "
         f"image's objects, hard recall = share of the image's n classes among its top n",
         f"- torch {torch.__version__}, {args.threads} CPU threads; rendering took {render_s:.1f} s",
         "",
-        "| model | test accuracy | hard target | hard present | hard recall | training wall time (s) | file size (KiB) |",
-        "|---|---|---|---|---|---|---|",
+        "| model | test accuracy | hard target | hard present | hard recall | hard training images | steps | "
+        "optimiser | training wall time (s) | file size (KiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    lines += [f"| {n} | {a:.4f} | {h['target']:.4f} | {h['present']:.4f} | {h['recall']:.4f} | {w:.1f} | {s:.0f} |"
-              for n, a, h, w, s in rows]
+    lines += [f"| {n} | {a:.4f} | {h['target']:.4f} | {h['present']:.4f} | {h['recall']:.4f} | {r.n_hard} | "
+              f"{r.steps} | {r.optimizer} lr {r.lr} | {w:.1f} | {s:.0f} |" for n, r, a, h, w, s in rows]
     if set(args.models) == set(models.MODELS):
         (args.out / "README.md").write_text("\n".join(lines) + "\n")
     else:

@@ -4,14 +4,25 @@
     >>> model = models.load("shapes-vgg")           # trained weights shipped with the package
     >>> logits = model(normalise(batch["images"]))  # inputs: normalised with shapes.normalise
 
-Both architectures use only layers relprop supports (Conv2d, BatchNorm2d, ReLU,
-MaxPool2d, AdaptiveAvgPool2d, Flatten, Linear, Dropout and residual additions):
+Two ReLU/BatchNorm CNNs (Conv2d, BatchNorm2d, ReLU, MaxPool2d, AdaptiveAvgPool2d,
+Flatten, Linear, Dropout and residual additions) and two of the architectures of
+2020s image models (LayerNorm, GELU, layer scale, attention):
 
 * ``"shapes-vgg"``: VGG-style, widths 16-16-M-32-32-M-64-64-M, global average pool,
   classifier Linear(64, 64)-ReLU-Dropout-Linear(64, 10);
 * ``"shapes-resnet"``: ResNet-style, stem conv-BN-ReLU (16) and 2x2 max pool, three
   stages of one BasicBlock each (16, 32 /2, 64 /2; 1x1 conv + BN downsample shortcuts),
-  global average pool, Linear(64, 10).
+  global average pool, Linear(64, 10);
+* ``"shapes-convnext"``: ConvNeXt-style (Liu et al. 2022): 4x4 patchify stem + channel
+  LayerNorm, three stages of two blocks (widths 32, 64 /2, 128 /2; LayerNorm + 2x2
+  stride-2 conv between stages), each block a depthwise 7x7 conv, channel LayerNorm,
+  1x1 conv to 4x width, GELU, 1x1 conv back, layer scale, residual add; global average
+  pool, LayerNorm, Linear(128, 10);
+* ``"shapes-vit"``: a vision transformer with a convolutional stem (the "hybrid" ViT of
+  Dosovitskiy et al. 2021; Xiao et al. 2021): two stride-2 conv-BN-ReLU (32, 64), a 2x2
+  patch embedding to 64 tokens of width 96, class token and learnt position embedding,
+  four pre-norm blocks (4-head self-attention written out as ``softmax(q k^T / sqrt(d)) v``,
+  GELU MLP of width 192), final LayerNorm, Linear(96, 10) on the class token.
 
 The weights were trained by ``scripts/train_builtin.py`` (see ``weights/README.md``).
 """
@@ -24,7 +35,7 @@ from torch import nn
 
 from .shapes import CLASSES
 
-MODELS = ("shapes-vgg", "shapes-resnet")
+MODELS = ("shapes-vgg", "shapes-resnet", "shapes-convnext", "shapes-vit")
 INPUT_SIZE = 64
 
 
@@ -92,7 +103,108 @@ class ShapesResNet(nn.Module):
         return self.fc(self.flatten(self.pool(self.layers(self.stem(x)))))
 
 
-_BUILDERS = {"shapes-vgg": small_vgg, "shapes-resnet": ShapesResNet}
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of a (B, C, H, W) tensor (channels-last ``nn.LayerNorm``
+    between two permutes, as in torchvision's ConvNeXt)."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class ConvNeXtBlock(nn.Module):
+    """``x + gamma * pw2(GELU(pw1(LN(dw7x7(x)))))``, ``gamma`` a per-channel layer scale."""
+
+    def __init__(self, dim: int, layer_scale: float = 0.1):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = LayerNorm2d(dim)
+        self.pwconv1 = nn.Conv2d(dim, 4 * dim, 1)
+        self.act = nn.GELU()
+        self.pwconv2 = nn.Conv2d(4 * dim, dim, 1)
+        self.gamma = nn.Parameter(torch.full((dim, 1, 1), layer_scale))
+
+    def forward(self, x):
+        return x + self.gamma * self.pwconv2(self.act(self.pwconv1(self.norm(self.dwconv(x)))))
+
+
+class ShapesConvNeXt(nn.Module):
+    """Patchify stem, stages of :class:`ConvNeXtBlock` (LayerNorm + 2x2 stride-2 conv between
+    them), global average pool, LayerNorm, Linear."""
+
+    def __init__(self, classes: int = len(CLASSES), dims=(32, 64, 128), depths=(2, 2, 2), patch: int = 4):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, dims[0], patch, stride=patch), LayerNorm2d(dims[0]))
+        stages = []
+        for i, (d, n) in enumerate(zip(dims, depths)):
+            down = [] if i == 0 else [LayerNorm2d(dims[i - 1]), nn.Conv2d(dims[i - 1], d, 2, stride=2)]
+            stages.append(nn.Sequential(*down, *[ConvNeXtBlock(d) for _ in range(n)]))
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.norm = nn.LayerNorm(dims[-1])
+        self.fc = nn.Linear(dims[-1], classes)
+
+    def forward(self, x):
+        return self.fc(self.norm(self.flatten(self.pool(self.stages(self.stem(x))))))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention, ``softmax(q k^T / sqrt(d)) v`` written out (timm's unfused form)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads, self.scale = heads, (dim // heads) ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm: ``x + attn(LN(x))``, then ``x + fc2(GELU(fc1(LN(x))))``."""
+
+    def __init__(self, dim: int, heads: int, mlp: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, mlp)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(mlp, dim)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.fc2(self.act(self.fc1(self.norm2(x))))
+
+
+class ShapesViT(nn.Module):
+    """Conv stem, 2x2 patch embedding (64 tokens at 64 x 64), class token, position
+    embedding, :class:`TransformerBlock` s, LayerNorm, Linear on the class token."""
+
+    def __init__(self, classes: int = len(CLASSES), dim: int = 96, depth: int = 4, heads: int = 4, mlp: int = 192):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                                  nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.BatchNorm2d(64), nn.ReLU())
+        self.patch = nn.Conv2d(64, dim, 2, stride=2)
+        tokens = (INPUT_SIZE // 8) ** 2
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, tokens + 1, dim) * 0.02)
+        self.blocks = nn.Sequential(*[TransformerBlock(dim, heads, mlp) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.patch(self.stem(x)).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        return self.head(self.norm(self.blocks(x))[:, 0])
+
+
+_BUILDERS = {"shapes-vgg": small_vgg, "shapes-resnet": ShapesResNet, "shapes-convnext": ShapesConvNeXt,
+             "shapes-vit": ShapesViT}
 assert tuple(_BUILDERS) == MODELS
 
 
