@@ -86,11 +86,12 @@ def layernorm(divide: Divide = safe_divide) -> Rule:
 
 
 def norm_identity(layer: Layer, r: torch.Tensor) -> list:
-    """AE's and RSP's LayerNorm, RMS norm, GlobalResponseNorm and constant offset ``x + c`` (a
-    ViT's position embedding): relevance passes unchanged where the input is non-zero, as
-    through their authors' BatchNorm (:func:`batchnorm_authors`), and their convolutions' bias
-    takes none.  Their relevance is not proportional to a layer's output (it starts from a
-    Grad-CAM map, and their hidden rules give inactive units a share), so the z-rule's
+    """AE's, RSP's and RAP's LayerNorm, RMS norm, GlobalResponseNorm and constant offset
+    ``x + c`` (a ViT's position embedding): relevance passes unchanged where the input is
+    non-zero, as through their authors' BatchNorm (:func:`batchnorm_authors`), and their
+    convolutions' bias takes none.  Their relevance is not proportional to a layer's output
+    (AE's and RSP's start from a Grad-CAM map and their hidden rules give inactive units a
+    share; RAP's uniform shift adds a constant to every non-zero entry), so the z-rule's
     ``R * (1 - c / y)`` would amplify it without bound where the output ``y`` nears 0 beside
     the offset ``c`` (README, Numerics: up to 0.29 off float64 on shapes-convnext, and as
     unstable in float64 under a 1e-7 change of the input)."""
@@ -426,7 +427,7 @@ def shared_layers(pool: Rule, add: Rule, maxpool: Rule | None = None, bn: Rule =
                   norm: Divide | None = safe_divide) -> dict:
     """The rule table entries every method shares, with its own pooling and add rules and the
     quotient ``norm`` its normalisation and offset rules divide with (their z-rules), or with
-    ``norm=None`` the identity there (:func:`norm_identity`: AE and RSP)."""
+    ``norm=None`` the identity there (:func:`norm_identity`: AE, RSP and RAP)."""
     identity = norm is None
     return {g.OFFSET: norm_identity if identity else offset(norm), g.RELU: passthrough,
             g.LEAKY_RELU: passthrough, g.ACTIVATION: passthrough, g.GATE: signal_take_all, g.SCALE: scale,

@@ -66,10 +66,22 @@ def _pos_prop(layer: Layer, x: torch.Tensor, r: torch.Tensor, conv_routing: bool
     return ops.split_backward(lin, x, s1, s2, "pa", shift_to=r.flatten(1).sum(1))
 
 
+# Signed inputs (GELU outputs, LayerNorm outputs) of magnitude up to this count as zero: the
+# uniform shift goes to the non-zero entries, and a float32 GELU rounds its outputs below
+# ~1.6e-7 to exactly 0 (``1 + erf(x / sqrt 2)`` cancels for x < -5.3) where float64 keeps them,
+# so without it the count, and every shifted entry, depended on the precision (rap-split on
+# shapes-convnext: float32 1e-2 off float64, now 1.5e-4).  ReLU outputs (the authors' nets)
+# keep their exact zeros and are not touched.
+SIGNED_ZERO = 2.0 ** -21
+
+
 def hidden(layer: Layer, r: torch.Tensor) -> list:
-    """Hidden Linear/Conv rule of RAP (§2.4, §2.5)."""
+    """Hidden Linear/Conv rule of RAP (§2.4, §2.5).  Generalised to signed inputs: entries with
+    ``|x| <= SIGNED_ZERO`` count as zero."""
     conv = layer.lin.is_conv   # a Conv2d, or a Linear over channels-last positions (a 1x1 conv)
     x = layer.x
+    if not layer.x_nonneg:
+        x = torch.where(x.abs() <= SIGNED_ZERO, torch.zeros((), dtype=x.dtype, device=x.device), x)
     out = _pos_prop(layer, x.clamp(min=0), r, conv)
     if not layer.x_nonneg:
         out = out + _pos_prop(layer, (-x).clamp(min=0), r, conv)
@@ -78,7 +90,9 @@ def hidden(layer: Layer, r: torch.Tensor) -> list:
 
 def table(with_head: bool, add_rule: str = "proportional", method: str = "rap",
           attention_rule: str = "cp-lrp") -> RuleTable:
-    by_kind = rules.shared_layers(pool=rules.proportional_pool(), add=rules.add_rule(method, add_rule))
+    # normalisations and offsets: the identity, as RAP's (the authors') BatchNorm; its uniform
+    # shift makes relevance not proportional to a layer's output (rules.norm_identity)
+    by_kind = rules.shared_layers(pool=rules.proportional_pool(), add=rules.add_rule(method, add_rule), norm=None)
     by_kind.update({g.CONV: hidden, g.LINEAR: hidden})
     by_kind.update(rules.attention_layers(method, attention_rule, hidden))
     return RuleTable(by_kind, first=rules.zbox("image", safe_divide),
