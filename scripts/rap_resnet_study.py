@@ -96,14 +96,15 @@ def train_bottleneck(threads: int) -> None:
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
     t0 = time.time()
-    n_train, steps, batch, lr, seed = 24000, 1500, 64, 3e-3, 0     # train_builtin.py's defaults
+    recipe = tb.RECIPES["shapes-resnet"]                           # 1500 steps, Adam lr 3e-3, single objects
+    n_train, batch, seed = 24000, 64, 0                              # train_builtin.py's defaults
     train_x, train_y = tb.render(ShapesDataset(n_train + 500, size=models.INPUT_SIZE, seed=seed, split="train"))
     (train_x, val_x), (train_y, val_y) = train_x.split(n_train), train_y.split(n_train)
     test_x, test_y = tb.render(ShapesDataset(1000, size=models.INPUT_SIZE, seed=seed, split="test"))
     print(f"rendered in {time.time() - t0:.0f} s", flush=True)
     torch.manual_seed(seed)
     model = ShapesBottleneckResNet()
-    tb.train(model, train_x, train_y, steps, batch, lr, seed, monitor=(val_x, val_y))
+    tb.train(model, train_x, train_y, recipe, batch, seed, monitor=(val_x, val_y))
     acc = tb.accuracy(model, test_x, test_y)
     BOTTLENECK.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state": model.state_dict(), "test_accuracy": acc}, BOTTLENECK)
