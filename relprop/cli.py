@@ -369,8 +369,9 @@ examples:
 def _add_model_options(p) -> None:
     """--model, --weights, --num-classes, --method, --param and the preprocessing options."""
     p.add_argument("--model", required=True, metavar="MODEL",
-                   help="a built-in model (shapes-vgg, shapes-resnet, shapes-convnext, shapes-vit), a torchvision architecture name (e.g. resnet50) or "
-                        "package.module:function returning a torch.nn.Module (see MODEL above)")
+                   help="a built-in model (shapes-vgg, shapes-resnet, shapes-convnext, shapes-vit), a "
+                        "torchvision architecture name (e.g. resnet50) or package.module:function returning a "
+                        "torch.nn.Module (see MODEL above)")
     p.add_argument("--weights", metavar="PATH|NAME",
                    help="state dict file to load into the model (strict), or for a torchvision model a weights "
                         "name such as IMAGENET1K_V1 or DEFAULT, read from the torch hub cache (without it a "

@@ -428,10 +428,11 @@ DESCRIPTION = """\
 Evaluate attribution methods on a localisation benchmark and write a report folder.
 
 Default (nothing to download or train): the built-in models shapes-vgg, shapes-resnet,
-shapes-convnext and shapes-vit (trained weights ship with relprop) on the first N images of the procedural "shapes in
-clutter" test split (64x64, exact object masks; --split hard: 3-4 smaller objects of
-distinct classes per image, one of them the target, more clutter).  With --voc or --coco: your own model
-(--model, --weights) on your annotated images, each resized to --size x --size.
+shapes-convnext and shapes-vit (trained weights ship with relprop) on the first N images
+of the procedural "shapes in clutter" test split (64x64, exact object masks; --split hard:
+3-4 smaller objects of distinct classes per image, one of them the target, more clutter).
+With --voc or --coco: your own model (--model, --weights) on your annotated images, each
+resized to --size x --size.
 
 Every method explains the ground-truth class of each (image, class) item; other
 libraries' methods (captum:<Attribution>, zennit:<Composite>) are scored by the same code.  Metrics, per
@@ -470,8 +471,9 @@ def add_arguments(p) -> None:
                         f"captum:<Attribution> (e.g. captum:IntegratedGradients) and zennit:<Composite> (e.g. "
                         f"zennit:EpsilonPlusFlat) when those packages are installed")
     p.add_argument("--model", default="all", metavar="MODEL",
-                   help="built-in data: shapes-vgg, shapes-resnet, shapes-convnext, shapes-vit or all (default: all); with --voc/--coco: "
-                        "a torchvision architecture name or package.module:function returning your model")
+                   help="built-in data: shapes-vgg, shapes-resnet, shapes-convnext, shapes-vit or all (default: "
+                        "all); with --voc/--coco: a torchvision architecture name or package.module:function "
+                        "returning your model")
     p.add_argument("--weights", metavar="PATH", help="state dict of your model (with --voc/--coco)")
     p.add_argument("--num-classes", type=_positive, metavar="N", help="build your model with N classes")
     p.add_argument("--images", type=_positive, metavar="N",

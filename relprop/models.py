@@ -2,9 +2,9 @@
 
 :func:`load_model` resolves a spec to ``(model in eval mode, default preprocessing)``:
 
-* ``shapes-vgg`` / ``shapes-resnet`` / ``shapes-convnext`` / ``shapes-vit``: relprop's built-in classifiers of the "shapes in
-  clutter" benchmark (:mod:`relprop.benchmark.models`, trained weights shipped with the
-  package); preprocessing 64 x 64 with the benchmark's mean/std
+* ``shapes-vgg`` / ``shapes-resnet`` / ``shapes-convnext`` / ``shapes-vit``: relprop's
+  built-in classifiers of the "shapes in clutter" benchmark (:mod:`relprop.benchmark.models`,
+  trained weights shipped with the package); preprocessing 64 x 64 with the benchmark's mean/std
   (:func:`relprop.benchmark.normalise`);
 * a torchvision architecture name (``resnet50``, ``vgg16``...): ``weights`` is a state
   dict file or a torchvision weights name (``IMAGENET1K_V1``, ``DEFAULT``,
@@ -28,8 +28,9 @@ import torch.nn as nn
 
 from .images import IMAGENET, Preprocessing
 
-MODEL_SPEC_HELP = ("a model is a built-in one (shapes-vgg, shapes-resnet, shapes-convnext, shapes-vit), a torchvision architecture name "
-                   "(e.g. resnet50, vgg16; --weights a state dict file or a torchvision weights name such as "
+MODEL_SPEC_HELP = ("a model is a built-in one (shapes-vgg, shapes-resnet, shapes-convnext, shapes-vit), a "
+                   "torchvision architecture name (e.g. resnet50, vgg16; --weights a state dict file or a "
+                   "torchvision weights name such as "
                    "IMAGENET1K_V1 or DEFAULT) or 'package.module:function', a function importable from the "
                    "Python path that returns a torch.nn.Module")
 _WEIGHTS_NAME = re.compile(r"([A-Za-z0-9]+_Weights\.)?[A-Z][A-Z0-9_]*")

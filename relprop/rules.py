@@ -325,12 +325,18 @@ def constant_weights(method: str, linear: Rule | None) -> Rule:
             raise NotImplementedError(f"method {method!r} has no Linear rule for the values of "
                                       f"{layer.node.describe()}")
         a, v = attention_weights(layer)
-        if a.dtype == torch.float32 and bool(((a > 0) & (a < torch.finfo(a.dtype).tiny)).any()):
+        # one host sync per attention layer of a float32 model (the branch needs the answer)
+        if a.dtype == torch.float32 and bool(_subnormal(a).any()):
             rv = subnormal_weights(layer, linear, a, v, r)
         else:
             rv = _values_rule(layer, linear, a, v, r)
         return [None] * (len(layer.xs) - 1) + [rv]
     return rule
+
+
+def _subnormal(a: torch.Tensor) -> torch.Tensor:
+    """Where the weights ``a`` are below their dtype's smallest normal number (and not zero)."""
+    return (a > 0) & (a < torch.finfo(a.dtype).tiny)
 
 
 def _values_rule(layer: Layer, linear: Rule, a: torch.Tensor, v: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -354,7 +360,7 @@ def subnormal_weights(layer: Layer, linear: Rule, a: torch.Tensor, v: torch.Tens
     a64 = attention_weights(layer, torch.float64)[0] if fused else a.double()
     rv = _values_rule(layer, linear, a64, v.double(), r.double())
     if not fused and layer.report is not None:
-        sub = (a > 0) & (a < torch.finfo(a.dtype).tiny)
+        sub = _subnormal(a)
         i = torch.arange(a.shape[-2], device=a.device).view(-1, 1)
         j = torch.arange(a.shape[-1], device=a.device)
         sign = 1.0 - 2.0 * ((i + j) % 2).to(torch.float64)

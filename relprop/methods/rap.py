@@ -80,12 +80,10 @@ def hidden(layer: Layer, r: torch.Tensor) -> list:
     ``|x| <= SIGNED_ZERO`` count as zero."""
     conv = layer.lin.is_conv   # a Conv2d, or a Linear over channels-last positions (a 1x1 conv)
     x = layer.x
-    if not layer.x_nonneg:
-        x = torch.where(x.abs() <= SIGNED_ZERO, torch.zeros((), dtype=x.dtype, device=x.device), x)
-    out = _pos_prop(layer, x.clamp(min=0), r, conv)
-    if not layer.x_nonneg:
-        out = out + _pos_prop(layer, (-x).clamp(min=0), r, conv)
-    return [out]
+    if layer.x_nonneg:
+        return [_pos_prop(layer, x.clamp(min=0), r, conv)]
+    x = torch.where(x.abs() <= SIGNED_ZERO, torch.zeros((), dtype=x.dtype, device=x.device), x)
+    return [_pos_prop(layer, x.clamp(min=0), r, conv) + _pos_prop(layer, (-x).clamp(min=0), r, conv)]
 
 
 def table(with_head: bool, add_rule: str = "proportional", method: str = "rap",
