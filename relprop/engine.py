@@ -30,6 +30,10 @@ class Layer:
     lin: LinearMap | None = None
     z: torch.Tensor | None = None      # pre-activation incl. a folded BatchNorm (conv/linear)
     x_nonneg: bool = False             # the first input is provably >= 0 (comes from a ReLU)
+    # the first input's pre-activation where that input is the output of an activation whose
+    # sign is its input's (ReLU, leaky ReLU, GELU, SiLU, ...; else None): for rules
+    # discontinuous at inputs of 0, which report inputs within rounding of it
+    pre_activation: Callable[[], torch.Tensor] | None = None
     ops: Any = reference_ops           # the backend's fused primitives (relprop.ops.dispatch)
     unit: float = 0.0                  # relative error of the forward values (Context.unit)
     # adds an error to the map's estimate: absolute error and the norm it is relative to, per
@@ -379,22 +383,28 @@ class Context:
 
         def value(i: int) -> Any:
             if i not in read:
-                batch = rows is not None and (i in node.parents or i == node.index or i == bn_index)
+                batch = rows is not None and (i in node.parents or i in (node.index, bn_index, pre_index))
                 read[i] = self.values.get(i, rows if batch else None)
             return read[i]
 
         bn = self._folded_bn(node) if fold_bn and node.kind == g.CONV else None
         bn_index = bn.index if bn is not None else -1
+        source = self.graph.nodes[node.parents[0]] if node.parents else None
+        pre_index = (source.parents[0] if source is not None and source.parents
+                     and source.kind in (g.RELU, g.LEAKY_RELU, g.ACTIVATION) else -1)
         table = _Reader(value)
         lay = Layer(node, [value(p) for p in node.parents], value(node.index), g.substitute(node.args, table),
                     g.substitute(node.kwargs, table),
                     x_nonneg=bool(node.parents) and self.graph.nodes[node.parents[0]].nonneg, ops=self.ops,
-                    unit=self.unit, report=lambda err, ref: self.add_relative_error(err, ref, rows))
+                    unit=self.unit, report=lambda err, ref: self.add_relative_error(err, ref, rows),
+                    pre_activation=(lambda: value(pre_index)) if pre_index >= 0 else None)
         if node.kind in (g.CONV, g.LINEAR):
             lay.lin = lin or self.linear_map(node, fold_bn)
             lay.z = value(bn.index if bn is not None else node.index)
             if self.per_position(node):   # the 1x1 conv's view: channels first
                 lay.xs, lay.y, lay.z = [channels_first(lay.x)], channels_first(lay.y), channels_first(lay.z)
+                if pre_index >= 0:
+                    lay.pre_activation = lambda: channels_first(value(pre_index))
         return lay
 
     def apply(self, table: RuleTable, node: g.Node, head: g.Node | None, r: torch.Tensor) -> list:

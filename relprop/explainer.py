@@ -190,10 +190,13 @@ def _warn_if_untrustworthy(error: torch.Tensor, forward_dtype: torch.dtype, meth
         worst = error.max().item()
         warnings.warn(f"method {method!r}: the map(s) of sample(s) {bad.nonzero()[:, 0].tolist()} of this "
                       f"{str(forward_dtype).removeprefix('torch.')} model may be off by up to ~{worst:.0e} (relative "
-                      "L2): an ill-conditioned step (a residual add whose branches nearly cancel, or a contrastive "
-                      "difference of nearly equal maps) amplifies rounding errors of the forward pass; the float64 "
-                      "model (model.double()) gives this rule's exact map; RSP and AE split residual adds by one-signed "
-                      "inputs and are not affected", RuntimeWarning, stacklevel=4)
+                      "L2): an ill-conditioned step (a residual add whose branches nearly cancel, a contrastive "
+                      "difference of nearly equal maps, an epsilon-rule division by a value near epsilon, a max-pool "
+                      "window with two near-equal largest entries, an input within rounding of 0 where the rule "
+                      "treats 0 apart, or subnormal attention weights) amplifies rounding errors of the forward "
+                      "pass; the float64 model (model.double()) reduces them, but at a near-tie, a value near 0 or "
+                      "a division near epsilon the map itself is unstable in any precision (README, Numerics)",
+                      RuntimeWarning, stacklevel=4)
 
 
 def _seed(initial_relevance, weights: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 
 from . import graph as g
 from .engine import Layer, Rule
-from .ops import WeightsMap, maxpool_ties_split, safe_divide, stabilize, vjp
+from .ops import WeightsMap, maxpool_near_ties, maxpool_ties_split, safe_divide, stabilize, vjp
 from .ops import reference as reference_ops
 
 Divide = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -259,17 +259,96 @@ def winner_take_all(layer: Layer, r: torch.Tensor) -> list:
     return [vjp(layer.recompute, layer.x, r)]
 
 
-def maxpool_ties_shared(layer: Layer, r: torch.Tensor) -> list:
-    """Gu's max-pool rule: a window's relevance is split equally among its maximal entries."""
+# An input of a rule that is discontinuous at inputs of 0 (the uniform shift's count of
+# non-zero entries; AE's active/inactive masks) within this many rounding units of 0 -- units
+# of the largest magnitude in its channel of the sample -- may be 0 in one precision and not in
+# another.  One unit: on the built-in ResNet this caught every map that such a crossing took
+# more than 1e-3 off float64, and four units reported three times as many maps, almost all
+# within 1e-4 of float64.
+NEAR_ZERO_UNITS = 1.0
+
+
+def near_zero(layer: Layer) -> torch.Tensor | None:
+    """The entries of the layer's first input within rounding of 0 (:data:`NEAR_ZERO_UNITS`),
+    as a count per entry: read off the pre-activation where the input is an activation's
+    output whose sign is its input's (ReLU, GELU, SiLU, ...: both sides of 0 are seen there,
+    where a ReLU maps the negative side to exact zeros and a GELU's far negative tail is near 0
+    without being near a crossing); off the input itself where it is signed; and where it is
+    non-negative of another origin (a max pool of ReLU outputs) off its positive side, each
+    counted twice for the unseen other side.  None where nothing is reported (no report, or
+    exact arithmetic).  A channel that is 0 throughout has no scale and no entry near 0."""
+    if layer.report is None or layer.unit == 0:
+        return None
+    z = layer.pre_activation() if layer.pre_activation is not None else layer.x
+    one_side = layer.pre_activation is None and layer.x_nonneg
+    mag = z.abs()
+    scale = mag.amax(dim=tuple(range(2, z.ndim)), keepdim=True) if z.ndim > 2 else mag.amax(1, keepdim=True)
+    near = (mag <= NEAR_ZERO_UNITS * layer.unit * scale) & (scale > 0)
+    if one_side:
+        near &= z > 0
+    return near.to(z.dtype) * (2.0 if one_side else 1.0)
+
+
+def report_zero_crossings(layer: Layer, out: torch.Tensor, near: torch.Tensor | None,
+                          excess: torch.Tensor | None = None, masks_err: torch.Tensor | None = None) -> None:
+    """Report to the map's estimate what inputs within rounding of 0 (``near``, from
+    :func:`near_zero`) may change in a rule's result ``out``.  ``excess`` (B,): the magnitude
+    (or a bound of it) of what a uniform shift over the non-zero entries takes from their sum
+    (RAP, RSP, AE), so each such entry gains or loses the shift ``excess / #nonzero(out)``
+    (the count changing by one moves every other entry by a share of that); ``masks_err``
+    (B,) adds what else changes there (AE's ``|A - B|``)."""
+    if near is None:
+        return
+    flat = out.flatten(1)
+    norm = flat.norm(dim=1)
+    err = torch.zeros_like(norm) if masks_err is None else masks_err.to(norm.dtype)
+    if excess is not None:
+        shift = safe_divide(excess.reshape(-1).to(norm.dtype).abs(), (flat != 0).sum(1).to(norm.dtype))
+        err = err.square().add_(near.flatten(1).sum(1).to(norm.dtype) * shift.square()).sqrt_()
+    layer.report(err, norm)
+
+
+def maxpool_params(layer: Layer) -> tuple:
+    """``(kernel_size, stride, padding, dilation, ceil_mode)`` of a max-pool node (module or
+    functional call)."""
     m = layer.node.module
     if m is not None:
-        p = (m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
-    else:
-        names = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
-        given = dict(zip(names, layer.args[1:]), **layer.kwargs)
-        defaults = {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False}
-        p = tuple(given.get(k, defaults.get(k)) for k in names)
-    return [maxpool_ties_split(layer.x, r, *p)]
+        return (m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
+    names = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
+    given = dict(zip(names, layer.args[1:]), **layer.kwargs)
+    defaults = {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False}
+    return tuple(given.get(k, defaults.get(k)) for k in names)
+
+
+def maxpool_ties_shared(layer: Layer, r: torch.Tensor) -> list:
+    """Gu's max-pool rule: a window's relevance is split equally among its maximal entries."""
+    return [maxpool_ties_split(layer.x, r, *maxpool_params(layer))]
+
+
+# A max-pool window whose two largest entries lie within this many rounding units of the
+# forward's values (relative to the largest) may pick another winner in another precision:
+# each entry carries about one unit (engine.FORWARD_ERROR), so their difference two; four
+# leaves a margin.  (shapes-vgg's CLRP map 3.5e-3 off float64 was such a window: its two
+# largest entries 1e-7, 0.8 units, apart.)
+NEAR_TIE_UNITS = 4.0
+
+
+def near_ties_reported(rule: Rule) -> Rule:
+    """``rule`` for a 2-d max pool, which also reports the windows it cannot trust: where the
+    winner is decided by rounding (:func:`relprop.ops.maxpool_near_ties`), the window's
+    relevance ``r`` lands on one entry in this precision and may land on another in float64,
+    a change of ``sqrt(2) |r|`` in the layer's relevance; their norm relative to ``||r||`` is
+    added to the map's estimate (README, Numerics).  The max pool itself is discontinuous
+    there: the map is ill-conditioned in any precision, as at an ε-rule's near-ε division."""
+    def reported(layer: Layer, r: torch.Tensor) -> list:
+        out = rule(layer, r)
+        if layer.report is not None and layer.unit > 0 and layer.x.ndim == 4 and r.ndim == 4:
+            kernel, stride, padding, dilation, _ = maxpool_params(layer)
+            near = maxpool_near_ties(layer.x, r.shape[2:], kernel, stride, padding, dilation,
+                                     NEAR_TIE_UNITS * layer.unit)
+            layer.report((r * near).flatten(1).norm(dim=1) * 2 ** 0.5, r.flatten(1).norm(dim=1))
+        return out
+    return reported
 
 
 # ----------------------------------------------------------------- attention
@@ -442,7 +521,7 @@ def shared_layers(pool: Rule, add: Rule, maxpool: Rule | None = None, bn: Rule =
             g.RESPONSE_NORM: norm_identity if identity else response_norm(norm), g.PASS: passthrough,
             g.INDEX: index, g.SPLIT: passthrough,
             g.PIECE: split_piece, g.PERMUTE: permute, g.ROLL: roll, g.PAD: pad, g.BN: bn, g.RESHAPE: reshape,
-            g.CAT: cat, g.ADD: add, g.MAXPOOL: maxpool or pool, g.AVGPOOL: pool, g.ADAPTIVE_AVGPOOL: pool,
+            g.CAT: cat, g.ADD: add, g.MAXPOOL: near_ties_reported(maxpool or pool), g.AVGPOOL: pool, g.ADAPTIVE_AVGPOOL: pool,
             g.UPSAMPLE: pool}
 
 

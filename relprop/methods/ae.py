@@ -28,23 +28,34 @@ from .rsp import _relu_plus_tiny
 
 
 def conv(ratio: float):
-    """AE hidden conv rule (§4.2), normalised per sample."""
+    """AE hidden conv rule (§4.2), normalised per sample.
+
+    Discontinuous at inputs of 0: such an input takes the A term in one precision and the B
+    term in another, and the uniform shift's count changes; inputs within rounding of 0 report
+    ``|A - B|`` and the shift to the map's estimate (rules.report_zero_crossings)."""
     def rule(layer: Layer, r: torch.Tensor) -> list:
         lin, x, ops = layer.lin, layer.x, layer.ops
         w = lin.abs
         a = x.clamp(min=0)
         t, o = ops.ae_masses(r)
-        mask = (x > 0).to(x.dtype)                     # the active inputs
-        extra = mask * lin.bwd(safe_divide(t, lin.fwd(mask, w)), w, x.shape)
-        mask.neg_().add_(1)                            # now the inactive ones (fewer temporaries)
-        extra += mask * lin.bwd(safe_divide(o, lin.fwd(mask, w)), w, x.shape)
-        del mask
+        active = x > 0
+        on = lin.bwd(safe_divide(t, lin.fwd(active.to(x.dtype), w)), w, x.shape)
+        off = lin.bwd(safe_divide(o, lin.fwd((~active).to(x.dtype), w)), w, x.shape)
+        extra = torch.where(active, on, off)
+        near = rules.near_zero(layer)
+        masks_err = None if near is None else on.sub_(off).mul_(near.sqrt()).flatten(1).norm(dim=1)   # near: counts
+        del on, off, active
         z = lin.fwd(a, w)
         if lin.kernel_is_1x1:
-            return [a * lin.bwd(safe_divide(t + o, z), w, x.shape) + extra]
-        tr = ratio * t
-        c = a * lin.bwd(safe_divide(tr + o, z), w, x.shape)
-        return [ops.shift_nonzero(c, safe_divide(psum(tr), psum(tr))) + extra]
+            out = a * lin.bwd(safe_divide(t + o, z), w, x.shape) + extra
+        else:
+            tr = ratio * t
+            c = a * lin.bwd(safe_divide(tr + o, z), w, x.shape)
+            out = ops.shift_nonzero(c, safe_divide(psum(tr), psum(tr))) + extra
+        # the shift takes 1 from each sample's sum (ratio * T sums to ratio, the layer to ratio - 1)
+        excess = None if lin.kernel_is_1x1 else safe_divide(psum(tr), psum(tr)).flatten()
+        rules.report_zero_crossings(layer, out, near, excess, masks_err)
+        return [out]
     return rule
 
 

@@ -81,9 +81,21 @@ def hidden(layer: Layer, r: torch.Tensor) -> list:
     conv = layer.lin.is_conv   # a Conv2d, or a Linear over channels-last positions (a 1x1 conv)
     x = layer.x
     if layer.x_nonneg:
-        return [_pos_prop(layer, x.clamp(min=0), r, conv)]
+        out = _pos_prop(layer, x.clamp(min=0), r, conv)
+        rules.report_zero_crossings(layer, out, rules.near_zero(layer), shift_excess_bound(r))
+        return [out]
+    # (the count's own threshold, SIGNED_ZERO, is not estimated: README, Numerics)
     x = torch.where(x.abs() <= SIGNED_ZERO, torch.zeros((), dtype=x.dtype, device=x.device), x)
     return [_pos_prop(layer, x.clamp(min=0), r, conv) + _pos_prop(layer, (-x).clamp(min=0), r, conv)]
+
+
+def shift_excess_bound(r: torch.Tensor) -> torch.Tensor:
+    """A bound of what ``_pos_prop``'s uniform shift takes from each sample's sum: before it,
+    ``sum C - sum R = sum_j R_j f_j`` with ``f_j`` in [-1, 1] (Linear: ``[Z+ != 0] - 1 +
+    Z- / (Z+ + Z-)``) or [-2, 2] (Conv, R+ and R- each routed once more), so at most
+    ``2 ||R||_1`` (B,); for the count of non-zero entries the shift goes to
+    (rules.report_zero_crossings)."""
+    return 2 * r.flatten(1).abs().sum(1)
 
 
 def table(with_head: bool, add_rule: str = "proportional", method: str = "rap",

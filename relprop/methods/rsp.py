@@ -40,7 +40,10 @@ def conv(layer: Layer, r: torch.Tensor) -> list:
                                       a.shape)
     if lin.kernel_is_1x1:
         return [c]
-    return [layer.ops.shift_nonzero(2 * c, psum(p - n))]
+    excess = psum(p - n)
+    out = layer.ops.shift_nonzero(2 * c, excess)
+    rules.report_zero_crossings(layer, out, rules.near_zero(layer), excess.flatten())   # the shift's count
+    return [out]
 
 
 # [G+; G-] and the weight gradient that forms them: about four weight-sized tensors per

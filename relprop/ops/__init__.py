@@ -15,8 +15,8 @@ The ``triton`` backend is the top-level ``kernels/`` package, installed as
 from .linear_map import (LinearMap, PerPosition, WeightsMap, channels_first, channels_last, conv_per_sample,
                          conv_transpose_per_sample, conv_weight_grad_per_sample)
 from .reference import EPILOGUES, Epilogue, ae_masses, bias_view, one_sided, shift_nonzero, split_backward, split_scale
-from .tensor import maxpool_ties_split, psum, safe_divide, stabilize, vjp
+from .tensor import maxpool_near_ties, maxpool_ties_split, psum, safe_divide, stabilize, vjp
 
 __all__ = ["LinearMap", "PerPosition", "WeightsMap", "channels_first", "channels_last", "EPILOGUES", "Epilogue", "split_scale", "split_backward", "shift_nonzero", "ae_masses",
-           "one_sided", "bias_view", "safe_divide", "stabilize", "psum", "vjp", "maxpool_ties_split",
+           "one_sided", "bias_view", "safe_divide", "stabilize", "psum", "vjp", "maxpool_ties_split", "maxpool_near_ties",
            "conv_weight_grad_per_sample", "conv_per_sample", "conv_transpose_per_sample"]

@@ -35,6 +35,23 @@ def vjp(fn, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return g
 
 
+def maxpool_windows(x: torch.Tensor, out_hw, kernel, stride, padding, dilation) -> torch.Tensor:
+    """The (B, C, OH, OW, kh, kw) windows of a 2-d max pool over ``x`` whose output is
+    ``out_hw`` (padding, and the extra row/column of ``ceil_mode``, read as -inf): a view of
+    one padded copy of ``x``."""
+    kh, kw = _pair(kernel)
+    sh, sw = _pair(stride or kernel)
+    ph, pw = _pair(padding)
+    dh, dw = _pair(dilation)
+    h, w = x.shape[2:]
+    oh, ow = out_hw
+    extra_h = max(0, (oh - 1) * sh + dh * (kh - 1) + 1 - (h + 2 * ph))
+    extra_w = max(0, (ow - 1) * sw + dw * (kw - 1) + 1 - (w + 2 * pw))
+    xp = F.pad(x, (pw, pw + extra_w, ph, ph + extra_h), value=float("-inf"))
+    span_h, span_w = dh * (kh - 1) + 1, dw * (kw - 1) + 1
+    return xp.unfold(2, span_h, sh).unfold(3, span_w, sw)[:, :, :oh, :ow, ::dh, ::dw]
+
+
 def maxpool_ties_split(x: torch.Tensor, r: torch.Tensor, kernel, stride, padding, dilation, ceil_mode) -> torch.Tensor:
     """Gu's max-pool rule: each window's relevance split equally among all its maximal entries."""
     kh, kw = _pair(kernel)
@@ -43,16 +60,28 @@ def maxpool_ties_split(x: torch.Tensor, r: torch.Tensor, kernel, stride, padding
     dh, dw = _pair(dilation)
     bsz, c, h, w = x.shape
     oh, ow = r.shape[2:]
-    extra_h = max(0, (oh - 1) * sh + dh * (kh - 1) + 1 - (h + 2 * ph))
-    extra_w = max(0, (ow - 1) * sw + dw * (kw - 1) + 1 - (w + 2 * pw))
-    xp = F.pad(x, (pw, pw + extra_w, ph, ph + extra_h), value=float("-inf"))
-    span_h, span_w = dh * (kh - 1) + 1, dw * (kw - 1) + 1
-    windows = xp.unfold(2, span_h, sh).unfold(3, span_w, sw)[:, :, :oh, :ow, ::dh, ::dw]  # (B,C,OH,OW,kh,kw) view
+    windows = maxpool_windows(x, (oh, ow), kernel, stride, padding, dilation)
     ties = (windows == windows.amax(dim=(-2, -1), keepdim=True)).to(x.dtype)
     share = ties * (r[..., None, None] / ties.sum(dim=(-2, -1), keepdim=True))
     cols = share.permute(0, 1, 4, 5, 2, 3).reshape(bsz, c * kh * kw, oh * ow)
-    out = F.fold(cols, xp.shape[2:], (kh, kw), (dh, dw), 0, (sh, sw))
+    hp = (oh - 1) * sh + dh * (kh - 1) + 1
+    wp = (ow - 1) * sw + dw * (kw - 1) + 1
+    out = F.fold(cols, (max(hp, h + 2 * ph), max(wp, w + 2 * pw)), (kh, kw), (dh, dw), 0, (sh, sw))
     return out[..., ph:ph + h, pw:pw + w]
+
+
+def maxpool_near_ties(x: torch.Tensor, out_hw, kernel, stride, padding, dilation, tol: float) -> torch.Tensor:
+    """Per window of a 2-d max pool (B, C, OH, OW): its two largest entries differ by at most
+    ``tol`` times the largest's magnitude -- a winner that rounding errors of that relative
+    size can change.  An exact tie is a near tie too (rounding may have made it: another
+    precision then picks a winner where this one picks the first), except at 0, where ReLU
+    zeros tie in every precision."""
+    windows = maxpool_windows(x, out_hw, kernel, stride, padding, dilation).flatten(-2)
+    if windows.shape[-1] < 2:
+        return torch.zeros(windows.shape[:-1], dtype=torch.bool, device=x.device)
+    top = windows.topk(2, dim=-1).values
+    first, second = top[..., 0], top[..., 1]
+    return (first - second <= tol * first.abs()) & (first != 0)
 
 
 def _pair(v):
