@@ -96,10 +96,9 @@ def train_bottleneck(threads: int) -> None:
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
     t0 = time.time()
-    recipe = tb.RECIPES["shapes-resnet"]                           # 1500 steps, Adam lr 3e-3, single objects
+    recipe = tb.RECIPES["shapes-resnet"]           # 2500 steps, Adam lr 3e-3, single-object + hard mix
     n_train, batch, seed = 24000, 64, 0                              # train_builtin.py's defaults
-    train_x, train_y = tb.render(ShapesDataset(n_train + 500, size=models.INPUT_SIZE, seed=seed, split="train"))
-    (train_x, val_x), (train_y, val_y) = train_x.split(n_train), train_y.split(n_train)
+    (train_x, train_y), (val_x, val_y) = tb.training_data(n_train, recipe.n_hard, seed)
     test_x, test_y = tb.render(ShapesDataset(1000, size=models.INPUT_SIZE, seed=seed, split="test"))
     print(f"rendered in {time.time() - t0:.0f} s", flush=True)
     torch.manual_seed(seed)

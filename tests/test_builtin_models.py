@@ -11,9 +11,9 @@ from relprop.metrics import relevance_mass_accuracy
 
 ACC_MARGIN = 0.05           # first 256 test images vs the documented 1000-image accuracy
 # Mean relevance-mass accuracy (RAP, true class, first 32 test images) must beat the mean
-# mask area (0.112) by this much.  Measured: shapes-vgg 0.481 (+0.370), shapes-resnet 0.298 (+0.187),
+# mask area (0.112) by this much.  Measured: shapes-vgg 0.469 (+0.358), shapes-resnet 0.360 (+0.248),
 # shapes-convnext 0.187 (+0.076), shapes-vit 0.205 (+0.093).
-RMA_MARGIN = {"shapes-vgg": 0.20, "shapes-resnet": 0.10, "shapes-convnext": 0.04, "shapes-vit": 0.05}
+RMA_MARGIN = {"shapes-vgg": 0.20, "shapes-resnet": 0.15, "shapes-convnext": 0.04, "shapes-vit": 0.05}
 
 
 def _documented_accuracy(name):

