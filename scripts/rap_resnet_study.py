@@ -1,7 +1,7 @@
 """Why RAP fails on ``shapes-resnet``: RAP variants scored like ``relprop evaluate`` does.
 
     python scripts/rap_resnet_study.py                    # 200 test images, prints a markdown table
-    python scripts/rap_resnet_study.py --train-bottleneck # first train the Bottleneck ResNet (~8 min, 2 cores)
+    python scripts/rap_resnet_study.py --train-bottleneck # first train the Bottleneck ResNet (~20 min, 2 cores)
 
 Each variant changes one thing of RAP (methods.md §2) on the built-in ``shapes-resnet``:
 
@@ -323,7 +323,7 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=200, help="first items of ShapesDataset(split='test')")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--train-bottleneck", action="store_true", help="train the Bottleneck ResNet first (~8 min)")
+    p.add_argument("--train-bottleneck", action="store_true", help="train the Bottleneck ResNet first (~20 min)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     # the signed-add maps are flagged as ill-conditioned (float32 vs float64); the float64 row shows it
