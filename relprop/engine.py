@@ -15,7 +15,8 @@ import torch
 
 from . import graph as g
 from .ops import reference as reference_ops
-from .ops import LinearMap, PerPosition, channels_first, channels_last, stabilize
+from .ops import (LinearMap, PerPosition, channels_first, channels_last, masked_square_sums, maxpool_near_ties,
+                  mean_square_per_channel, near_zero_bound, near_zero_counts, stabilize)
 
 
 @dataclass(eq=False)
@@ -82,6 +83,26 @@ class RuleTable:
 # built-in ResNet whose error against float64 exceeded 1e-3 (the estimate is pessimistic:
 # its median is ~10x the measured error; tests/test_numerics.py holds it to that).
 FORWARD_ERROR = 1.0
+
+# An input of a rule that is discontinuous at inputs of 0 (the uniform shift's count of
+# non-zero entries; AE's active/inactive masks) within this many rounding units of 0 -- units
+# of the largest magnitude in its channel of the sample -- may be 0 in one precision and not in
+# another.  One unit: on the built-in ResNet this caught every map that such a crossing took
+# more than 1e-3 off float64, and four units reported three times as many maps, almost all
+# within 1e-4 of float64.
+NEAR_ZERO_UNITS = 1.0
+
+# A max-pool window whose two largest entries lie within this many rounding units of the
+# forward's values (relative to the largest) may pick another winner in another precision:
+# each entry carries about one unit (:data:`FORWARD_ERROR`), so their difference two; four
+# leaves a margin.  (shapes-vgg's CLRP map 3.5e-3 off float64 was such a window: its two
+# largest entries 1e-7, 0.8 units, apart.)
+NEAR_TIE_UNITS = 4.0
+
+
+def forward_unit(dtype: torch.dtype) -> float:
+    """Relative error of a ``dtype`` forward's values (:data:`FORWARD_ERROR` rounding units)."""
+    return FORWARD_ERROR * torch.finfo(dtype).eps
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -173,16 +194,96 @@ def recomputed(graph: g.Graph, n: g.Node) -> bool:
     return _recompute_depth(graph, n) > 0
 
 
-def forward(graph: g.Graph, x: torch.Tensor, grad_from: g.Node | None, walks: bool) -> list[Any]:
+def forward(graph: g.Graph, x: torch.Tensor, grad_from: g.Node | None,
+            walks: bool) -> tuple[list[Any], GradientDecisions | None]:
     """The forward values a method needs: for a relevance walk every node's value except the
     recomputed activations (released once the forward has used them); for a method that only
-    takes a gradient (``walks=False``) the input, the gradient's node and the output."""
+    takes a gradient (``walks=False``) the input, the gradient's node and the output.  With
+    ``grad_from``, also the :class:`GradientDecisions` of the gradient that will be taken (to
+    hand to the :class:`Context`)."""
     keep = {0, len(graph.nodes) - 1} | ({grad_from.index} if grad_from is not None else set())
     if walks:
         drop = {n.index for n in graph.nodes if recomputed(graph, n)}
     else:
         drop = set(range(len(graph.nodes)))
-    return graph.forward(x, grad_from=grad_from, drop=frozenset(drop - keep))
+    decisions = None if grad_from is None else GradientDecisions(grad_from, forward_unit(x.dtype))
+    return graph.forward(x, grad_from=grad_from, drop=frozenset(drop - keep), observe=decisions), decisions
+
+
+class GradientDecisions:
+    """What a gradient's branches make of the forward's rounding, for the map's estimate
+    (README, Numerics).  autograd's gradient of a ReLU (leaky ReLU) is ``g`` above 0 and
+    ``slope * g`` below, and a max pool's goes to its window's largest entry: an input within
+    rounding of 0 (:data:`NEAR_ZERO_UNITS`), or a window whose two largest entries are within
+    rounding of each other (:data:`NEAR_TIE_UNITS`), may take the other branch in another
+    precision, a change of ``(1 - slope) |g|`` there, or of ``sqrt(2) |g|`` (``g`` moving to
+    another entry).  As the forward's ``observe`` it hooks the value of each such node after
+    ``grad_from``; when a gradient is taken the hook reports the change's norm relative to
+    ``||g||`` there to the :class:`Context` (``report``).
+
+    It holds only what autograd saves for the node's own backward (a max pool's and a leaky
+    ReLU's input, a ReLU's output), released in the hook, which runs just before that
+    backward: the gradient method's peak stays autograd's, and nothing waits on the device.
+    A ReLU's input is gone by then: the forward counts its entries near 0 per channel (a
+    ``(B, C)`` count); the positive ones are found again in the output, exactly, and the
+    others take their channel's root-mean-square ``|g|`` (exact for a ``(B, F)`` layer, whose
+    channels are single features).  Masks are formed over slices of the channels
+    (temporaries of an eighth of the node's value).
+
+    A gradient whose caller uses only its per-channel spatial means (``channel_means``:
+    Grad-CAM's weights) is unchanged by a move within a window of a max pool reading
+    ``grad_from`` itself, which is not reported then.  The gradient is discontinuous at
+    those inputs: its map is ill-conditioned there in any precision."""
+
+    def __init__(self, grad_from: g.Node, unit: float):
+        self.after, self.unit = grad_from.index, unit
+        self.report: Callable[[torch.Tensor, torch.Tensor], None] | None = None   # set by the Context
+        self.channel_means = False                                                 # set by Context.grad
+
+    def __call__(self, node: g.Node, args: tuple, kwargs: dict, value: Any) -> None:
+        if (node.index <= self.after or self.unit == 0 or not torch.is_tensor(value)
+                or not value.requires_grad or not torch.is_tensor(args[0]) or value.ndim < 2):
+            return
+        tol_zero, tol_tie = NEAR_ZERO_UNITS * self.unit, NEAR_TIE_UNITS * self.unit
+        if node.kind == g.RELU:
+            z = args[0].detach()
+            bound, total = near_zero_bound(z, tol_zero), near_zero_counts(z, tol_zero)
+            held = [value.detach()]       # the output: autograd's saved tensor of a ReLU
+
+            def marks(c0: int, c1: int) -> torch.Tensor:   # the positive entries near 0, exactly
+                y, b = held[0][:, c0:c1], bound[:, c0:c1] if bound.shape[1] > 1 else bound
+                return y.gt(0) & y.lt(b)
+            weight = 1.0
+        elif node.kind == g.LEAKY_RELU:
+            held = [args[0].detach()]     # the input: autograd's saved tensor of a leaky ReLU
+            bound = near_zero_bound(held[0], tol_zero)
+
+            def marks(c0: int, c1: int) -> torch.Tensor:
+                z, b = held[0][:, c0:c1], bound[:, c0:c1] if bound.shape[1] > 1 else bound
+                return z.lt(b) & z.gt(b.neg())
+            weight, total = abs(1.0 - g.negative_slope(node, args, kwargs)), None
+        elif node.kind == g.MAXPOOL and args[0].ndim == 4 and value.ndim == 4:
+            held = [args[0].detach()]     # the input: autograd's saved tensor of a max pool
+            kernel, stride, padding, dilation, _ = g.maxpool_params(node, args, kwargs)
+
+            def marks(c0: int, c1: int) -> torch.Tensor:
+                return maxpool_near_ties(held[0][:, c0:c1], value.shape[2:], kernel, stride, padding, dilation,
+                                         tol_tie)
+            weight, total = 2 ** 0.5, None
+        else:
+            return
+        keeps_channel_sums = node.kind == g.MAXPOOL and node.parents[0] == self.after
+
+        def reported(grad: torch.Tensor) -> None:
+            if self.report is not None and not (keeps_channel_sums and self.channel_means):
+                sq, counts = masked_square_sums(grad, marks)
+                if total is not None:     # a ReLU's entries near 0 from below, at their channel's RMS |g|
+                    sq += (total.to(sq.dtype) - counts).clamp_(min=0) * mean_square_per_channel(grad).to(sq.dtype)
+                self.report(sq.sum(1).sqrt_().mul_(weight), torch.linalg.vector_norm(grad.flatten(1), dim=1,
+                                                                                     dtype=sq.dtype))
+            held.clear()
+
+        value.register_hook(reported)
 
 
 class Values:
@@ -284,6 +385,7 @@ class Context:
     ops: Any = reference_ops         # the backend's fused primitives (relprop.ops.dispatch)
     chunk_bytes: int | None = None   # a conv/linear larger than this runs over slices of the batch
                                      # (None: CHUNK_BYTES)
+    decisions: GradientDecisions | None = None   # the gradient's branches (forward), reported to ``error``
 
     def __post_init__(self):
         # Relevance is computed in float32 for float16/bfloat16 models (the forward stays in
@@ -298,6 +400,8 @@ class Context:
         # the map's own size): what ill-conditioned steps of the rules can make of the
         # rounding errors of the forward values (see ``add_error``).
         self.error = torch.zeros(self.values[0].shape[0], dtype=self.dtype, device=self.values[0].device)
+        if self.decisions is not None:
+            self.decisions.report = self.add_relative_error
 
     @property
     def logits(self) -> torch.Tensor:
@@ -316,9 +420,13 @@ class Context:
             n = self.graph.nodes[n.parents[0]]
         return n if n.kind in (g.CONV, g.LINEAR) else None
 
-    def grad(self, node: g.Node, seed: torch.Tensor) -> torch.Tensor:
+    def grad(self, node: g.Node, seed: torch.Tensor, channel_means: bool = False) -> torch.Tensor:
         """Gradient of ``<logits, seed>`` w.r.t. the value of ``node`` (forward must have been
-        run with ``grad_from=node``)."""
+        run with ``grad_from=node``); its branches taken within rounding are reported to
+        ``error`` (:class:`GradientDecisions`), as they matter to a caller that uses only the
+        per-channel spatial means of the gradient if ``channel_means``."""
+        if self.decisions is not None:
+            self.decisions.channel_means = channel_means
         (gr,) = torch.autograd.grad(self._forward[-1], self._forward[node.index], seed.to(self.forward_dtype))
         return gr.to(self.dtype)
 
@@ -349,8 +457,8 @@ class Context:
 
     @property
     def unit(self) -> float:
-        """Relative error of the forward values (``FORWARD_ERROR`` rounding units)."""
-        return FORWARD_ERROR * torch.finfo(self.forward_dtype).eps
+        """Relative error of the forward values (:func:`forward_unit`)."""
+        return forward_unit(self.forward_dtype)
 
     def per_position(self, node: g.Node) -> bool:
         """``node`` is a Linear over the last dim of a ``(B, H, W, C)`` tensor (ConvNeXt's MLP

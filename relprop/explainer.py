@@ -108,7 +108,7 @@ class Explainer:
 
     def _attribute(self, x, target, initial_relevance, layer_sums) -> Attribution:
         with torch.no_grad():
-            values = forward(self.graph, x, self.method.grad_node(self.graph), self.method.walks)
+            values, decisions = forward(self.graph, x, self.method.grad_node(self.graph), self.method.walks)
             logits = values[-1]
             if callable(initial_relevance):        # a function of the output (Zennit's attr_output)
                 initial_relevance = initial_relevance(logits.detach().clone())
@@ -128,7 +128,7 @@ class Explainer:
                                  "the output must be one-hot)")
             seed = _seed(initial_relevance, weights, logits)
             ctx = Context(self.graph, values, targets, seed, user_seed=initial_relevance is not None,
-                          layer_sums={} if layer_sums else None,
+                          layer_sums={} if layer_sums else None, decisions=decisions,
                           ops=operations(resolve_backend(self.backend, x.device,
                                                              compute_dtype(logits.dtype))))
             relevance = self.method.run(ctx).detach()
@@ -193,9 +193,10 @@ def _warn_if_untrustworthy(error: torch.Tensor, forward_dtype: torch.dtype, meth
                       "L2): an ill-conditioned step (a residual add whose branches nearly cancel, a contrastive "
                       "difference of nearly equal maps, an epsilon-rule division by a value near epsilon, a max-pool "
                       "window with two near-equal largest entries, an input within rounding of 0 where the rule "
-                      "treats 0 apart, or subnormal attention weights) amplifies rounding errors of the forward "
-                      "pass; the float64 model (model.double()) reduces them, but at a near-tie, a value near 0 or "
-                      "a division near epsilon the map itself is unstable in any precision (README, Numerics)",
+                      "or a ReLU's gradient treats 0 apart, or subnormal attention weights) amplifies rounding "
+                      "errors of the forward pass; the float64 model (model.double()) reduces them, but at a "
+                      "near-tie, a value near 0 or a division near epsilon the map itself is unstable in any "
+                      "precision (README, Numerics)",
                       RuntimeWarning, stacklevel=4)
 
 

@@ -11,8 +11,8 @@ from typing import Callable
 import torch
 
 from . import graph as g
-from .engine import Layer, Rule
-from .ops import WeightsMap, maxpool_near_ties, maxpool_ties_split, safe_divide, stabilize, vjp
+from .engine import NEAR_TIE_UNITS, NEAR_ZERO_UNITS, Layer, Rule
+from .ops import WeightsMap, maxpool_near_ties, maxpool_ties_split, near_zero_entries, safe_divide, stabilize, vjp
 from .ops import reference as reference_ops
 
 Divide = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -259,15 +259,6 @@ def winner_take_all(layer: Layer, r: torch.Tensor) -> list:
     return [vjp(layer.recompute, layer.x, r)]
 
 
-# An input of a rule that is discontinuous at inputs of 0 (the uniform shift's count of
-# non-zero entries; AE's active/inactive masks) within this many rounding units of 0 -- units
-# of the largest magnitude in its channel of the sample -- may be 0 in one precision and not in
-# another.  One unit: on the built-in ResNet this caught every map that such a crossing took
-# more than 1e-3 off float64, and four units reported three times as many maps, almost all
-# within 1e-4 of float64.
-NEAR_ZERO_UNITS = 1.0
-
-
 def near_zero(layer: Layer) -> torch.Tensor | None:
     """The entries of the layer's first input within rounding of 0 (:data:`NEAR_ZERO_UNITS`),
     as a count per entry: read off the pre-activation where the input is an activation's
@@ -281,9 +272,7 @@ def near_zero(layer: Layer) -> torch.Tensor | None:
         return None
     z = layer.pre_activation() if layer.pre_activation is not None else layer.x
     one_side = layer.pre_activation is None and layer.x_nonneg
-    mag = z.abs()
-    scale = mag.amax(dim=tuple(range(2, z.ndim)), keepdim=True) if z.ndim > 2 else mag.amax(1, keepdim=True)
-    near = (mag <= NEAR_ZERO_UNITS * layer.unit * scale) & (scale > 0)
+    near = near_zero_entries(z, NEAR_ZERO_UNITS * layer.unit)
     if one_side:
         near &= z > 0
     return near.to(z.dtype) * (2.0 if one_side else 1.0)
@@ -308,29 +297,9 @@ def report_zero_crossings(layer: Layer, out: torch.Tensor, near: torch.Tensor | 
     layer.report(err, norm)
 
 
-def maxpool_params(layer: Layer) -> tuple:
-    """``(kernel_size, stride, padding, dilation, ceil_mode)`` of a max-pool node (module or
-    functional call)."""
-    m = layer.node.module
-    if m is not None:
-        return (m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
-    names = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
-    given = dict(zip(names, layer.args[1:]), **layer.kwargs)
-    defaults = {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False}
-    return tuple(given.get(k, defaults.get(k)) for k in names)
-
-
 def maxpool_ties_shared(layer: Layer, r: torch.Tensor) -> list:
     """Gu's max-pool rule: a window's relevance is split equally among its maximal entries."""
-    return [maxpool_ties_split(layer.x, r, *maxpool_params(layer))]
-
-
-# A max-pool window whose two largest entries lie within this many rounding units of the
-# forward's values (relative to the largest) may pick another winner in another precision:
-# each entry carries about one unit (engine.FORWARD_ERROR), so their difference two; four
-# leaves a margin.  (shapes-vgg's CLRP map 3.5e-3 off float64 was such a window: its two
-# largest entries 1e-7, 0.8 units, apart.)
-NEAR_TIE_UNITS = 4.0
+    return [maxpool_ties_split(layer.x, r, *g.maxpool_params(layer.node, layer.args, layer.kwargs))]
 
 
 def near_ties_reported(rule: Rule) -> Rule:
@@ -343,7 +312,7 @@ def near_ties_reported(rule: Rule) -> Rule:
     def reported(layer: Layer, r: torch.Tensor) -> list:
         out = rule(layer, r)
         if layer.report is not None and layer.unit > 0 and layer.x.ndim == 4 and r.ndim == 4:
-            kernel, stride, padding, dilation, _ = maxpool_params(layer)
+            kernel, stride, padding, dilation, _ = g.maxpool_params(layer.node, layer.args, layer.kwargs)
             near = maxpool_near_ties(layer.x, r.shape[2:], kernel, stride, padding, dilation,
                                      NEAR_TIE_UNITS * layer.unit)
             layer.report((r * near).flatten(1).norm(dim=1) * 2 ** 0.5, r.flatten(1).norm(dim=1))

@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from relprop.ops import LinearMap, maxpool_ties_split
+from relprop.ops import (LinearMap, masked_square_sums, maxpool_ties_split, mean_square_per_channel, near_zero_counts,
+                         near_zero_entries)
 
 
 @pytest.mark.parametrize("k, s, p, d, ceil", [
@@ -44,3 +45,41 @@ def test_split_weights_are_cached_views():
         conv.weight.mul_(-1)     # a map lives for one call; the next call's map sees the update
     torch.testing.assert_close(LinearMap(conv).pos, conv.weight.detach().clamp(min=0))
     # (that an Explainer reused after in-place changes sees them: tests/test_model_changes.py)
+
+
+@pytest.mark.parametrize("chunks", [1, 2, 8, 64])
+def test_per_channel_counts_and_squares_match_their_masks(chunks):
+    """Per sample and channel, over any number of channel slices: near_zero_counts counts what
+    near_zero_entries marks; masked_square_sums sums g**2 over a mask and counts it;
+    mean_square_per_channel is the mean of the squares.  A (B, F) tensor's channels are its
+    features."""
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 5, 4, 4, generator=gen, dtype=torch.float64)
+    z[0, 1, 0, :3] = torch.tensor([1e-9, -1e-9, 0.0])
+    z[2, 4] = 0.0                        # a zero channel has no entry near 0
+    want = near_zero_entries(z, 1e-6)
+    assert want[0, 1].sum() == 3 and want[2, 4].sum() == 0
+    assert torch.equal(near_zero_counts(z, 1e-6, chunks), want.flatten(2).sum(2).float())
+    g = torch.randn(3, 5, 4, 4, generator=gen, dtype=torch.float64)
+    mask = g > 0.5
+    sq, counts = masked_square_sums(g, lambda c0, c1: mask[:, c0:c1], chunks)
+    assert torch.allclose(sq, (g.square() * mask).flatten(2).sum(2))
+    assert torch.equal(counts, mask.flatten(2).sum(2).double())
+    assert torch.allclose(mean_square_per_channel(g), g.square().flatten(2).mean(2))
+    flat = torch.tensor([[1.0, 1e-8, -2e-7], [0.0, 0.0, 0.0]])
+    assert near_zero_counts(flat, 1e-7, chunks).tolist() == [[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]
+    assert torch.equal(mean_square_per_channel(flat), flat.square())
+    half = torch.full((1, 2, 300, 300), 300.0, dtype=torch.float16)   # squares overflow float16
+    assert torch.allclose(mean_square_per_channel(half), torch.full((1, 2), 9e4), rtol=1e-3)   # float32 sums
+
+
+def test_near_zero_entries_are_relative_to_their_channel():
+    """|z| <= tol * (largest |z| of the entry's channel in its sample); a zero channel has none."""
+    z = torch.tensor([[[[1e-9, 1.0]], [[1e-9, 1e-8]], [[0.0, 0.0]]],
+                      [[[2.0, -1e-7]], [[0.0, 5.0]], [[-3.0, 1e-6]]]])
+    got = near_zero_entries(z, 1e-7)
+    want = torch.tensor([[[[True, False]], [[False, False]], [[False, False]]],
+                         [[[False, True]], [[True, False]], [[False, False]]]])
+    assert torch.equal(got, want)
+    flat = torch.tensor([[1.0, 1e-8, -2e-7], [0.0, 0.0, 0.0]])
+    assert near_zero_entries(flat, 1e-7).tolist() == [[False, True, False], [False, False, False]]

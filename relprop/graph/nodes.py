@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .kinds import (ADAPTIVE_AVGPOOL, ADD, AVGPOOL, BN, CONV, INPUT, LAYERNORM, LINEAR, MAXPOOL, MEANS, OFFSET, OUTPUT, PASS,
-                    RELU, RESHAPE, RESPONSE_NORM, RMS_NORM, SOFTMAX, UPSAMPLE)
+from .kinds import (ADAPTIVE_AVGPOOL, ADD, AVGPOOL, BN, CONV, INPUT, LAYERNORM, LEAKY_RELU, LINEAR, MAXPOOL, MEANS, OFFSET,
+                    OUTPUT, PASS, RELU, RESHAPE, RESPONSE_NORM, RMS_NORM, SOFTMAX, UPSAMPLE)
 
 
 class Ref(int):
@@ -155,13 +155,16 @@ class Graph:
                     out[ref] = max(out[ref], n.index)
         return out
 
-    def forward(self, x: torch.Tensor, grad_from: Node | None = None, drop: frozenset = frozenset()) -> list[Any]:
+    def forward(self, x: torch.Tensor, grad_from: Node | None = None, drop: frozenset = frozenset(),
+                observe: Callable[[Node, tuple, dict, Any], None] | None = None) -> list[Any]:
         """Values of all nodes for input ``x`` (inference semantics).
 
         With ``grad_from`` the value of that node is made a leaf requiring grad and every
         later node is computed with autograd on, so gradients w.r.t. it can be taken.  The
         values of the nodes in ``drop`` are released (left ``None``) once the forward has
         used them for the last time: the caller recomputes them or does not need them.
+        ``observe(node, args, kwargs, value)`` is called on each computed node, its
+        arguments' values and its own, before anything is released.
         """
         values: list[Any] = [None] * len(self.nodes)
         release: dict[int, list[int]] = {}
@@ -185,6 +188,8 @@ class Graph:
                     except RuntimeError as e:   # an input the model cannot take: say which and where
                         raise ValueError(f"the model cannot take an input of shape {tuple(x.shape)}: "
                                          f"{n.describe()} failed: {str(e).splitlines()[0]}") from e
+                if observe is not None:
+                    observe(n, args, kwargs, v)
             if grad_from is not None and n.index == grad_from.index:
                 v = v.detach().requires_grad_(True)
             values[n.index] = v
@@ -228,6 +233,27 @@ def mean_dims(n: Node):
     if isinstance(dim, (tuple, list)) and all(isinstance(d, int) and not isinstance(d, Ref) for d in dim):
         return tuple(dim)
     return dim
+
+
+def maxpool_params(n: Node, args: tuple, kwargs: dict) -> tuple:
+    """``(kernel_size, stride, padding, dilation, ceil_mode)`` of a max-pool node (module or
+    functional call) called on ``args`` and ``kwargs``."""
+    m = n.module
+    if m is not None:
+        return (m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
+    names = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
+    given = dict(zip(names, args[1:]), **kwargs)
+    defaults = {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False}
+    return tuple(given.get(k, defaults.get(k)) for k in names)
+
+
+def negative_slope(n: Node, args: tuple, kwargs: dict) -> float:
+    """The slope below 0 of a ReLU-kind (0) or leaky-ReLU node (module or functional call)."""
+    if n.kind != LEAKY_RELU:
+        return 0.0
+    if n.module is not None:
+        return float(n.module.negative_slope)
+    return float(kwargs.get("negative_slope", args[1] if len(args) > 1 else 0.01))
 
 
 def evaluate(n: Node, args: tuple, kwargs: dict) -> Any:

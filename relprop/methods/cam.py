@@ -109,7 +109,7 @@ def channel_cam(ctx: Context, node: g.Node) -> torch.Tensor:
     if a.ndim != 4:
         raise ValueError(f"the initial layer {node.name!r} must output a (B, C, H, W) feature map, "
                          f"got shape {tuple(a.shape)}")
-    grad = ctx.grad(node, ctx.seed)
+    grad = ctx.grad(node, ctx.seed, channel_means=True)
     return a.detach() * grad.mean(dim=(2, 3), keepdim=True)
 
 

@@ -1,5 +1,7 @@
 """Tensor helpers every rule and primitive shares: the safe divide, the stabiliser, the
-per-sample sum, the vector-Jacobian product of a local operation and the max-pool tie split.
+per-sample sum, the vector-Jacobian product of a local operation, the max-pool tie split,
+the entries a precision's rounding can decide (near ties, near zeros) and per-channel counts
+and mean squares.
 
 Notation of methods.md §1.2: ``SD(a, b)`` is the safe divide of the authors' code.
 """
@@ -82,6 +84,70 @@ def maxpool_near_ties(x: torch.Tensor, out_hw, kernel, stride, padding, dilation
     top = windows.topk(2, dim=-1).values
     first, second = top[..., 0], top[..., 1]
     return (first - second <= tol * first.abs()) & (first != 0)
+
+
+def near_zero_bound(z: torch.Tensor, tol: float) -> torch.Tensor:
+    """``tol`` times the largest magnitude in each channel of each sample of ``z`` (dim 1 of a
+    ``(B, C, ...)`` tensor; over the features of a ``(B, F)`` one), shaped to broadcast
+    against ``z``: the distance from 0 within which rounding errors of that relative size can
+    put an entry on either side.  A min/max reduction: no copy of ``z``."""
+    if z.ndim > 2:
+        lo, hi = torch.aminmax(z.reshape(z.shape[0], z.shape[1], -1), dim=2)
+        shape = z.shape[:2] + (1,) * (z.ndim - 2)
+    else:
+        lo, hi = torch.aminmax(z, dim=1, keepdim=True)
+        shape = lo.shape
+    return (torch.maximum(hi, lo.neg()) * tol).reshape(shape)
+
+
+def near_zero_entries(z: torch.Tensor, tol: float) -> torch.Tensor:
+    """The entries of ``z`` nearer to 0 than :func:`near_zero_bound` (a channel that is 0
+    throughout has no scale and no entry near 0).  Temporaries: two boolean copies of ``z``."""
+    bound = near_zero_bound(z, tol)
+    near = z.lt(bound)
+    near &= z.gt(bound.neg())
+    return near
+
+
+def near_zero_counts(z: torch.Tensor, tol: float, chunks: int = 8) -> torch.Tensor:
+    """``(B, C)``: how many entries of each channel of each sample :func:`near_zero_entries`
+    marks, counted over at most ``chunks`` slices of the channels, so the temporaries are
+    one float copy of a slice (``1 / chunks`` of ``z``), not a mask and its integer sum."""
+    bound = near_zero_bound(z, tol)
+    counts = torch.empty(z.shape[:2], dtype=torch.float32, device=z.device)
+    step = -(-z.shape[1] // chunks)
+    dims = tuple(range(2, z.ndim))
+    for c in range(0, z.shape[1], step):
+        zc, bc = z[:, c:c + step], bound[:, c:c + step] if bound.shape[1] > 1 else bound
+        # sign(max(bound - |z|, 0)) is 1 where |z| < bound, else 0
+        near = zc.abs().neg_().add_(bc).clamp_(min=0).sign_()
+        counts[:, c:c + step] = near.sum(dims, dtype=torch.float32) if dims else near
+    return counts
+
+
+def masked_square_sums(g: torch.Tensor, marks, chunks: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, C)`` sums of ``g ** 2`` over the entries ``marks(c0, c1)`` marks (a boolean tensor
+    shaped like ``g[:, c0:c1]``), and their counts, per channel of each sample, over at most
+    ``chunks`` slices of the channels (temporaries of a slice); float32 for a half ``g``."""
+    dtype = torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else g.dtype
+    sq = torch.empty(g.shape[:2], dtype=dtype, device=g.device)
+    counts = torch.empty_like(sq)
+    step = -(-g.shape[1] // chunks)
+    dims = tuple(range(2, g.ndim))
+    for c in range(0, g.shape[1], step):
+        m = marks(c, c + step)
+        picked = torch.where(m, g[:, c:c + step], 0).to(dtype).square_()
+        sq[:, c:c + step] = picked.sum(dims) if dims else picked
+        counts[:, c:c + step] = m.sum(dims, dtype=dtype) if dims else m
+    return sq, counts
+
+
+def mean_square_per_channel(t: torch.Tensor) -> torch.Tensor:
+    """``(B, C)``: the mean of ``t ** 2`` over each channel of each sample (``(B, F)``: the
+    squares), from a norm reduction (no copy of ``t``); float32 for a half ``t``."""
+    flat = t.reshape(t.shape[0], t.shape[1], -1)
+    dtype = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+    return torch.linalg.vector_norm(flat, dim=2, dtype=dtype).square_().div_(flat.shape[2])
 
 
 def _pair(v):
