@@ -217,12 +217,15 @@ class GradientDecisions:
     rounding of 0 (:data:`NEAR_ZERO_UNITS`), or a window whose two largest entries are within
     rounding of each other (:data:`NEAR_TIE_UNITS`), may take the other branch in another
     precision, a change of ``(1 - slope) |g|`` there, or of ``sqrt(2) |g|`` (``g`` moving to
-    another entry).  As the forward's ``observe`` it hooks the value of each such node after
-    ``grad_from``; when a gradient is taken the hook reports the change's norm relative to
-    ``||g||`` there to the :class:`Context` (``report``).
+    another entry).  The other kinks of piecewise activations count alike, each with its
+    jump of the derivative (:func:`relprop.graph.derivative_jumps`: ReLU6 at 6, Hardswish and
+    Hardsigmoid at +-3), within the same rounding of the point.  As the forward's ``observe``
+    it hooks the value of each such node after ``grad_from``; when a gradient is taken the
+    hook reports the change's norm relative to ``||g||`` there to the :class:`Context`
+    (``report``).
 
-    It holds only what autograd saves for the node's own backward (a max pool's and a leaky
-    ReLU's input, a ReLU's output), released in the hook, which runs just before that
+    It holds only what autograd saves for the node's own backward (a max pool's input, a
+    ReLU's output, the input of the other activations), released in the hook, which runs just before that
     backward: the gradient method's peak stays autograd's, and nothing waits on the device.
     A ReLU's input is gone by then: the forward counts its entries near 0 per channel (a
     ``(B, C)`` count); the positive ones are found again in the output, exactly, and the
@@ -245,7 +248,8 @@ class GradientDecisions:
                 or not value.requires_grad or not torch.is_tensor(args[0]) or value.ndim < 2):
             return
         tol_zero, tol_tie = NEAR_ZERO_UNITS * self.unit, NEAR_TIE_UNITS * self.unit
-        if node.kind == g.RELU:
+        points, jump = g.derivative_jumps(node, args, kwargs)
+        if node.kind == g.RELU and points == (0.0,):
             z = args[0].detach()
             bound, total = near_zero_bound(z, tol_zero), near_zero_counts(z, tol_zero)
             held = [value.detach()]       # the output: autograd's saved tensor of a ReLU
@@ -254,14 +258,23 @@ class GradientDecisions:
                 y, b = held[0][:, c0:c1], bound[:, c0:c1] if bound.shape[1] > 1 else bound
                 return y.gt(0) & y.lt(b)
             weight = 1.0
-        elif node.kind == g.LEAKY_RELU:
-            held = [args[0].detach()]     # the input: autograd's saved tensor of a leaky ReLU
+        elif points:
+            # the input: autograd's saved tensor of a leaky ReLU, a ReLU6 (hardtanh), a Hardswish,
+            # a Hardsigmoid; entries within the channel's rounding of a point where f' jumps
+            held = [args[0].detach()]
             bound = near_zero_bound(held[0], tol_zero)
 
             def marks(c0: int, c1: int) -> torch.Tensor:
                 z, b = held[0][:, c0:c1], bound[:, c0:c1] if bound.shape[1] > 1 else bound
-                return z.lt(b) & z.gt(b.neg())
-            weight, total = abs(1.0 - g.negative_slope(node, args, kwargs)), None
+                near = None
+                for p in points:
+                    at = z.lt(b + p)
+                    at &= z.gt(p - b)
+                    if p == 0:          # an exact 0 is a structural one (ops.near_zero_entries)
+                        at &= z.ne(0)
+                    near = at if near is None else near.logical_or_(at)
+                return near
+            weight, total = jump, None
         elif node.kind == g.MAXPOOL and args[0].ndim == 4 and value.ndim == 4:
             held = [args[0].detach()]     # the input: autograd's saved tensor of a max pool
             kernel, stride, padding, dilation, _ = g.maxpool_params(node, args, kwargs)

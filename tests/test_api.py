@@ -3,6 +3,7 @@ is never changed."""
 import importlib.util
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -561,3 +562,20 @@ def test_backends_report_reasons():
         if not info[name]["available"]:
             with pytest.raises(RuntimeError, match=f"backend '{name}' is unavailable: .+"):
                 relprop.Explainer(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), "rap", backend=name)
+
+
+@pytest.mark.parametrize("params", [{}, {"variant": "clrp2"}])
+def test_clrp_of_a_zero_logit_is_a_zero_map(params):
+    """A zero-initialised head (torchvision's ViT) gives logits of 0: Gu's CLRP divides each map
+    by its own sum, 0 there; the map is 0, as every other method's safe division gives, not NaN
+    with a warning."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 3)).eval()
+    nn.init.zeros_(model[-1].weight)
+    nn.init.zeros_(model[-1].bias)
+    x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        att = relprop.Explainer(model, "clrp", **params).attribute(x, [0, 2])
+    assert torch.equal(att.relevance, torch.zeros_like(att.relevance))

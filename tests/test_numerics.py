@@ -451,6 +451,63 @@ def test_a_leaky_relu_input_within_rounding_of_zero_is_reported_for_the_gradient
                 assert err > 5e-2 and err / 2 < got.error.item() < 2 * err, (method, err, got.error)
 
 
+def _derivative(act: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    z = z.detach().clone().requires_grad_(True)
+    act(z).sum().backward()
+    return z.grad
+
+
+def _near_kink(act: nn.Module, point: float, clear: bool):
+    """_near_zero_relu's net with ``act`` after the 1x1 conv and an input whose pre-activation
+    at one pixel is within rounding of ``point``, where ``act``'s derivative jumps, on the side
+    that float32 and float64 differentiate differently (the first such input found, scanning
+    outwards in steps of 1e-8); ``clear``: 1e-3 away from it."""
+    model, x = _near_zero_relu(clear=True)
+    model[1] = act
+    x[0, 0] *= 2.5            # inputs of 1.25-3.75, near the size of those at the kink (pre-activations 0.9-2.6)
+    a = point
+    c0 = (0.7 * a - point) / 0.3                  # 0.7 a - 0.3 c0 = point: c0 = -point
+    x[0, 0, 2, 2] = a
+    if clear:
+        x[0, 1, 2, 2] = c0 * (1 - 1e-3)
+        return model, x
+    conv64 = copy.deepcopy(model[0]).double()
+    for k in sorted(range(-60, 61), key=abs):
+        x[0, 1, 2, 2] = c0 * (1 + k * 1e-8)
+        with torch.no_grad():
+            z64, z32 = conv64(x)[0, 0, 2, 2], model[0](x.float())[0, 0, 2, 2]
+        if (_derivative(act, z64) - _derivative(act, z32).double()).abs() > 0.1:
+            return model, x
+    raise AssertionError(f"no input near {point} that float32 and float64 differentiate differently")
+
+
+@pytest.mark.parametrize("act, point, jump", [(nn.ReLU6(), 6.0, 1.0), (nn.Hardswish(), 3.0, 0.5),
+                                              (nn.Hardswish(), -3.0, 0.5)])
+def test_an_input_within_rounding_of_a_kink_is_reported_for_the_gradient(act, point, jump):
+    """The derivative of ReLU6 jumps by 1 at 6 and that of Hardswish by 1/2 at -3 and 3: a
+    pre-activation within rounding of such a point that float32 and float64 differentiate on
+    different sides moves the gradient there by the jump times |g|; the estimate reports it
+    (from the input autograd keeps for these activations) within a factor 2 (4 for gradient x
+    input, whose estimate is the gradient's relative error: exact where the input at the kink
+    is of the size of the input elsewhere), and nothing for an input clearly away from the
+    point."""
+    model, x = _near_kink(act, point, clear=False)
+    model64 = copy.deepcopy(model).double()
+    for method in ("gradient", "gradient-x-input"):
+        got = explain_quietly(relprop.Explainer(model, method), x.float(), torch.tensor([0]))
+        want = relprop.Explainer(model64, method).attribute(x, 0).relevance
+        err = rel_l2(got.relevance, want).item()
+        factor = 2 if method == "gradient" else 4
+        assert err > 5 * trusted_error(torch.float32) and err / factor < got.error.item() < factor * err, \
+            (method, err, got.error)
+    model, x = _near_kink(act, point, clear=True)
+    model64 = copy.deepcopy(model).double()
+    for method in ("gradient", "gradient-x-input"):
+        got = explain_quietly(relprop.Explainer(model, method), x.float(), torch.tensor([0]))
+        want = relprop.Explainer(model64, method).attribute(x, 0).relevance
+        assert rel_l2(got.relevance, want).item() < 1e-6 and got.error.item() == 0, (method, got.error)
+
+
 class _FunctionalPoolNet(nn.Module):
     """_near_tie_pool's net written with functional calls (F.relu, F.max_pool2d with its
     arguments by position and by name)."""

@@ -11,7 +11,7 @@ from .kinds import (ATTENTION, MATMUL, OFFSET, PAD, ROLL, SOFTMAX, ACTIVATION, A
                     PRODUCT, RELU, RESHAPE, RESPONSE_NORM, RMS_NORM, SCALE, SIZE_OP, SPLIT, UPSAMPLE)
 from .kinds import (ACTIVATIONS, FUNCTION_KINDS, MEANS, METHOD_KINDS, MODULE_KINDS, NAMED_MODULE_KINDS,
                     NONNEG_UPSAMPLING, SIGN_PRESERVING, function_kind, module_kind)
-from .nodes import (InProjection, Graph, Node, Ref, UnsupportedModelError, evaluate, flatten, maxpool_params, mean_dims,
+from .nodes import (InProjection, Graph, Node, Ref, UnsupportedModelError, derivative_jumps, evaluate, flatten, maxpool_params, mean_dims,
                     negative_slope, response_norm_scale, rms_norm_scale, substitute)
 from .capture import capture
 
@@ -21,6 +21,6 @@ __all__ = [
     "GETITEM", "HELPER", "INDEX", "INPUT", "LAYERNORM", "LEAKY_RELU", "LINEAR", "MAXPOOL", "OUTPUT", "PASS", "PERMUTE", "PIECE",
     "PRODUCT", "RELU", "RESHAPE", "RESPONSE_NORM", "RMS_NORM", "SCALE", "SIZE_OP", "SPLIT", "UPSAMPLE",
     "ACTIVATIONS", "FUNCTION_KINDS", "MEANS", "METHOD_KINDS", "MODULE_KINDS", "NAMED_MODULE_KINDS", "NONNEG_UPSAMPLING",
-    "SIGN_PRESERVING", "function_kind", "module_kind", "response_norm_scale", "rms_norm_scale", "InProjection", "Graph", "Node", "Ref", "UnsupportedModelError", "evaluate", "flatten", "mean_dims",
+    "SIGN_PRESERVING", "function_kind", "module_kind", "response_norm_scale", "rms_norm_scale", "InProjection", "Graph", "Node", "Ref", "UnsupportedModelError", "derivative_jumps", "evaluate", "flatten", "mean_dims",
     "maxpool_params", "negative_slope", "substitute", "capture",
 ]

@@ -256,6 +256,23 @@ def negative_slope(n: Node, args: tuple, kwargs: dict) -> float:
     return float(kwargs.get("negative_slope", args[1] if len(args) > 1 else 0.01))
 
 
+# Where the derivative of an elementwise activation jumps and by how much (the same at each
+# point): autograd takes one side at such a point, so an input within rounding of it may take
+# the other in another precision (engine.GradientDecisions).  GELU, SiLU, sigmoid: smooth.
+_DERIVATIVE_JUMPS = {F.relu: ((0.0,), 1.0), F.relu6: ((0.0, 6.0), 1.0), F.hardswish: ((-3.0, 3.0), 0.5),
+                     F.hardsigmoid: ((-3.0, 3.0), 1 / 6)}
+
+
+def derivative_jumps(n: Node, args: tuple, kwargs: dict) -> tuple[tuple[float, ...], float]:
+    """``(points, jump)``: the inputs at which the derivative of node ``n``'s elementwise
+    activation jumps, and the size of the jump ``|f'(p+) - f'(p-)|`` there: ReLU ``(0,)``, 1;
+    ReLU6 ``(0, 6)``, 1; leaky ReLU ``(0,)``, ``|1 - slope|``; Hardswish ``(-3, 3)``, 1/2;
+    Hardsigmoid ``(-3, 3)``, 1/6; ``()`` for a smooth activation or any other node."""
+    if n.kind == LEAKY_RELU:
+        return (0.0,), abs(1.0 - negative_slope(n, args, kwargs))
+    return _DERIVATIVE_JUMPS.get(n.act, ((), 0.0)) if n.act is not None else ((), 0.0)
+
+
 def evaluate(n: Node, args: tuple, kwargs: dict) -> Any:
     """Compute node ``n`` on its argument values (``substitute(n.args, values)``) with inference
     semantics, never in place.  :meth:`Graph.forward` runs every node through it; the engine

@@ -137,7 +137,10 @@ class CLRP(Method):
             seed_d = others / (z.shape[1] - 1) * z_t if self.variant == "clrp1" else seed_t
         r_t, r_d = ctx.propagate_together([(self.target_table, seed_t), (self.dual_table, seed_d)])
         if self.style == "gu":
-            return _pick(self.output, r_t, r_d, lambda: difference(ctx, r_t / psum(r_t), r_d / psum(r_d)))
+            # each map over its own sum; a map that is 0 throughout (a logit of 0: a zero-initialised
+            # head) stays 0, as the other methods' safe division gives, instead of NaN
+            return _pick(self.output, r_t, r_d,
+                         lambda: difference(ctx, safe_divide(r_t, psum(r_t)), safe_divide(r_d, psum(r_d))))
         return _pick(self.output, r_t, r_d, lambda: scaled_difference(ctx, r_t, r_d))
 
 

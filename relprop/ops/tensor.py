@@ -101,26 +101,32 @@ def near_zero_bound(z: torch.Tensor, tol: float) -> torch.Tensor:
 
 
 def near_zero_entries(z: torch.Tensor, tol: float) -> torch.Tensor:
-    """The entries of ``z`` nearer to 0 than :func:`near_zero_bound` (a channel that is 0
-    throughout has no scale and no entry near 0).  Temporaries: two boolean copies of ``z``."""
+    """The non-zero entries of ``z`` nearer to 0 than :func:`near_zero_bound` (a channel that
+    is 0 throughout has no scale and no entry near 0).  An entry exactly 0 is not near 0: a
+    floating-point sum is exactly 0 only where its terms cancel exactly, in practice where they
+    are all 0 (a conv over ReLU zeros, zero padding), and then it is 0 in every precision, as
+    is its ReLU's decision.  Temporaries: two boolean copies of ``z``."""
     bound = near_zero_bound(z, tol)
     near = z.lt(bound)
     near &= z.gt(bound.neg())
+    near &= z.ne(0)
     return near
 
 
 def near_zero_counts(z: torch.Tensor, tol: float, chunks: int = 8) -> torch.Tensor:
     """``(B, C)``: how many entries of each channel of each sample :func:`near_zero_entries`
     marks, counted over at most ``chunks`` slices of the channels, so the temporaries are
-    one float copy of a slice (``1 / chunks`` of ``z``), not a mask and its integer sum."""
+    two float copies of a slice (``1 / chunks`` of ``z``), not a mask and its integer sum."""
     bound = near_zero_bound(z, tol)
     counts = torch.empty(z.shape[:2], dtype=torch.float32, device=z.device)
     step = -(-z.shape[1] // chunks)
     dims = tuple(range(2, z.ndim))
     for c in range(0, z.shape[1], step):
         zc, bc = z[:, c:c + step], bound[:, c:c + step] if bound.shape[1] > 1 else bound
-        # sign(max(bound - |z|, 0)) is 1 where |z| < bound, else 0
-        near = zc.abs().neg_().add_(bc).clamp_(min=0).sign_()
+        # sign(max(bound - |z|, 0)) sign(|z|) is 1 where 0 < |z| < bound, else 0
+        size = zc.abs()
+        near = size.neg().add_(bc).clamp_(min=0).sign_().mul_(size.sign_())
+        del size
         counts[:, c:c + step] = near.sum(dims, dtype=torch.float32) if dims else near
     return counts
 
