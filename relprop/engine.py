@@ -16,7 +16,7 @@ import torch
 from . import graph as g
 from .ops import reference as reference_ops
 from .ops import (LinearMap, PerPosition, channels_first, channels_last, masked_square_sums, maxpool_near_ties,
-                  mean_square_per_channel, near_zero_bound, near_zero_counts, stabilize)
+                  entries_near, mean_square_per_channel, near_zero_bound, near_zero_counts, stabilize)
 
 
 @dataclass(eq=False)
@@ -266,13 +266,9 @@ class GradientDecisions:
 
             def marks(c0: int, c1: int) -> torch.Tensor:
                 z, b = held[0][:, c0:c1], bound[:, c0:c1] if bound.shape[1] > 1 else bound
-                near = None
-                for p in points:
-                    at = z.lt(b + p)
-                    at &= z.gt(p - b)
-                    if p == 0:          # an exact 0 is a structural one (ops.near_zero_entries)
-                        at &= z.ne(0)
-                    near = at if near is None else near.logical_or_(at)
+                near = entries_near(z, b, points[0])
+                for p in points[1:]:
+                    near.logical_or_(entries_near(z, b, p))
                 return near
             weight, total = jump, None
         elif node.kind == g.MAXPOOL and args[0].ndim == 4 and value.ndim == 4:

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from relprop.ops import (LinearMap, masked_square_sums, maxpool_ties_split, mean_square_per_channel, near_zero_counts,
+from relprop.ops import (LinearMap, entries_near, masked_square_sums, maxpool_ties_split, mean_square_per_channel, near_zero_counts,
                          near_zero_entries)
 
 
@@ -84,3 +84,12 @@ def test_near_zero_entries_are_relative_to_their_channel():
     assert torch.equal(got, want)
     flat = torch.tensor([[1.0, 1e-8, -2e-7], [0.0, 0.0, 0.0]])
     assert near_zero_entries(flat, 1e-7).tolist() == [[False, True, False], [False, False, False]]
+
+
+def test_entries_near_a_point():
+    """Strictly within the bound of the point; an exact 0 is excluded only at the point 0."""
+    z = torch.tensor([[6.0, 6.0 + 1e-7, 6.0 - 2e-6, 0.0, 1e-8, -3.0]])
+    b = torch.tensor([[1e-6]])
+    assert entries_near(z, b, 6.0).tolist() == [[True, True, False, False, False, False]]
+    assert entries_near(z, b, 0.0).tolist() == [[False, False, False, False, True, False]]
+    assert entries_near(z, b, -3.0).tolist() == [[False, False, False, False, False, True]]

@@ -17,9 +17,9 @@ from .linear_map import (LinearMap, PerPosition, WeightsMap, channels_first, cha
                          conv_transpose_per_sample, conv_weight_grad_per_sample)
 from .reference import EPILOGUES, Epilogue, ae_masses, bias_view, one_sided, shift_nonzero, split_backward, split_scale
 from .tensor import (masked_square_sums, maxpool_near_ties, maxpool_ties_split, mean_square_per_channel, near_zero_bound,
-                     near_zero_counts, near_zero_entries, psum, safe_divide, stabilize, vjp)
+                     entries_near, near_zero_counts, near_zero_entries, psum, safe_divide, stabilize, vjp)
 
 __all__ = ["LinearMap", "PerPosition", "WeightsMap", "channels_first", "channels_last", "EPILOGUES", "Epilogue", "split_scale", "split_backward", "shift_nonzero", "ae_masses",
            "one_sided", "bias_view", "safe_divide", "stabilize", "psum", "vjp", "maxpool_ties_split", "maxpool_near_ties",
-           "near_zero_bound", "near_zero_entries", "near_zero_counts", "masked_square_sums", "mean_square_per_channel",
+           "entries_near", "near_zero_bound", "near_zero_entries", "near_zero_counts", "masked_square_sums", "mean_square_per_channel",
            "conv_weight_grad_per_sample", "conv_per_sample", "conv_transpose_per_sample"]

@@ -100,17 +100,24 @@ def near_zero_bound(z: torch.Tensor, tol: float) -> torch.Tensor:
     return (torch.maximum(hi, lo.neg()) * tol).reshape(shape)
 
 
+def entries_near(z: torch.Tensor, bound: torch.Tensor, point: float = 0.0) -> torch.Tensor:
+    """The entries of ``z`` within ``bound`` (broadcast against ``z``) of ``point``, strictly;
+    at ``point == 0`` not an entry exactly 0 (see :func:`near_zero_entries`).  Temporaries:
+    two boolean copies of ``z``."""
+    near = z.lt(bound + point)
+    near &= z.gt(point - bound)
+    if point == 0:
+        near &= z.ne(0)
+    return near
+
+
 def near_zero_entries(z: torch.Tensor, tol: float) -> torch.Tensor:
     """The non-zero entries of ``z`` nearer to 0 than :func:`near_zero_bound` (a channel that
     is 0 throughout has no scale and no entry near 0).  An entry exactly 0 is not near 0: a
     floating-point sum is exactly 0 only where its terms cancel exactly, in practice where they
     are all 0 (a conv over ReLU zeros, zero padding), and then it is 0 in every precision, as
     is its ReLU's decision.  Temporaries: two boolean copies of ``z``."""
-    bound = near_zero_bound(z, tol)
-    near = z.lt(bound)
-    near &= z.gt(bound.neg())
-    near &= z.ne(0)
-    return near
+    return entries_near(z, near_zero_bound(z, tol))
 
 
 def near_zero_counts(z: torch.Tensor, tol: float, chunks: int = 8) -> torch.Tensor:
