@@ -266,9 +266,10 @@ Data, one of:
                        (never downloaded: a missing data set is an error saying how to
                        get it); constructor options with --dataset-option, e.g.
                        --dataset-option train=False or split='val'.
-Each image is converted to RGB, its shorter side resized to --resize, centre-cropped
-to --size and normalised with --mean/--std; the defaults are the model's own (see
-MODEL below).  An image that cannot be read is reported with a warning, recorded as
+Each image is turned upright by its EXIF orientation, converted to RGB (16-bit
+greyscale as value/65535, float images as values in [0, 1]), its shorter side resized
+to --resize, centre-cropped to --size and normalised with --mean/--std; the defaults
+are the model's own (see MODEL below).  An image that cannot be read is reported with a warning, recorded as
 skipped, and the run goes on (a data set none of whose images can be read is an
 error).  Symbolic links to folders are followed, each real folder once.
 
@@ -351,9 +352,10 @@ and print each image's class, logit and files.  <image name> is the file name wi
 its extension; images that share it (a/x.png, b/x.png) are named by their path from
 their common folder instead (a_x, b_x), so no output overwrites another.  Nothing is
 written unless every image is read and explained.  The predicted class is explained
-unless --target is given.  Each image is converted to RGB, its shorter side resized
-to --resize, centre-cropped to --size and normalised with --mean/--std; the defaults
-are the model's own (see MODEL below).
+unless --target is given.  Each image is turned upright by its EXIF orientation,
+converted to RGB (16-bit greyscale as value/65535, float images as values in [0, 1]),
+its shorter side resized to --resize, centre-cropped to --size and normalised with
+--mean/--std; the defaults are the model's own (see MODEL below).
 
 """ + MODEL_HELP
 

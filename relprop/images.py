@@ -35,7 +35,8 @@ INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 @dataclasses.dataclass(frozen=True)
 class Preprocessing:
-    """PIL image -> RGB, shorter side resized to ``resize`` (None: not resized), centre crop
+    """PIL image -> RGB (16-bit and float greyscale images as intensities in [0, 1], see
+    :func:`as_rgb_or_unit_grey`), shorter side resized to ``resize`` (None: not resized), centre crop
     ``size`` x ``size``, normalised with ``mean``/``std``: a (3, size, size) float32 tensor."""
 
     size: int = DEFAULT_SIZE
@@ -57,19 +58,24 @@ class Preprocessing:
     def __call__(self, image) -> torch.Tensor:
         import torchvision.transforms.functional as TF
 
-        image = image.convert("RGB")
+        image = as_rgb_or_unit_grey(image)
         if self.resize is not None:
             mode = TF.InterpolationMode(self.interpolation)
             image = TF.resize(image, self.resize, interpolation=mode, antialias=True)
         image = TF.center_crop(image, [self.size, self.size])
-        return TF.normalize(TF.to_tensor(image), self.mean, self.std)
+        x = TF.to_tensor(image)
+        if image.mode == "F":     # grey intensities in [0, 1] (a 16-bit or float image): to RGB, clipped
+            x = x.clamp(0.0, 1.0).expand(3, -1, -1).contiguous()     # as an 8-bit resize clips to 0..255
+        return TF.normalize(x, self.mean, self.std)
 
     def load(self, path) -> torch.Tensor:
-        """One image file -> tensor (raises on an unreadable file)."""
+        """One image file -> tensor (raises on an unreadable file, or a 32-bit or float image
+        whose range is not known, see :func:`as_rgb_or_unit_grey`).  The EXIF orientation of
+        a photo is applied first, so a phone photo is explained upright."""
         from PIL import Image
 
         with Image.open(path) as im:
-            return self(im)
+            return self(exif_upright(im))
 
     def as_dict(self) -> dict:
         return {"size": self.size, "resize": self.resize, "mean": list(self.mean), "std": list(self.std),
@@ -77,6 +83,52 @@ class Preprocessing:
 
 
 IMAGENET = Preprocessing()
+
+_EXIF_ORIENTATION = 0x0112
+HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def exif_upright(image):
+    """``image`` turned as its EXIF orientation tag says (phone photos are stored sideways with
+    a tag saying so); the image itself when it has no such tag or the tag says upright."""
+    from PIL import ImageOps
+
+    try:
+        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:         # unreadable EXIF: the pixels as stored
+        return image
+    return image if orientation in (None, 1) else ImageOps.exif_transpose(image)
+
+
+def as_rgb_or_unit_grey(image):
+    """A Pillow image ready for resizing: an 8-bit image (``RGB``, ``L``, ``P``, ``RGBA``...)
+    converted to ``RGB``; a 16-bit or float greyscale image as mode ``F`` holding intensities
+    in [0, 1] (Pillow's ``convert("RGB")`` would clip its values to 255, so that a 16-bit image
+    would come out almost white).
+
+    * ``I;16`` (``I;16L``, ``I;16B``, ``I;16N``; a 16-bit PNG or TIFF): divided by 65535;
+    * ``I`` (32-bit integers; older Pillow reads 16-bit PNGs so): divided by 65535 when its
+      values lie in 0..65535, else ValueError (its range is unknown);
+    * ``F`` (32-bit floats): taken as is when its values lie in [0, 1], else ValueError.
+    """
+    import numpy as np
+    from PIL import Image
+
+    if image.mode not in HIGH_DEPTH_MODES:
+        return image.convert("RGB")
+    values = np.asarray(image.convert("F"), dtype=np.float32)
+    if image.mode == "F":
+        if values.size and not (np.isfinite(values).all() and values.min() >= 0.0 and values.max() <= 1.0):
+            raise ValueError(f"float image (Pillow mode F) with values in [{np.nanmin(values):g}, "
+                             f"{np.nanmax(values):g}]{'' if np.isfinite(values).all() else ' and NaN/inf'}: relprop "
+                             "reads float images as intensities in [0, 1]; rescale it to [0, 1] or save it as an "
+                             "8- or 16-bit image")
+        return Image.fromarray(values)
+    if image.mode == "I" and values.size and (values.min() < 0 or values.max() > 65535):
+        raise ValueError(f"32-bit integer image (Pillow mode I) with values in [{values.min():g}, {values.max():g}], "
+                         "outside the 16-bit range 0..65535: relprop cannot tell its range; save it as an 8- or "
+                         "16-bit image")
+    return Image.fromarray(values / np.float32(65535))
 
 
 def list_images(root) -> tuple[list[str], list[int] | None, list[str]]:

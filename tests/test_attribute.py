@@ -120,6 +120,81 @@ def test_dataset_preprocesses_like_resize_crop_normalise(tmp_path):
     assert np.abs(x.permute(1, 2, 0).numpy() - (ref - 0.5) / 0.5).max() < 0.05
 
 
+def _plain(size):
+    """Loads without resizing or normalising: the tensor is the image's [0, 1] intensities."""
+    return Preprocessing(size, None, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+
+
+def test_16_bit_greyscale_images_are_scaled_by_their_range_not_clipped(tmp_path):
+    arr = (np.arange(24 * 24, dtype=np.int64).reshape(24, 24) * 113 % 65536).astype(np.uint16)
+    Image.fromarray(arr).save(tmp_path / "g16.png")
+    with Image.open(tmp_path / "g16.png") as im:
+        assert im.mode.startswith("I")      # Pillow's 16-bit greyscale ("I;16", "I" in older Pillow)
+    expected = torch.from_numpy(arr.astype(np.float32) / np.float32(65535))
+    x = _plain(24).load(tmp_path / "g16.png")
+    assert x.shape == (3, 24, 24) and x.dtype == torch.float32
+    for c in range(3):                      # grey: the same intensities in every channel, not clipped at 255
+        assert torch.equal(x[c], expected)
+    assert 0.45 < x.mean().item() < 0.55 and x.min().item() == 0.0
+    # mode "I" (32-bit integers holding 16-bit values) and big-endian "I;16B" read the same
+    ref = _plain(24)(Image.fromarray(arr))
+    assert torch.equal(_plain(24)(Image.fromarray(arr.astype(np.int32))), ref)
+    assert torch.equal(_plain(24)(Image.frombytes("I;16B", (24, 24), arr.astype(">u2").tobytes())), ref)
+    # resized and normalised like an 8-bit image of the same picture (up to 8-bit rounding)
+    pre = Preprocessing(16, 20)
+    eight = (arr.astype(np.float64) / 65535 * 255).round().astype(np.uint8)
+    assert (pre.load(tmp_path / "g16.png") - pre(Image.fromarray(eight))).abs().max().item() < 0.05
+
+
+def test_float_images_are_read_as_intensities_in_0_1(tmp_path):
+    arr = np.linspace(0.0, 1.0, 20 * 20, dtype=np.float32).reshape(20, 20)
+    Image.fromarray(arr).save(tmp_path / "f.tiff")
+    x = _plain(20).load(tmp_path / "f.tiff")
+    assert x.shape == (3, 20, 20) and all(torch.equal(x[c], torch.from_numpy(arr)) for c in range(3))
+    with pytest.raises(ValueError, match=r"float image \(Pillow mode F\) with values in \[0, 255\]: relprop reads "
+                                         r"float images as intensities in \[0, 1\]"):
+        _plain(20)(Image.fromarray(arr * 255))
+    with pytest.raises(ValueError, match=r"32-bit integer image \(Pillow mode I\) with values in \[-5, 7\], "
+                                         r"outside the 16-bit range 0..65535"):
+        _plain(2)(Image.fromarray(np.array([[-5, 7], [0, 1]], dtype=np.int32)))
+
+
+def test_8_bit_images_load_exactly_as_before(tmp_path):
+    """RGB, L, P and RGBA images: Pillow's RGB conversion, resize, crop, to_tensor, normalise."""
+    import torchvision.transforms.functional as TF
+
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8))
+    rgba = Image.fromarray(rng.integers(0, 256, (30, 40, 4), dtype=np.uint8))
+    images = {"rgb.png": rgb, "l.png": rgb.convert("L"), "p.png": rgb.convert("P"), "rgba.png": rgba,
+              "rgb.jpg": rgb}
+    pre = Preprocessing(16, 20, mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.4))
+    for name, im in images.items():
+        im.save(tmp_path / name)
+        with Image.open(tmp_path / name) as f:
+            ref = TF.resize(f.convert("RGB"), 20, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+            ref = TF.normalize(TF.to_tensor(TF.center_crop(ref, [16, 16])), pre.mean, pre.std)
+        assert torch.equal(pre.load(tmp_path / name), ref), name
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    arr = np.zeros((20, 30, 3), dtype=np.uint8)
+    arr[:, :15, 0] = 255                    # left half red, right half blue, as stored
+    arr[:, 15:, 2] = 255
+    arr[0, 0] = (0, 255, 0)                 # a green corner pixel fixes the orientation exactly
+    for orientation, upright in ((6, np.rot90(arr, -1)), (3, arr[::-1, ::-1]), (8, np.rot90(arr, 1)),
+                                 (1, arr)):
+        exif = Image.Exif()
+        exif[0x0112] = orientation          # 6: the camera was turned, show rotated 90 degrees clockwise
+        path = tmp_path / f"o{orientation}.png"
+        Image.fromarray(arr).save(path, exif=exif)
+        h, w = upright.shape[:2]
+        x = Preprocessing(min(h, w), None, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)).load(path)
+        top, left = (h - min(h, w)) // 2, (w - min(h, w)) // 2
+        ref = upright[top:top + min(h, w), left:left + min(h, w)].astype(np.float32) / 255
+        assert np.array_equal(x.permute(1, 2, 0).numpy(), ref), orientation
+
+
 # --------------------------------------------------------------------------- end to end
 def test_shards_equal_the_explainer_on_the_same_batches(data, tmp_path):
     out = tmp_path / "out"
