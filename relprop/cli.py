@@ -249,7 +249,10 @@ MODEL (--model), one of:
                               (resize 256, crop 224, ImageNet mean/std)
   package.module:function     a function on the Python path returning a
                               torch.nn.Module (called with num_classes=N for
-                              --num-classes N); ImageNet preprocessing
+                              --num-classes N); ImageNet preprocessing.  An error
+                              raised by it or by importing its module is one line
+                              naming it.  torchvision's builders are called with
+                              weights_backbone=None (nothing is downloaded)
 --size alone keeps the model's resize/crop ratio.
 """
 
@@ -524,6 +527,14 @@ def method_params_from_args(args) -> dict:
     return params
 
 
+def model_error(e: ValueError) -> str:
+    """The usage-error text for :func:`relprop.models.load_model`'s ValueError ``e``: ``--model
+    SPEC raised TYPE: message`` for a model function that raised, else ``--model/--weights: ...``."""
+    from .models import ModelFunctionError
+
+    return f"--model {e}" if isinstance(e, ModelFunctionError) else f"--model/--weights: {e}"
+
+
 def load_model_from_args(args):
     """The options of :func:`_add_model_options` -> ``(model, Preprocessing)`` (usage error if bad).
 
@@ -538,7 +549,7 @@ def load_model_from_args(args):
     try:
         model, default = load_model(args.model, args.weights, args.num_classes)
     except ValueError as e:
-        parser.error(f"--model/--weights: {e}")
+        parser.error(model_error(e))
     size = args.size or default.size
     resize = args.resize
     if resize is None and default.resize is not None:

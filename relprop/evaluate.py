@@ -562,7 +562,7 @@ def _user_source(args, parser, methods):
     from functools import partial
 
     from .benchmark import userdata
-    from .cli import _floats3
+    from .cli import _floats3, model_error
     from .models import load_model
 
     if args.model in BUILTIN_MODELS + ("all",):
@@ -584,7 +584,7 @@ def _user_source(args, parser, methods):
     try:
         model, pre = load_model(args.model, args.weights, args.num_classes)
     except ValueError as e:
-        parser.error(f"--model/--weights: {e}")
+        parser.error(model_error(e))
     size = args.size or pre.size
     mean = pre.mean if args.mean is None else _floats3(parser, "mean", args.mean)
     std = pre.std if args.std is None else _floats3(parser, "std", args.std)

@@ -12,7 +12,9 @@
   (``$TORCH_HOME/hub/checkpoints/<file>``, never downloaded); preprocessing: the weights'
   own (resize, crop, mean/std, interpolation) for a weights name, else ImageNet at 224;
 * ``package.module:function``: called (with ``num_classes=`` if given), must return an
-  ``nn.Module``; ImageNet preprocessing.
+  ``nn.Module``; ImageNet preprocessing.  An exception raised by the function or while
+  importing its module is a :class:`ModelFunctionError` naming the spec; torchvision's own
+  builders are called with ``weights_backbone=None`` where they have it (never downloaded).
 """
 from __future__ import annotations
 
@@ -59,7 +61,7 @@ def load_model(spec: str, weights=None, num_classes: int | None = None) -> tuple
             model = builtin.load(spec) if weights is None else builtin.build(spec)
             preprocessing = builtin_preprocessing()
         elif ":" in spec:
-            model = _from_function(spec, kwargs)
+            model = _from_function(spec, kwargs, weights)
         else:
             tv_weights = _torchvision_weights(spec, weights)
             model = _from_torchvision(spec, tv_weights, kwargs)
@@ -97,16 +99,73 @@ def weights_cache_path(weights) -> str:
     return os.path.join(torch.hub.get_dir(), "checkpoints", name)
 
 
-def _from_function(spec: str, kwargs: dict) -> nn.Module:
+class ModelFunctionError(ValueError):
+    """A ``package.module:function`` model spec whose module or function raised: ``str(e)`` is
+    ``"<spec> raised <exception type>: <message>"`` (or ``"<spec>: importing <module> raised ..."``),
+    one line; the exception raised is ``e.__cause__``."""
+
+    def __init__(self, spec: str, detail: str):
+        super().__init__(f"{spec}{detail}")
+        self.spec = spec
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _is_torchvision_builder(fn) -> bool:
+    return (getattr(fn, "__module__", None) or "").startswith("torchvision.models")
+
+
+def _from_function(spec: str, kwargs: dict, weights=None) -> nn.Module:
+    """Import and call the function of a ``package.module:function`` spec.
+
+    A module or function that is not there is a ValueError with the spec help; an exception
+    raised while importing the module or by the function is a :class:`ModelFunctionError`
+    naming the spec and the exception.  A torchvision builder
+    (``torchvision.models.segmentation:fcn_resnet50``...) is called with
+    ``weights_backbone=None`` where it has that argument, so nothing is downloaded (its
+    default is the ImageNet backbone, fetched from the internet); its weights are random
+    (seed 0) unless ``weights`` (a state dict file) is given, with a warning as for
+    torchvision architecture names.
+    """
+    import inspect
+
     mod_name, _, fn_name = spec.partition(":")
+    if not mod_name or not fn_name or ":" in fn_name:
+        raise ValueError(f"bad model spec {spec!r}: expected 'package.module:function'; {MODEL_SPEC_HELP}")
     try:
-        fn = getattr(importlib.import_module(mod_name), fn_name)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"cannot import model function {spec!r} ({type(e).__name__}: {e}); "
-                         f"{MODEL_SPEC_HELP}") from None
-    model = fn(**kwargs)
+        module = importlib.import_module(mod_name)
+    except ModuleNotFoundError as e:
+        if e.name is not None and (mod_name == e.name or mod_name.startswith(e.name + ".")):
+            raise ValueError(f"cannot import model function {spec!r} (no module {e.name!r} on the Python path); "
+                             f"{MODEL_SPEC_HELP}") from None
+        raise ModelFunctionError(spec, f": importing {mod_name} raised {_one_line(e)}") from e
+    except Exception as e:              # a SyntaxError, or anything the module raises at import
+        raise ModelFunctionError(spec, f": importing {mod_name} raised {_one_line(e)}") from e
+    if not hasattr(module, fn_name):
+        raise ValueError(f"cannot import model function {spec!r} (module {mod_name!r} has no attribute "
+                         f"{fn_name!r}); {MODEL_SPEC_HELP}")
+    fn = getattr(module, fn_name)
+    if not callable(fn):
+        raise ValueError(f"{spec!r} is a {type(fn).__name__}, not a function returning a torch.nn.Module")
+    if _is_torchvision_builder(fn):
+        try:
+            params = inspect.signature(fn).parameters
+        except (TypeError, ValueError):
+            params = {}
+        if "weights_backbone" in params:      # its default downloads ImageNet weights for the backbone
+            kwargs = dict(kwargs, weights_backbone=None)
+    try:
+        model = fn(**kwargs)
+    except Exception as e:
+        raise ModelFunctionError(spec, f" raised {_one_line(e)}") from e
     if not isinstance(model, nn.Module):
         raise ValueError(f"{spec!r} returned {type(model).__name__}, not a torch.nn.Module")
+    if _is_torchvision_builder(fn) and weights is None:
+        warnings.warn(f"{spec}: a torchvision model built without weights has random weights (seed 0); pass a "
+                      "state dict file (--weights) to explain a trained model", UserWarning, stacklevel=3)
     return model
 
 

@@ -502,6 +502,94 @@ def test_load_model_specs_and_weights(tmp_path):
         load_model("no_such_module:f")
 
 
+@pytest.fixture
+def user_modules(tmp_path, monkeypatch):
+    """A folder on the Python path with model modules: a factory that raises, a module whose import
+    fails (a missing dependency, a syntax error) and a non-callable attribute."""
+    folder = tmp_path / "usermods"
+    folder.mkdir()
+    (folder / "rp_factories.py").write_text(
+        "import torch\n"
+        "NOT_A_FUNCTION = 3\n"
+        "def make(num_classes=10):\n    raise ValueError('depth must be even,\\n got 3')\n"
+        "def make_key():\n    raise KeyError('backbone')\n")
+    (folder / "rp_needs_missing.py").write_text("import rp_no_such_dependency\ndef make():\n    pass\n")
+    (folder / "rp_bad_syntax.py").write_text("def make(:\n")
+    monkeypatch.syspath_prepend(str(folder))
+    return folder
+
+
+def test_model_functions_that_raise_are_one_clear_error(user_modules):
+    from relprop.models import ModelFunctionError
+
+    with pytest.raises(ModelFunctionError) as info:
+        load_model("rp_factories:make")
+    assert str(info.value) == "rp_factories:make raised ValueError: depth must be even, got 3"
+    assert isinstance(info.value.__cause__, ValueError)
+    with pytest.raises(ModelFunctionError, match=r"^rp_factories:make_key raised KeyError: 'backbone'$"):
+        load_model("rp_factories:make_key")
+    with pytest.raises(ModelFunctionError, match=r"^rp_needs_missing:make: importing rp_needs_missing raised "
+                                                 r"ModuleNotFoundError: No module named 'rp_no_such_dependency'$"):
+        load_model("rp_needs_missing:make")
+    with pytest.raises(ModelFunctionError, match=r"^rp_bad_syntax:make: importing rp_bad_syntax raised SyntaxError"):
+        load_model("rp_bad_syntax:make")
+    with pytest.raises(ValueError, match=r"no module 'rp_not_there' on the Python path"):
+        load_model("rp_not_there:make")
+    with pytest.raises(ValueError, match=r"module 'rp_factories' has no attribute 'nope'"):
+        load_model("rp_factories:nope")
+    with pytest.raises(ValueError, match=r"^'rp_factories:NOT_A_FUNCTION' is a int, not a function"):
+        load_model("rp_factories:NOT_A_FUNCTION")
+    for spec in (":make", "rp_factories:"):
+        with pytest.raises(ValueError, match=r"bad model spec .*expected 'package.module:function'"):
+            load_model(spec)
+
+
+@pytest.mark.parametrize("command", ["explain", "attribute"])
+def test_cli_model_function_errors_are_one_line_without_traceback(command, user_modules, data, tmp_path):
+    image = str(data / "img06.png")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(user_modules), str(ROOT)]))
+    where = [image] if command == "explain" else ["--data", str(data)]
+    for spec, line in (("rp_factories:make", "--model rp_factories:make raised ValueError: depth must be even, "
+                                             "got 3"),
+                       ("rp_needs_missing:make", "--model rp_needs_missing:make: importing rp_needs_missing raised "
+                                                 "ModuleNotFoundError: No module named 'rp_no_such_dependency'"),
+                       ("rp_bad_syntax:make", "--model rp_bad_syntax:make: importing rp_bad_syntax raised "
+                                              "SyntaxError: invalid syntax (rp_bad_syntax.py, line 1)")):
+        r = subprocess.run([sys.executable, "-m", "relprop.cli", command, *where, "--model", spec,
+                            "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.strip().splitlines()[-1] == f"relprop {command}: error: {line}"
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def no_downloads(monkeypatch):
+    import torchvision.models._api
+
+    def refuse(url, *a, **k):
+        raise AssertionError(f"tried to download {url}")
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", refuse)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+
+
+def test_torchvision_segmentation_builders_build_without_downloading_the_backbone(no_downloads, tmp_path, capsys):
+    spec = "torchvision.models.segmentation:lraspp_mobilenet_v3_large"
+    with pytest.warns(UserWarning, match=f"{spec}: a torchvision model built without weights has random weights"):
+        model, pre = load_model(spec, num_classes=3)
+    assert model.classifier.low_classifier.out_channels == 3 and pre == Preprocessing()
+    again, _ = load_model(spec, num_classes=3)              # random weights, seed 0: reproducible
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    torch.save(model.state_dict(), tmp_path / "seg.pth")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                      # trained weights given: no random-weights warning
+        load_model(spec, weights=tmp_path / "seg.pth", num_classes=3)
+    # the command line builds it, then refuses the dense output (explains classifiers only)
+    err = _cli_error(["explain", str(_write_images(tmp_path / "d", 1) / "img00.png"), "--model", spec,
+                      "--size", "64", "--out", str(tmp_path / "out")], capsys)
+    assert "relprop explain: error: relprop explain explains classifiers, whose output is (B, classes) scores" in err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("name", ["shapes-vgg", "shapes-resnet"])
 def test_builtin_models_with_their_preprocessing(name, tmp_path):
     untrained = builtin.build(name)

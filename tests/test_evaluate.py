@@ -343,6 +343,17 @@ def test_evaluate_coco_end_to_end_and_its_checks(tmp_path, tiny_net, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def test_a_model_function_that_raises_is_one_line_naming_it(tmp_path, capsys, monkeypatch):
+    (tmp_path / "rp_eval_raises.py").write_text("def build(num_classes=3):\n    raise RuntimeError('no GPU here')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _voc(tmp_path / "voc", [[("cat", (1, 1, 20, 10))]])
+    err = _error(["--voc", str(tmp_path / "voc"), "--classes", "cat,dog", "--model", "rp_eval_raises:build",
+                  "--out", str(tmp_path / "rep")], capsys)
+    assert err.strip().splitlines()[-1] == ("relprop evaluate: error: --model rp_eval_raises:build raised "
+                                            "RuntimeError: no GPU here")
+    assert not (tmp_path / "rep").exists()
+
+
 def test_unreadable_user_image_fails_cleanly(tmp_path, tiny_net, capsys):
     _voc(tmp_path / "voc", [[("cat", (1, 1, 20, 10))], [("dog", (5, 5, 30, 18))]])
     (tmp_path / "voc" / "JPEGImages" / "im1.jpg").write_bytes(b"not a jpeg")
