@@ -42,8 +42,10 @@ are resampled with replacement ``BOOTSTRAP_RESAMPLES`` times (indices from a CPU
 seeded with the run's seed, the same draws for every method), the metric is recomputed as
 defined above on each resample (the pointing game's class mean, the ratio's median, the
 other means), and the 2.5% and 97.5% quantiles are the interval: ``row["ci"][metric] =
-{"low": ..., "high": ...}`` in ``metrics.json``, ``value ± (high - low) / 2`` in
-``metrics.md``.
+{"low": ..., "high": ..., "items": k}`` in ``metrics.json`` (``k`` items scored for the
+metric), ``value ± (high - low) / 2`` in ``metrics.md``.  With fewer than 2 items scored
+(``--images 1``; a metric NaN on all items but one) no interval can be estimated: ``low``
+and ``high`` are null and ``metrics.md`` prints ``value ± n/a``.
 
 The report folder holds ``metrics.md`` and ``metrics.json`` (one table / row list per
 model, one row per method) and ``grid-<model>.png`` (rows = the first ``grid_images`` items,
@@ -82,6 +84,7 @@ DEFAULT_IMAGES, FULL_IMAGES = 200, 2000
 PERTURB_STEPS = 8
 GRID_IMAGES = 8
 BOOTSTRAP_RESAMPLES, CI_LEVEL = 1000, 0.95
+MIN_CI_ITEMS = 2          # fewer scored items: no confidence interval (n/a), never a zero-width one
 COLUMNS = (  # key, markdown header, format
     ("pointing_game", "pointing game ↑", "{:.3f}"),
     ("outside_inside", "outside/inside (median) ↓", "{:.3f}"),
@@ -196,18 +199,18 @@ def _scores(model, items: dict, heat: torch.Tensor, num_classes: int, perturb_im
            "relevance_mass": _nanmean(mass),
            "iou": _nanmean(seg["iou"]), "ap": _nanmean(seg["average_precision"])}
     count = heat.shape[0]
-    stats = {"pointing_game": (B.class_mean_statistic(hits, items["target"], num_classes), count),
-             "outside_inside": (B.nanmedian_statistic(ratio), count),
-             "relevance_mass": (B.nanmean_statistic(mass), count),
-             "iou": (B.nanmean_statistic(seg["iou"]), count),
-             "ap": (B.nanmean_statistic(seg["average_precision"]), count)}
+    stats = {"pointing_game": (B.class_mean_statistic(hits, items["target"], num_classes), count, count),
+             "outside_inside": (B.nanmedian_statistic(ratio), count, _scored(ratio)),
+             "relevance_mass": (B.nanmean_statistic(mass), count, _scored(mass)),
+             "iou": (B.nanmean_statistic(seg["iou"]), count, _scored(seg["iou"])),
+             "ap": (B.nanmean_statistic(seg["average_precision"]), count, _scored(seg["average_precision"]))}
     n = perturb_images
     for order in ("morf", "lerf"):
         r = region_perturbation(model, items["x"][:n], heat[:n], items["target"][:n], patch=max(1, size // 8),
                                 steps=PERTURB_STEPS, order=order, generator=torch.Generator().manual_seed(seed),
                                 batch_size=512)
         row[f"aopc_{order}"] = _nanmean(r["aopc"])
-        stats[f"aopc_{order}"] = (B.nanmean_statistic(r["aopc"]), n)
+        stats[f"aopc_{order}"] = (B.nanmean_statistic(r["aopc"]), n, _scored(r["aopc"]))
     return row, stats
 
 
@@ -239,16 +242,31 @@ def _sanity(model, items: dict, method: str, n: int, seed: int) -> tuple[dict, d
     steps = cascading_randomization(model, items["x"][:n], items["target"][:n], explain_function(method), seed=seed)
     top, every = steps[0]["spearman"], steps[-1]["spearman"]
     return ({"sanity_top": _nanmean(top), "sanity_all": _nanmean(every)},
-            {"sanity_top": (B.nanmean_statistic(top), n), "sanity_all": (B.nanmean_statistic(every), n)})
+            {"sanity_top": (B.nanmean_statistic(top), n, _scored(top)),
+             "sanity_all": (B.nanmean_statistic(every), n, _scored(every))})
+
+
+def _scored(values) -> int:
+    """How many items have a score (not NaN)."""
+    return int((~torch.as_tensor(values).reshape(-1).isnan()).sum())
 
 
 def confidence_intervals(stats: dict, resamples: int, seed: int, level: float = CI_LEVEL) -> dict:
-    """metric -> ``{"low": ..., "high": ...}``: the percentile-bootstrap interval over items
-    (:func:`relprop.metrics.bootstrap_interval`, ``resamples`` draws seeded with ``seed``)."""
+    """metric -> ``{"low": ..., "high": ..., "items": k}``: the percentile-bootstrap interval
+    over items (:func:`relprop.metrics.bootstrap_interval`, ``resamples`` draws seeded with
+    ``seed``) and the number ``k`` of items scored for the metric.  ``stats`` maps a metric to
+    ``(statistic, n)`` or ``(statistic, n, k)`` (``k`` of the ``n`` items have a score; default
+    ``n``).  With ``k < MIN_CI_ITEMS`` (one item: every resample is that item) there is no
+    interval: ``low`` and ``high`` are None (printed ``± n/a``), not the zero-width interval
+    that would claim certainty."""
     out = {}
-    for key, (statistic, n) in stats.items():
+    for key, (statistic, n, *scored) in stats.items():
+        k = scored[0] if scored else n
+        if k < MIN_CI_ITEMS:
+            out[key] = {"low": None, "high": None, "items": k}
+            continue
         low, high = B.bootstrap_interval(statistic, n, resamples, level, seed)
-        out[key] = {"low": low, "high": high}
+        out[key] = {"low": low, "high": high, "items": k}
     return out
 
 
@@ -320,7 +338,10 @@ def format_table(rows: list[dict]) -> str:
 
 
 def _plus_minus(ci: dict | None) -> str:
-    """`` ± h`` with ``h`` half the width of the interval ``ci`` (empty without one)."""
+    """`` ± h`` with ``h`` half the width of the interval ``ci`` (empty without one; `` ± n/a``
+    when too few items were scored to estimate one)."""
+    if ci and ci.get("items", MIN_CI_ITEMS) < MIN_CI_ITEMS:
+        return " ± n/a"
     if not ci or ci["low"] is None or ci["high"] is None or math.isnan(ci["low"]) or math.isnan(ci["high"]):
         return ""
     half = (ci["high"] - ci["low"]) / 2
@@ -339,7 +360,8 @@ def _markdown(results: dict) -> str:
                 f"± half the width of the 95% percentile-bootstrap interval over the items "
                 f"({res.get('resamples', BOOTSTRAP_RESAMPLES)} resamples of the items, seeded; the bounds are in "
                 "metrics.json, `ci`); a difference between methods whose intervals overlap is not called a "
-                "difference.", "",
+                f"difference.  ± n/a: fewer than {MIN_CI_ITEMS} items scored for the metric, so no interval can "
+                "be estimated (`low`/`high` are null in metrics.json).", "",
                 f"maps reported ⚠: of the {res['items']} maps, how many relprop reported as numerically "
                 "untrustworthy (estimated relative error above the trusted bound, 1e-3 for a float32 model; README, "
                 "Numerics).", ""]

@@ -142,6 +142,36 @@ def test_report_confidence_intervals(report):
     assert "percentile-bootstrap interval" in (report / "metrics.md").read_text()
 
 
+def test_one_image_has_no_confidence_interval_not_a_zero_width_one(tmp_path, capsys):
+    out = tmp_path / "one"
+    assert _run(["--model", "shapes-vgg", "--images", "1", "--methods", "gradient", "--out", str(out), "-q"]) == 0
+    printed = capsys.readouterr().out
+    row, = _strict_json(out / "metrics.json")["models"]["shapes-vgg"]["rows"]
+    keys = [k for k, _, _ in evaluate.COLUMNS if k not in ("ms_per_image", "untrusted")]
+    assert row["ci"] == {k: {"low": None, "high": None, "items": 1} for k in keys}
+    for text in (printed, (out / "metrics.md").read_text()):
+        line, = [l for l in text.splitlines() if l.startswith("| gradient |")]
+        cells = line.split("|")[2:-1]
+        assert [c.strip().endswith("± n/a") for c in cells] == [True] * len(keys) + [False, False]
+        assert "± 0" not in text
+        assert "± n/a: fewer than 2 items scored for the metric, so no interval can be estimated" in text
+
+
+def test_confidence_intervals_count_the_items_scored():
+    from relprop.metrics import bootstrap as B
+
+    one = torch.tensor([0.3, math.nan, math.nan])            # a metric scored on one item of three
+    two = torch.tensor([0.3, 0.5, math.nan])
+    ci = evaluate.confidence_intervals({"one": (B.nanmean_statistic(one), 3, 1),
+                                        "two": (B.nanmean_statistic(two), 3, 2),
+                                        "plain": (B.nanmean_statistic(two[:2]), 2)}, 200, 0)
+    assert ci["one"] == {"low": None, "high": None, "items": 1}
+    assert ci["two"]["items"] == 2 and ci["two"]["low"] == pytest.approx(0.3) and ci["two"]["high"] == pytest.approx(0.5)
+    assert ci["plain"] == dict(ci["two"], items=2)
+    assert evaluate._plus_minus(ci["one"]) == " ± n/a" and evaluate._plus_minus(ci["two"]) == " ± 0.10"
+    assert evaluate._plus_minus({"low": 0.1, "high": 0.3}) == " ± 0.10"       # a report without "items"
+
+
 def test_grid_has_a_row_per_image_and_a_column_per_method(report, tmp_path):
     from relprop import viz
 
