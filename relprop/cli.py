@@ -445,7 +445,8 @@ def _add_attribute_parser(sub, fmt) -> None:
 def _add_explain_parser(sub, fmt) -> None:
     p = sub.add_parser("explain", help="write heatmap and overlay PNGs for a few image files",
                        description=EXPLAIN_DESCRIPTION, epilog=EXPLAIN_EXAMPLES, formatter_class=fmt)
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="image files (not folders: relprop attribute --data DIR explains a whole folder)")
     _add_model_options(p)
     p.add_argument("--target", "--targets", dest="target", metavar="C[,C...]",
                    help="class index or comma-separated indices (--targets is the same option; "
@@ -628,6 +629,11 @@ def _explain(args) -> int:
     from .graph import UnsupportedModelError
 
     parser = args.subparser
+    folders = [p for p in args.images if os.path.isdir(p)]
+    if folders:     # not expanded: explain holds every image and map in memory and writes two PNGs per image
+        parser.error(f"{folders[0]!r} is a folder{f' (and {len(folders) - 1} more)' if len(folders) > 1 else ''}; "
+                     f"explain takes image files (e.g. {os.path.join(folders[0], '*.png')}); to explain every image "
+                     f"of a folder use: relprop attribute --data {folders[0]} --out DIR")
     missing = [p for p in args.images if not os.path.isfile(p)]
     if missing:
         parser.error(f"image file(s) not found: {', '.join(missing)}")

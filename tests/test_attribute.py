@@ -789,6 +789,19 @@ def test_cli_explain_writes_heatmap_and_overlay(data, tmp_path, capsys):
     assert f"relprop explain: error: image file(s) not found: {missing}" in err
 
 
+def test_cli_explain_refuses_a_folder_pointing_at_attribute(data, tmp_path, capsys, no_work):
+    out = tmp_path / "maps"
+    err = _cli_error(["explain", str(data), "--model", SPEC, "-o", str(out)], capsys)
+    assert err.strip().splitlines()[-1] == (
+        f"relprop explain: error: {str(data)!r} is a folder; explain takes image files (e.g. "
+        f"{os.path.join(str(data), '*.png')}); to explain every image of a folder use: relprop attribute --data "
+        f"{data} --out DIR")
+    err = _cli_error(["explain", str(data / "img06.png"), str(data / "a"), str(data / "b"), "--model", SPEC,
+                      "-o", str(out)], capsys)
+    assert f"error: {str(data / 'a')!r} is a folder (and 1 more); explain takes image files" in err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("command", ["attribute", "explain"])
 def test_help_is_complete_with_an_example(command, capsys):
     with pytest.raises(SystemExit):
