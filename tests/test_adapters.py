@@ -117,10 +117,51 @@ def test_quantus_explain_func_shape_values_and_errors(net):
     assert isinstance(got, np.ndarray) and got.shape == (3, 1, 10, 10)
     np.testing.assert_allclose(got[:, 0], relprop.Explainer(model, "rap").heatmap(x, t).numpy(), rtol=1e-6)
     assert f(model, x.numpy(), None, device="cpu").shape == (3, 1, 10, 10)
-    with pytest.raises(TypeError, match=re.escape("unexpected keyword argument(s) softmax")):
-        f(model, x.numpy(), t.numpy(), softmax=False)
+    with pytest.raises(TypeError, match=re.escape("unexpected keyword argument(s) xai_lib")):
+        f(model, x.numpy(), t.numpy(), xai_lib="captum")
     with pytest.raises(TypeError, match="method 'ae': ratio must be a number"):
         explain_func("ae", ratio="x")
+
+
+def test_quantus_explain_func_takes_the_keywords_quantus_passes(net):
+    """Quantus calls explain_func(model=, inputs=, targets=, **explain_func_kwargs) with device (a
+    metric's device=), method (quantus.evaluate: the xai_methods key) and the user's kwargs."""
+    from relprop.adapters.quantus import explain_func
+    model, x, t = net
+    f = explain_func("rap")
+    expected = f(model, x.numpy(), t.numpy())
+    same = f(model=model, inputs=x.numpy(), targets=t.numpy(), device="cpu", method="relprop RAP", softmax=False,
+             channel_first=True)
+    assert np.array_equal(same, expected)
+    assert np.array_equal(f(model, x.numpy(), t.numpy(), method="rap", softmax=None), expected)
+    with pytest.raises(ValueError, match=re.escape("explain_func('rap') computes 'rap' but was called with "
+                                                   "method='lrp-epsilon'; use explain_func('lrp-epsilon')")):
+        f(model, x.numpy(), t.numpy(), method="lrp-epsilon")
+    with pytest.raises(ValueError, match=re.escape("softmax=True is not supported")):
+        f(model, x.numpy(), t.numpy(), softmax=True)
+    with pytest.raises(ValueError, match=re.escape("channel_first=False is not supported")):
+        f(model, x.numpy(), t.numpy(), channel_first=False)
+
+
+def test_quantus_evaluate_and_metric_kwargs(net):
+    quantus = pytest.importorskip("quantus")
+    from relprop.adapters.quantus import explain_func
+    model, x, t = net
+    model = model.float()
+    xs, ts = x.float().numpy(), t.numpy()
+    f = explain_func("gradient")
+
+    def sparseness():
+        return quantus.Sparseness(disable_warnings=True, display_progressbar=False)
+
+    direct = np.asarray(sparseness()(model=model, x_batch=xs, y_batch=ts, explain_func=f, device="cpu",
+                                     explain_func_kwargs={"softmax": False}), dtype=float)
+    results = quantus.evaluate(metrics={"sparseness": sparseness()}, xai_methods={"relprop-gradient": f},
+                               model=model, x_batch=xs, y_batch=ts, explain_func_kwargs={},
+                               call_kwargs={"0": {"device": "cpu"}})
+    assert direct.shape == (3,) and np.isfinite(direct).all()
+    via_evaluate = np.asarray(results["relprop-gradient"]["sparseness"], dtype=float).reshape(-1)
+    np.testing.assert_allclose(via_evaluate, direct, rtol=1e-6)
 
 
 def test_quantus_in_place_randomisation_changes_the_maps(net):
@@ -206,6 +247,57 @@ def test_attributor_equals_zennit_epsilon_plus_flat():
         _, z_rel = zennit_attributor(x.clone().requires_grad_(True), onehot)
     torch.testing.assert_close(rel, z_rel)
     assert not model._forward_hooks and not any(m._forward_hooks or m._backward_hooks for m in model.modules())
+
+
+def test_attributor_takes_zennit_composites_as_zennit_does(net):
+    """Attributor(model, composite) / Attributor(model, composite=...) as zennit.attribution.Gradient:
+    the composite object, class or name gives the equal relprop method and Zennit's numbers."""
+    pytest.importorskip("zennit")
+    from zennit.attribution import Gradient
+    from zennit.canonizers import SequentialMergeBatchNorm
+    from zennit.composites import (EpsilonAlpha2Beta1, EpsilonGammaBox, EpsilonPlusFlat, ExcitationBackprop,
+                                   GuidedBackprop)
+
+    from relprop.adapters.zennit import Attributor
+    _, x, t = net
+    model = small_net(bn=False)
+    onehot = torch.nn.functional.one_hot(t, 5).double()
+    low, high = torch.full((1, 3, 1, 1), -3.0, dtype=torch.float64), torch.full((1, 3, 1, 1), 3.0,
+                                                                                  dtype=torch.float64)
+    for make in (EpsilonPlusFlat, EpsilonAlpha2Beta1, lambda **k: EpsilonGammaBox(low, high, **k)):
+        with Gradient(model, make(canonizers=[SequentialMergeBatchNorm()])) as zennit_attributor:
+            _, expected = zennit_attributor(x.clone().requires_grad_(True), onehot)
+        for attributor in (Attributor(model, make()), Attributor(model, composite=make()),
+                           Attributor(model, composite=make(canonizers=[SequentialMergeBatchNorm()]))):
+            with attributor:
+                _, rel = attributor(x, onehot)
+            torch.testing.assert_close(rel, expected)
+    for spelling in (EpsilonPlusFlat, "EpsilonPlusFlat", "epsilon_plus_flat"):
+        assert Attributor(model, composite=spelling).explainer.method.name == "lrp-epsilon-plus-flat"
+    named = Attributor(model, composite="EpsilonGammaBox", zb_bounds=(low, high), gamma=0.5)
+    with Gradient(model, EpsilonGammaBox(low, high, gamma=0.5, canonizers=[SequentialMergeBatchNorm()])) as z:
+        torch.testing.assert_close(named(x, onehot)[1], z(x.clone().requires_grad_(True), onehot)[1])
+    _, plain = Attributor(model, composite=None)(x, onehot)       # Gradient(model, None): the plain gradient
+    torch.testing.assert_close(plain, Gradient(model)(x.clone().requires_grad_(True), onehot)[1])
+    # what cannot be mapped exactly is refused, never explained with other settings
+    with pytest.raises(ValueError, match=r"cannot read the arguments of this EpsilonPlusFlat object: it was built "
+                                         r"with other arguments than the defaults"):
+        Attributor(model, composite=EpsilonPlusFlat(epsilon=0.1))
+    with pytest.raises(ValueError, match=r"cannot read the arguments of this EpsilonGammaBox object"):
+        Attributor(model, EpsilonGammaBox(low, high, gamma=0.5))
+    for other in (GuidedBackprop(), ExcitationBackprop, "guided_backprop"):
+        with pytest.raises(ValueError, match=r"relprop has no method equal to the Zennit composite .*supported: "
+                                             r"EpsilonPlus, EpsilonPlusFlat"):
+            Attributor(model, composite=other)
+    with pytest.raises(TypeError, match="composite must be a Zennit composite"):
+        Attributor(model, composite=3)
+    with pytest.raises(TypeError, match="either a method or a Zennit composite"):
+        Attributor(model, "rsp", composite=EpsilonPlusFlat())
+    with pytest.raises(TypeError, match="zb_bounds is given twice"):
+        Attributor(model, EpsilonGammaBox(low, high), zb_bounds=(low, high))
+    with pytest.raises(ValueError, match="create_graph=True is not supported"):
+        Attributor(model, composite=EpsilonPlusFlat(), create_graph=True)
+    Attributor(model, composite=EpsilonPlusFlat(), create_graph=False, retain_graph=True)   # Zennit's defaults
 
 
 def test_attributor_seeds_and_contrastive_methods(net):

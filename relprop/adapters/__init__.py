@@ -8,8 +8,9 @@ each adapter imports its package only when imported itself:
   for any Quantus metric; needs ``pip install relprop[quantus]`` only to run Quantus
   (the function itself uses NumPy and torch);
 * :mod:`relprop.adapters.zennit`: ``Attributor(model, method, attr_output=None, **params)``
-  with Zennit's calling convention ``output, relevance = attributor(input, attr_output)``;
-  needs nothing beyond relprop.
+  with Zennit's calling convention ``output, relevance = attributor(input, attr_output)``
+  (``Attributor(model, composite=EpsilonPlusFlat())`` as ``zennit.attribution.Gradient``);
+  needs nothing beyond relprop (Zennit only for composite objects).
 
 Every adapter builds on :class:`relprop.Explainer`: the model is read, never written, and
 nothing derived from its parameters is kept between calls.
