@@ -658,6 +658,9 @@ def test_torchvision_weights_names_load_from_the_hub_cache(torch_home, tmp_path,
         load_model("resnet18", "IMAGENET1K_V9")
     err = _cli_error(["explain", str(tmp_path), "--model", "resnet18", "--weights", "DEFAULT", "-o",
                       str(tmp_path / "o")], capsys)
+    assert f"{str(tmp_path)!r} is a folder; explain takes image files" in err          # before the weights
+    err = _cli_error(["explain", str(tmp_path / "missing.png"), "--model", "resnet18", "--weights", "DEFAULT", "-o",
+                      str(tmp_path / "o")], capsys)
     assert "image file(s) not found" in err
     img = tmp_path / "x.png"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(img)
