@@ -174,12 +174,14 @@ def d_term(xv, V, R):
 
 
 def d_rap_repo(x, R, M, alpha):
-    """RAP repository LRP-alpha-beta (methods.md §1.4): one denominator per term, no bias."""
+    """RAP repository LRP-alpha-beta (methods.md §1.4), no bias; for signed x each sign group
+    shares one denominator (Transformer-Explainability's fix of the repository's double count)."""
     beta = alpha - 1
     Mp, Mn = M.clamp(min=0), M.clamp(max=0)
     xp, xn = x.clamp(min=0), x.clamp(max=0)
-    return (alpha * (d_term(xp, Mp, R) + d_term(xn, Mn, R))
-            - beta * (d_term(xp, Mn, R) + d_term(xn, Mp, R)))
+    sa, sb = SD(R, Mp @ xp + Mn @ xn), SD(R, Mn @ xp + Mp @ xn)
+    return (alpha * (xp * (Mp.T @ sa) + xn * (Mn.T @ sa))
+            - beta * (xp * (Mn.T @ sb) + xn * (Mp.T @ sb)))
 
 
 def d_zennit_ab(x, R, M, b, alpha, beta, eps):
@@ -223,8 +225,9 @@ def d_shift(C, total):
     return C - nz * (C.sum() - total) / cnt
 
 
-def d_rap_pos_prop(a, R, M, conv_routing):
-    """RAP pos_prop for a >= 0 (methods.md §2.4 Linear math / §2.5 Conv math) + shift."""
+def d_rap_pos_prop(a, R, M, conv_routing, total=None):
+    """RAP pos_prop for a >= 0 (methods.md §2.4 Linear math / §2.5 Conv math) + shift to
+    ``total`` (default sum R)."""
     Mp, Ma = M.clamp(min=0), (-M).clamp(min=0)
     Zp, Zn = Mp @ a, Ma @ a
     Rp, Rn = R.clamp(min=0), R.clamp(max=0)
@@ -232,14 +235,19 @@ def d_rap_pos_prop(a, R, M, conv_routing):
         C = a * (Mp.T @ SD(Rp, Zp)) + a * (Ma.T @ SD(Rn, Zn)) + a * (Ma.T @ SD(Rp + Rn, Zp + Zn))
     else:
         C = a * (Mp.T @ SD(Rp + Rn, Zp)) + a * (Ma.T @ SD(Rp + Rn, Zp + Zn))
-    return d_shift(C, R.sum())
+    return d_shift(C, R.sum() if total is None else total)
 
 
 def d_rap_hidden(x, R, M, conv_routing):
-    out = d_rap_pos_prop(x.clamp(min=0), R, M, conv_routing)
-    if (x < 0).any():
-        out = out + d_rap_pos_prop((-x).clamp(min=0), R, M, conv_routing)
-    return out
+    """RAP hidden rule; a signed x splits R between the x+ and |x-| passes by absolute
+    contribution, R- = R |M| |x-| / (|M| x+ + |M| |x-|), each pass shifted to its share's sum."""
+    if not (x < 0).any():
+        return d_rap_pos_prop(x.clamp(min=0), R, M, conv_routing)
+    a, n = x.clamp(min=0), (-x).clamp(min=0)
+    share = SD(M.abs() @ n, M.abs() @ a + M.abs() @ n)
+    rn = R * share
+    return (d_rap_pos_prop(a, R - rn, M, conv_routing, total=R.sum() - rn.sum())
+            + d_rap_pos_prop(n, rn, M, conv_routing))
 
 
 def d_rap_first(x, pd, M, b):
@@ -393,24 +401,43 @@ def test_rap_repo_alphabeta_conserves_nonneg(name, alpha):
 
 
 @pytest.mark.parametrize("alpha", [1.0, 2.0])
-def test_rap_repo_alphabeta_linear_signed_input_doubles(alpha):
-    """Signed input to a Linear: each sign group gets its own denominator, so sum R_in = 2 sum R
-    (the documented quirk, methods.md §1.4 / §8.7); equals the dense formula."""
-    lin = make_linear(d_in=16, seed=4)
-    gen = torch.Generator().manual_seed(6)
-    x = torch.randn(3, 16, generator=gen, dtype=D)
-    r = torch.rand(3, 6, generator=gen, dtype=D) + 0.1
-    M = dense_matrix(lin, (16,))
+@pytest.mark.parametrize("name", CONV_IDS + ["linear"])
+def test_rap_repo_alphabeta_signed_input_conserves(name, alpha):
+    """Signed input (not in the authors' nets): each sign group shares one denominator
+    (Transformer-Explainability's fix), so sum R_in = sum R; equals the dense formula.  The
+    repository's own code gives each signed term its own denominator and doubles the sum
+    (methods.md §1.4 / §8.7): that result is asserted not to be returned."""
+    if name == "linear":
+        mod, in_shape = make_linear(d_in=16, seed=4), (16,)
+        gen = torch.Generator().manual_seed(6)
+        x = torch.randn(3, 16, generator=gen, dtype=D)
+        r = torch.rand(3, 6, generator=gen, dtype=D) + 0.1
+    else:
+        mod, in_shape, x, r = conv_data(name, nonneg=False, seed=4)
+    M = dense_matrix(mod, in_shape)
     Mp, Mn = M.clamp(min=0), M.clamp(max=0)
-    for xb in x:   # all four denominators non-zero
-        xp, xn = xb.clamp(min=0), xb.clamp(max=0)
-        assert all(((V @ v) != 0).all() for V in (Mp, Mn) for v in (xp, xn))
-    out = run_rule(lrp_mod.alphabeta_rap_repo(alpha), lin, x, r, nonneg=False)
+    kept = []   # sum R conserved except where a shared denominator is 0 (SD drops that R_j)
+    for xb, rb in zip(x, r):
+        xp, xn, rv = xb.reshape(-1).clamp(min=0), xb.reshape(-1).clamp(max=0), rb.reshape(-1)
+        za, zb = Mp @ xp + Mn @ xn, Mn @ xp + Mp @ xn
+        kept.append(alpha * (rv * (za != 0)).sum() - (alpha - 1) * (rv * (zb != 0)).sum())
+    out = run_rule(lrp_mod.alphabeta_rap_repo(alpha), mod, x, r, nonneg=False)
     close(out, per_sample(d_rap_repo, x, r, M, alpha))
-    close(psum(out), 2 * psum(r))
-    # for non-negative input it conserves
+    close(psum(out), torch.stack(kept))
+    if name == "linear":
+        close(psum(out), psum(r))
+
+    def repo_double_count(xv, rv):
+        xp, xn = xv.clamp(min=0), xv.clamp(max=0)
+        return (alpha * (d_term(xp, Mp, rv) + d_term(xn, Mn, rv))
+                - (alpha - 1) * (d_term(xp, Mn, rv) + d_term(xn, Mp, rv)))
+    if name == "linear":   # all four separate denominators are non-zero there
+        close(psum(per_sample(repo_double_count, x, r)), 2 * psum(r))
+    assert not torch.allclose(out, per_sample(repo_double_count, x, r), rtol=1e-3)
+    # for non-negative input it is the repository's rule (one denominator per weight sign)
     xp = x.clamp(min=0)
-    close(psum(run_rule(lrp_mod.alphabeta_rap_repo(alpha), lin, xp, r, nonneg=True)), psum(r))
+    close(run_rule(lrp_mod.alphabeta_rap_repo(alpha), mod, xp, r, nonneg=True),
+          per_sample(lambda xv, rv: alpha * d_term(xv, Mp, rv) - (alpha - 1) * d_term(xv, Mn, rv), xp, r))
 
 
 @pytest.mark.parametrize("negate", [False, True])
@@ -642,15 +669,25 @@ def test_rap_first_propagation_bias_only_through_zk():
     close(out2[1], out[1])
 
 
-def test_rap_first_propagation_signed_input_dense():
-    """First propagation with signed x equals the pseudo-code of §2.3; sum is still z_k."""
+def test_rap_first_propagation_signed_input_closed_form():
+    """First propagation with signed x (not in the authors' nets): the closed form of §2.3,
+    ``R_i = z_k |x_i w_ki| / sum |x w_k|``, which sums to z_k.  The authors' pseudo-code differs
+    there (its bias shares flow through the x+ paths only): asserted not to be returned."""
     lin, x, pd = _first_prop_data(signed=True)
     M, b = dense_matrix(lin, (10,)), dense_bias(lin, (10,))
     out = run_rule(rap_mod.first_propagation, lin, x, pd, nonneg=False)
-    close(out, per_sample(d_rap_first, x, pd, M, b))
     with torch.no_grad():
         z = lin(x)
+    ks = pd.argmax(1)
+    zk = z[torch.arange(2), ks]
+    contrib = (x * M[ks]).abs()
+    close(out, zk[:, None] * contrib / contrib.sum(1, keepdim=True))
     close(psum(out), (z * pd).sum(1))
+    assert not torch.allclose(out, per_sample(d_rap_first, x, pd, M, b), rtol=1e-3)
+    # a non-negative input flagged signed takes the same closed form as the authors' rule
+    xp = x.clamp(min=0)
+    close(run_rule(rap_mod.first_propagation, lin, xp, pd, nonneg=False),
+          run_rule(rap_mod.first_propagation, lin, xp, pd, nonneg=True))
 
 
 def _rap_linear_data(seed=13, batch=3):
@@ -714,9 +751,11 @@ def test_rap_linear_and_conv_routings_differ():
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv"])
-def test_rap_hidden_signed_input_doubles(kind):
-    """Signed layer input: x+ and |x-| passes are each shifted to sum R, so sum R_in = 2 sum R
-    (documented violation, §2.4/§8.7); equals the dense sum of both passes."""
+def test_rap_hidden_signed_input_conserves(kind):
+    """Signed layer input (not in the authors' nets): the x+ and |x-| passes share R by absolute
+    contribution and are each shifted to their share, so sum R_in = sum R; equals the dense
+    formula.  The authors' code shifts both passes to sum R (sum R_in = 2 sum R, §2.4/§8.7):
+    asserted not to be what is returned."""
     if kind == "linear":
         lin = make_linear(d_in=12, d_out=7, seed=16)
         gen = torch.Generator().manual_seed(17)
@@ -728,7 +767,17 @@ def test_rap_hidden_signed_input_doubles(kind):
         M = dense_matrix(mod, in_shape)
     out = run_rule(rap_mod.hidden, mod, x, r, nonneg=False)
     close(out, per_sample(d_rap_hidden, x, r, M, kind == "conv"))
-    close(psum(out), 2 * psum(r))
+    close(psum(out), psum(r))
+
+    def authors(xv, rv):
+        return (d_rap_pos_prop(xv.clamp(min=0), rv, M, kind == "conv")
+                + d_rap_pos_prop((-xv).clamp(min=0), rv, M, kind == "conv"))
+    close(psum(per_sample(authors, x, r)), 2 * psum(r))
+    # the shares are the absolute-contribution split: a sample whose x- is 0 takes the x+ pass alone
+    x1 = x.clone()
+    x1[0] = x1[0].clamp(min=0)
+    close(run_rule(rap_mod.hidden, mod, x1, r, nonneg=False)[0],
+          per_sample(d_rap_pos_prop, x1[:1].clamp(min=0), r[:1], M, kind == "conv")[0])
 
 
 # ======================================================================= 6. RSP
@@ -905,6 +954,73 @@ def test_end_to_end_sum_is_logit(vgg, method, params):
     if method == "rap":
         hm = res.relevance.sum(1)
         assert (hm > 0).any() and (hm < 0).any()      # bi-polar
+
+
+class _SignedNet(nn.Module):
+    """A net whose hidden convs and linears read signed inputs (GELU, a signed residual add,
+    no ReLU), as in ConvNeXt- and ViT-style nets, which the authors' code never meets."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.conv1, self.conv2 = nn.Conv2d(6, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc1, self.fc2 = nn.Linear(24, 10), nn.Linear(10, 5)
+
+    def forward(self, x):
+        x = F.gelu(self.stem(x))
+        x = x + self.conv2(F.gelu(self.conv1(x)))
+        x = self.pool(x).flatten(1)
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+@pytest.mark.parametrize("method,params", [("rap", {}), ("rap-split", {}), ("lrp-rap-repo", {"alpha": 1.0}),
+                                           ("lrp-rap-repo", {"alpha": 2.0})])
+def test_end_to_end_signed_inputs_conserve(method, params):
+    """On signed hidden inputs RAP, rap-split and lrp-rap-repo still conserve: every layer's
+    input relevance sums to z_t (the authors' double count at each signed layer would give
+    2x per signed conv/linear, 16x here)."""
+    torch.manual_seed(5)
+    model = _SignedNet().double().eval()
+    x = _image(batch=3, size=8, seed=9)
+    with torch.no_grad():
+        z = model(x)
+    t = z.argmax(1)
+    res = relprop.Explainer(model, method, **params).attribute(x, t, layer_sums=True)
+    zt = _zt(z, t)
+    close(psum(res.relevance), zt, rtol=1e-7, atol_rel=0)
+    sums = res.layer_sums
+    for name in ("fc2", "fc1", "pool", "add", "stem"):   # the main path carries z_t
+        close(sums[name], zt, rtol=1e-7, atol_rel=0)
+    close(sums["conv1"], sums["conv2"], rtol=1e-7, atol_rel=0)   # the residual branch keeps its share
+    assert not torch.allclose(sums["conv2"], zt, rtol=1e-2)
+
+
+def test_rap_head_on_signed_input_loses_nothing_where_x_plus_w_plus_is_zero():
+    """RAP's output layer on a signed input whose ``x+ W+`` is 0 at the target (possible after
+    a GELU): the authors' pseudo-code sends the bias shares through the x+ paths only and loses
+    them (here the map would sum to ~20x the logit); the closed form conserves z_k."""
+    torch.manual_seed(5)
+    model = _SignedNet().double().eval()
+    x = _image(batch=3, size=8, seed=9)
+    graph = g.capture(model)
+    with torch.no_grad():
+        values = graph.forward(x)
+    node = graph.node("fc2")
+    xin, z = values[node.parents[0]], values[node.index]
+    t = z.argmax(1)
+    M, b = dense_matrix(model.fc2, (10,)), dense_bias(model.fc2, (10,))
+    assert (M.clamp(min=0)[t[0]] @ xin[0].clamp(min=0)) == 0 and (xin < 0).any()
+    layer = Layer(node, [xin], z, args=(xin,), kwargs={}, lin=LinearMap(model.fc2), z=z, x_nonneg=False)
+    pd = F.one_hot(t, 5).to(D)
+    with torch.no_grad():
+        out = rap_mod.first_propagation(layer, pd)[0]
+    zt = _zt(z, t)
+    close(psum(out), zt)
+    contrib = (xin * M[t]).abs()
+    close(out, zt[:, None] * contrib / contrib.sum(1, keepdim=True))
+    authors = per_sample(d_rap_first, xin, pd, M, b)
+    assert (psum(authors)[0] - zt[0]).abs() > 10 * zt[0].abs()
 
 
 def test_end_to_end_rap_per_layer_dense(vgg):

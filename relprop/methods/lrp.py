@@ -113,25 +113,32 @@ def gamma(g: float, eps: float):
 
 
 def alphabeta_rap_repo(alpha: float):
-    """RAP repository's LRP-alpha-beta (beta = alpha - 1), each term with its own
-    denominator and no bias:
-    ``alpha*[x+ bwd(SD(R, x+W+), W+) + x- bwd(SD(R, x-W-), W-)]
-      - beta*[x+ bwd(SD(R, x+W-), W-) + x- bwd(SD(R, x-W+), W+)]``."""
+    """RAP repository's LRP-alpha-beta (beta = alpha - 1), no bias, ``SD`` guards (§1.4).  On
+    ReLU inputs (the authors' nets) ``alpha x+ bwd(SD(R, x+W+), W+) - beta x+ bwd(SD(R, x+W-), W-)``.
+
+    Generalised to signed inputs as Transformer-Explainability fixed it (§1.4): each sign
+    group shares one denominator, ``Za = x+W+ + x-W-`` and ``Zb = x+W- + x-W+``:
+    ``alpha [x+ bwd(SD(R, Za), W+) + x- bwd(SD(R, Za), W-)]
+      - beta [x+ bwd(SD(R, Zb), W-) + x- bwd(SD(R, Zb), W+)]``, which conserves ``sum R``
+    (wherever ``Za`` and ``Zb`` are non-zero).  The repository's code gives each signed term
+    its own denominator, doubling the sum at every signed layer (§8.7)."""
     beta = alpha - 1
 
     def rule(layer: Layer, r: torch.Tensor) -> list:
         lin, x, ops = layer.lin, layer.x, layer.ops
-        xp = x.clamp(min=0)
-        s1, s2 = ops.split_scale(lin, xp, r, "alphabeta-repo", alpha, beta)
-        out = ops.split_backward(lin, xp, s1, s2, "pn")
         if layer.x_nonneg:
-            return [out]
-        xn = x.clamp(max=0)
-        wn = lin.neg
-        if beta == 0:   # z+: only x-W-
-            return [out + alpha * xn * lin.bwd(safe_divide(r, lin.fwd(xn, wn)), wn, x.shape)]
+            xp = x.clamp(min=0)
+            s1, s2 = ops.split_scale(lin, xp, r, "alphabeta-repo", alpha, beta)
+            return [ops.split_backward(lin, xp, s1, s2, "pn")]
+        xp, xn = x.clamp(min=0), x.clamp(max=0)
+        if beta == 0:   # z+: only x+W+ and x-W-
+            wp, wn = lin.pos, lin.neg
+            sa = alpha * safe_divide(r, lin.fwd(xp, wp) + lin.fwd(xn, wn))
+            return [xp * lin.bwd(sa, wp, x.shape) + xn * lin.bwd(sa, wn, x.shape)]
+        z_pp, z_pn = lin.fwd2(xp, "pn")
         z_np, z_nn = lin.fwd2(xn, "pn")
-        return [out + xn * lin.bwd2(-beta * safe_divide(r, z_np), alpha * safe_divide(r, z_nn), "pn", x.shape)]
+        sa, sb = alpha * safe_divide(r, z_pp + z_nn), -beta * safe_divide(r, z_pn + z_np)
+        return [xp * lin.bwd2(sa, sb, "pn", x.shape) + xn * lin.bwd2(sb, sa, "pn", x.shape)]
     return rule
 
 

@@ -6,8 +6,10 @@
 * Hidden Linear / Conv (§2.4, §2.5): relevance of both signs flows to all contributors
   in proportion to ``x W+`` and ``x |W-|``; Linear routes ``R-`` through ``W+``, Conv
   through ``|W-|`` (the authors' code differs there, and so do we); then the uniform
-  shift of the non-zero entries restores ``sum R``.  Signed inputs are split into
-  ``x+`` and ``|x-|`` passes, each shifted to ``sum R`` (the authors' double count).
+  shift of the non-zero entries restores ``sum R``.  Signed inputs (not in the authors'
+  nets) are split into ``x+`` and ``|x-|`` passes, each taking its share of ``R`` by
+  absolute contribution and shifted to that share's sum (:func:`signed_shares`; the
+  authors' code shifts each to the full ``sum R``, doubling it).
 * Input conv: z^B with per-image bounds and ``SD``.  BN, ReLU, Dropout: identity; pools
   and residual adds proportional to the input (``SD``).
 
@@ -33,8 +35,19 @@ from . import Method, register
 
 
 def first_propagation(layer: Layer, pd: torch.Tensor) -> list:
-    """Output-layer rule of §2.3 for seed ``pd`` at the output."""
+    """Output-layer rule of §2.3 for seed ``pd`` at the output: on ReLU inputs (the authors'
+    nets) their pseudo-code, whose closed form is ``R_i = z_k |x_i w_ki| / sum_i' |x_i' w_ki'|``.
+
+    Generalised to signed inputs as that closed form, with ``c = x * bwd(pd, W)``:
+    ``R = |c| * sum(pd z) / sum|c|`` (sums per sample; ``z`` with bias), which conserves
+    ``sum(pd z)``.  The authors' pseudo-code there splits the bias by ``Pos / (Pos + Neg)``, a
+    ratio that is unbounded where ``Pos + Neg = z_k - b_k`` nears 0, and sends both shares
+    through the ``x+`` paths only, so a head with ``x+ W+ = 0`` at ``k`` loses them (a
+    GELU-headed net's map summed to 20x its logit)."""
     lin, x = layer.lin, layer.x
+    if not layer.x_nonneg:
+        c = (x * lin.bwd(pd, lin.weight, x.shape)).abs()
+        return [c * safe_divide(psum(pd * layer.z), psum(c))]
     xp, xn = x.clamp(min=0), x.clamp(max=0)
     z1, z2 = lin.fwd2(xp, "pn")
     z3, z4 = lin.fwd2(xn, "pn")
@@ -51,19 +64,39 @@ def first_propagation(layer: Layer, pd: torch.Tensor) -> list:
     return [(safe_divide(p, total) - safe_divide(n, total)) * psum(p + n)]
 
 
-def _pos_prop(layer: Layer, x: torch.Tensor, r: torch.Tensor, conv_routing: bool) -> torch.Tensor:
+def _pos_prop(layer: Layer, x: torch.Tensor, r: torch.Tensor, conv_routing: bool,
+              shift_to: torch.Tensor | None = None) -> torch.Tensor:
     """One ``pos_prop`` of §2.4/§2.5 for a non-negative input ``x`` (``x+`` or ``|x-|``), in
     its closed form with ``Z+ = fwd(x, W+)``, ``Z- = fwd(x, |W-|)``:
 
     Linear: ``C = x * (bwd(SD(R, Z+), W+) + bwd(SD(R, Z+ + Z-), |W-|))``
     Conv:   ``C = x * (bwd(SD(R+, Z+), W+) + bwd(SD(R-, Z-) + SD(R, Z+ + Z-), |W-|))``
 
-    then the uniform shift of the non-zero entries restores ``sum R``.  (The authors' masks
-    ``[R != 0]`` and ``[Z+ + Z- != 0]`` never change the result: all terms are >= 0.)
+    then the uniform shift of the non-zero entries restores ``sum R`` (or ``shift_to``, (B,)).
+    (The authors' masks ``[R != 0]`` and ``[Z+ + Z- != 0]`` never change the result: all terms
+    are >= 0.)
     """
     lin, ops = layer.lin, layer.ops
     s1, s2 = ops.split_scale(lin, x, r, "rap-conv" if conv_routing else "rap-linear")
-    return ops.split_backward(lin, x, s1, s2, "pa", shift_to=r.flatten(1).sum(1))
+    return ops.split_backward(lin, x, s1, s2, "pa", shift_to=r.flatten(1).sum(1) if shift_to is None else shift_to)
+
+
+def signed_shares(layer: Layer, xp: torch.Tensor, xn: torch.Tensor, r: torch.Tensor) -> tuple:
+    """``R`` split between the ``x+`` and the ``|x-|`` inputs of each output ``j`` by their
+    absolute contributions, ``A_j = fwd(x+, |W|)`` and ``N_j = fwd(|x-|, |W|)``:
+    ``R^- = R * SD(N, A + N)``, ``R^+ = R - R^-`` (so ``R^+ = R`` exactly where ``x- = 0``).
+    Returns ``(R^+, R^-)``.
+
+    Generalised beyond the authors' code (which meets no signed hidden input: VGG's and
+    ResNet's convs read ReLU outputs): there each of the two passes is shifted to the full
+    ``sum R``, doubling the sum at every signed layer (§2.4, §8.7), which compounds over a
+    ConvNeXt or ViT to sums of 1e4-1e7 for logits of ~10.  Here each pass is shifted to its
+    own share, so the layer conserves ``sum R``."""
+    lin = layer.lin
+    w_abs = lin.derived(torch.abs) if lin.streams else lin.abs
+    a, n = lin.fwd(xp, w_abs), lin.fwd(xn, w_abs)
+    rn = r * safe_divide(n, a + n)
+    return r - rn, rn
 
 
 # Signed inputs (GELU outputs, LayerNorm outputs) of magnitude up to this count as zero: the
@@ -76,8 +109,9 @@ SIGNED_ZERO = 2.0 ** -21
 
 
 def hidden(layer: Layer, r: torch.Tensor) -> list:
-    """Hidden Linear/Conv rule of RAP (§2.4, §2.5).  Generalised to signed inputs: entries with
-    ``|x| <= SIGNED_ZERO`` count as zero."""
+    """Hidden Linear/Conv rule of RAP (§2.4, §2.5): conserves ``sum R`` per sample.  Generalised
+    to signed inputs: entries with ``|x| <= SIGNED_ZERO`` count as zero, and the ``x+`` and
+    ``|x-|`` passes each take their share of ``R`` (:func:`signed_shares`)."""
     conv = layer.lin.is_conv   # a Conv2d, or a Linear over channels-last positions (a 1x1 conv)
     x = layer.x
     if layer.x_nonneg:
@@ -87,7 +121,10 @@ def hidden(layer: Layer, r: torch.Tensor) -> list:
     # (the count's own threshold, SIGNED_ZERO, is not estimated: a bound of the near-zero form
     # reports every rap-split map of the built-in ConvNeXt and ViT; README, Numerics)
     x = torch.where(x.abs() <= SIGNED_ZERO, torch.zeros((), dtype=x.dtype, device=x.device), x)
-    return [_pos_prop(layer, x.clamp(min=0), r, conv) + _pos_prop(layer, (-x).clamp(min=0), r, conv)]
+    xp, xn = x.clamp(min=0), (-x).clamp(min=0)
+    rp, rn = signed_shares(layer, xp, xn, r)
+    total, total_n = r.flatten(1).sum(1), rn.flatten(1).sum(1)
+    return [_pos_prop(layer, xp, rp, conv, shift_to=total - total_n) + _pos_prop(layer, xn, rn, conv, shift_to=total_n)]
 
 
 def shift_excess_bound(r: torch.Tensor) -> torch.Tensor:
