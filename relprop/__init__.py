@@ -5,10 +5,10 @@
 >>> relevance = explainer(images, target=None)    # shaped like images
 """
 from .ops.dispatch import backends
-from .explainer import Attribution, Explainer, available_methods, explain
+from .explainer import Attribution, Explainer, HooksNotRunWarning, available_methods, explain
 from .graph import UnsupportedModelError
 from .targets import DenseOutputError, SegmentationTarget
 
 __version__ = "0.1.0"
-__all__ = ["Explainer", "Attribution", "explain", "available_methods", "backends", "UnsupportedModelError",
-           "SegmentationTarget", "DenseOutputError"]
+__all__ = ["Explainer", "Attribution", "HooksNotRunWarning", "explain", "available_methods", "backends",
+           "UnsupportedModelError", "SegmentationTarget", "DenseOutputError"]

@@ -3,6 +3,8 @@ per batch."""
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 import warnings
 from typing import NamedTuple, Sequence
 
@@ -26,6 +28,10 @@ class Attribution(NamedTuple):
     error: torch.Tensor | None = None     # (B,) estimated relative error from the ill-conditioned steps (README, Numerics)
 
 
+class HooksNotRunWarning(UserWarning):
+    """The model has hooks, which relprop never runs (:class:`Explainer`)."""
+
+
 class Explainer:
     """Relevance propagation for one model and one method.
 
@@ -38,6 +44,21 @@ class Explainer:
     inference semantics (BatchNorm running statistics, no dropout) whatever mode the
     model is in.  ``method`` is one of :func:`relprop.available_methods`; ``params`` are
     that method's options (e.g. ``ratio=2`` for ``"ae"``).
+
+    ``nn.DataParallel``, ``DistributedDataParallel`` and ``torch.compile`` wrappers are
+    explained as the module they wrap (read, not changed; layer names such as
+    ``init_layer`` may carry the wrapper's ``module.`` / ``_orig_mod.`` prefix or not); a
+    TorchScript module is refused (pass the eager module).
+
+    Hooks are never run: the captured graph computes every layer from its parameters
+    without calling the model or its modules, so a forward or forward pre-hook (on any
+    module, or module-global) is not part of the explained function, and neither is a
+    module backward hook for the methods that differentiate the captured graph (gradient,
+    gradient-x-input, Grad-CAM and the Grad-CAM starts of RSP and AE; the other methods take
+    no gradients).  Whether a hook changes what the model computes cannot be known without
+    running it, so every such hook present when the explainer is built is named in one
+    :class:`HooksNotRunWarning` (a hook that only records activations included: it records
+    nothing).  Remove the hooks that change outputs, or filter the warning if none does.
 
     A model returning a dict of tensors (torchvision's segmentation models) is explained at
     its ``"out"`` entry, or at ``output_key``; a dense ``(B, C, H, W)`` output takes region
@@ -58,9 +79,14 @@ class Explainer:
         self.output_key = output_key
         self.graph = g.capture(model, output_key)
         try:
-            self.method.grad_node(self.graph)   # resolves init_layer now, not at the first call
+            differentiates = self.method.grad_node(self.graph) is not None   # resolves init_layer now
         except KeyError as e:
             raise ValueError(f"method {method!r}: {e.args[0]}") from None
+        if hooks := g.hooks_not_run(model, backward=differentiates):
+            warnings.warn(f"relprop never runs the hooks of {type(model).__name__}: it computes each layer from its "
+                          "parameters and never calls the model or its modules, so what these hooks do (change an "
+                          "input or output, record activations or gradients) is not part of the explanation:\n  "
+                          + "\n  ".join(hooks), HooksNotRunWarning, stacklevel=_stacklevel())
 
     def __repr__(self) -> str:
         return f"Explainer({type(self.model).__name__}, {self.method!r}, backend={self.backend!r})"
@@ -94,6 +120,10 @@ class Explainer:
         ``layer_sums=True`` also returns the per-sample relevance sum at every layer's
         input (conservation diagnostics).
         """
+        if target is not None and initial_relevance is not None:
+            # the seed replaces the target's one-hot: a target would be reported but not explained
+            raise ValueError("pass target= or initial_relevance=, not both: initial_relevance seeds the output "
+                             "itself, so the target would be ignored")
         self._check_input(x)
         if initial_relevance is not None and not self.method.accepts_initial_relevance:
             raise ValueError(f"method {self.method.name!r} builds its own target and dual seeds; "
@@ -158,7 +188,8 @@ def _warn_if_not_finite(relevance: torch.Tensor, method: str) -> None:
     if bad.any():
         warnings.warn(f"method {method!r} gave NaN or Inf relevance for sample(s) {bad.nonzero()[:, 0].tolist()}: "
                       f"a division in its rules overflowed {relevance.dtype}; try float64 (model.double()) or a "
-                      "method with stabilised denominators (lrp-epsilon-plus, rsp, ae)", RuntimeWarning, stacklevel=3)
+                      "method with stabilised denominators (lrp-epsilon-plus, rsp, ae)", RuntimeWarning,
+                      stacklevel=_stacklevel())
 
 
 # A map whose estimated relative error exceeds this is reported (it may differ visibly from
@@ -197,7 +228,20 @@ def _warn_if_untrustworthy(error: torch.Tensor, forward_dtype: torch.dtype, meth
                       "errors of the forward pass; the float64 model (model.double()) reduces them, but at a "
                       "near-tie, a value near 0 or a division near epsilon the map itself is unstable in any "
                       "precision (README, Numerics)",
-                      RuntimeWarning, stacklevel=4)
+                      RuntimeWarning, stacklevel=_stacklevel())
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _stacklevel() -> int:
+    """``stacklevel`` for a ``warnings.warn`` in the function calling this: the first frame
+    outside relprop, so the warning names the caller's line whichever entry it came through
+    (``explainer(x)``, ``.heatmap``, ``.attribute``, :func:`explain`, relprop's adapters)."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _seed(initial_relevance, weights: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -224,4 +268,4 @@ def available_methods() -> dict[str, str]:
     return {name: cls.summary for name, cls in sorted(methods.METHODS.items())}
 
 
-__all__: Sequence[str] = ["Explainer", "Attribution", "explain", "available_methods"]
+__all__: Sequence[str] = ["Explainer", "Attribution", "HooksNotRunWarning", "explain", "available_methods"]

@@ -40,7 +40,8 @@ def test_model_is_never_changed(golden_models, method):
     calls = []
     model.layer1[0].conv1.register_forward_hook(lambda *a: calls.append(1))
     before = snapshot(model)
-    relprop.explain(model, torch.randn(2, 3, 40, 40), method=method)
+    with pytest.warns(relprop.HooksNotRunWarning, match=r"\n  layer1\.0\.conv1 \(Conv2d\): forward hook "):
+        relprop.explain(model, torch.randn(2, 3, 40, 40), method=method)
     after = snapshot(model)
     for k in before[0]:
         assert torch.equal(before[0][k], after[0][k]), k
@@ -579,3 +580,129 @@ def test_clrp_of_a_zero_logit_is_a_zero_map(params):
         warnings.simplefilter("error")
         att = relprop.Explainer(model, "clrp", **params).attribute(x, [0, 2])
     assert torch.equal(att.relevance, torch.zeros_like(att.relevance))
+
+
+def _convnet():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()), nn.Conv2d(4, 6, 3, padding=1),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5)).eval()
+
+
+def test_hooks_are_never_run_and_named_in_one_warning():
+    """Forward hooks and pre-hooks, on a layer, a container, the model or all modules, are not
+    part of the explained function (not even traced at capture); each is named, at the line
+    building the explainer."""
+    x = torch.randn(2, 3, 8, 8)
+    expected = relprop.Explainer(_convnet(), "lrp-epsilon")(x)
+    model, calls = _convnet(), []
+
+    def doubles(module, args, out):
+        calls.append(type(out).__name__)
+        return out * 2
+
+    model[2].register_forward_hook(doubles)
+    model[0].register_forward_hook(doubles)
+    model[0].register_forward_pre_hook(lambda module, args: calls.append("pre"))
+    model.register_forward_hook(doubles)
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: None)
+    try:
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            ex = relprop.Explainer(model, "lrp-epsilon")
+    finally:
+        handle.remove()
+    assert [x.category for x in w] == [relprop.HooksNotRunWarning]
+    assert w[0].filename == __file__
+    assert str(w[0].message) == (
+        "relprop never runs the hooks of Sequential: it computes each layer from its parameters and never calls "
+        "the model or its modules, so what these hooks do (change an input or output, record activations or "
+        "gradients) is not part of the explanation:\n"
+        "  <model> (Sequential): forward hook test_hooks_are_never_run_and_named_in_one_warning.<locals>.doubles\n"
+        "  0 (Sequential): forward pre-hook test_hooks_are_never_run_and_named_in_one_warning.<locals>.<lambda>\n"
+        "  0 (Sequential): forward hook test_hooks_are_never_run_and_named_in_one_warning.<locals>.doubles\n"
+        "  2 (ReLU): forward hook test_hooks_are_never_run_and_named_in_one_warning.<locals>.doubles\n"
+        "  <all modules>: global forward hook test_hooks_are_never_run_and_named_in_one_warning.<locals>.<lambda>")
+    torch.testing.assert_close(ex(x), expected, rtol=0, atol=0)
+    assert calls == []
+
+
+def test_backward_hooks_are_named_for_the_methods_that_differentiate():
+    """The gradient methods differentiate relprop's captured graph, which never calls a module,
+    so a module backward hook does not change their gradient; the other methods take none."""
+    model = _convnet()
+    model[1].register_full_backward_hook(lambda module, gin, gout: (gin[0] * 0,))
+    with pytest.warns(relprop.HooksNotRunWarning, match=r"\n  1 \(Conv2d\): backward hook "
+                                                        r"test_backward_hooks_are_named_for_the_methods"):
+        grad = relprop.Explainer(model, "gradient")
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(grad(x, 1), relprop.Explainer(_convnet(), "gradient")(x, 1), rtol=0, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        relprop.Explainer(model, "lrp-epsilon")
+
+
+def test_a_model_without_hooks_gives_no_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        relprop.Explainer(_convnet(), "gradcam")
+
+
+def test_data_parallel_and_compiled_models_are_explained_as_the_module_they_wrap():
+    """Read through, never changed: the wrapped module's maps, its layer names with or without
+    the wrapper's prefix."""
+    x = torch.randn(2, 3, 8, 8)
+    model = _convnet()
+    expected = relprop.Explainer(model, "gradcam", init_layer="1")(x, 3)
+    compiled = torch.compile(model)
+    for wrapped, prefix in [(nn.DataParallel(model), "module."), (compiled, "_orig_mod."),
+                            (nn.DataParallel(compiled), "module._orig_mod.")]:
+        before = snapshot(wrapped)
+        for layer in ("1", prefix + "1"):
+            got = relprop.Explainer(wrapped, "gradcam", init_layer=layer)(x, 3)
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        assert relprop.graph.unwrap(wrapped) == (model, prefix)
+        after = snapshot(wrapped)
+        assert all(torch.equal(before[0][k], after[0][k]) for k in before[0]) and before[1:] == after[1:]
+    inner = nn.Sequential(torch.compile(_convnet()[:2]), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(6, 5))
+    torch.testing.assert_close(relprop.Explainer(inner, "rap")(x), relprop.Explainer(nn.Sequential(
+        inner[0]._orig_mod, *inner[1:]), "rap")(x), rtol=0, atol=0)
+
+
+def test_distributed_data_parallel_is_explained_as_its_module(tmp_path):
+    dist = pytest.importorskip("torch.distributed")
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is unavailable")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = _convnet()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        x = torch.randn(2, 3, 8, 8)
+        torch.testing.assert_close(relprop.Explainer(ddp, "rap")(x), relprop.Explainer(model, "rap")(x),
+                                   rtol=0, atol=0)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_warnings_point_at_the_callers_line(monkeypatch):
+    """Whichever entry is used, a warning about the maps names the line that called relprop."""
+    model = _convnet()
+    x = torch.randn(2, 3, 8, 8)
+    monkeypatch.setattr(relprop.explainer, "trusted_error", lambda dtype: -1.0)   # every map reported
+    ex = relprop.Explainer(model, "rap")
+    entries = [lambda: ex(x), lambda: ex.heatmap(x), lambda: ex.attribute(x), lambda: relprop.explain(model, x)]
+    for entry in entries:
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            entry()
+        assert [(x.category, x.filename) for x in w] == [(RuntimeWarning, __file__)]
+        assert "may be off by up to" in str(w[0].message)
+    monkeypatch.undo()
+    run = ex.method.run
+    monkeypatch.setattr(ex.method, "run", lambda ctx: run(ctx) * float("nan"))
+    for entry in entries[:3]:
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            entry()
+        assert [(x.category, x.filename) for x in w] == [(RuntimeWarning, __file__)]
+        assert "gave NaN or Inf relevance" in str(w[0].message)

@@ -315,3 +315,58 @@ def test_unpacking_an_unsupported_layers_output_names_that_layer():
     assert "  lstm (LSTM)" in text
     assert "getitem (call_function getitem): takes an item of the output of lstm, itself unsupported" in text
     assert "only basic indexing" not in text
+
+
+def test_target_and_initial_relevance_together_are_refused(model):
+    """The seed replaces the target's one-hot: a target passed with it would be reported in
+    Attribution.target but not explained."""
+    ex = relprop.Explainer(model, "lrp-epsilon")
+    x = torch.randn(2, 3, 8, 8)
+    message = ("pass target= or initial_relevance=, not both: initial_relevance seeds the output itself, "
+               "so the target would be ignored")
+    for entry in (ex, ex.heatmap, ex.attribute):
+        with pytest.raises(ValueError) as err:
+            entry(x, 1, initial_relevance=torch.ones(5))
+        assert str(err.value) == message
+        with pytest.raises(ValueError, match="not both"):
+            entry(x, [0, 1], initial_relevance=lambda logits: logits)
+
+
+def test_batch_norm_without_running_statistics_says_why():
+    message = ("1 (BatchNorm2d): track_running_stats=False: relprop explains with inference semantics, which "
+               "normalise by the running mean and variance; this BatchNorm keeps none and normalises by the "
+               "statistics of the batch, which would make each sample's map depend on the other samples in the "
+               "batch; build it with track_running_stats=True and estimate its statistics on training data "
+               "(forward passes in train mode) before explaining")
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(4, 2))
+    with pytest.raises(relprop.UnsupportedModelError) as err:
+        relprop.Explainer(net, "rap")
+    assert str(err.value).endswith("\n  " + message)
+
+    class Functional(nn.BatchNorm2d):   # a subclass that torch.fx traces through (timm's BatchNormAct2d)
+        def forward(self, x):
+            return nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                            True, 0.1, self.eps)
+
+    net[1] = Functional(4, track_running_stats=False)
+    with pytest.raises(relprop.UnsupportedModelError) as err:
+        relprop.Explainer(net, "rap")
+    assert str(err.value).endswith("\n  " + message.replace("(BatchNorm2d)", "(Functional)"))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
+def test_torchscript_modules_are_refused_with_what_to_pass(model):
+    x = torch.randn(2, 3, 8, 8)
+    for scripted, name in [(torch.jit.script(model), "RecursiveScriptModule"),
+                           (torch.jit.trace(model, x), "TopLevelTracedModule")]:
+        with pytest.raises(relprop.UnsupportedModelError) as err:
+            relprop.Explainer(scripted, "rap")
+        assert str(err.value) == (f"TorchScript modules cannot be captured ({name}); pass the eager nn.Module "
+                                  "(the model before torch.jit.script / torch.jit.trace)")
+    model[0] = torch.jit.script(model[0])
+    with pytest.raises(relprop.UnsupportedModelError) as err:
+        relprop.Explainer(model, "rap")
+    assert str(err.value) == ("TorchScript modules cannot be captured, and these submodules are TorchScript: "
+                              "0 (RecursiveScriptModule); pass the eager nn.Module (the submodules before "
+                              "torch.jit.script / torch.jit.trace)")

@@ -3,10 +3,11 @@
 Why torch.fx: ``fx.Tracer`` records a graph whose nodes keep the *module* boundaries
 (``features.28``, ``layer4.0.conv3``) that users, the authors' code and the golden files
 name layers by, it traces every torchvision classifier without running it, and it never
-touches the model: leaf modules are recorded, not executed, so no hook fires and no buffer
-moves.  ``torch.export`` would decompose modules into aten ops (losing those names and
-the conv/BN/pool structure the rules are defined on) and needs example inputs of a fixed
-size; relprop has to work at any input size.
+touches the model: leaf modules are recorded, not executed, and the other modules' forward
+is traced without their hooks, so no hook fires (:func:`hooks_not_run`) and no buffer moves.
+``torch.export`` would decompose modules into aten ops (losing those names and the
+conv/BN/pool structure the rules are defined on) and needs example inputs of a fixed size;
+relprop has to work at any input size.
 
 :func:`capture` makes one :class:`~.nodes.Node` per fx node with its kind from the tables
 of :mod:`.kinds`, then resolves what a kind alone cannot say (helpers computing sizes,
@@ -21,6 +22,7 @@ import functools
 import inspect
 import math
 import operator
+import sys
 from typing import Any
 
 import torch
@@ -58,19 +60,98 @@ class _Tracer(fx.Tracer):
             out = rewrite(m, *args, **kwargs)
             self.module_outputs[self.path_of_module(m)] = out.node
             return out
-        out = super().call_module(m, forward, args, kwargs)
+        if (inner := _wrapped(m)) is not None:   # a DataParallel / compiled submodule: trace what it wraps
+            return inner[0](*args, **kwargs)
+        # fx's ``forward`` is the module's __call__, which would run its hooks on proxies (their side
+        # effects once, at capture; their traceable return values into the graph, for container
+        # modules only): the module's own forward instead, so that no hook ever runs (hooks_not_run)
+        out = super().call_module(m, m.forward, args, kwargs)
         if isinstance(out, fx.Proxy):
             self.module_outputs[self.path_of_module(m)] = out.node
         return out
 
 
+def _wrapped(m: nn.Module) -> tuple[nn.Module, str] | None:
+    """The module that ``m`` wraps without changing what it computes, and the prefix of its
+    names within ``m``: ``nn.DataParallel`` and ``DistributedDataParallel`` (``.module``: they
+    only split the batch over devices) and a ``torch.compile``d module (``._orig_mod``: the
+    compiled code computes its forward); None for any other module."""
+    if isinstance(m, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        return m.module, "module."
+    # OptimizedModule exists only once torch._dynamo is imported (torch.compile imports it)
+    optimized = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", None)
+    if optimized is not None and isinstance(m, optimized) and isinstance(getattr(m, "_orig_mod", None), nn.Module):
+        return m._orig_mod, "_orig_mod."
+    return None
+
+
+def unwrap(model: nn.Module) -> tuple[nn.Module, str]:
+    """The eager module computing ``model``'s output, through any nesting of the wrappers
+    :func:`_wrapped` knows, and the prefix of its qualified names within ``model`` (``""``
+    for an unwrapped model).  Nothing is changed: the wrapper is only read."""
+    prefix = ""
+    while (inner := _wrapped(model)) is not None:
+        model, prefix = inner[0], prefix + inner[1]
+    return model, prefix
+
+
+# hook dicts of nn.Module, by kind; the module-global ones of torch.nn.modules.module share the names
+_FORWARD_HOOKS = (("_forward_pre_hooks", "forward pre-hook"), ("_forward_hooks", "forward hook"))
+_BACKWARD_HOOKS = (("_backward_pre_hooks", "backward pre-hook"), ("_backward_hooks", "backward hook"))
+
+
+def hooks_not_run(model: nn.Module, backward: bool = False) -> list[str]:
+    """The hooks of ``model`` that relprop never runs, one line each: the hooked module's
+    qualified name (``<model>`` for the model itself, ``<all modules>`` for a hook registered
+    with ``torch.nn.modules.module.register_module_forward_hook`` and the like), its type, the
+    kind of hook and the hook's name.  Forward and forward pre-hooks always (the captured
+    graph computes each module from its parameters, without calling it); backward hooks with
+    ``backward=True`` (a method that differentiates the captured graph: module backward hooks
+    are installed by the module's call, which never happens).  Whether a hook changes what
+    the model computes (returns a value) cannot be known without running it, so every hook is
+    listed, the ones that only record activations too."""
+    kinds = _FORWARD_HOOKS + (_BACKWARD_HOOKS if backward else ())
+    found = []
+    for name, m in model.named_modules():
+        for attr, kind in kinds:
+            found += [f"{name or '<model>'} ({type(m).__name__}): {kind} {_hook_name(h)}"
+                      for h in getattr(m, attr, {}).values()]
+    glob = sys.modules["torch.nn.modules.module"]
+    for attr, kind in kinds:
+        found += [f"<all modules>: global {kind} {_hook_name(h)}" for h in getattr(glob, "_global" + attr, {}).values()]
+    return found
+
+
+def _hook_name(hook) -> str:
+    return getattr(hook, "__qualname__", None) or type(hook).__name__
+
+
+def _refuse_torchscript(model: nn.Module) -> None:
+    """A TorchScript module has no Python forward that torch.fx could trace."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise UnsupportedModelError(f"TorchScript modules cannot be captured ({type(model).__name__}); pass the "
+                                    "eager nn.Module (the model before torch.jit.script / torch.jit.trace)")
+    scripted = [f"{n} ({type(m).__name__})" for n, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)]
+    if scripted:
+        raise UnsupportedModelError(f"TorchScript modules cannot be captured, and these submodules are TorchScript: "
+                                    f"{', '.join(scripted)}; pass the eager nn.Module (the submodules before "
+                                    "torch.jit.script / torch.jit.trace)")
+
+
 def capture(model: nn.Module, output_key: str | None = None) -> Graph:
     """Trace ``model`` (in inference mode, flags restored afterwards) into a :class:`Graph`.
+
+    ``nn.DataParallel``, ``DistributedDataParallel`` and ``torch.compile`` wrappers are
+    captured as the module they wrap (:func:`unwrap`; the graph's layer names are that
+    module's, and :meth:`Graph.node` also takes them with the wrapper's prefix); a TorchScript
+    module is refused.  No hook of the model runs (:func:`hooks_not_run`).
 
     A model returning a dict of tensors (torchvision's segmentation models:
     ``{"out": ..., "aux": ...}``) is explained at one entry: ``output_key``, by default
     ``"out"``; the other entries (the auxiliary head) receive no relevance
     (:func:`_select_output`)."""
+    model, prefix = unwrap(model)
+    _refuse_torchscript(model)
     flags = {m: m.training for m in model.modules()}
     try:
         model.eval()
@@ -129,7 +210,7 @@ def capture(model: nn.Module, output_key: str | None = None) -> Graph:
 
     _mark_signs_and_first_layers(nodes)
     module_outputs = {k: index[v] for k, v in tracer.module_outputs.items() if v in index}
-    return Graph(model, nodes, module_outputs)
+    return Graph(model, nodes, module_outputs, prefix)
 
 
 def _select_output(out: Node, output_key: str | None) -> None:
@@ -176,7 +257,7 @@ def _make_node(fn: fx.Node, model: nn.Module, i: int, index: dict) -> Node:
             if why:
                 kind = None
         if kind == BN and (target.running_mean is None or target.running_var is None):
-            kind = None
+            kind, why = None, BN_WITHOUT_RUNNING_STATS
         if type(target) is nn.MultiheadAttention:
             why = through.mha_refusal(target, *fn.args, **fn.kwargs)
     elif fn.op == "call_function":
@@ -190,7 +271,10 @@ def _make_node(fn: fx.Node, model: nn.Module, i: int, index: dict) -> Node:
             target, name = InProjection(owner), _module_path(model, owner) + ".in_proj"
         elif fn.target in _OWNED:
             owner, why = _owning_module(fn, model)
-            target, name, kind = (owner, _module_path(model, owner), kind) if owner is not None else (target, name, None)
+            if owner is not None:
+                target, name = owner, _module_path(model, owner)
+            if owner is None or why:
+                kind = None
     elif fn.op == "call_method":
         kind = METHOD_KINDS.get(fn.target)
     else:  # get_attr: a parameter or buffer used outside a module
@@ -273,12 +357,25 @@ _OWNED = {F.batch_norm: _BN_OWNED, torch.batch_norm: _BN_OWNED,
           F.layer_norm: (nn.LayerNorm, ("normalized_shape", "weight", "bias"), ("weight", "bias"), ("weight", "bias"))}
 
 
+BN_WITHOUT_RUNNING_STATS = (
+    "track_running_stats=False: relprop explains with inference semantics, which normalise by the running "
+    "mean and variance; this BatchNorm keeps none and normalises by the statistics of the batch, which would "
+    "make each sample's map depend on the other samples in the batch; build it with track_running_stats=True "
+    "and estimate its statistics on training data (forward passes in train mode) before explaining")
+
+
 def _owning_module(fn: fx.Node, model: nn.Module) -> tuple[nn.Module | None, str]:
     """The module whose own tensors a functional ``batch_norm`` / ``linear`` / ``layer_norm``
     call reads (a BatchNorm2d / Linear / LayerNorm subclass that traces through), or None and
     why not."""
     cls, names, tensors, optional = _OWNED[fn.target]
     given = dict(zip(("input",) + names, fn.args), **{k: v for k, v in fn.kwargs.items() if k in tensors})
+    if fn.target is F.batch_norm and (given.get("running_mean") is None or given.get("running_var") is None):
+        # a BatchNorm subclass built with track_running_stats=False (timm's BatchNormAct2d): named if found
+        w = given.get("weight")
+        owner = (model.get_submodule(w.target.rpartition(".")[0])
+                 if isinstance(w, fx.Node) and w.op == "get_attr" and w.target.endswith("weight") else None)
+        return (owner if isinstance(owner, cls) else None), BN_WITHOUT_RUNNING_STATS
     why = f"a functional {fn.target.__name__} must read the tensors of one {cls.__name__} of the model"
     owners = set()
     for attr in tensors:

@@ -97,6 +97,7 @@ class Graph:
     model: nn.Module
     nodes: list[Node]
     module_outputs: dict[str, int] = field(default_factory=dict)
+    prefix: str = ""                # the names' prefix in the user's wrapper ("module." of a DataParallel)
 
     @property
     def input(self) -> Node:
@@ -107,7 +108,10 @@ class Graph:
         return self.nodes[-1]
 
     def node(self, name: str) -> Node:
-        """The node computing the output of module (or fx node) ``name``."""
+        """The node computing the output of module (or fx node) ``name``, named within the
+        captured module or, for a wrapped model, within the wrapper (``module.features.3``)."""
+        if self.prefix and name.startswith(self.prefix) and name not in self.module_outputs:
+            name = name[len(self.prefix):]
         if name in self.module_outputs:
             return self.nodes[self.module_outputs[name]]
         for n in self.nodes:
