@@ -250,8 +250,30 @@ def proportional_pool(transform=None, divide: Divide = safe_divide) -> Rule:
     def rule(layer: Layer, r: torch.Tensor) -> list:
         x = transform(layer.x) if transform else layer.x
         z = layer.recompute(x) if transform else layer.y
-        return [x * vjp(layer.recompute, x, divide(r, z))]
+        s = divide(r, z)
+        if not transform and not layer.x_nonneg and layer.node.kind in AVERAGES:
+            report_signed_average(layer, x, z, s, r)
+        return [x * vjp(layer.recompute, x, s)]
     return rule
+
+
+AVERAGES = (g.AVGPOOL, g.ADAPTIVE_AVGPOOL, g.UPSAMPLE)   # maps with weights >= 0 (not a max pool)
+
+
+def report_signed_average(layer: Layer, x: torch.Tensor, z: torch.Tensor, s: torch.Tensor, r: torch.Tensor) -> None:
+    """Report the amplification of a proportional average over signed inputs (an n-way
+    residual split): where an output's inputs nearly cancel, ``z = sum_i w_i x_i`` is small
+    against ``k = sum_i w_i |x_i|``, the shares ``x_i R / z`` are large and of both signs, and
+    a relative error ``u`` of the inputs becomes ``u k / |z|`` in each of them: an error
+    ``u |x| * vjp(|s| k / |z|)`` of the layer's relevance, relative to ``||R||`` (as
+    ``engine.split_amplification`` for a two-way add).  ReLU inputs (k = |z|) are skipped:
+    their shares have one sign and amplify nothing."""
+    if layer.report is None or layer.unit == 0:
+        return
+    xa = x.abs()
+    k = safe_divide(layer.recompute(xa), z.abs())
+    err = xa * vjp(layer.recompute, x, s.abs() * k)
+    layer.report(layer.unit * err.flatten(1).norm(dim=1), r.flatten(1).norm(dim=1))
 
 
 def winner_take_all(layer: Layer, r: torch.Tensor) -> list:

@@ -114,12 +114,11 @@ def benchmark_images():
 # residual model (its float64 maps move by up to ~0.1-0.2 under a 1e-7 change of the input;
 # 30-94 % of its float32 maps are above 1e-3 on the ResNet, ConvNeXt and ViT); on the ResNet the
 # same signed split in LRP-alphabeta, CLRP and SGLRP (34, 42 and 33 maps reported of 200, 3, 7
-# and 5 above 1e-3); and on the ConvNeXt the estimate over-reports SGLRP's contrastive
-# difference and lrp-rap-repo's signed adds (192 and 168 maps reported, 36 and 35 above 1e-3):
-# the maps are still never wrong unreported.
+# and 5 above 1e-3): the maps are still never wrong unreported.  (SGLRP and lrp-rap-repo on the
+# ConvNeXt were here, 192 and 168 maps reported, until their signed layers stopped doubling
+# the relevance: now 10 and 4, none above 1e-3.)
 REPORTED_BY_DESIGN = {("shapes-resnet", "rap"), ("shapes-convnext", "rap"), ("shapes-vit", "rap"),
-                      ("shapes-resnet", "lrp-alphabeta"), ("shapes-resnet", "clrp"), ("shapes-resnet", "sglrp"),
-                      ("shapes-convnext", "sglrp"), ("shapes-convnext", "lrp-rap-repo")}
+                      ("shapes-resnet", "lrp-alphabeta"), ("shapes-resnet", "clrp"), ("shapes-resnet", "sglrp")}
 
 
 @pytest.mark.slow
@@ -318,12 +317,16 @@ class MaskedAttention(nn.Module):
 
 @pytest.mark.parametrize("fused", [True, False], ids=["sdpa", "written-out"])
 @pytest.mark.parametrize("method", ["rap", "rap-split", "sglrp", "lrp-rap-repo"])
-def test_subnormal_attention_weights(fused, method):
+def test_subnormal_attention_weights(fused, method, monkeypatch):
     """The values of tokens 0-1 are negative, those of 2-3 positive, so the positive part of the
     first two outputs is a sum of subnormal weights alone: the sign-split quotients overflowed
     float32 (NaN maps).  Now: finite; with sdpa the weights are recomputed in float64 and the map
     is the float64 model's; written out, the subnormal weights' few bits make the map ~8% off,
-    and the estimate says so (within a factor 3)."""
+    and the estimate says so (within a factor 3).  RAP's hidden rule gives the subnormal part its
+    share by absolute contribution, a share as small as the weights, so there its map is the
+    float64 model's written out too.  (The head's mean over the signed tokens has an estimate of
+    its own, rules.report_signed_average, tested apart: left out here.)"""
+    monkeypatch.setattr(relprop.rules, "report_signed_average", lambda *args: None)
     torch.manual_seed(0)
     model = MaskedAttention(fused).eval()
     with torch.no_grad():
@@ -334,7 +337,7 @@ def test_subnormal_attention_weights(fused, method):
     got = explain_quietly(relprop.Explainer(model, method), x, torch.tensor([2]))
     assert torch.isfinite(got.relevance).all() and want.abs().sum() > 0
     err = rel_l2(got.relevance.double(), want).item()
-    if fused:
+    if fused or method in ("rap", "rap-split"):
         assert err < 2e-6 and got.error.item() < 1e-6, (err, got.error)
     else:
         assert err > 1e-2 and err / 3 < got.error.item() < 3 * err, (err, got.error)
@@ -354,6 +357,39 @@ def test_rap_split_on_the_builtin_convnext_agrees_with_float64():
     r64 = relprop.Explainer(model64, "rap-split").attribute(x.double(), target)
     err = rel_l2(r32.relevance, r64.relevance)
     assert (err < 1e-3).all(), err
+
+
+def test_a_signed_average_pool_is_estimated_on_the_builtin_convnext():
+    """ConvNeXt's global average pool reads the signed residual stream: where a channel's
+    entries nearly cancel, the proportional shares ``x_i R / mean(x)`` are large, of both signs,
+    and magnify the forward's rounding like a two-way residual split.  These three test images'
+    rap-split maps are 1e-3 to 5.5e-3 off float64, and were reported by nothing (estimate 7e-7);
+    the pool's estimate now reports them, within 10x of the measured error."""
+    model = models.load("shapes-convnext")
+    data = shapes.ShapesDataset(200, size=models.INPUT_SIZE, seed=0, split="test")
+    items = [147, 171, 195]
+    x = shapes.normalise(torch.stack([data[i]["image"] for i in items]))
+    model64 = copy.deepcopy(model).double()
+    target = model64(x.double()).argmax(1)
+    r32 = explain_quietly(relprop.Explainer(model, "rap-split"), x, target)
+    r64 = relprop.Explainer(model64, "rap-split").attribute(x.double(), target)
+    err = rel_l2(r32.relevance, r64.relevance)
+    assert (err >= 1e-3 * 0.99).all(), err
+    assert (r32.error > trusted_error(torch.float32)).all() and (r32.error < 10 * err).all(), (r32.error, err)
+
+
+def test_an_average_pool_of_relu_outputs_is_not_estimated(monkeypatch):
+    """A proportional average over non-negative inputs has shares of one sign (k = 1): no
+    estimate is computed there; over signed inputs it is."""
+    calls = []
+    measure = relprop.rules.report_signed_average
+    monkeypatch.setattr(relprop.rules, "report_signed_average", lambda *a: calls.append(1) or measure(*a))
+    torch.manual_seed(0)
+    for act, expected in ((nn.ReLU(), 0), (nn.GELU(), 1)):
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), act, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+        calls.clear()
+        explain_quietly(relprop.Explainer(model, "rap-split"), torch.randn(2, 3, 8, 8), None)
+        assert len(calls) == expected, act
 
 
 def _near_tie_pool(clear: bool):

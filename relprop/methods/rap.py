@@ -95,8 +95,11 @@ def signed_shares(layer: Layer, xp: torch.Tensor, xn: torch.Tensor, r: torch.Ten
     lin = layer.lin
     w_abs = lin.derived(torch.abs) if lin.streams else lin.abs
     a, n = lin.fwd(xp, w_abs), lin.fwd(xn, w_abs)
-    rn = r * safe_divide(n, a + n)
-    return r - rn, rn
+    total = a + n
+    rn = r * safe_divide(n, total)
+    # R - R^- where N = 0 (exactly R there); R A / (A + N) elsewhere, free of the cancellation
+    # R - R^- has where N dominates
+    return torch.where(n == 0, r, r * safe_divide(a, total)), rn
 
 
 # Signed inputs (GELU outputs, LayerNorm outputs) of magnitude up to this count as zero: the
@@ -123,8 +126,7 @@ def hidden(layer: Layer, r: torch.Tensor) -> list:
     x = torch.where(x.abs() <= SIGNED_ZERO, torch.zeros((), dtype=x.dtype, device=x.device), x)
     xp, xn = x.clamp(min=0), (-x).clamp(min=0)
     rp, rn = signed_shares(layer, xp, xn, r)
-    total, total_n = r.flatten(1).sum(1), rn.flatten(1).sum(1)
-    return [_pos_prop(layer, xp, rp, conv, shift_to=total - total_n) + _pos_prop(layer, xn, rn, conv, shift_to=total_n)]
+    return [_pos_prop(layer, xp, rp, conv) + _pos_prop(layer, xn, rn, conv)]
 
 
 def shift_excess_bound(r: torch.Tensor) -> torch.Tensor:
