@@ -116,13 +116,14 @@ class Source:
 
 
 def check_methods(text: str) -> list[str]:
-    """``"default"``, ``"all"`` or a comma-separated list -> method names; ValueError naming unknown ones."""
+    """``"default"``, ``"all"`` or a comma-separated list -> method names; ValueError naming unknown
+    ones.  In a list, ``default`` and ``all`` stand for their methods (``default,rap-split``);
+    a name given twice counts once."""
     known = available_methods()
-    if text == "default":
-        return list(DEFAULT_METHODS)
-    if text == "all":
-        return list(known)
-    names = [m.strip() for m in text.split(",") if m.strip()]
+    groups = {"default": list(DEFAULT_METHODS), "all": list(known)}
+    names = []
+    for m in (m.strip() for m in text.split(",")):
+        names.extend(groups.get(m, [m] if m else []))
     for m in names:
         if external.is_external(m):
             external.check(m)          # a ValueError naming the method: unknown, unusable or not installed
@@ -489,7 +490,8 @@ def add_arguments(p) -> None:
 
     p.add_argument("--methods", default="default", metavar="LIST",
                    help=f"'default' ({','.join(DEFAULT_METHODS)}), 'all' (every method of 'relprop methods') "
-                        f"or a comma-separated list; besides relprop's methods (gradcam included) "
+                        f"or a comma-separated list, which may include them (default,rap-split); besides "
+                        f"relprop's methods (gradcam included) "
                         f"captum:<Attribution> (e.g. captum:IntegratedGradients) and zennit:<Composite> (e.g. "
                         f"zennit:EpsilonPlusFlat) when those packages are installed")
     p.add_argument("--model", default="all", metavar="MODEL",

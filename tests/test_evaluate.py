@@ -243,8 +243,14 @@ def test_check_methods():
     assert {"gradient", "gradient-x-input", "rap", "rsp", "ae", "clrp"} <= set(evaluate.DEFAULT_METHODS)
     assert "lrp-zplus" in evaluate.check_methods("all")
     assert evaluate.check_methods("rap, gradient,rap") == ["rap", "gradient"]
+    # 'default' and 'all' inside a list stand for their methods
+    assert evaluate.check_methods("default,rap-split") == list(evaluate.DEFAULT_METHODS) + ["rap-split"]
+    assert evaluate.check_methods("gradcam,default") == ["gradcam"] + list(evaluate.DEFAULT_METHODS)
+    assert evaluate.check_methods("all,rap") == evaluate.check_methods("all")
     with pytest.raises(ValueError, match="nope"):
         evaluate.check_methods("rap,nope")
+    with pytest.raises(ValueError, match=r"unknown method\(s\) ','"):
+        evaluate.check_methods(",")
 
 
 @pytest.mark.parametrize("argv, message", [
