@@ -8,9 +8,11 @@ Two families:
   the denominators, BatchNorm folded into the conv before it, stabiliser
   ``z + eps*sign(z)``, max-pool as gradient, average pools and residual adds by the
   stabilised proportional ("Norm") rule (``add_rule="abs"`` / ``"equal"``: rules.add_rule).
-* ``lrp-rap-repo``: LRP-alpha-beta exactly as the RAP repository computes it (§1.4):
-  one separate denominator per signed term, biases and BatchNorm ignored, ``SD`` guards,
-  z^B with ``+1e-9`` at the input.  The golden ``lrp_*`` cases use it.
+* ``lrp-rap-repo``: LRP-alpha-beta exactly as the RAP repository computes it (§1.4) on
+  ReLU inputs: one denominator per weight sign, biases and BatchNorm ignored, ``SD`` guards,
+  z^B with ``+1e-9`` at the input.  The golden ``lrp_*`` cases use it.  On signed inputs
+  (not in the authors' nets) each sign group shares one denominator, which conserves where
+  the repository's code doubles the sum (:func:`alphabeta_rap_repo`).
 
 Transformers: ``attention_rule="cp-lrp"`` (default) holds the attention weights constant and
 gives ``a @ v`` the method's Linear rule (epsilon, z+, alpha-beta, gamma, or the RAP
