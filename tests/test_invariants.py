@@ -8,6 +8,7 @@ VGG built with the golden builders.
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -994,6 +995,31 @@ def test_end_to_end_signed_inputs_conserve(method, params):
         close(sums[name], zt, rtol=1e-7, atol_rel=0)
     close(sums["conv1"], sums["conv2"], rtol=1e-7, atol_rel=0)   # the residual branch keeps its share
     assert not torch.allclose(sums["conv2"], zt, rtol=1e-2)
+
+
+@pytest.mark.parametrize("method", ["rap", "rap-split"])
+def test_rap_keeps_a_layer_of_tiny_signed_activations(method):
+    """A GELU net whose first layer's outputs are all ~1e-7: RAP's signed-zero threshold is
+    relative to the layer's largest magnitude there, so the layer keeps its entries and the map
+    sums to the logit (with the fixed 2^-21 every entry counted as zero: an all-zero map)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GELU(), nn.Conv2d(8, 8, 3, padding=1), nn.GELU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)).eval()
+    with torch.no_grad():
+        model[0].weight.mul_(1e-7)
+        model[0].bias.mul_(1e-7)
+        model[2].weight.mul_(1e7)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert model[:2](x).abs().max() < rap_mod.SIGNED_ZERO
+    maps = {}
+    for dtype in (torch.float32, D):
+        att = relprop.Explainer(copy.deepcopy(model).to(dtype), method).attribute(x.to(dtype), target=1)
+        close(psum(att.relevance).double(), att.logits[:, 1].double(), rtol=1e-5 if dtype == torch.float32 else 1e-9)
+        assert (att.relevance != 0).float().mean() > 0.9
+        maps[dtype] = att.relevance.double()
+    err = (maps[torch.float32] - maps[D]).flatten(1).norm(dim=1) / maps[D].flatten(1).norm(dim=1)
+    assert (err < 1e-4).all(), err
 
 
 def test_rap_head_on_signed_input_loses_nothing_where_x_plus_w_plus_is_zero():

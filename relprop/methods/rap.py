@@ -107,13 +107,23 @@ def signed_shares(layer: Layer, xp: torch.Tensor, xn: torch.Tensor, r: torch.Ten
 # ~1.6e-7 to exactly 0 (``1 + erf(x / sqrt 2)`` cancels for x < -5.3) where float64 keeps them,
 # so without it the count, and every shifted entry, depended on the precision (rap-split on
 # shapes-convnext: float32 1e-2 off float64, now 1.5e-4).  ReLU outputs (the authors' nets)
-# keep their exact zeros and are not touched.
+# keep their exact zeros and are not touched.  In a layer whose largest magnitude is below 1
+# the threshold is that much smaller (:func:`signed_zero_threshold`), so that a net of tiny
+# activations keeps them (with the fixed threshold a GELU net scaled by 1e-7 lost every entry
+# of a layer, and the map was all zeros, unreported).
 SIGNED_ZERO = 2.0 ** -21
+
+
+def signed_zero_threshold(x: torch.Tensor) -> torch.Tensor:
+    """``SIGNED_ZERO * min(1, max|x|)`` per leading row of ``x``, shaped to broadcast."""
+    scale = x.detach().abs().flatten(1).amax(1).clamp(max=1.0)
+    return (SIGNED_ZERO * scale).reshape(-1, *([1] * (x.ndim - 1)))
 
 
 def hidden(layer: Layer, r: torch.Tensor) -> list:
     """Hidden Linear/Conv rule of RAP (§2.4, §2.5): conserves ``sum R`` per sample.  Generalised
-    to signed inputs: entries with ``|x| <= SIGNED_ZERO`` count as zero, and the ``x+`` and
+    to signed inputs: entries with ``|x| <= SIGNED_ZERO`` (relative to the layer's largest
+    magnitude where that is below 1) count as zero, and the ``x+`` and
     ``|x-|`` passes each take their share of ``R`` (:func:`signed_shares`)."""
     conv = layer.lin.is_conv   # a Conv2d, or a Linear over channels-last positions (a 1x1 conv)
     x = layer.x
@@ -123,7 +133,7 @@ def hidden(layer: Layer, r: torch.Tensor) -> list:
         return [out]
     # (the count's own threshold, SIGNED_ZERO, is not estimated: a bound of the near-zero form
     # reports every rap-split map of the built-in ConvNeXt and ViT; README, Numerics)
-    x = torch.where(x.abs() <= SIGNED_ZERO, torch.zeros((), dtype=x.dtype, device=x.device), x)
+    x = torch.where(x.abs() <= signed_zero_threshold(x), torch.zeros((), dtype=x.dtype, device=x.device), x)
     xp, xn = x.clamp(min=0), (-x).clamp(min=0)
     rp, rn = signed_shares(layer, xp, xn, r)
     return [_pos_prop(layer, xp, rp, conv) + _pos_prop(layer, xn, rn, conv)]
