@@ -239,9 +239,15 @@ def _stacklevel() -> int:
     outside relprop, so the warning names the caller's line whichever entry it came through
     (``explainer(x)``, ``.heatmap``, ``.attribute``, :func:`explain`, relprop's adapters)."""
     frame, level = sys._getframe(2), 2
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE):
+    while frame is not None and (os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE)
+                                 or frame.f_globals.get("__name__", "").startswith(_CALLERS_OF_ADAPTERS)):
         frame, level = frame.f_back, level + 1
     return level
+
+
+# Libraries that call relprop's adapters from inside their own method (Captum's ``attribute``
+# wraps the adapter's in its logging decorator): the warning names their caller's line.
+_CALLERS_OF_ADAPTERS = ("captum.",)
 
 
 def _seed(initial_relevance, weights: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

@@ -697,6 +697,15 @@ def test_warnings_point_at_the_callers_line(monkeypatch):
             entry()
         assert [(x.category, x.filename) for x in w] == [(RuntimeWarning, __file__)]
         assert "may be off by up to" in str(w[0].message)
+    try:   # Captum calls the adapter from inside its own attribute(): still the caller's line
+        from relprop.adapters.captum import RelProp
+    except ImportError:
+        pass
+    else:
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            RelProp(model, "rap").attribute(x, target=1)
+        assert [(x.category, x.filename) for x in w] == [(RuntimeWarning, __file__)]
     monkeypatch.undo()
     run = ex.method.run
     monkeypatch.setattr(ex.method, "run", lambda ctx: run(ctx) * float("nan"))
