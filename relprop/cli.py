@@ -154,17 +154,14 @@ def main(argv=None) -> int:
 
 
 def _run_command(args) -> int:
-    if args.command in ("attribute", "explain"):
-        try:
-            return _attribute(args) if args.command == "attribute" else _explain(args)
-        except KeyboardInterrupt:         # Ctrl-C: one line, no traceback; files are written whole or not at all
-            note = "; finished shards are kept: run the same command again to resume" \
-                if args.command == "attribute" else ""
-            print(f"relprop {args.command}: interrupted{note}", file=sys.stderr)
-            return 130
-    if args.command == "evaluate":
-        return _evaluate(args)
-    return _demo(args)
+    run = {"attribute": _attribute, "explain": _explain, "evaluate": _evaluate}.get(args.command, _demo)
+    try:
+        return run(args)
+    except KeyboardInterrupt:         # Ctrl-C: one line, no traceback; files are written whole or not at all
+        note = "; finished shards are kept: run the same command again to resume" \
+            if args.command == "attribute" else ""
+        print(f"relprop {args.command}: interrupted{note}", file=sys.stderr)
+        return 130
 
 
 def _methods() -> int:

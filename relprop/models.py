@@ -142,7 +142,7 @@ def _from_function(spec: str, kwargs: dict, weights=None) -> nn.Module:
             raise ValueError(f"cannot import model function {spec!r} (no module {e.name!r} on the Python path); "
                              f"{MODEL_SPEC_HELP}") from None
         raise ModelFunctionError(spec, f": importing {mod_name} raised {_one_line(e)}") from e
-    except Exception as e:              # a SyntaxError, or anything the module raises at import
+    except (Exception, SystemExit) as e:   # a SyntaxError, or anything the module raises (or exits with) at import
         raise ModelFunctionError(spec, f": importing {mod_name} raised {_one_line(e)}") from e
     if not hasattr(module, fn_name):
         raise ValueError(f"cannot import model function {spec!r} (module {mod_name!r} has no attribute "
@@ -159,7 +159,7 @@ def _from_function(spec: str, kwargs: dict, weights=None) -> nn.Module:
             kwargs = dict(kwargs, weights_backbone=None)
     try:
         model = fn(**kwargs)
-    except Exception as e:
+    except (Exception, SystemExit) as e:   # sys.exit() inside a factory is a failure of the factory too
         raise ModelFunctionError(spec, f" raised {_one_line(e)}") from e
     if not isinstance(model, nn.Module):
         raise ValueError(f"{spec!r} returned {type(model).__name__}, not a torch.nn.Module")

@@ -512,7 +512,9 @@ def user_modules(tmp_path, monkeypatch):
         "import torch\n"
         "NOT_A_FUNCTION = 3\n"
         "def make(num_classes=10):\n    raise ValueError('depth must be even,\\n got 3')\n"
-        "def make_key():\n    raise KeyError('backbone')\n")
+        "def make_key():\n    raise KeyError('backbone')\n"
+        "def make_exit():\n    import sys\n    sys.exit('no GPU found')\n")
+    (folder / "rp_exits_at_import.py").write_text("import sys\nsys.exit(0)\n")
     (folder / "rp_needs_missing.py").write_text("import rp_no_such_dependency\ndef make():\n    pass\n")
     (folder / "rp_bad_syntax.py").write_text("def make(:\n")
     monkeypatch.syspath_prepend(str(folder))
@@ -528,6 +530,12 @@ def test_model_functions_that_raise_are_one_clear_error(user_modules):
     assert isinstance(info.value.__cause__, ValueError)
     with pytest.raises(ModelFunctionError, match=r"^rp_factories:make_key raised KeyError: 'backbone'$"):
         load_model("rp_factories:make_key")
+    # sys.exit() in a factory or at its module's import is the factory failing, not relprop exiting
+    with pytest.raises(ModelFunctionError, match=r"^rp_factories:make_exit raised SystemExit: no GPU found$"):
+        load_model("rp_factories:make_exit")
+    with pytest.raises(ModelFunctionError, match=r"^rp_exits_at_import:make: importing rp_exits_at_import raised "
+                                                 r"SystemExit: 0$"):
+        load_model("rp_exits_at_import:make")
     with pytest.raises(ModelFunctionError, match=r"^rp_needs_missing:make: importing rp_needs_missing raised "
                                                  r"ModuleNotFoundError: No module named 'rp_no_such_dependency'$"):
         load_model("rp_needs_missing:make")

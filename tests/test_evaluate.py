@@ -445,3 +445,16 @@ def test_maps_reported_as_untrustworthy_are_counted_not_printed(tmp_path, recwar
         assert rows[method]["untrusted"] == counts[method]
     assert counts["rap"] >= 6 > counts["rsp"]
     assert "maps reported ⚠" in (out / "metrics.md").read_text()
+
+
+def test_ctrl_c_is_one_line_and_leaves_no_report(tmp_path, monkeypatch, capsys):
+    """Ctrl-C during a run: 'relprop evaluate: interrupted', exit 130, no traceback, and no
+    report folder (it is written only when the run has finished)."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "run", interrupted)
+    out = tmp_path / "report"
+    assert _run(["--model", "shapes-vgg", "--methods", "rap", "--images", "2", "--out", str(out)]) == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["relprop evaluate: interrupted"]
+    assert not out.exists()
