@@ -1,4 +1,6 @@
 """Bad input gets one clear error naming the problem."""
+import re
+
 import pytest
 import torch
 import torch.nn as nn
@@ -259,6 +261,28 @@ def test_an_input_too_small_for_the_model_names_the_layer():
         relprop.explain(net, torch.randn(1, 3, 3, 3), method="rap")
     assert str(err.value) == ("the model cannot take an input of shape (1, 3, 3, 3): 3 (MaxPool2d) failed: "
                               "Given input size: (4x1x1). Calculated output size: (4x0x0). Output size is too small")
+
+
+def test_an_input_the_models_own_check_refuses_is_a_value_error():
+    """A model that asserts its input size (timm's patch embedding): a ValueError naming the
+    check, with the sizes' names instead of the tracing proxies of its message, not a bare
+    AssertionError reading 'Proxy(getitem)'."""
+    class Checked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 2, 3, padding=1), nn.Linear(2 * 8 * 8, 3)
+
+        def forward(self, x):
+            torch._assert(x.shape[2] == 8, f"Input height ({x.shape[2]}) doesn't match model (8).")
+            return self.fc(self.conv(x).flatten(1))
+
+    explainer = relprop.Explainer(Checked().eval(), "rap")
+    explainer(torch.randn(1, 3, 8, 8))
+    with pytest.raises(ValueError) as err:
+        explainer(torch.randn(1, 3, 16, 8))
+    assert re.fullmatch(r"the model cannot take an input of shape \(1, 3, 16, 8\): its check _assert \(call_function "
+                        r"_assert\) failed: Input height \(<getitem\w*>\) doesn't match model \(8\)\.",
+                        str(err.value)), str(err.value)
 
 
 def test_not_a_module():

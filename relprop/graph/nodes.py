@@ -12,6 +12,7 @@ never called again.  A node's arguments refer to other nodes by :class:`Ref` (th
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -192,6 +193,11 @@ class Graph:
                     except RuntimeError as e:   # an input the model cannot take: say which and where
                         raise ValueError(f"the model cannot take an input of shape {tuple(x.shape)}: "
                                          f"{n.describe()} failed: {str(e).splitlines()[0]}") from e
+                    except AssertionError as e:   # the model's own check (timm's image-size assert)
+                        # its message was formatted at capture, with tracing proxies for the sizes
+                        text = re.sub(r"Proxy\(([^)]*)\)", r"<\1>", str(e).splitlines()[0] if str(e) else "")
+                        raise ValueError(f"the model cannot take an input of shape {tuple(x.shape)}: its check "
+                                         f"{n.describe()} failed{': ' + text if text else ''}") from e
                 if observe is not None:
                     observe(n, args, kwargs, v)
             if grad_from is not None and n.index == grad_from.index:
