@@ -394,3 +394,26 @@ def test_torchscript_modules_are_refused_with_what_to_pass(model):
     assert str(err.value) == ("TorchScript modules cannot be captured, and these submodules are TorchScript: "
                               "0 (RecursiveScriptModule); pass the eager nn.Module (the submodules before "
                               "torch.jit.script / torch.jit.trace)")
+
+
+def test_a_parametrized_module_is_refused_with_what_to_do():
+    """weight_norm / spectral_norm (torch.nn.utils.parametrize) compute the weight on access:
+    refused, naming the layer and the remedy; the remedy then works."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import weight_norm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(weight_norm(nn.Conv2d(3, 4, 3)), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
+    with pytest.raises(relprop.UnsupportedModelError) as err:
+        relprop.Explainer(model, "rap")
+    assert str(err.value) == (
+        "relprop has no relevance rule for these operations of Sequential:\n"
+        "  0 (ParametrizedConv2d): a parametrized module (torch.nn.utils.parametrize: weight_norm, spectral_norm, "
+        "...); explain a copy of the model with torch.nn.utils.parametrize.remove_parametrizations(module, 'weight') "
+        "applied")
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        expected = model(x)
+    parametrize.remove_parametrizations(model[0], "weight")
+    att = relprop.Explainer(model, "lrp-epsilon", epsilon=1e-9).attribute(x)
+    torch.testing.assert_close(att.logits, expected)

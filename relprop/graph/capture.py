@@ -199,6 +199,13 @@ def capture(model: nn.Module, output_key: str | None = None) -> Graph:
     _resolve_constants(nodes, constant)
     _resolve_attention(nodes, constant)
     _resolve_gates(nodes, constant)
+    for n in nodes:
+        if n.kind is None and n.module is not None and not n.why and nn.utils.parametrize.is_parametrized(n.module):
+            # its weight is computed on access (and spectral_norm's, in training mode, updates
+            # buffers as it is read): relprop reads only plain parameters
+            n.why = ("a parametrized module (torch.nn.utils.parametrize: weight_norm, spectral_norm, ...); "
+                     "explain a copy of the model with torch.nn.utils.parametrize.remove_parametrizations("
+                     "module, 'weight') applied")
     problems = [n.describe() for n in nodes if n.kind is None]
     if problems:
         raise UnsupportedModelError(
