@@ -274,6 +274,7 @@ def test_attributor_takes_zennit_composites_as_zennit_does(net):
             torch.testing.assert_close(rel, expected)
     for spelling in (EpsilonPlusFlat, "EpsilonPlusFlat", "epsilon_plus_flat"):
         assert Attributor(model, composite=spelling).explainer.method.name == "lrp-epsilon-plus-flat"
+        assert Attributor(model, spelling).explainer.method.name == "lrp-epsilon-plus-flat"   # positional too
     named = Attributor(model, composite="EpsilonGammaBox", zb_bounds=(low, high), gamma=0.5)
     with Gradient(model, EpsilonGammaBox(low, high, gamma=0.5, canonizers=[SequentialMergeBatchNorm()])) as z:
         torch.testing.assert_close(named(x, onehot)[1], z(x.clone().requires_grad_(True), onehot)[1])

@@ -170,8 +170,8 @@ class Attributor:
                  create_graph: bool = False, retain_graph=None, **params):
         if composite is not _UNSET and method != "rap":
             raise TypeError("give either a method or a Zennit composite (composite=), not both")
-        if composite is _UNSET and not isinstance(method, str):
-            composite = method                          # Zennit's Gradient(model, composite)
+        if composite is _UNSET and (not isinstance(method, str) or _REGISTERED.get(method, method) in COMPOSITE_METHODS):
+            composite = method                          # Zennit's Gradient(model, composite), a name too
         if composite is None:
             method = "gradient"                         # Zennit's Gradient(model, composite=None)
         elif composite is not _UNSET:
