@@ -264,9 +264,11 @@ def _seed(initial_relevance, weights: torch.Tensor, logits: torch.Tensor) -> tor
     return r
 
 
-def explain(model: nn.Module, x: torch.Tensor, target=None, method: str = "rap", **params) -> torch.Tensor:
-    """One-call form of :class:`Explainer`: relevance shaped like ``x``."""
-    return Explainer(model, method, **params)(x, target)
+def explain(model: nn.Module, x: torch.Tensor, target=None, method: str = "rap",
+            initial_relevance: torch.Tensor | None = None, **params) -> torch.Tensor:
+    """One-call form of :class:`Explainer`: relevance shaped like ``x``; ``params`` are the
+    Explainer's (``backend``, ``output_key``) and the method's."""
+    return Explainer(model, method, **params)(x, target, initial_relevance)
 
 
 def available_methods() -> dict[str, str]:

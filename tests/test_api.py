@@ -140,6 +140,9 @@ def test_initial_relevance_seeds_the_output(golden_models):
     a, b = torch.randn(2, 5, dtype=torch.float64), torch.randn(2, 5, dtype=torch.float64)
     torch.testing.assert_close(ex(x, initial_relevance=a + b),
                                ex(x, initial_relevance=a) + ex(x, initial_relevance=b))
+    # the one-call form takes the seed too
+    torch.testing.assert_close(relprop.explain(model, x, method="lrp-epsilon", first_layer="same",
+                                               initial_relevance=a), ex(x, initial_relevance=a))
 
 
 def test_layer_sums_report_conservation(golden_models):
