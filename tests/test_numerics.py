@@ -363,8 +363,9 @@ def test_a_signed_average_pool_is_estimated_on_the_builtin_convnext():
     """ConvNeXt's global average pool reads the signed residual stream: where a channel's
     entries nearly cancel, the proportional shares ``x_i R / mean(x)`` are large, of both signs,
     and magnify the forward's rounding like a two-way residual split.  These three test images'
-    rap-split maps are 1e-3 to 5.5e-3 off float64, and were reported by nothing (estimate 7e-7);
-    the pool's estimate now reports them, within 10x of the measured error."""
+    rap-split maps were up to 5.5e-3 off float64 (how far depends on the convolution algorithms'
+    rounding: 1e-3 to 5.5e-3 on one machine, 6e-5 to 3.5e-3 under CI) and reported by nothing
+    (estimate 7e-7); the pool's estimate now reports them, and covers the measured error."""
     model = models.load("shapes-convnext")
     data = shapes.ShapesDataset(200, size=models.INPUT_SIZE, seed=0, split="test")
     items = [147, 171, 195]
@@ -374,8 +375,7 @@ def test_a_signed_average_pool_is_estimated_on_the_builtin_convnext():
     r32 = explain_quietly(relprop.Explainer(model, "rap-split"), x, target)
     r64 = relprop.Explainer(model64, "rap-split").attribute(x.double(), target)
     err = rel_l2(r32.relevance, r64.relevance)
-    assert (err >= 1e-3 * 0.99).all(), err
-    assert (r32.error > trusted_error(torch.float32)).all() and (r32.error < 10 * err).all(), (r32.error, err)
+    assert (r32.error > trusted_error(torch.float32)).all() and (r32.error >= err).all(), (r32.error, err)
 
 
 def test_an_average_pool_of_relu_outputs_is_not_estimated(monkeypatch):
