@@ -64,27 +64,25 @@ def first_propagation(layer: Layer, pd: torch.Tensor) -> list:
     return [(safe_divide(p, total) - safe_divide(n, total)) * psum(p + n)]
 
 
-def _pos_prop(layer: Layer, x: torch.Tensor, r: torch.Tensor, conv_routing: bool,
-              shift_to: torch.Tensor | None = None) -> torch.Tensor:
+def _pos_prop(layer: Layer, x: torch.Tensor, r: torch.Tensor, conv_routing: bool) -> torch.Tensor:
     """One ``pos_prop`` of §2.4/§2.5 for a non-negative input ``x`` (``x+`` or ``|x-|``), in
     its closed form with ``Z+ = fwd(x, W+)``, ``Z- = fwd(x, |W-|)``:
 
     Linear: ``C = x * (bwd(SD(R, Z+), W+) + bwd(SD(R, Z+ + Z-), |W-|))``
     Conv:   ``C = x * (bwd(SD(R+, Z+), W+) + bwd(SD(R-, Z-) + SD(R, Z+ + Z-), |W-|))``
 
-    then the uniform shift of the non-zero entries restores ``sum R`` (or ``shift_to``, (B,)).
-    (The authors' masks ``[R != 0]`` and ``[Z+ + Z- != 0]`` never change the result: all terms
-    are >= 0.)
+    then the uniform shift of the non-zero entries restores ``sum R``.  (The authors' masks
+    ``[R != 0]`` and ``[Z+ + Z- != 0]`` never change the result: all terms are >= 0.)
     """
     lin, ops = layer.lin, layer.ops
     s1, s2 = ops.split_scale(lin, x, r, "rap-conv" if conv_routing else "rap-linear")
-    return ops.split_backward(lin, x, s1, s2, "pa", shift_to=r.flatten(1).sum(1) if shift_to is None else shift_to)
+    return ops.split_backward(lin, x, s1, s2, "pa", shift_to=r.flatten(1).sum(1))
 
 
 def signed_shares(layer: Layer, xp: torch.Tensor, xn: torch.Tensor, r: torch.Tensor) -> tuple:
     """``R`` split between the ``x+`` and the ``|x-|`` inputs of each output ``j`` by their
     absolute contributions, ``A_j = fwd(x+, |W|)`` and ``N_j = fwd(|x-|, |W|)``:
-    ``R^- = R * SD(N, A + N)``, ``R^+ = R - R^-`` (so ``R^+ = R`` exactly where ``x- = 0``).
+    ``R^- = R * SD(N, A + N)``, ``R^+ = R * SD(A, A + N)`` (``= R`` exactly where ``N = 0``).
     Returns ``(R^+, R^-)``.
 
     Generalised beyond the authors' code (which meets no signed hidden input: VGG's and
