@@ -197,6 +197,30 @@ def test_sglrp_on_a_confident_model_agrees_with_float64():
     assert (rel_l2(r32, r64) < 1e-4).all(), rel_l2(r32, r64)
 
 
+@pytest.mark.parametrize("dense", [False, True], ids=["classifier", "dense"])
+def test_sglrp_on_an_improbable_target_agrees_with_float64(dense):
+    """SGLRP's dual seed p_t p_n for a target 150 logits below the others (p_t ~1e-65):
+    float32 rounded it to 0, so the dual map was 0 and the map R_t alone (2-4 off float64,
+    estimated at 1e-7: unreported).  Scaled per sample in log space it agrees with float64
+    (the map divides the dual relevance by its sum, so the scale changes nothing)."""
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()]
+    layers += [nn.Conv2d(8, 5, 1)] if dense else [nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 5)]
+    model = nn.Sequential(*layers).eval()
+    with torch.no_grad():
+        model[-1].bias.zero_()
+        model[-1].bias[0] = -150.0
+    x = torch.randn(4, 3, 8, 8)
+    model64 = copy.deepcopy(model).double()
+    assert (model(x).softmax(1)[:, 0] == 0).all()     # the case: the target's probability underflows float32
+    att = explain_quietly(relprop.Explainer(model, "sglrp"), x, 0)
+    err = rel_l2(att.relevance, relprop.Explainer(model64, "sglrp")(x.double(), 0))
+    # dense: each position's p_t carries the float32 rounding of its logit (~150 u = 1e-5
+    # absolute, so 1e-5 relative); a classifier's one p_t per sample cancels in the scaling
+    assert (err < (1e-4 if dense else 1e-5)).all(), err
+    assert (att.error < 1e-3).all(), att.error
+
+
 @pytest.mark.parametrize("method", ["lrp-epsilon", "rap", "rsp", "clrp"])
 def test_zbox_input_layer_does_not_cancel_far_from_zero(method):
     """z^B on inputs far from 0 and close together (a bright, low-contrast image on an

@@ -163,5 +163,27 @@ class SGLRP(Method):
         # the cancellation of 1 - p_t when the model is confident (p_t -> 1 in float32)
         rest = class_sum(p * (1 - cls))
         r_t, r_o = ctx.propagate_together([(self.table, seed * (p_t * rest + 1e-8)),
-                                           (self.table, (region - seed) * p_t * p)])
+                                           (self.table, dual_seed(ctx, cls, region - seed, p_t * p))])
         return scaled_difference(ctx, r_t, r_o)
+
+
+def dual_seed(ctx: Context, cls: torch.Tensor, others: torch.Tensor, product: torch.Tensor) -> torch.Tensor:
+    """SGLRP's dual seed ``p_t p_n`` on the other classes (``others``: their weights;
+    ``product``: ``p_t p`` as computed), up to a factor per sample.
+
+    Where the target is far less likely than the top class, ``p_t p_n`` falls below the
+    smallest normal number: float32 rounds it to subnormals or to 0 (a target logit ~100
+    below the top), and the dual map came out 0, so the map was ``R_t`` alone, off float64 by
+    more than its size and unreported.  The map divides the dual relevance by its own sum
+    (:func:`scaled_difference`; every rule is positively homogeneous in the relevance), so a
+    factor per sample changes nothing: such a sample's seed is computed in log space, scaled
+    so its largest entry is 1.  Other samples keep ``product`` bit for bit."""
+    dual = others * product
+    shape = (-1,) + (1,) * (dual.dim() - 1)
+    small = dual.flatten(1).amax(1) < torch.finfo(dual.dtype).tiny * 2.0 ** 26   # its peak 2^26 above underflow
+    # in float64 (logits-sized): sums of log-probabilities of ~-100 would lose 1e-5 in float32
+    logp = ctx.logits.double().log_softmax(dim=1)
+    log_dual = (class_sum(torch.where(cls > 0, logp, 0.0)) + logp).masked_fill(others == 0, float("-inf"))
+    top = log_dual.flatten(1).amax(1)
+    top = torch.where(torch.isfinite(top), top, 0.0).view(shape)
+    return torch.where(small.view(shape), others * (log_dual - top).exp().to(dual.dtype), dual)
