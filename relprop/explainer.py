@@ -23,7 +23,8 @@ class Attribution(NamedTuple):
 
     relevance: torch.Tensor               # shaped like the input
     logits: torch.Tensor                  # the model output: (B, classes), or (B, C, H, W) for a dense output
-    target: torch.Tensor                  # (B,) explained class per sample
+    target: torch.Tensor                  # (B,) explained class per sample (with initial_relevance: the
+                                          # class carrying most of the seed's weight)
     layer_sums: dict | None = None        # node name -> (B,) relevance sum at that node's input(s)
     error: torch.Tensor | None = None     # (B,) estimated relative error from the ill-conditioned steps (README, Numerics)
 
@@ -142,11 +143,12 @@ class Explainer:
             logits = values[-1]
             if callable(initial_relevance):        # a function of the output (Zennit's attr_output)
                 initial_relevance = initial_relevance(logits.detach().clone())
-            if target is None and initial_relevance is not None and logits.ndim > 2:
-                # a dense output has no predicted class: the caller's seed says what is
-                # explained, and the reported class is the one carrying most of its weight
+            if target is None and initial_relevance is not None:
+                # the caller's seed says what is explained: the reported class is the one
+                # carrying most of its weight (summed over the positions of a dense output)
                 weights = _seed(initial_relevance, None, logits)
-                targets, one_hot = weights.abs().flatten(2).sum(2).argmax(dim=1), True
+                per_class = weights.abs().flatten(2).sum(2) if logits.ndim > 2 else weights.abs()
+                targets, one_hot = per_class.argmax(dim=1), True
             else:
                 targets, weights, one_hot = resolve_targets(target, logits)
             if not one_hot and not self.method.accepts_initial_relevance:
@@ -254,7 +256,7 @@ def _seed(initial_relevance, weights: torch.Tensor, logits: torch.Tensor) -> tor
     if initial_relevance is None:
         return weights
     r = torch.as_tensor(initial_relevance, dtype=logits.dtype, device=logits.device)
-    if r.ndim == 1 and logits.ndim == 2:
+    if r.ndim == 1 and logits.ndim == 2 and r.shape[0] == logits.shape[1]:
         r = r.expand_as(logits)
     if r.shape != logits.shape:
         also = f" (or ({logits.shape[1]},))" if logits.ndim == 2 else ""

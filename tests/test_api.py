@@ -145,6 +145,17 @@ def test_initial_relevance_seeds_the_output(golden_models):
                                                initial_relevance=a), ex(x, initial_relevance=a))
 
 
+def test_the_target_reported_for_an_initial_relevance_is_the_seeded_class(golden_models):
+    """``Attribution.target`` is the class the map explains: with a seed, the class carrying
+    most of its weight (it was the predicted class)."""
+    model = small_vgg(golden_models).double()
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    seed = torch.zeros(3, 5, dtype=torch.float64)
+    seed[0, 2], seed[1, 4], seed[2] = 1.0, -3.0, torch.tensor([0.1, 0.2, -0.9, 0.5, 0.0])
+    att = relprop.Explainer(model, "rap").attribute(x, initial_relevance=seed)
+    assert att.target.tolist() == [2, 4, 2]
+
+
 def test_layer_sums_report_conservation(golden_models):
     model = small_vgg(golden_models).double()
     x = torch.rand(2, 3, 32, 32, dtype=torch.float64)

@@ -191,6 +191,9 @@ def test_bad_initial_relevance(model):
     x = torch.randn(2, 3, 8, 8)
     with pytest.raises(ValueError, match=r"initial_relevance must have shape \(2, 5\)"):
         relprop.Explainer(model, "lrp-epsilon")(x, initial_relevance=torch.ones(2, 4))
+    # a vector of the wrong length: the same message, not torch's expand error
+    with pytest.raises(ValueError, match=r"^initial_relevance must have shape \(2, 5\) \(or \(5,\)\), got \(3,\)$"):
+        relprop.Explainer(model, "lrp-epsilon")(x, initial_relevance=torch.ones(3))
     with pytest.raises(ValueError, match="builds its own target and dual seeds"):
         relprop.Explainer(model, "clrp")(x, initial_relevance=torch.ones(2, 5))
 
