@@ -64,6 +64,8 @@ def as_targets(target, batch: int, device) -> torch.Tensor:
         t = torch.as_tensor(target, device=device)
     except (TypeError, ValueError, RuntimeError):
         raise TypeError(f"{_KINDS}; got {type(target).__name__} {target!r}") from None
+    if t.numel() == 0:   # an empty list becomes a float tensor: say what is wrong with it
+        raise ValueError(f"got 0 targets for a batch of {batch}")
     if t.is_floating_point() or t.dtype == torch.bool or t.is_complex():
         raise TypeError(f"target must hold integer class indices, got {t.dtype}")
     t = t.long().reshape(-1)
@@ -275,7 +277,8 @@ def _dense_weights(target, output: torch.Tensor) -> torch.Tensor:
                                f"classifiers only; {_DENSE_KINDS}")
     if isinstance(target, SegmentationTarget):
         return target.weights(output)
-    if isinstance(target, tuple) and len(target) == 2 and _is_mask(target[1]) and not _is_mask(target[0]):
+    if (isinstance(target, tuple) and len(target) == 2 and (_is_mask(target[1]) or target[1] is None)
+            and not _is_mask(target[0])):   # (category, mask), mask None: the whole map
         return SegmentationTarget(*target).weights(output)
     if _is_mask(target):
         m = _tensor(target, "target")

@@ -237,6 +237,7 @@ def test_target_forms_agree():
     whole = explainer(x, 1)
     torch.testing.assert_close(whole, explainer(x, SegmentationTarget(1, torch.ones(16, 16))))
     torch.testing.assert_close(whole, explainer(x, SegmentationTarget(1)))
+    torch.testing.assert_close(whole, explainer(x, (1, None)))     # the tuple with no mask, as documented
     torch.testing.assert_close(explainer.attribute(x, [0, 2]).target, torch.tensor([0, 2]))
 
 

@@ -187,6 +187,11 @@ def test_unknown_method_and_parameter(model):
         relprop.Explainer(model, "ae", ratio=3)
 
 
+def test_an_empty_target_list_is_named_as_such(model):
+    with pytest.raises(ValueError, match=r"^got 0 targets for a batch of 2$"):
+        relprop.Explainer(model, "rap")(torch.randn(2, 3, 8, 8), target=[])
+
+
 def test_bad_initial_relevance(model):
     x = torch.randn(2, 3, 8, 8)
     with pytest.raises(ValueError, match=r"initial_relevance must have shape \(2, 5\)"):
