@@ -257,7 +257,7 @@ ATTRIBUTE_DESCRIPTION = """\
 Attribute every image of a data set and store the relevance maps on disk, in shards.
 
 Data, one of:
-  --data DIR           every .jpg .jpeg .png .bmp .webp under DIR (recursively, sorted).
+  --data DIR           every .jpg .jpeg .png .bmp .webp .tif .tiff .gif under DIR (recursively, sorted).
                        With the torchvision ImageFolder layout (DIR/<class>/<image>) the
                        sorted sub-folder names are the classes and give each image its
                        label (for --targets label).

@@ -4,7 +4,7 @@
   ``torchvision`` ImageNet evaluation recipe); :data:`IMAGENET` is 256 -> 224 with the
   ImageNet mean/std.
 * :func:`list_images` lists the images under a folder (recursive, sorted, extensions
-  ``.jpg .jpeg .png .bmp .webp``, case-insensitive).  If every image lies inside a
+  ``.jpg .jpeg .png .bmp .webp .tif .tiff .gif``, case-insensitive).  If every image lies inside a
   first-level sub-folder (the torchvision ``ImageFolder`` layout ``root/<class>/...``)
   the sub-folder names, sorted, are the classes and give each image its label;
   otherwise there are no labels.
@@ -20,12 +20,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import inspect
+import math
 import os
 from typing import Sequence
 
 import torch
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")   # what explain reads too
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_RESIZE = 256
@@ -48,8 +49,9 @@ class Preprocessing:
     def __post_init__(self):
         if self.size < 1 or (self.resize is not None and self.resize < self.size):
             raise ValueError(f"need size >= 1 and resize >= size, got size={self.size}, resize={self.resize}")
-        if len(self.mean) != 3 or len(self.std) != 3 or any(s <= 0 for s in self.std):
-            raise ValueError(f"mean and std need 3 values each (std > 0), got mean={self.mean}, std={self.std}")
+        if (len(self.mean) != 3 or len(self.std) != 3 or not all(0 < s < math.inf for s in self.std)
+                or not all(math.isfinite(m) for m in self.mean)):
+            raise ValueError(f"mean and std need 3 finite values each (std > 0), got mean={self.mean}, std={self.std}")
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
         object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))

@@ -292,8 +292,9 @@ def test_attributor_takes_zennit_composites_as_zennit_does(net):
             Attributor(model, composite=other)
     with pytest.raises(TypeError, match="composite must be a Zennit composite"):
         Attributor(model, composite=3)
-    with pytest.raises(TypeError, match="either a method or a Zennit composite"):
-        Attributor(model, "rsp", composite=EpsilonPlusFlat())
+    for method in ("rsp", "rap"):   # "rap", the default, given explicitly too
+        with pytest.raises(TypeError, match="either a method or a Zennit composite"):
+            Attributor(model, method, composite=EpsilonPlusFlat())
     with pytest.raises(TypeError, match="zb_bounds is given twice"):
         Attributor(model, EpsilonGammaBox(low, high), zb_bounds=(low, high))
     with pytest.raises(ValueError, match="create_graph=True is not supported"):

@@ -108,6 +108,22 @@ def test_listing_is_recursive_sorted_and_labels_only_for_imagefolder_layout(data
     assert labels == [0, 0, 0, 1, 1, 1, 2, 2, 2]
 
 
+def test_listing_takes_tiff_and_gif_as_explain_reads_them(tmp_path):
+    arr = (np.arange(8 * 8 * 3) % 251).astype(np.uint8).reshape(8, 8, 3)
+    for name in ("a.tif", "b.TIFF", "c.gif", "d.png"):
+        Image.fromarray(arr).save(tmp_path / name)
+    paths, _, _ = list_images(tmp_path)
+    assert [os.path.basename(p) for p in paths] == ["a.tif", "b.TIFF", "c.gif", "d.png"]
+
+
+@pytest.mark.parametrize("mean, std", [((0.5, 0.5, 0.5), (float("inf"), 1.0, 1.0)),
+                                       ((0.5, 0.5, 0.5), (float("nan"), 1.0, 1.0)),
+                                       ((float("nan"), 0.5, 0.5), (1.0, 1.0, 1.0))])
+def test_preprocessing_refuses_non_finite_mean_and_std(mean, std):
+    with pytest.raises(ValueError, match=r"^mean and std need 3 finite values each \(std > 0\)"):
+        Preprocessing(16, 20, mean=mean, std=std)
+
+
 def test_dataset_preprocesses_like_resize_crop_normalise(tmp_path):
     arr = (np.arange(40 * 60 * 3) % 251).astype(np.uint8).reshape(40, 60, 3)
     (tmp_path / "d").mkdir()

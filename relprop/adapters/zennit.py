@@ -166,10 +166,12 @@ class Attributor:
     and registers nothing (relprop adds no hooks).
     """
 
-    def __init__(self, model: nn.Module, method="rap", attr_output=None, composite=_UNSET,
+    def __init__(self, model: nn.Module, method=_UNSET, attr_output=None, composite=_UNSET,
                  create_graph: bool = False, retain_graph=None, **params):
-        if composite is not _UNSET and method != "rap":
+        if composite is not _UNSET and method is not _UNSET:   # "rap" given explicitly too
             raise TypeError("give either a method or a Zennit composite (composite=), not both")
+        if method is _UNSET:
+            method = "rap"
         if composite is _UNSET and (not isinstance(method, str) or _REGISTERED.get(method, method) in COMPOSITE_METHODS):
             composite = method                          # Zennit's Gradient(model, composite), a name too
         if composite is None:
