@@ -315,7 +315,9 @@ def test_attributor_seeds_and_contrastive_methods(net):
     torch.testing.assert_close(rel, e(x, initial_relevance=onehot))
     _, rel = Attributor(model, "clrp")(x, onehot)
     torch.testing.assert_close(rel, relprop.Explainer(model, "clrp")(x, t), rtol=0, atol=0)
-    with pytest.raises(ValueError, match="method 'clrp' builds its contrastive duals from one class per sample"):
-        Attributor(model, "clrp")(x)                                            # the output: not one-hot
+    for seed in (None, 3 * onehot):                                             # the output; a scaled one-hot
+        with pytest.raises(ValueError, match=r"^method 'clrp' builds its contrastive duals from one class per "
+                                             r"sample: attr_output must be one-hot per sample \(it selects that class\)$"):
+            Attributor(model, "clrp")(x, seed)
     with pytest.raises(TypeError, match="attr_output must be None, a tensor or a callable"):
         Attributor(model, "rap", attr_output=[0, 1])

@@ -202,5 +202,14 @@ class Attributor:
         if self.explainer.method.accepts_initial_relevance:
             att = self.explainer.attribute(input, initial_relevance=seed)
         else:                                          # a one-hot seed is that class's target
-            att = self.explainer.attribute(input, target=lambda z: (z * seed(z.detach())).sum(dim=1))
+            name = self.explainer.method.name
+
+            def target(z):
+                s = seed(z.detach())
+                if not (s.shape == z.shape and ((s == 0) | (s == 1)).all() and ((s == 1).sum(dim=1) == 1).all()):
+                    raise ValueError(f"method {name!r} builds its contrastive duals from one class per sample: "
+                                     f"attr_output must be one-hot per sample (it selects that class)")
+                return (z * s).sum(dim=1)
+
+            att = self.explainer.attribute(input, target=target)
         return att.logits, att.relevance
