@@ -83,6 +83,7 @@ class Explainer:
             differentiates = self.method.grad_node(self.graph) is not None   # resolves init_layer now
         except KeyError as e:
             raise ValueError(f"method {method!r}: {e.args[0]}") from None
+        _check_zb_bounds(self.method, self.graph)
         if hooks := g.hooks_not_run(model, backward=differentiates):
             warnings.warn(f"relprop never runs the hooks of {type(model).__name__}: it computes each layer from its "
                           "parameters and never calls the model or its modules, so what these hooks do (change an "
@@ -250,6 +251,25 @@ def _stacklevel() -> int:
 # Libraries that call relprop's adapters from inside their own method (Captum's ``attribute``
 # wraps the adapter's in its logging decorator): the warning names their caller's line.
 _CALLERS_OF_ADAPTERS = ("captum.",)
+
+
+def _check_zb_bounds(method, graph: g.Graph) -> None:
+    """Per-channel ``zb_bounds`` must have one value per input channel (or one): checked when
+    the explainer is built wherever the input goes straight into convolutions, whose
+    ``in_channels`` say how many (elsewhere the call checks it against the input)."""
+    bounds = getattr(method, "zb_bounds", None)
+    if bounds is None or isinstance(bounds, str):
+        return
+    firsts = [n for n in graph.nodes if 0 in n.parents and n.kind == g.CONV]
+    channels = {n.module.in_channels for n in firsts if hasattr(n.module, "in_channels")}
+    if len(channels) != 1:
+        return
+    (c,) = channels
+    for b in bounds:
+        n = torch.as_tensor(b).numel()
+        if torch.as_tensor(b).ndim == 1 and n not in (1, c):
+            raise ValueError(f"method {method.name!r}: zb_bounds has {n} per-channel values, but the model's first "
+                             f"layer takes {c} channels")
 
 
 def _seed(initial_relevance, weights: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

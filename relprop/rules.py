@@ -552,7 +552,11 @@ def zbox(bounds="image", divide: Divide = safe_divide) -> Rule:
 
 def _channel_tensor(b, x: torch.Tensor) -> torch.Tensor:
     t = torch.as_tensor(b, dtype=x.dtype, device=x.device)
-    return t.reshape(1, -1, *([1] * (x.ndim - 2))) if t.ndim == 1 and x.ndim > 2 else t
+    if t.ndim == 1 and x.ndim > 2:
+        if t.numel() not in (1, x.shape[1]):
+            raise ValueError(f"zb_bounds has {t.numel()} per-channel values, but the input has {x.shape[1]} channels")
+        return t.reshape(1, -1, *([1] * (x.ndim - 2)))
+    return t
 
 
 def flat(eps: float = 1e-6) -> Rule:

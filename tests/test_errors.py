@@ -187,6 +187,19 @@ def test_unknown_method_and_parameter(model):
         relprop.Explainer(model, "ae", ratio=3)
 
 
+def test_per_channel_zb_bounds_of_the_wrong_length(model):
+    """Checked when the explainer is built where the input goes into a conv; else at the call,
+    against the input (a torch broadcasting error before)."""
+    with pytest.raises(ValueError, match=r"^method 'lrp-epsilon': zb_bounds has 2 per-channel values, but the "
+                                         r"model's first layer takes 3 channels$"):
+        relprop.Explainer(model, "lrp-epsilon", zb_bounds=((-2.0, -2.0), (2.0, 2.0)))
+    relprop.Explainer(model, "lrp-epsilon", zb_bounds=((-2.0, -2.0, -2.0), (2.0, 2.0, 2.0)))
+    relprop.Explainer(model, "lrp-epsilon", zb_bounds=(-2.0, 2.0))
+    from relprop.rules import _channel_tensor
+    with pytest.raises(ValueError, match=r"^zb_bounds has 2 per-channel values, but the input has 3 channels$"):
+        _channel_tensor((1.0, 2.0), torch.zeros(1, 3, 4, 4))
+
+
 def test_an_empty_target_list_is_named_as_such(model):
     with pytest.raises(ValueError, match=r"^got 0 targets for a batch of 2$"):
         relprop.Explainer(model, "rap")(torch.randn(2, 3, 8, 8), target=[])
