@@ -258,6 +258,7 @@ def _attribute_shards(explainer, dataset, todo, out_dir, n, kind, tvalue, labels
     item_id = getattr(dataset, "item_id", str)
     path_of = _path_function(dataset)
     current, rel, items, skipped, overflow, reported = None, [], [], [], None, 0
+    classes = None   # the model's, read once where labels are checked
     for x, indices, bad in (loader if batches else ()):
         k = (indices or [b[0] for b in bad])[0] // shard_size
         if k != current:
@@ -273,6 +274,11 @@ def _attribute_shards(explainer, dataset, todo, out_dir, n, kind, tvalue, labels
                             "skipped": True, "error": err})
         if x is not None:
             x = x.to(device, non_blocking=True)
+            if kind == "label":   # before the batch is explained: the error names the item
+                if classes is None:
+                    with torch.no_grad():
+                        classes = explainer.graph.forward(x[:1])[-1].shape[1]
+                check_labels(labels, indices, classes, item_id)
             r, logit, tgt, reps, error = _explain(explainer, x, indices, kind, tvalue, labels, state)
             r_sum = r.flatten(1).double().sum(1).cpu().tolist()
             first_row = len(items)
@@ -369,7 +375,17 @@ def _validate(explainer, dataset, method, method_params, targets, kind, tvalue, 
         if bad is not None:
             raise ValueError(f"targets 'label': the data set has the label {bad} but the model has {classes} "
                              f"classes (0 to {classes - 1})")
+    elif kind == "label":   # labels read with their items (a torchvision data set without .targets): the first
+        check_labels(labels, [i], classes, item_id)
     return first
+
+
+def check_labels(labels, indices, classes: int, item_id=str) -> None:
+    """ValueError naming the first of ``indices`` whose label is not a class of the model."""
+    bad = next((i for i in indices if not 0 <= labels[i] < classes), None)
+    if bad is not None:
+        raise ValueError(f"targets 'label': {item_id(bad)} has the label {labels[bad]} but the model has {classes} "
+                         f"classes (0 to {classes - 1})")
 
 
 # The share of the free memory ``--batch-size auto`` plans to use: the rest absorbs what one

@@ -426,6 +426,50 @@ def test_torchvision_dataset_end_to_end_with_stable_ids(tmp_path):
     assert json.loads((out / "run.json").read_text())["data"]["dataset"] == "FakeData"
 
 
+def test_torchvision_labels_out_of_range_are_named(tmp_path):
+    """A torchvision data set without ``.targets`` gives its labels with its items: the first
+    readable item's is checked before anything is written, the others before their batch,
+    and the error names the item (it was torch's 'target 10 out of range', after shards)."""
+    opts = dict(FAKE, size=8, num_classes=1000)            # labels 197, 113, ...: the first is out of range
+    ds = TorchvisionDataset("FakeData", preprocessing=Preprocessing(SIZE, SIZE), options=opts)
+    with pytest.raises(ValueError, match=r"^targets 'label': FakeData\[.*\]:0 has the label 197 but the model has "
+                                         r"4 classes \(0 to 3\)$"):
+        attribute_dataset(tiny_model(), ds, "rap", out_dir=tmp_path / "a", targets="label", batch_size=2,
+                          shard_size=2, progress=False)
+    assert not (tmp_path / "a").exists()
+    opts = dict(FAKE, size=8, num_classes=7)               # labels 5, 5, 5, 5, 3, 2, 1, 4 on a 5-class model
+    ds = TorchvisionDataset("FakeData", preprocessing=Preprocessing(SIZE, SIZE), options=opts)
+    ds.labels = _LazyLabels(ds.labels)
+    with pytest.raises(ValueError, match=r"^targets 'label': FakeData\[.*\]:0 has the label 5 but"):
+        attribute_dataset(tiny_model(5), ds, "rap", out_dir=tmp_path / "b", targets="label", batch_size=2,
+                          shard_size=2, progress=False)
+    assert not (tmp_path / "b").exists()
+    with pytest.raises(ValueError, match=r"^targets 'label': FakeData\[.*\]:7 has the label 4 but the model has "
+                                         r"4 classes"):
+        attribute_dataset(tiny_model(4), _with_labels(ds, [3, 3, 3, 3, 3, 2, 1, 4]), "rap", out_dir=tmp_path / "c",
+                          targets="label", batch_size=2, shard_size=2, progress=False)
+    assert sorted(p.name for p in (tmp_path / "c" / "shards").glob("*.npy")) == [
+        f"shard-0000{k}.npy" for k in range(3)]            # the shards before it are whole, for a resume
+
+
+class _LazyLabels:
+    """Labels read item by item, as ``_ItemLabels`` gives them (no ``.targets`` list)."""
+
+    def __init__(self, labels):
+        self.labels = labels
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return int(self.labels[i])
+
+
+def _with_labels(ds, labels):
+    ds.labels = _LazyLabels(labels)
+    return ds
+
+
 def test_torchvision_dataset_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown torchvision data set 'NoSuchSet'.*FakeData"):
         TorchvisionDataset("NoSuchSet")
