@@ -669,6 +669,9 @@ def _explain(args) -> int:
     if len(shape) != 2:
         from .attribute import dense_output_refusal
         parser.error(dense_output_refusal("explain", shape))
+    if targets is not None and any(not 0 <= t < shape[1] for t in targets):
+        bad = next(t for t in targets if not 0 <= t < shape[1])
+        parser.error(f"--target: class {bad} is out of range: the model has {shape[1]} classes (0 to {shape[1] - 1})")
     results = []                 # every image is explained before any file is written
     for path, xi in zip(paths, x):
         xi = xi[None]

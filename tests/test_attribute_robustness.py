@@ -404,9 +404,12 @@ def test_explain_writes_nothing_on_errors_and_ends_with_one_line(data, tmp_path,
     argv = ["explain", str(img), "--model", SPEC, "--size", str(SIZE), "--resize", str(SIZE), "-o", str(out)]
     code, err = _cli(argv + ["--method", "lrp-epsilon", "--param", "epsilon=abc"], capsys)
     assert code == 2 and "epsilon" in err[-1] and not out.exists()
-    code, err = _cli(argv + ["--target", "9"], capsys)
-    assert (code, err[-1]) == (2, "relprop explain: error: target 9 out of range for a model with 4 classes")
-    assert not out.exists()
+    for bad in ("9", "-1", "1,4"):        # named as the option, like attribute's --targets
+        code, err = _cli(argv + [f"--target={bad}"], capsys)
+        wrong = bad.split(",")[-1]
+        assert (code, err[-1]) == (2, f"relprop explain: error: --target: class {wrong} is out of range: the model "
+                                      "has 4 classes (0 to 3)")
+        assert not out.exists()
 
     def full_disk(path, data):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
