@@ -45,7 +45,10 @@ other means), and the 2.5% and 97.5% quantiles are the interval: ``row["ci"][met
 {"low": ..., "high": ..., "items": k}`` in ``metrics.json`` (``k`` items scored for the
 metric), ``value ± (high - low) / 2`` in ``metrics.md``.  With fewer than 2 items scored
 (``--images 1``; a metric NaN on all items but one) no interval can be estimated: ``low``
-and ``high`` are null and ``metrics.md`` prints ``value ± n/a``.
+and ``high`` are null and ``metrics.md`` prints ``value ± n/a``.  A bound can also be
+infinite (the outside/inside ratio of an item with no positive relevance inside its object
+is infinite): ``metrics.md`` prints ``± inf`` and, JSON having no infinity, ``metrics.json``
+has null for that bound with ``items`` of 2 or more.
 
 The report folder holds ``metrics.md`` and ``metrics.json`` (one table / row list per
 model, one row per method) and ``grid-<model>.png`` (rows = the first ``grid_images`` items,
@@ -362,7 +365,9 @@ def _markdown(results: dict) -> str:
                 f"({res.get('resamples', BOOTSTRAP_RESAMPLES)} resamples of the items, seeded; the bounds are in "
                 "metrics.json, `ci`); a difference between methods whose intervals overlap is not called a "
                 f"difference.  ± n/a: fewer than {MIN_CI_ITEMS} items scored for the metric, so no interval can "
-                "be estimated (`low`/`high` are null in metrics.json).", "",
+                "be estimated (`low`/`high` are null in metrics.json).  ± inf: a bound is infinite (an item's "
+                "outside/inside ratio is infinite: no positive relevance inside its object); metrics.json has "
+                "null for it, with `items` of 2 or more.", "",
                 f"maps reported ⚠: of the {res['items']} maps, how many relprop reported as numerically "
                 "untrustworthy (estimated relative error above the trusted bound, 1e-3 for a float32 model; README, "
                 "Numerics).", ""]

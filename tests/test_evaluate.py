@@ -155,6 +155,7 @@ def test_one_image_has_no_confidence_interval_not_a_zero_width_one(tmp_path, cap
         assert [c.strip().endswith("± n/a") for c in cells] == [True] * len(keys) + [False, False]
         assert "± 0" not in text
         assert "± n/a: fewer than 2 items scored for the metric, so no interval can be estimated" in text
+        assert "± inf: a bound is infinite" in text
 
 
 def test_confidence_intervals_count_the_items_scored():
@@ -170,6 +171,11 @@ def test_confidence_intervals_count_the_items_scored():
     assert ci["plain"] == dict(ci["two"], items=2)
     assert evaluate._plus_minus(ci["one"]) == " ± n/a" and evaluate._plus_minus(ci["two"]) == " ± 0.10"
     assert evaluate._plus_minus({"low": 0.1, "high": 0.3}) == " ± 0.10"       # a report without "items"
+    # an infinite bound (an item's infinite outside/inside ratio): "± inf" in metrics.md, null in
+    # metrics.json with items >= 2 (null with items < 2 is "no interval"), as the legend says
+    infinite = {"low": 0.07, "high": math.inf, "items": 2}
+    assert evaluate._plus_minus(infinite) == " ± inf"
+    assert evaluate._finite(infinite) == {"low": 0.07, "high": None, "items": 2}
 
 
 def test_grid_has_a_row_per_image_and_a_column_per_method(report, tmp_path):
