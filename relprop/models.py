@@ -218,7 +218,13 @@ def load_weights(model: nn.Module, path) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"cannot read weights file {path!r}: {type(e).__name__}: {e}") from None
+        if "weights_only" in str(e) or "Weights only load failed" in str(e):
+            raise ValueError(f"weights file {path!r} holds pickled Python objects (a whole model saved with "
+                             "torch.save(model)?), which relprop does not unpickle: save model.state_dict() "
+                             "instead") from None
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise ValueError(f"cannot read weights file {path!r}: not a file torch.save wrote "
+                         f"({type(e).__name__}{f': {first}' if first else ''})") from None
     if isinstance(state, dict):
         for key in ("state_dict", "model"):
             if isinstance(state.get(key), dict):
@@ -228,8 +234,34 @@ def load_weights(model: nn.Module, path) -> None:
         raise ValueError(f"weights file {path!r} holds a {type(state).__name__}, not a state dict")
     try:
         model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"weights file {path!r} does not fit the model: {e}") from None
+    except RuntimeError:
+        raise ValueError(f"weights file {path!r} does not fit the model: {_misfit(model.state_dict(), state)}") from None
+
+
+def _misfit(own: dict, state: dict) -> str:
+    """What differs between the model's state dict and a file's, in one line: counts, a few
+    names, and the number of classes where only the output layer's size differs."""
+    def some(names):
+        return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [(k, tuple(getattr(state[k], "shape", ())), tuple(own[k].shape)) for k in own
+              if k in state and tuple(getattr(state[k], "shape", ())) != tuple(own[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} of the model's {len(own)} tensors are not in the file ({some(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} tensors of the file are not in the model ({some(unexpected)})")
+    if shapes:
+        k, theirs, ours = shapes[0]
+        parts.append(f"{len(shapes)} tensors have other shapes (the first, {k}: {theirs} in the file, {ours} in "
+                     f"the model)")
+        last = [k for k in own if own[k].dim() >= 1][-2:]   # the output layer's weight and bias
+        if not missing and not unexpected and {k for k, _, _ in shapes} <= set(last) and theirs[1:] == ours[1:]:
+            parts.append(f"the file's output layer has {theirs[0]} classes, the model's {ours[0]}: build the model "
+                         f"with {theirs[0]} classes (--num-classes {theirs[0]})")
+    return "; ".join(parts) or "load_state_dict refused it"
 
 
 def model_fingerprint(model: nn.Module) -> str:

@@ -795,6 +795,33 @@ def test_cli_validates_before_any_work(data, tmp_path, capsys, no_work):
     assert not (out / "run.json").exists()
 
 
+def test_weights_files_that_do_not_fit_are_explained_in_one_line(tmp_path):
+    from relprop.models import load_weights
+    small = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4, 5))
+    torch.save(small.state_dict(), tmp_path / "five.pt")
+    torch.save(small, tmp_path / "whole.pt")
+    (tmp_path / "junk.pt").write_bytes(b"hello world" * 20)
+    errors = {}
+    for name, model in [("junk.pt", small), ("whole.pt", small),
+                        ("five.pt", torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4, 7))),
+                        ("five.pt", torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)))]:
+        with pytest.raises(ValueError) as e:
+            load_weights(model, tmp_path / name)
+        assert "\n" not in str(e.value)
+        errors.setdefault(name, []).append(str(e.value))
+    assert errors["junk.pt"][0].startswith(f"cannot read weights file {str(tmp_path / 'junk.pt')!r}: not a file "
+                                           "torch.save wrote (")
+    assert "holds pickled Python objects (a whole model saved with torch.save(model)?)" in errors["whole.pt"][0]
+    assert "save model.state_dict() instead" in errors["whole.pt"][0]
+    classes, other = errors["five.pt"]
+    assert classes.endswith("2 tensors have other shapes (the first, 2.weight: (5, 4) in the file, (7, 4) in the "
+                            "model); the file's output layer has 5 classes, the model's 7: build the model with 5 "
+                            "classes (--num-classes 5)")
+    assert other.endswith("2 of the model's 4 tensors are not in the file (1.weight, 1.bias); 2 tensors of the file "
+                          "are not in the model (2.weight, 2.bias); 2 tensors have other shapes (the first, 0.weight: "
+                          "(4, 3, 3, 3) in the file, (2, 2) in the model)")
+
+
 def test_cli_attribute_end_to_end_and_settings_mismatch(data, tmp_path, capsys):
     out = tmp_path / "out"
     assert cli.main(_attr_args(data, out, "--batch-size", "3", "--shard-size", "4", "--workers", "2")) == 0
