@@ -177,7 +177,8 @@ def dual_seed(ctx: Context, cls: torch.Tensor, others: torch.Tensor, product: to
     more than its size and unreported.  The map divides the dual relevance by its own sum
     (:func:`scaled_difference`; every rule is positively homogeneous in the relevance), so a
     factor per sample changes nothing: such a sample's seed is computed in log space, scaled
-    so its largest entry is 1.  Other samples keep ``product`` bit for bit."""
+    so its largest entry is 1 (its ``layer_sums``, the dual pass's, are then on that scale;
+    float32 had them 0).  Other samples keep ``product`` bit for bit."""
     dual = others * product
     shape = (-1,) + (1,) * (dual.dim() - 1)
     small = dual.flatten(1).amax(1) < torch.finfo(dual.dtype).tiny * 2.0 ** 26   # its peak 2^26 above underflow
