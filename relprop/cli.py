@@ -352,10 +352,11 @@ and print each image's class, logit and files.  <image name> is the file name wi
 its extension; images that share it (a/x.png, b/x.png) are named by their path from
 their common folder instead (a_x, b_x), so no output overwrites another.  Nothing is
 written unless every image is read and explained.  The predicted class is explained
-unless --target is given.  Each image is turned upright by its EXIF orientation,
-converted to RGB (16-bit greyscale as value/65535, float images as values in [0, 1]),
-its shorter side resized to --resize, centre-cropped to --size and normalised with
---mean/--std; the defaults are the model's own (see MODEL below).
+unless --target says otherwise (topk:K, or class indices).  Each image is turned
+upright by its EXIF orientation, converted to RGB (16-bit greyscale as value/65535,
+float images as values in [0, 1]), its shorter side resized to --resize,
+centre-cropped to --size and normalised with --mean/--std; the defaults are the
+model's own (see MODEL below).
 
 """ + MODEL_HELP
 
@@ -445,9 +446,10 @@ def _add_explain_parser(sub, fmt) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE",
                    help="image files (not folders: relprop attribute --data DIR explains a whole folder)")
     _add_model_options(p)
-    p.add_argument("--target", "--targets", dest="target", metavar="C[,C...]",
-                   help="class index or comma-separated indices (--targets is the same option; "
-                        "default: the predicted class)")
+    p.add_argument("--target", "--targets", dest="target", metavar="T",
+                   help="classes to explain per image, as attribute's --targets: predicted (the default), topk:K "
+                        "(the K highest-scoring classes) or class indices like 3 or 3,7 (--targets is the same "
+                        "option)")
     p.add_argument("-o", "--out", required=True, metavar="DIR", help="output folder, created if missing")
     p.set_defaults(subparser=p)
 
@@ -634,12 +636,18 @@ def _explain(args) -> int:
     missing = [p for p in args.images if not os.path.isfile(p)]
     if missing:
         parser.error(f"image file(s) not found: {', '.join(missing)}")
-    targets = None
-    if args.target is not None:
+    targets, topk = None, None
+    if args.target is not None and args.target != "predicted":
         try:
-            targets = [int(t) for t in args.target.split(",")]
+            if args.target.startswith("topk:"):
+                topk = int(args.target[5:])
+                if topk < 1:
+                    raise ValueError
+            else:
+                targets = [int(t) for t in args.target.split(",")]
         except ValueError:
-            parser.error(f"--target: expected class indices like 3 or 3,7, got {args.target!r}")
+            parser.error(f"--target: expected predicted, topk:K (K >= 1) or class indices like 3 or 3,7, got "
+                         f"{args.target!r}")
     params = method_params_from_args(args)
     _check_output_folder(parser, "--out", args.out)
     model, pre = load_model_from_args(args)
@@ -672,13 +680,18 @@ def _explain(args) -> int:
     if targets is not None and any(not 0 <= t < shape[1] for t in targets):
         bad = next(t for t in targets if not 0 <= t < shape[1])
         parser.error(f"--target: class {bad} is out of range: the model has {shape[1]} classes (0 to {shape[1] - 1})")
+    if topk is not None and topk > shape[1]:
+        parser.error(f"--target: topk:{topk}: the model has only {shape[1]} classes")
     results = []                 # every image is explained before any file is written
     for path, xi in zip(paths, x):
         xi = xi[None]
         ts = targets if targets is not None else [None]
+        if topk is not None:
+            with torch.no_grad():
+                ts = explainer.graph.forward(xi)[-1][0].topk(topk).indices.tolist()
         try:
             with reported_maps_quiet():        # said below with the image's name
-                att = explainer.attribute(xi.repeat(len(ts), 1, 1, 1), None if targets is None else ts)
+                att = explainer.attribute(xi.repeat(len(ts), 1, 1, 1), None if ts == [None] else ts)
         except ValueError as e:
             parser.error(str(e))
         except torch.cuda.OutOfMemoryError:

@@ -27,6 +27,7 @@ from relprop import attribute as attr_mod
 from relprop import cli
 from relprop.attribute import attribute_dataset, shard_paths
 from relprop.images import ImageFolderDataset, list_images
+from relprop.models import load_model
 from test_attribute import (SIZE, SPEC, _attr_args, _dataset, _index, _one_thread, _run, _shard_arrays,  # noqa: F401
                             _write_images, data, labelled, tiny_model)
 
@@ -482,6 +483,26 @@ def test_the_api_raises_output_error_naming_the_file(data, tmp_path, monkeypatch
     assert str(info.value) == f"cannot write {shard_paths(out, 1)[0]}: No space left on device; {RESUME}"
     assert isinstance(info.value, OSError) and info.value.errno == errno.ENOSPC
     assert _whole(out, 0) and not os.path.exists(shard_paths(out, 1)[1]) and _tmp_files(out) == []
+
+
+def test_explain_takes_predicted_and_topk_targets_like_attribute(data, tmp_path, capsys):
+    img = data / "a" / "img00.png"
+    argv = ["explain", str(img), "--model", SPEC, "--size", str(SIZE), "--resize", str(SIZE), "--method", "rap"]
+    model, _ = load_model(SPEC)
+    pre = relprop.images.Preprocessing(SIZE, SIZE)
+    with torch.no_grad():
+        top = model.eval()(pre.load(str(img))[None])[0].topk(2).indices.tolist()
+    assert cli.main(argv + ["--target", "topk:2", "-o", str(tmp_path / "top")]) == 0
+    assert sorted(p.name for p in (tmp_path / "top").glob("*-heatmap.png")) == sorted(
+        f"img00-{c}-heatmap.png" for c in top)
+    assert cli.main(argv + ["--targets", "predicted", "-o", str(tmp_path / "pred")]) == 0
+    assert [p.name for p in (tmp_path / "pred").glob("*-heatmap.png")] == [f"img00-{top[0]}-heatmap.png"]
+    capsys.readouterr()
+    for bad, message in (("topk:5", "--target: topk:5: the model has only 4 classes"),
+                         ("topk:0", "--target: expected predicted, topk:K (K >= 1) or class indices like 3 or 3,7, "
+                                    "got 'topk:0'")):
+        code, err = _cli(argv + ["--target", bad, "-o", str(tmp_path / "bad")], capsys)
+        assert (code, err[-1]) == (2, f"relprop explain: error: {message}") and not (tmp_path / "bad").exists()
 
 
 def test_explain_names_the_image_whose_maps_may_be_untrustworthy(tmp_path):
