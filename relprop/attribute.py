@@ -204,7 +204,8 @@ def attribute_dataset(model: torch.nn.Module, dataset, method: str = "rap", meth
                                  f"lists...): {e}") from None
             digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
             _check_settings(out_dir, settings)
-            first = _validate(explainer, dataset, method, method_params, targets, kind, tvalue, labels, device)
+            first, classes = _validate(explainer, dataset, method, method_params, targets, kind, tvalue, labels,
+                                       device)
             per_image = tvalue if kind == "topk" else len(tvalue) if kind == "list" else 1
             batch = {"requested": batch_size}
             if auto:
@@ -228,8 +229,8 @@ def attribute_dataset(model: torch.nn.Module, dataset, method: str = "rap", meth
         with ranks.step():
             if rank == 0 and computed:          # index.jsonl exists only for a complete run
                 _remove(os.path.join(out_dir, "index.jsonl"))
-            _attribute_shards(explainer, dataset, todo, out_dir, n, kind, tvalue, labels, batch_size, shard_size,
-                              dtype, num_workers, progress and rank == 0, device, ranks, digest)
+            _attribute_shards(explainer, dataset, todo, out_dir, n, kind, tvalue, labels, classes, batch_size,
+                              shard_size, dtype, num_workers, progress and rank == 0, device, ranks, digest)
             ranks.through_round(math.ceil(n_shards / world) - 1)
         summary = {"shards": n_shards, "done": computed, "skipped_shards": n_shards - computed,
                    "batch_size": batch_size}
@@ -244,7 +245,7 @@ def attribute_dataset(model: torch.nn.Module, dataset, method: str = "rap", meth
             torch.distributed.destroy_process_group()
 
 
-def _attribute_shards(explainer, dataset, todo, out_dir, n, kind, tvalue, labels, batch_size, shard_size,
+def _attribute_shards(explainer, dataset, todo, out_dir, n, kind, tvalue, labels, classes, batch_size, shard_size,
                       dtype, num_workers, progress, device, ranks, digest) -> None:
     """Compute and write the shards ``todo``, checking in with the other ranks between rounds."""
     batches = [list(range(s, min(s + batch_size, stop)))
@@ -258,7 +259,6 @@ def _attribute_shards(explainer, dataset, todo, out_dir, n, kind, tvalue, labels
     item_id = getattr(dataset, "item_id", str)
     path_of = _path_function(dataset)
     current, rel, items, skipped, overflow, reported = None, [], [], [], None, 0
-    classes = None   # the model's, read once where labels are checked
     for x, indices, bad in (loader if batches else ()):
         k = (indices or [b[0] for b in bad])[0] // shard_size
         if k != current:
@@ -275,9 +275,6 @@ def _attribute_shards(explainer, dataset, todo, out_dir, n, kind, tvalue, labels
         if x is not None:
             x = x.to(device, non_blocking=True)
             if kind == "label":   # before the batch is explained: the error names the item
-                if classes is None:
-                    with torch.no_grad():
-                        classes = explainer.graph.forward(x[:1])[-1].shape[1]
                 check_labels(labels, indices, classes, item_id)
             r, logit, tgt, reps, error = _explain(explainer, x, indices, kind, tvalue, labels, state)
             r_sum = r.flatten(1).double().sum(1).cpu().tolist()
@@ -332,9 +329,10 @@ def dense_output_refusal(command: str, shape) -> str:
             "(README, Dense outputs)")
 
 
-def _validate(explainer, dataset, method, method_params, targets, kind, tvalue, labels, device) -> None:
+def _validate(explainer, dataset, method, method_params, targets, kind, tvalue, labels, device) -> tuple:
     """Explain the first readable item (its predicted class) and check the targets against the
-    model's number of classes; ValueError, before anything is written, if that fails."""
+    model's number of classes; ValueError, before anything is written, if that fails.  Returns
+    that item (a batch of 1) and the number of classes."""
     item_id = getattr(dataset, "item_id", str)
     first_error = None
     for i in range(len(dataset)):
@@ -377,7 +375,7 @@ def _validate(explainer, dataset, method, method_params, targets, kind, tvalue, 
                              f"classes (0 to {classes - 1})")
     elif kind == "label":   # labels read with their items (a torchvision data set without .targets): the first
         check_labels(labels, [i], classes, item_id)
-    return first
+    return first, classes
 
 
 def check_labels(labels, indices, classes: int, item_id=str) -> None:

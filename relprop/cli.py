@@ -7,7 +7,7 @@ import sys
 import tempfile
 import warnings
 
-from .images import INTERPOLATIONS, Preprocessing
+from .images import IMAGE_EXTENSIONS, INTERPOLATIONS, Preprocessing
 
 DESCRIPTION = """\
 relprop explains the predictions of PyTorch CNN classifiers with relevance propagation:
@@ -257,7 +257,7 @@ ATTRIBUTE_DESCRIPTION = """\
 Attribute every image of a data set and store the relevance maps on disk, in shards.
 
 Data, one of:
-  --data DIR           every .jpg .jpeg .png .bmp .webp .tif .tiff .gif under DIR (recursively, sorted).
+  --data DIR           every {extensions} under DIR (recursively, sorted).
                        With the torchvision ImageFolder layout (DIR/<class>/<image>) the
                        sorted sub-folder names are the classes and give each image its
                        label (for --targets label).
@@ -416,7 +416,7 @@ def _evaluate(args) -> int:
 
 def _add_attribute_parser(sub, fmt) -> None:
     p = sub.add_parser("attribute", help="attribute a whole data set into resumable shards on disk",
-                       description=ATTRIBUTE_DESCRIPTION, epilog=ATTRIBUTE_EXAMPLES, formatter_class=fmt)
+                       description=ATTRIBUTE_DESCRIPTION.replace("{extensions}", " ".join(IMAGE_EXTENSIONS)), epilog=ATTRIBUTE_EXAMPLES, formatter_class=fmt)
     p.add_argument("--data", metavar="DIR", help="image folder (searched recursively), or the folder of --dataset")
     p.add_argument("--dataset", metavar="NAME", help="a torchvision.datasets class (FakeData, CIFAR10, MNIST, "
                                                      "ImageNet...) instead of an image folder; never downloaded")
@@ -636,18 +636,13 @@ def _explain(args) -> int:
     missing = [p for p in args.images if not os.path.isfile(p)]
     if missing:
         parser.error(f"image file(s) not found: {', '.join(missing)}")
-    targets, topk = None, None
-    if args.target is not None and args.target != "predicted":
-        try:
-            if args.target.startswith("topk:"):
-                topk = int(args.target[5:])
-                if topk < 1:
-                    raise ValueError
-            else:
-                targets = [int(t) for t in args.target.split(",")]
-        except ValueError:
-            parser.error(f"--target: expected predicted, topk:K (K >= 1) or class indices like 3 or 3,7, got "
-                         f"{args.target!r}")
+    from .attribute import parse_targets
+    try:                                    # attribute's --targets forms, but labels (no data set here)
+        kind, tvalue = parse_targets("predicted" if args.target is None else args.target)
+    except ValueError as e:
+        parser.error(f"--target: {e}")
+    if kind == "label":
+        parser.error("--target: label needs a data set with labels: use relprop attribute --data DIR --targets label")
     params = method_params_from_args(args)
     _check_output_folder(parser, "--out", args.out)
     model, pre = load_model_from_args(args)
@@ -671,24 +666,24 @@ def _explain(args) -> int:
     x = torch.stack(images)
     try:
         with torch.no_grad():    # a dense output has no classes to take --target from: refuse it first
-            shape = explainer.graph.forward(x[:1], drop=frozenset(range(1, len(explainer.graph.nodes) - 1)))[-1].shape
+            logits = explainer.graph.forward(x[:1] if kind != "topk" else x,   # topk: every image's classes
+                                             drop=frozenset(range(1, len(explainer.graph.nodes) - 1)))[-1]
     except ValueError as e:      # an input the model cannot take (the layer that refused it)
         parser.error(str(e))
-    if len(shape) != 2:
+    if logits.ndim != 2:
         from .attribute import dense_output_refusal
-        parser.error(dense_output_refusal("explain", shape))
-    if targets is not None and any(not 0 <= t < shape[1] for t in targets):
-        bad = next(t for t in targets if not 0 <= t < shape[1])
-        parser.error(f"--target: class {bad} is out of range: the model has {shape[1]} classes (0 to {shape[1] - 1})")
-    if topk is not None and topk > shape[1]:
-        parser.error(f"--target: topk:{topk}: the model has only {shape[1]} classes")
+        parser.error(dense_output_refusal("explain", logits.shape))
+    classes = logits.shape[1]
+    if kind == "list" and max(tvalue) >= classes:
+        parser.error(f"--target: class {max(tvalue)} is out of range: the model has {classes} classes "
+                     f"(0 to {classes - 1})")
+    if kind == "topk" and tvalue > classes:
+        parser.error(f"--target: topk:{tvalue}: the model has only {classes} classes")
     results = []                 # every image is explained before any file is written
-    for path, xi in zip(paths, x):
+    for j, (path, xi) in enumerate(zip(paths, x)):
         xi = xi[None]
-        ts = targets if targets is not None else [None]
-        if topk is not None:
-            with torch.no_grad():
-                ts = explainer.graph.forward(xi)[-1][0].topk(topk).indices.tolist()
+        ts = (tvalue if kind == "list" else logits[j].topk(tvalue).indices.tolist() if kind == "topk"
+              else [None])
         try:
             with reported_maps_quiet():        # said below with the image's name
                 att = explainer.attribute(xi.repeat(len(ts), 1, 1, 1), None if ts == [None] else ts)

@@ -265,11 +265,10 @@ def _check_zb_bounds(method, graph: g.Graph) -> None:
     if len(channels) != 1:
         return
     (c,) = channels
-    for b in bounds:
-        n = torch.as_tensor(b).numel()
-        if torch.as_tensor(b).ndim == 1 and n not in (1, c):
-            raise ValueError(f"method {method.name!r}: zb_bounds has {n} per-channel values, but the model's first "
-                             f"layer takes {c} channels")
+    for b in map(torch.as_tensor, bounds):
+        if b.ndim == 1 and b.numel() not in (1, c):
+            raise ValueError(f"method {method.name!r}: zb_bounds has {b.numel()} per-channel values, but the model's "
+                             f"first layer takes {c} channels")
 
 
 def _seed(initial_relevance, weights: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

@@ -143,6 +143,11 @@ def _linearise(target, logits: torch.Tensor, score) -> torch.Tensor:
     return w.detach()
 
 
+def is_one_hot(w: torch.Tensor) -> bool:
+    """Each row of ``(B, classes)`` weights is 0 but for a single 1: one class per sample."""
+    return bool(((w == 0) | (w == 1)).all() and ((w == 1).sum(dim=1) == 1).all())
+
+
 def resolve(target, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """``(classes (B,), weights (B, classes), one_hot)``: the explained class per sample and
     the output weights that replace its one-hot vector (module docstring).  For a dense
@@ -154,7 +159,7 @@ def resolve(target, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, b
     if is_callable_target(target):
         w = _callable_weights(target, logits).to(logits.dtype)
         classes = w.argmax(dim=1)
-        one_hot = bool(((w == 0) | (w == 1)).all() and ((w == 1).sum(dim=1) == 1).all())
+        one_hot = is_one_hot(w)
         return classes, w, one_hot
     t = class_targets(target, logits)
     return t, torch.nn.functional.one_hot(t, logits.shape[1]).to(logits.dtype), True

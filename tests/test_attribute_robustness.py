@@ -405,12 +405,19 @@ def test_explain_writes_nothing_on_errors_and_ends_with_one_line(data, tmp_path,
     argv = ["explain", str(img), "--model", SPEC, "--size", str(SIZE), "--resize", str(SIZE), "-o", str(out)]
     code, err = _cli(argv + ["--method", "lrp-epsilon", "--param", "epsilon=abc"], capsys)
     assert code == 2 and "epsilon" in err[-1] and not out.exists()
-    for bad in ("9", "-1", "1,4"):        # named as the option, like attribute's --targets
+    for bad in ("9", "1,4"):              # named as the option, like attribute's --targets
         code, err = _cli(argv + [f"--target={bad}"], capsys)
         wrong = bad.split(",")[-1]
         assert (code, err[-1]) == (2, f"relprop explain: error: --target: class {wrong} is out of range: the model "
                                       "has 4 classes (0 to 3)")
         assert not out.exists()
+    code, err = _cli(argv + ["--target=-1"], capsys)
+    assert (code, err[-1]) == (2, "relprop explain: error: --target: targets [-1]: need at least one class index, "
+                                  "all >= 0")
+    code, err = _cli(argv + ["--target", "label"], capsys)
+    assert (code, err[-1]) == (2, "relprop explain: error: --target: label needs a data set with labels: use "
+                                  "relprop attribute --data DIR --targets label")
+    assert not out.exists()
 
     def full_disk(path, data):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -499,8 +506,7 @@ def test_explain_takes_predicted_and_topk_targets_like_attribute(data, tmp_path,
     assert [p.name for p in (tmp_path / "pred").glob("*-heatmap.png")] == [f"img00-{top[0]}-heatmap.png"]
     capsys.readouterr()
     for bad, message in (("topk:5", "--target: topk:5: the model has only 4 classes"),
-                         ("topk:0", "--target: expected predicted, topk:K (K >= 1) or class indices like 3 or 3,7, "
-                                    "got 'topk:0'")):
+                         ("topk:0", "--target: targets 'topk:0': topk:K needs an integer K >= 1")):
         code, err = _cli(argv + ["--target", bad, "-o", str(tmp_path / "bad")], capsys)
         assert (code, err[-1]) == (2, f"relprop explain: error: {message}") and not (tmp_path / "bad").exists()
 

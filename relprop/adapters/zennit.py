@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from ..explainer import Explainer
+from ..targets import is_one_hot
 
 __all__ = ["Attributor", "COMPOSITE_METHODS", "composite_method"]
 
@@ -206,7 +207,7 @@ class Attributor:
 
             def target(z):
                 s = seed(z.detach())
-                if not (s.shape == z.shape and ((s == 0) | (s == 1)).all() and ((s == 1).sum(dim=1) == 1).all()):
+                if not (s.shape == z.shape and is_one_hot(s)):
                     raise ValueError(f"method {name!r} builds its contrastive duals from one class per sample: "
                                      f"attr_output must be one-hot per sample (it selects that class)")
                 return (z * s).sum(dim=1)
