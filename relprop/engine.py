@@ -236,12 +236,26 @@ class GradientDecisions:
     A gradient whose caller uses only its per-channel spatial means (``channel_means``:
     Grad-CAM's weights) is unchanged by a move within a window of a max pool reading
     ``grad_from`` itself, which is not reported then.  The gradient is discontinuous at
-    those inputs: its map is ill-conditioned there in any precision."""
+    those inputs: its map is ill-conditioned there in any precision.
+
+    Its hooks must be removed by :meth:`close` when the call ends: a hook lives on the node's
+    ``grad_fn`` (C++), reaches the :class:`Context` through ``report`` and through it every
+    forward value with its ``grad_fn``, a cycle Python's garbage collector cannot see; left in
+    place it keeps the whole call (its autograd graph and the hooks' tensors) alive for
+    good."""
 
     def __init__(self, grad_from: g.Node, unit: float):
         self.after, self.unit = grad_from.index, unit
         self.report: Callable[[torch.Tensor, torch.Tensor], None] | None = None   # set by the Context
         self.channel_means = False                                                 # set by Context.grad
+        self._hooks: list = []
+
+    def close(self) -> None:
+        """Remove every hook and forget the report: nothing of the call stays reachable."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+        self.report = None
 
     def __call__(self, node: g.Node, args: tuple, kwargs: dict, value: Any) -> None:
         if (node.index <= self.after or self.unit == 0 or not torch.is_tensor(value)
@@ -292,7 +306,7 @@ class GradientDecisions:
                                                                                      dtype=sq.dtype))
             held.clear()
 
-        value.register_hook(reported)
+        self._hooks.append(value.register_hook(reported))
 
 
 class Values:

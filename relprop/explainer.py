@@ -6,6 +6,7 @@ import contextlib
 import os
 import sys
 import warnings
+from collections import Counter
 from typing import NamedTuple, Sequence
 
 import torch
@@ -59,7 +60,14 @@ class Explainer:
     no gradients).  Whether a hook changes what the model computes cannot be known without
     running it, so every such hook present when the explainer is built is named in one
     :class:`HooksNotRunWarning` (a hook that only records activations included: it records
-    nothing).  Remove the hooks that change outputs, or filter the warning if none does.
+    nothing), and one registered later in another at the next call.  Remove the hooks that
+    change outputs, or filter the warning if none does.
+
+    Parameters and buffers are read at every call, so an explainer reused after they change
+    (``load_state_dict``, an optimiser step) explains the changed model; a submodule replaced,
+    added or removed since (``model.fc = nn.Linear(...)``) makes the next call capture the
+    model again.  What fx traced of the model's own Python (a branch on an attribute, say) is
+    not followed: build a new explainer after changing that.
 
     A model returning a dict of tensors (torchvision's segmentation models) is explained at
     its ``"out"`` entry, or at ``output_key``; a dense ``(B, C, H, W)`` output takes region
@@ -78,17 +86,44 @@ class Explainer:
         check_backend(backend)
         self.backend = backend
         self.output_key = output_key
-        self.graph = g.capture(model, output_key)
+        self._hooks: list[str] = []
+        self._capture()
+
+    def _capture(self) -> None:
+        """Capture the model's graph, resolve the method's layers on it and name the hooks not
+        run; remembers the module tree it was captured from (:meth:`_follow_model`)."""
+        self._modules = _module_tree(self.model)
+        self.graph = g.capture(self.model, self.output_key)
         try:
-            differentiates = self.method.grad_node(self.graph) is not None   # resolves init_layer now
+            self._differentiates = self.method.grad_node(self.graph) is not None   # resolves init_layer now
         except KeyError as e:
-            raise ValueError(f"method {method!r}: {e.args[0]}") from None
+            raise ValueError(f"method {self.method.name!r}: {e.args[0]}") from None
         _check_zb_bounds(self.method, self.graph)
-        if hooks := g.hooks_not_run(model, backward=differentiates):
-            warnings.warn(f"relprop never runs the hooks of {type(model).__name__}: it computes each layer from its "
-                          "parameters and never calls the model or its modules, so what these hooks do (change an "
-                          "input or output, record activations or gradients) is not part of the explanation:\n  "
-                          + "\n  ".join(hooks), HooksNotRunWarning, stacklevel=_stacklevel())
+        self._warn_hooks("")
+
+    def _warn_hooks(self, since: str) -> None:
+        """Warn about the hooks not run that were not warned about before (all of them at
+        capture; at a call, those registered since)."""
+        hooks = g.hooks_not_run(self.model, backward=self._differentiates)
+        new = list((Counter(hooks) - Counter(self._hooks)).elements())
+        self._hooks = hooks
+        if new:
+            warnings.warn(f"relprop never runs the hooks of {type(self.model).__name__}{since}: it computes each layer "
+                          "from its parameters and never calls the model or its modules, so what these hooks do "
+                          "(change an input or output, record activations or gradients) is not part of the "
+                          "explanation:\n  " + "\n  ".join(new), HooksNotRunWarning, stacklevel=_stacklevel())
+
+    def _follow_model(self) -> None:
+        """Before each call: a module of the model replaced, added or removed since the capture
+        (``model.fc = nn.Linear(...)``) is captured again, so the map is never that of the old
+        modules; hooks registered since are warned about.  Parameters and buffers are read at
+        each call (nothing derived from them is kept), so changing them needs nothing here."""
+        tree = _module_tree(self.model)
+        if len(tree) != len(self._modules) or any(
+                name != old_name or m is not old for (name, m), (old_name, old) in zip(tree, self._modules)):
+            self._capture()
+        else:
+            self._warn_hooks(" registered since the explainer was built")
 
     def __repr__(self) -> str:
         return f"Explainer({type(self.model).__name__}, {self.method!r}, backend={self.backend!r})"
@@ -126,6 +161,7 @@ class Explainer:
             # the seed replaces the target's one-hot: a target would be reported but not explained
             raise ValueError("pass target= or initial_relevance=, not both: initial_relevance seeds the output "
                              "itself, so the target would be ignored")
+        self._follow_model()
         self._check_input(x)
         if initial_relevance is not None and not self.method.accepts_initial_relevance:
             raise ValueError(f"method {self.method.name!r} builds its own target and dual seeds; "
@@ -139,32 +175,36 @@ class Explainer:
             return self._attribute(x, target, initial_relevance, layer_sums)
 
     def _attribute(self, x, target, initial_relevance, layer_sums) -> Attribution:
-        with torch.no_grad():
-            values, decisions = forward(self.graph, x, self.method.grad_node(self.graph), self.method.walks)
-            logits = values[-1]
-            if callable(initial_relevance):        # a function of the output (Zennit's attr_output)
-                initial_relevance = initial_relevance(logits.detach().clone())
-            if target is None and initial_relevance is not None:
-                # the caller's seed says what is explained: the reported class is the one
-                # carrying most of its weight (summed over the positions of a dense output)
-                weights = _seed(initial_relevance, None, logits)
-                per_class = weights.abs().flatten(2).sum(2) if logits.ndim > 2 else weights.abs()
-                targets, one_hot = per_class.argmax(dim=1), True
-            else:
-                targets, weights, one_hot = resolve_targets(target, logits)
-            if not one_hot and not self.method.accepts_initial_relevance:
-                if logits.ndim > 2:
-                    raise ValueError(f"method {self.method.name!r} builds its contrastive duals from one class per "
-                                     "sample: a dense target must put its weights on one class channel per sample")
-                raise ValueError(f"method {self.method.name!r} builds its contrastive duals from one class per "
-                                 "sample: a callable target must select one class (its gradient with respect to "
-                                 "the output must be one-hot)")
-            seed = _seed(initial_relevance, weights, logits)
-            ctx = Context(self.graph, values, targets, seed, user_seed=initial_relevance is not None,
-                          layer_sums={} if layer_sums else None, decisions=decisions,
-                          ops=operations(resolve_backend(self.backend, x.device,
-                                                             compute_dtype(logits.dtype))))
-            relevance = self.method.run(ctx).detach()
+        decisions = None
+        try:
+            with torch.no_grad():
+                values, decisions = forward(self.graph, x, self.method.grad_node(self.graph), self.method.walks)
+                logits = values[-1]
+                if callable(initial_relevance):        # a function of the output (Zennit's attr_output)
+                    initial_relevance = initial_relevance(logits.detach().clone())
+                if target is None and initial_relevance is not None:
+                    # the caller's seed says what is explained: the reported class is the one
+                    # carrying most of its weight (summed over the positions of a dense output)
+                    weights = _seed(initial_relevance, None, logits)
+                    per_class = weights.abs().flatten(2).sum(2) if logits.ndim > 2 else weights.abs()
+                    targets, one_hot = per_class.argmax(dim=1), True
+                else:
+                    targets, weights, one_hot = resolve_targets(target, logits)
+                if not one_hot and not self.method.accepts_initial_relevance:
+                    duals = f"method {self.method.name!r} builds its contrastive duals from one class per sample: "
+                    if logits.ndim > 2:
+                        raise ValueError(duals + "a dense target must put its weights on one class channel per sample")
+                    raise ValueError(duals + "a callable target must select one class (its gradient with respect to "
+                                     "the output must be one-hot)")
+                seed = _seed(initial_relevance, weights, logits)
+                ctx = Context(self.graph, values, targets, seed, user_seed=initial_relevance is not None,
+                              layer_sums={} if layer_sums else None, decisions=decisions,
+                              ops=operations(resolve_backend(self.backend, x.device,
+                                                                 compute_dtype(logits.dtype))))
+                relevance = self.method.run(ctx).detach()
+        finally:   # its hooks would keep this call alive (GradientDecisions.close)
+            if decisions is not None:
+                decisions.close()
         _warn_if_not_finite(relevance, self.method.name)
         _warn_if_untrustworthy(ctx.error, ctx.forward_dtype, self.method.name)
         return Attribution(relevance, logits.detach(), targets, ctx.layer_sums, ctx.error)
@@ -182,6 +222,11 @@ class Explainer:
             samples = bad.flatten(1).any(1).nonzero()[:, 0].tolist()
             raise ValueError(f"input contains NaN or Inf ({int(bad.sum())} of {x.numel()} values, in sample(s) "
                              f"{samples[:10]}{' ...' if len(samples) > 10 else ''})")
+
+
+def _module_tree(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every submodule with its qualified name, in order: what a capture was made from."""
+    return list(model.named_modules(remove_duplicate=False))
 
 
 def _warn_if_not_finite(relevance: torch.Tensor, method: str) -> None:

@@ -120,10 +120,14 @@ def test_overhead_does_not_grow_with_depth(deep, shallow, method):
 @_measured
 @pytest.mark.parametrize("method", ["autograd"] + _WALKS + ["rsp", "ae"])
 def test_repeated_calls_stay_flat(deep, method):
-    """Peaks and what stays held after a call are the same call after call."""
+    """Peaks are the same call after call, and the resident set does not drift: three calls
+    together hold at most a quarter layer (a leak of a twelfth of a layer per call shows),
+    one call at most half a layer.  A single call's rise is allocator noise when the next
+    call gives it back (the heap's small blocks are not returned at once: CI once saw
+    +0.31 then -0.33 for clrp), so the bound that catches leaks is on the sum."""
     (p1, held1), (p2, held2), (p3, held3) = deep[method]
     assert abs(p3 - p2) <= 0.5 and abs(p2 - p1) <= 0.5, deep[method]
-    assert max(held1, held2, held3) <= 0.25, deep[method]
+    assert held1 + held2 + held3 <= 0.25 and max(held1, held2, held3) <= 0.5, deep[method]
 
 
 # ------------------------------------------------------------------ same maps, less memory
@@ -214,3 +218,31 @@ def test_recomputed_values_are_evaluated_once_per_walk(monkeypatch):
     recomputed_reads = {i: c for i, c in counts.items() if c > 1}
     assert counts, "no node was evaluated through relprop.graph.evaluate"
     assert not recomputed_reads, recomputed_reads
+
+
+@pytest.mark.parametrize("method", _all_methods())
+def test_no_tensor_outlives_its_call(method):
+    """Call after call, the number of live tensors is the same: nothing of a call (its
+    autograd graph, a hook's tensors) stays reachable.  The gradient-based methods leaked
+    the whole call through the hooks of GradientDecisions, a cycle through autograd's C++
+    nodes that Python's garbage collector cannot break (53 tensors a call here)."""
+    import gc
+    import warnings
+    import torch
+    import relprop
+    model = _small_net()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    explainer = relprop.Explainer(model, method)
+
+    def live() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if torch.is_tensor(o))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        explainer(x, target=[1, 2])
+        before = live()
+        for _ in range(3):
+            explainer(x, target=[1, 2])
+        after = live()
+    assert after == before, (method, before, after)

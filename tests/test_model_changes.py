@@ -109,3 +109,71 @@ def test_replaced_parameter_objects_are_seen(method):
     after = explainer(x, 1)
     torch.testing.assert_close(after, relprop.Explainer(model, method)(x, 1), rtol=0, atol=0)
     assert not torch.allclose(after, before)
+
+
+def _replace_classifier(model):
+    torch.manual_seed(11)
+    name, old = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+    setattr(parent, name.rpartition(".")[2], nn.Linear(old.in_features, old.out_features))
+
+
+def _replace_first_conv(model):
+    torch.manual_seed(12)
+    name, old = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)][0]
+    parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+    setattr(parent, name.rpartition(".")[2], nn.Conv2d(old.in_channels, old.out_channels, old.kernel_size,
+                                                       old.stride, old.padding, bias=old.bias is not None))
+
+
+@pytest.mark.parametrize("replace", [_replace_classifier, _replace_first_conv], ids=lambda f: f.__name__[1:])
+@pytest.mark.parametrize("method", ["lrp-epsilon", "rap", "gradient", "rsp"])
+def test_replaced_modules_are_seen(method, replace):
+    """A submodule *replaced* after the explainer was built (``model.fc = nn.Linear(...)``,
+    fine-tuning's new head) is explained, not the old one the graph was captured from: the
+    module tree is compared before every call and captured again where it changed."""
+    model = _models()["resnet"]
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    explainer = relprop.Explainer(model, method)
+    before = explainer(x, 1)
+    replace(model)
+    after = explainer(x, 1)
+    torch.testing.assert_close(after, relprop.Explainer(model, method)(x, 1), rtol=0, atol=0)
+    assert not torch.allclose(after, before)
+
+
+def test_a_module_replaced_by_an_unsupported_one_is_refused_at_the_next_call():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)).eval()
+    explainer = relprop.Explainer(model, "lrp-epsilon")
+    explainer(torch.randn(1, 3, 8, 8), 0)
+    model[1] = nn.Softsign()
+    with pytest.raises(relprop.UnsupportedModelError, match=r"Softsign"):
+        explainer(torch.randn(1, 3, 8, 8), 0)
+
+
+def test_hooks_registered_after_the_explainer_was_built_are_warned_about_once():
+    """Hooks are never run (test_api): one registered after the explainer was built is named
+    at the next call, in a warning of its own, and not again at the calls after."""
+    import warnings
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)).eval()
+    explainer = relprop.Explainer(model, "lrp-epsilon")
+    x = torch.randn(1, 3, 8, 8)
+    want = explainer(x, 0)
+
+    def doubles(module, args, out):
+        return out * 2
+
+    model[0].register_forward_hook(doubles)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        got = explainer(x, 0)
+        again = explainer(x, 0)
+    assert [str(m.message) for m in w] == [
+        "relprop never runs the hooks of Sequential registered since the explainer was built: it computes each "
+        "layer from its parameters and never calls the model or its modules, so what these hooks do (change an "
+        "input or output, record activations or gradients) is not part of the explanation:\n"
+        "  0 (Conv2d): forward hook test_hooks_registered_after_the_explainer_was_built_are_warned_about_once."
+        "<locals>.doubles"]
+    assert w[0].filename == __file__
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(again, want, rtol=0, atol=0)
