@@ -63,6 +63,9 @@ class RuleTable:
     head: Rule | None = None
     fold_bn: bool = False
     name: str = ""
+    # the walk also carries its rounding errors entrywise along residual streams
+    # (Context.propagate_together: RAP's signed residual splits)
+    carries_errors: bool = False
 
     def rule(self, node: g.Node, head: g.Node | None, per_position: bool = False) -> Rule:
         """The rule of ``node``; a Linear over channels-last positions (``per_position``) takes
@@ -127,6 +130,63 @@ def split_amplification(r0: torch.Tensor, r1: torch.Tensor) -> torch.Tensor:
     # shares) is 0, t/0 (shares from nothing) stays infinite
     sk2 = t.square_().div_(s).nan_to_num_(nan=0.0, posinf=float("inf"))
     return amplification(sk2.norm(dim=1), s.norm(dim=1))
+
+
+# The relative error of a value entering a residual add, in rounding units of the forward's
+# dtype, for the errors carried along a residual stream (Context.propagate_together): such
+# a value sums hundreds of rounded products (a ViT's 768-wide MLP), whose errors grow like
+# the square root of their count.  Of the 36 rap maps more than 1e-3 off float64 of
+# scripts/vit_stream_study.py, eight units leave 1 unreported (3.0e-3 off, estimated
+# 7.8e-4), four 4, the per-step estimate alone 15; on the built-in models every rap map above
+# 1e-3 is then reported, the estimate's median 7-15x the measured error.
+ADD_INPUT_UNITS = 8.0
+
+# Kinds through which an entry's error stays with the entry (a rule whose relevance out at an
+# entry depends on its relevance in there only, or a residual add's entrywise split): along
+# them the carried error is kept entrywise, elsewhere as a norm per sample.
+ENTRYWISE_KINDS = (g.ADD, g.PASS, g.RELU, g.LEAKY_RELU, g.ACTIVATION)
+
+
+def split_errors(r: torch.Tensor, r0: torch.Tensor, r1: torch.Tensor, e: torch.Tensor | None,
+                 step: torch.Tensor | float, unit: float) -> list[torch.Tensor]:
+    """The absolute errors of a two-way add's shares ``R -> (R0, R1)``, entrywise, given the
+    error ``e`` of ``R`` (entrywise, or None) and the relative error ``step`` of the add's own
+    rule (broadcast against ``R``).  A share ``R_k = R x_k / (x0 + x1)`` inherits ``|R_k / R|``
+    of ``e`` and the step's error, and the relative error of its input, :data:`ADD_INPUT_UNITS`
+    rounding units ``unit``, and that of the denominator, the same magnified by ``kappa =
+    (|R0| + |R1|) / |R|`` (read off the shares: large where the inputs nearly cancel).  In
+    one factor: ``|R_k| ((e + c unit (|R| + |R0| + |R1|)) / |R| + step)``.  Shares that
+    appear from nothing (``R = 0``, shares not) have an infinite error; no shares none."""
+    ra = r.abs()
+    f = r0.abs().add_(r1.abs()).add_(ra).mul_(ADD_INPUT_UNITS * unit)
+    if e is not None:
+        f.add_(e)
+    f.div_(ra).add_(step)
+    return [rk.abs().mul_(f).nan_to_num_(nan=0.0, posinf=float("inf")) for rk in (r0, r1)]
+
+
+def sample_norms(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """The L2 norm of ``t`` per sample of a batch of ``batch``: over each leading row, or over
+    each sample's rows where a layer works on ``batch * n`` rows, sample-major (windows of a
+    Swin); a tensor whose rows do not divide among the samples counts whole for every sample."""
+    if t.dim() > 0 and t.shape[0] % batch == 0 and t.numel():
+        return torch.linalg.vector_norm(t.reshape(batch, -1), dim=1)
+    return torch.linalg.vector_norm(t).expand(batch)
+
+
+def per_row(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-sample ``v`` (B,) shaped to broadcast against ``like``: over its leading rows, or
+    over each sample's rows where ``like`` has ``B * n`` rows (sample-major)."""
+    batch = v.shape[0]
+    if like.dim() == 0 or like.shape[0] % batch:
+        return v.max()
+    v = v.repeat_interleave(like.shape[0] // batch) if like.shape[0] != batch else v
+    return v.reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+def safe_ratio(err: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """``err / norm``, 0 where ``norm`` is 0 (a relevance of 0 carries no relative error on)."""
+    return torch.where(norm > 0, err / torch.where(norm > 0, norm, 1), 0.0)
 
 
 def epsilon_zone_error(layer: Layer, s: torch.Tensor, eps: float,
@@ -409,6 +469,7 @@ class Context:
     chunk_bytes: int | None = None   # a conv/linear larger than this runs over slices of the batch
                                      # (None: CHUNK_BYTES)
     decisions: GradientDecisions | None = None   # the gradient's branches (forward), reported to ``error``
+    _step = None   # (not a field) while a carrying walk applies a rule: that step's own errors, (B,)
 
     def __post_init__(self):
         # Relevance is computed in float32 for float16/bfloat16 models (the forward stays in
@@ -423,6 +484,7 @@ class Context:
         # the map's own size): what ill-conditioned steps of the rules can make of the
         # rounding errors of the forward values (see ``add_error``).
         self.error = torch.zeros(self.values[0].shape[0], dtype=self.dtype, device=self.values[0].device)
+        self._entrywise_of: dict[int, bool] = {}
         if self.decisions is not None:
             self.decisions.report = self.add_relative_error
 
@@ -476,7 +538,10 @@ class Context:
                 err, ref = err.view(n, -1).norm(dim=1), ref.view(n, -1).norm(dim=1)
             else:
                 err, ref = err.norm().expand(n), ref.norm().expand(n)
-        target += amplification(err, ref)
+        step = amplification(err, ref)
+        target += step
+        if self._step is not None:   # a walk carrying its errors: the step's own, passed on
+            (self._step if rows is None else self._step[rows]).add_(step)
 
     @property
     def unit(self) -> float:
@@ -564,11 +629,24 @@ class Context:
         each node applies every pass's rule in turn, so values are released after the last
         pass has read them and the memory is that of one pass plus the extra relevances.
         Each pass's result equals its own :meth:`propagate`; ``layer_sums`` are the last pass's.
+
+        Each step's estimated error is added to ``error`` where it is made, relative to the
+        relevance there.  A pass whose table ``carries_errors`` (RAP's signed residual splits)
+        also carries its errors along with its relevance, as absolute errors: entrywise along a
+        residual stream (:meth:`_entrywise`), where an error made where one add's split cancels
+        meets the next split at the same entries and lands, magnified, in its small share
+        (:func:`split_errors`; shares inherit ``|R_k / R|`` of the error of ``R`` and
+        errors add up where relevances meet), and as a norm per sample elsewhere.  What
+        reaches the input, relative to the map, includes every step's own error and the
+        magnification of the errors made before it: ``error`` becomes the larger of the two
+        estimates (README, Numerics).
         """
         nodes = self.graph.nodes
         start = start or self.graph.output
         head = self.head()
         relevances: list[dict[int, torch.Tensor]] = [{start.index: r0} for _, r0 in passes]
+        errors: list[dict[int, torch.Tensor]] | None = [{} for _ in passes] if any(
+            table.carries_errors for table, _ in passes) else None
         results = [torch.zeros_like(self.x) for _ in passes]
         release_at = self._release_points() if release else {}
         if release:
@@ -580,22 +658,89 @@ class Context:
                 self.values.release(i)
             for k, ((table, _), relevance) in enumerate(zip(passes, relevances)):
                 r = relevance.pop(node.index, None)
+                carry = errors is not None and table.carries_errors
+                e = errors[k].pop(node.index, None) if carry else None
                 if r is None:
                     continue
+                if carry:   # the step's own errors, collected while its rule runs (add_relative_error)
+                    self._step = torch.zeros_like(self.error)
                 if node.kind == g.INPUT:
+                    if carry:   # the carried estimate includes every step's own: the larger of the two
+                        torch.maximum(self.error, self._relative(e, r), out=self.error)
+                        self._step = None
                     results[k] = r
                     continue
-                outs = [r] if node.kind == g.OUTPUT else self.apply(table, node, head, r)
-                outs = [(p, ri) for p, ri in zip(node.parents, outs) if ri is not None]  # None: no relevance
-                if node.kind == g.ADD and len(outs) == 2 and outs[0][1].shape == outs[1][1].shape == r.shape:
-                    self.add_error(split_amplification(outs[0][1], outs[1][1]))
+                try:
+                    outs = [r] if node.kind == g.OUTPUT else self.apply(table, node, head, r)
+                    outs = [(p, ri) for p, ri in zip(node.parents, outs) if ri is not None]  # None: no relevance
+                    if (not carry and node.kind == g.ADD and len(outs) == 2
+                            and outs[0][1].shape == outs[1][1].shape == r.shape):   # (carried: split_errors)
+                        self.add_error(split_amplification(outs[0][1], outs[1][1]))
+                    step, self._step = self._step, None
+                finally:
+                    self._step = None
                 for p, ri in outs:
                     relevance[p] = relevance[p] + ri if p in relevance else ri
+                if carry:
+                    for p, ei in self._pass_on_errors(node, r, e, step, outs):
+                        errors[k][p] = errors[k][p] + ei if p in errors[k] else ei
                 if self.layer_sums is not None and node.kind not in (g.OUTPUT, g.HELPER):
                     self.layer_sums[node.name] = sum(ri.flatten(1).sum(1) for _, ri in outs)
         self.values.hold_recomputed = False
         self.values.drop_recomputed()
         return results
+
+    def _relative(self, e: torch.Tensor | None, r: torch.Tensor) -> torch.Tensor:
+        """The error ``e`` of ``r`` (entrywise, or a norm per sample) relative to ``r``, per sample."""
+        if e is None:
+            return torch.zeros_like(self.error)
+        batch = self.error.shape[0]
+        return safe_ratio(e if e.dim() == 1 else sample_norms(e, batch), sample_norms(r, batch))
+
+    def _pass_on_errors(self, node: g.Node, r: torch.Tensor, e: torch.Tensor | None, step: torch.Tensor,
+                        outs: list) -> list:
+        """``(parent, error)`` for each of the node's outputs ``outs`` (``(parent, relevance)``):
+        the error ``e`` of ``r`` (entrywise, or a norm per sample) passed on with the relevance
+        -- entrywise as ``|R_i / R| e`` through a rule that keeps entries apart, as ``e``'s
+        relative error times the share elsewhere -- plus the step's own (``step``, relative)
+        times the share.  A two-way add's shares also get their own (:func:`split_errors`).
+        Kept entrywise where the parent is :meth:`_entrywise`, as a norm per sample
+        elsewhere."""
+        batch = step.shape[0]
+        entrywise_in = e is not None and e.dim() > 1
+        if (node.kind == g.ADD and len(outs) == 2 and len(node.parents) == 2
+                and outs[0][1].shape == outs[1][1].shape == r.shape and (e is None or entrywise_in)):
+            shares = split_errors(r, outs[0][1], outs[1][1], e, per_row(step, r), self.unit)
+            return [(p, ei if self._entrywise(p) else sample_norms(ei, batch)) for (p, _), ei in zip(outs, shares)]
+        moved = entrywise_in and node.kind in ENTRYWISE_KINDS
+        rel = None if moved else self._relative(e, r) + step
+        out = []
+        for p, ri in outs:
+            entrywise = self._entrywise(p)
+            if moved and ri.shape == r.shape:
+                if ri is r:     # the relevance passed on unchanged (a ReLU, an identity)
+                    ei = e if not step.any() else e + r.abs() * per_row(step, r)
+                else:
+                    ei = safe_ratio(ri.abs(), r.abs()).mul_(e).addcmul_(ri.abs(), per_row(step, ri))
+            elif entrywise:
+                ei = ri.abs().mul_(per_row(self._relative(e, r) + step if rel is None else rel, ri))
+            else:
+                ei = (self._relative(e, r) + step if rel is None else rel) * sample_norms(ri, batch)
+            if not entrywise and ei.dim() > 1:
+                ei = sample_norms(ei, batch)
+            out.append((p, ei))
+        return out
+
+    def _entrywise(self, i: int) -> bool:
+        """Whether node ``i`` keeps its carried error entrywise: a two-way add, or an identity,
+        ReLU or activation reached from one through such nodes (a residual stream).  Elsewhere
+        a norm per sample is enough, and costs nothing."""
+        flag = self._entrywise_of.get(i)
+        if flag is None:
+            n = self.graph.nodes[i]
+            flag = n.kind == g.ADD or (n.kind in ENTRYWISE_KINDS and any(self._entrywise(p) for p in n.parents))
+            self._entrywise_of[i] = flag
+        return flag
 
     def _apply(self, rule: Rule, node: g.Node, fold_bn: bool, r: torch.Tensor) -> list:
         """``rule`` on the node's layer, over slices of the batch where the layer is large.

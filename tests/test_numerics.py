@@ -276,6 +276,72 @@ def test_split_amplification_of_exactly_cancelling_shares_is_infinite():
     torch.testing.assert_close(split_amplification(r0, r1), want.reshape(1))
 
 
+def test_split_errors_grow_where_the_shares_cancel():
+    """A share's own error is ADD_INPUT_UNITS u |R_k| (1 + kappa), kappa = (|R0| + |R1|) / |R|:
+    one-signed shares get 2 units, opposite shares of a small R many more, shares that sum to
+    exactly 0 (relevance from nothing) an infinite error, and no shares none; on top, each
+    share inherits |R_k / R| of the error e of R and |R_k| times the step's relative error."""
+    from relprop.engine import ADD_INPUT_UNITS, split_errors
+    r0 = torch.tensor([[1.0, 2.0, 0.0, 3.0]], dtype=torch.float64)
+    r1 = torch.tensor([[-1.0, 2.0, 0.0, -2.5]], dtype=torch.float64)
+    r = r0 + r1
+    u = 2.0 ** -24
+    e0, e1 = split_errors(r, r0, r1, None, 0.0, u)
+    kappa = torch.tensor([1.0, 0.0, 5.5 / 0.5], dtype=torch.float64)
+    assert e0[0, 0] == e1[0, 0] == float("inf")
+    assert e0[0, 2] == e1[0, 2] == 0
+    torch.testing.assert_close(e0[0, 1:], ADD_INPUT_UNITS * u * (1 + kappa) * r0[0, 1:].abs())
+    torch.testing.assert_close(e1[0, 1:], ADD_INPUT_UNITS * u * (1 + kappa) * r1[0, 1:].abs())
+    e = torch.tensor([[0.0, 1e-3, 0.0, 2e-3]], dtype=torch.float64)
+    f0, f1 = split_errors(r, r0, r1, e, 1e-5, u)
+    for rk, got, own in ((r0, f0, e0), (r1, f1, e1)):
+        at = [1, 3]     # (entry 0 stays infinite, entry 2 has no shares: 0)
+        torch.testing.assert_close(got[0, at], own[0, at] + (rk / r).abs()[0, at] * e[0, at] + rk.abs()[0, at] * 1e-5)
+        assert got[0, 0] == float("inf") and got[0, 2] == 0
+    assert r0.tolist() == [[1.0, 2.0, 0.0, 3.0]] and r1.tolist() == [[-1.0, 2.0, 0.0, -2.5]]   # read only
+
+
+def _vit_stream_study():
+    """scripts/vit_stream_study.py, whose TinyViT is timm's vit_tiny layout in plain PyTorch."""
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "vit_stream_study.py"
+    spec = importlib.util.spec_from_file_location("vit_stream_study", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rap_on_a_vit_residual_stream_is_reported(monkeypatch):
+    """RAP on an untrained ViT (scripts/vit_stream_study.py, seed 0): its signed residual
+    splits put rounding errors into the stream where shares cancel, and the next split meets
+    them at the same entries, so they grow from add to add where each add's own amplification
+    is modest.  RAP's walk carries its errors entrywise along the stream
+    (``Context.propagate_together``): every map more than 2e-3 off float64 (7 of 8 here,
+    2.5e-3 to 8.5e-2; the eighth, 1.8e-3, too) is reported, each estimate within 7x of its
+    error (the bar below leaves room for another machine's rounding).  The per-step estimate alone (``carries_errors`` off) left three of them unreported
+    (2.5e-3, 2.9e-3 and 4.2e-3 off, estimated at 2.3e-4 to 6.5e-4).
+    rap-split (one-signed shares) agrees with float64 and is not reported."""
+    torch.manual_seed(0)
+    model = _vit_stream_study().TinyViT().eval()
+    model64 = copy.deepcopy(model).double()
+    x = torch.randn(8, 3, 64, 64)
+    explainer = relprop.Explainer(model, "rap")
+    att = explain_quietly(explainer, x, 1)
+    err = rel_l2(att.relevance, relprop.Explainer(model64, "rap")(x.double(), 1))
+    off = err > 2e-3      # twice the bar: another machine's float32 rounding moves these maps' errors
+    assert off.sum() >= 4, err                         # the case is exercised
+    assert (att.error[off] > trusted_error(torch.float32)).all(), (err, att.error)
+    assert (att.error >= err / 20).all(), (err, att.error)
+    for t in (explainer.method.with_head, explainer.method.without_head):
+        monkeypatch.setattr(t, "carries_errors", False)
+    per_step = explain_quietly(explainer, x, 1).error
+    assert (per_step[off] <= trusted_error(torch.float32)).any(), (err, per_step)   # the carry is what reports them
+    split = explain_quietly(relprop.Explainer(model, "rap-split"), x, 1)
+    assert (rel_l2(split.relevance, relprop.Explainer(model64, "rap-split")(x.double(), 1)) < 1e-4).all()
+    assert (split.error < trusted_error(torch.float32)).all(), split.error
+
+
 def test_a_pre_activation_near_epsilon_is_reported():
     """LRP-epsilon where a pre-activation of 1e-7 (two products of 0.7 that cancel) sits next to
     epsilon = 1e-6: ``z / (z + eps)`` inherits the 27 % rounding error of that ``z`` in float32,

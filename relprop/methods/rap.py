@@ -153,8 +153,10 @@ def table(with_head: bool, add_rule: str = "proportional", method: str = "rap",
     by_kind = rules.shared_layers(pool=rules.proportional_pool(), add=rules.add_rule(method, add_rule), norm=None)
     by_kind.update({g.CONV: hidden, g.LINEAR: hidden})
     by_kind.update(rules.attention_layers(method, attention_rule, hidden))
+    # signed residual splits (the proportional add rule) carry their errors along the stream
     return RuleTable(by_kind, first=rules.zbox("image", safe_divide),
-                     head=first_propagation if with_head else None, name=method)
+                     head=first_propagation if with_head else None, name=method,
+                     carries_errors=add_rule == "proportional")
 
 
 @register
