@@ -6,11 +6,11 @@ import contextlib
 import os
 import sys
 import warnings
-from collections import Counter
 from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
+from torch.utils.hooks import RemovableHandle
 
 from . import graph as g
 from . import methods
@@ -65,9 +65,11 @@ class Explainer:
 
     Parameters and buffers are read at every call, so an explainer reused after they change
     (``load_state_dict``, an optimiser step) explains the changed model; a submodule replaced,
-    added or removed since (``model.fc = nn.Linear(...)``) makes the next call capture the
-    model again.  What fx traced of the model's own Python (a branch on an attribute, say) is
-    not followed: build a new explainer after changing that.
+    added or removed since (``model.fc = nn.Linear(...)``), or a module setting changed (a
+    stride, a negative slope, a GELU's approximation), makes the next call capture the model
+    again, and a model that cannot be captured then is refused at every call until it can.
+    What fx traced of the model's own Python (a branch on an attribute, say) is not followed:
+    build a new explainer after changing that.
 
     A model returning a dict of tensors (torchvision's segmentation models) is explained at
     its ``"out"`` entry, or at ``output_key``; a dense ``(B, C, H, W)`` output takes region
@@ -86,27 +88,32 @@ class Explainer:
         check_backend(backend)
         self.backend = backend
         self.output_key = output_key
-        self._hooks: list[str] = []
-        self._capture()
+        self._hooks: list = []       # the hooks already warned about
+        self._capture("")
 
-    def _capture(self) -> None:
-        """Capture the model's graph, resolve the method's layers on it and name the hooks not
-        run; remembers the module tree it was captured from (:meth:`_follow_model`)."""
-        self._modules = _module_tree(self.model)
-        self.graph = g.capture(self.model, self.output_key)
+    def _capture(self, since: str) -> None:
+        """Capture the model's graph and resolve the method's layers on it; only once both
+        succeed is the capture the explainer's, with the key it was made at
+        (:class:`relprop.graph.ModelWatch`), so a model that cannot be captured is refused at
+        every call until it can.  Then the hooks not run are named (:meth:`_warn_hooks`)."""
+        key = g.ModelWatch(self.model)
+        graph = g.capture(self.model, self.output_key)
         try:
-            self._differentiates = self.method.grad_node(self.graph) is not None   # resolves init_layer now
+            differentiates = self.method.grad_node(graph) is not None   # resolves init_layer now
         except KeyError as e:
             raise ValueError(f"method {self.method.name!r}: {e.args[0]}") from None
-        _check_zb_bounds(self.method, self.graph)
-        self._warn_hooks("")
+        _check_zb_bounds(self.method, graph)
+        self.graph, self._differentiates, self._key = graph, differentiates, key
+        self._warn_hooks(since)
 
     def _warn_hooks(self, since: str) -> None:
         """Warn about the hooks not run that were not warned about before (all of them at
-        capture; at a call, those registered since)."""
+        build; at a call, those registered since), each hook by its handle's id."""
         hooks = g.hooks_not_run(self.model, backward=self._differentiates)
-        new = list((Counter(hooks) - Counter(self._hooks)).elements())
+        known = {key for _, key in self._hooks}
+        new = [line for line, key in hooks if key not in known]
         self._hooks = hooks
+        self._handles = RemovableHandle.next_id
         if new:
             warnings.warn(f"relprop never runs the hooks of {type(self.model).__name__}{since}: it computes each layer "
                           "from its parameters and never calls the model or its modules, so what these hooks do "
@@ -115,15 +122,16 @@ class Explainer:
 
     def _follow_model(self) -> None:
         """Before each call: a module of the model replaced, added or removed since the capture
-        (``model.fc = nn.Linear(...)``) is captured again, so the map is never that of the old
-        modules; hooks registered since are warned about.  Parameters and buffers are read at
-        each call (nothing derived from them is kept), so changing them needs nothing here."""
-        tree = _module_tree(self.model)
-        if len(tree) != len(self._modules) or any(
-                name != old_name or m is not old for (name, m), (old_name, old) in zip(tree, self._modules)):
-            self._capture()
-        else:
-            self._warn_hooks(" registered since the explainer was built")
+        (``model.fc = nn.Linear(...)``), or a module setting changed (a stride, a negative
+        slope, a GELU's approximation), makes the model captured again, so the map is never
+        that of the old modules; hooks registered since are warned about.  Parameters and
+        buffers are read at each call (nothing derived from them is kept), so changing them
+        needs nothing here."""
+        since = " registered since the explainer was built"
+        if self._key.changed():
+            self._capture(since)
+        elif RemovableHandle.next_id != self._handles:   # a hook registered anywhere since the last look
+            self._warn_hooks(since)
 
     def __repr__(self) -> str:
         return f"Explainer({type(self.model).__name__}, {self.method!r}, backend={self.backend!r})"
@@ -205,6 +213,7 @@ class Explainer:
         finally:   # its hooks would keep this call alive (GradientDecisions.close)
             if decisions is not None:
                 decisions.close()
+                self._handles = RemovableHandle.next_id   # (its own tensor hooks are no model's)
         _warn_if_not_finite(relevance, self.method.name)
         _warn_if_untrustworthy(ctx.error, ctx.forward_dtype, self.method.name)
         return Attribution(relevance, logits.detach(), targets, ctx.layer_sums, ctx.error)
@@ -222,11 +231,6 @@ class Explainer:
             samples = bad.flatten(1).any(1).nonzero()[:, 0].tolist()
             raise ValueError(f"input contains NaN or Inf ({int(bad.sum())} of {x.numel()} values, in sample(s) "
                              f"{samples[:10]}{' ...' if len(samples) > 10 else ''})")
-
-
-def _module_tree(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every submodule with its qualified name, in order: what a capture was made from."""
-    return list(model.named_modules(remove_duplicate=False))
 
 
 def _warn_if_not_finite(relevance: torch.Tensor, method: str) -> None:

@@ -177,3 +177,131 @@ def test_hooks_registered_after_the_explainer_was_built_are_warned_about_once():
     assert w[0].filename == __file__
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     torch.testing.assert_close(again, want, rtol=0, atol=0)
+
+
+def _small(act=None):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1), act or nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-0.5, 0.5)
+        model[1].running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+_X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+def test_a_model_that_cannot_be_captured_is_refused_at_every_call_until_it_can():
+    """A failed capture is not the explainer's: the next call tries again and is refused
+    again (it returned the old model's map), and once the model is capturable again the map
+    is the fresh explainer's."""
+    model = _small()
+    explainer = relprop.Explainer(model, "rap")
+    explainer(_X)
+    model[2] = nn.Softsign()
+    for _ in range(2):
+        with pytest.raises(relprop.UnsupportedModelError, match=r"Softsign"):
+            explainer(_X)
+    model[2] = nn.ReLU6()
+    torch.testing.assert_close(explainer(_X), relprop.Explainer(model, "rap")(_X), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["gradcam", "rsp"])
+def test_an_init_layer_removed_is_refused_alike_at_every_call(method):
+    from collections import OrderedDict
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict(conv1=nn.Conv2d(3, 8, 3, padding=1), relu1=nn.ReLU(),
+                                      conv2=nn.Conv2d(8, 8, 3, padding=1), relu2=nn.ReLU(),
+                                      pool=nn.AdaptiveAvgPool2d(1), flat=nn.Flatten(), fc=nn.Linear(8, 5))).eval()
+    explainer = relprop.Explainer(model, method, init_layer="conv2")
+    explainer(_X)
+    del model.conv2
+    errors = []
+    for _ in range(2):
+        with pytest.raises(ValueError) as info:
+            explainer(_X)
+        errors.append((type(info.value), str(info.value)))
+    assert errors[0] == errors[1] and errors[0][1].startswith(f"method {method!r}: no layer named 'conv2'"), errors
+
+
+def _slope(model):
+    model[4].negative_slope = 0.3
+
+
+def _gelu_tanh(model):
+    model[4].approximate = "tanh"
+
+
+def _dilation(model):
+    model[3].dilation = (2, 2)
+    model[3].padding = (2, 2)
+
+
+@pytest.mark.parametrize("change, act", [(_slope, lambda: nn.LeakyReLU(0.01)), (_gelu_tanh, nn.GELU), (_dilation, None)],
+                         ids=["leaky-relu-slope", "gelu-approximate", "conv-dilation"])
+@pytest.mark.parametrize("method", ["lrp-epsilon", "rap", "gradient"])
+def test_changed_module_settings_are_followed(method, change, act):
+    """A module setting the capture reads once (an activation's slope or approximation, a
+    conv's dilation) changed after the explainer was built: the next call captures again."""
+    model = _small(act and act())
+    explainer = relprop.Explainer(model, method)
+    before = explainer.attribute(_X, 1)
+    change(model)
+    after = explainer.attribute(_X, 1)
+    torch.testing.assert_close(after.logits, model(_X), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(after.relevance, relprop.Explainer(model, method)(_X, 1), rtol=0, atol=0)
+    assert not torch.equal(after.relevance, before.relevance)
+
+
+def _reflect(model):
+    model[3].padding_mode = "reflect"
+
+
+def _negative_slope(model):
+    model[4].negative_slope = -0.5
+
+
+def _no_running_stats(model):
+    model[1].track_running_stats = False
+    model[1].running_mean = model[1].running_var = None
+
+
+@pytest.mark.parametrize("change, act, match", [
+    (_reflect, None, r"padding_mode='reflect'"),
+    (_negative_slope, lambda: nn.LeakyReLU(0.01), r"negative_slope=-0\.5"),
+    (_no_running_stats, None, r"track_running_stats=False")], ids=["padding-mode", "negative-slope", "batch-stats"])
+def test_a_setting_a_fresh_explainer_refuses_is_refused_at_the_next_call(change, act, match):
+    model = _small(act and act())
+    explainer = relprop.Explainer(model, "lrp-epsilon")
+    explainer(_X, 1)
+    change(model)
+    with pytest.raises(relprop.UnsupportedModelError, match=match):
+        relprop.Explainer(model, "lrp-epsilon")
+    with pytest.raises(relprop.UnsupportedModelError, match=match):
+        explainer(_X, 1)
+
+
+def test_a_hook_swapped_for_another_of_the_same_name_is_warned_about():
+    """Hooks are told apart by identity, not by their names; one registered together with a
+    module replacement is named as registered since the build."""
+    import warnings
+    model = _small()
+    explainer = relprop.Explainer(model, "lrp-epsilon")
+    handle = model[0].register_forward_hook(lambda m, i, o: o)
+    with pytest.warns(relprop.HooksNotRunWarning):
+        explainer(_X, 1)
+    handle.remove()
+    model[0].register_forward_hook(lambda m, i, o: o * 100)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        explainer(_X, 1)
+        model[7] = nn.Linear(8, 5)
+        model[7].register_forward_hook(lambda m, i, o: o)
+        explainer(_X, 1)
+        explainer(_X, 1)
+    assert [str(x.message).split(":\n")[1] for x in w] == [
+        "  0 (Conv2d): forward hook test_a_hook_swapped_for_another_of_the_same_name_is_warned_about.<locals>.<lambda>",
+        "  7 (Linear): forward hook test_a_hook_swapped_for_another_of_the_same_name_is_warned_about.<locals>.<lambda>"]
+    assert all("registered since the explainer was built" in str(x.message) for x in w)

@@ -13,7 +13,7 @@ from .kinds import (ACTIVATIONS, FUNCTION_KINDS, MEANS, METHOD_KINDS, MODULE_KIN
                     NONNEG_UPSAMPLING, SIGN_PRESERVING, function_kind, module_kind)
 from .nodes import (InProjection, Graph, Node, Ref, UnsupportedModelError, derivative_jumps, evaluate, flatten, maxpool_params, mean_dims,
                     negative_slope, response_norm_scale, rms_norm_scale, substitute)
-from .capture import capture, hooks_not_run, unwrap
+from .capture import ModelWatch, capture, hooks_not_run, unwrap
 
 __all__ = [
     "ATTENTION", "MATMUL", "OFFSET", "PAD", "ROLL", "SOFTMAX",
@@ -22,5 +22,5 @@ __all__ = [
     "PRODUCT", "RELU", "RESHAPE", "RESPONSE_NORM", "RMS_NORM", "SCALE", "SIZE_OP", "SPLIT", "UPSAMPLE",
     "ACTIVATIONS", "FUNCTION_KINDS", "MEANS", "METHOD_KINDS", "MODULE_KINDS", "NAMED_MODULE_KINDS", "NONNEG_UPSAMPLING",
     "SIGN_PRESERVING", "function_kind", "module_kind", "response_norm_scale", "rms_norm_scale", "InProjection", "Graph", "Node", "Ref", "UnsupportedModelError", "derivative_jumps", "evaluate", "flatten", "mean_dims",
-    "maxpool_params", "negative_slope", "substitute", "capture", "hooks_not_run", "unwrap",
+    "maxpool_params", "negative_slope", "substitute", "capture", "ModelWatch", "hooks_not_run", "unwrap",
 ]

@@ -100,26 +100,68 @@ _FORWARD_HOOKS = (("_forward_pre_hooks", "forward pre-hook"), ("_forward_hooks",
 _BACKWARD_HOOKS = (("_backward_pre_hooks", "backward pre-hook"), ("_backward_hooks", "backward hook"))
 
 
-def hooks_not_run(model: nn.Module, backward: bool = False) -> list[str]:
-    """The hooks of ``model`` that relprop never runs, one line each: the hooked module's
-    qualified name (``<model>`` for the model itself, ``<all modules>`` for a hook registered
-    with ``torch.nn.modules.module.register_module_forward_hook`` and the like), its type, the
-    kind of hook and the hook's name.  Forward and forward pre-hooks always (the captured
-    graph computes each module from its parameters, without calling it); backward hooks with
-    ``backward=True`` (a method that differentiates the captured graph: module backward hooks
-    are installed by the module's call, which never happens).  Whether a hook changes what
-    the model computes (returns a value) cannot be known without running it, so every hook is
-    listed, the ones that only record activations too."""
+def hooks_not_run(model: nn.Module, backward: bool = False) -> list[tuple[str, int]]:
+    """The hooks of ``model`` that relprop never runs, one ``(line, key)`` each (``key``: the
+    hook's handle id, unique to it, which holds no reference to the hook): the line names
+    the hooked module's qualified name (``<model>`` for the model itself, ``<all modules>`` for
+    a hook registered with ``torch.nn.modules.module.register_module_forward_hook`` and the
+    like), its type, the kind of hook and the hook's name.  Forward and forward pre-hooks
+    always (the captured graph computes each module from its parameters, without calling it);
+    backward hooks with ``backward=True`` (a method that differentiates the captured graph:
+    module backward hooks are installed by the module's call, which never happens).  Whether
+    a hook changes what the model computes (returns a value) cannot be known without running
+    it, so every hook is listed, the ones that only record activations too."""
     kinds = _FORWARD_HOOKS + (_BACKWARD_HOOKS if backward else ())
     found = []
     for name, m in model.named_modules():
         for attr, kind in kinds:
-            found += [f"{name or '<model>'} ({type(m).__name__}): {kind} {_hook_name(h)}"
-                      for h in getattr(m, attr, {}).values()]
+            found += [(f"{name or '<model>'} ({type(m).__name__}): {kind} {_hook_name(h)}", key)
+                      for key, h in getattr(m, attr, {}).items()]
     glob = sys.modules["torch.nn.modules.module"]
     for attr, kind in kinds:
-        found += [f"<all modules>: global {kind} {_hook_name(h)}" for h in getattr(glob, "_global" + attr, {}).values()]
+        found += [(f"<all modules>: global {kind} {_hook_name(h)}", key)
+                  for key, h in getattr(glob, "_global" + attr, {}).items()]
     return found
+
+
+# plain values, compared by value; any other attribute by identity
+_PLAIN = (type(None), bool, int, float, complex, str, bytes, tuple, torch.Size, torch.dtype, torch.device)
+
+
+class ModelWatch:
+    """What a capture of ``model`` depends on besides its parameters and buffers, to tell
+    cheaply (once per call) whether it changed: every submodule by qualified name and
+    identity, and each module's attributes (a stride, a negative slope, a GELU's
+    approximation, a padding mode: plain values by value, other objects by identity; the
+    training flag aside).  nn.Module's own dicts (parameters, buffers, submodules, hooks) are
+    the same objects as long as the module is, and compare equal.  Not covered: an attribute
+    container changed in place (a list appended to), and what fx traced of the model's own
+    Python."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.entries = [(name, m, dict(vars(m))) for name, m in model.named_modules(remove_duplicate=False)]
+
+    def changed(self) -> bool:
+        now = list(self.model.named_modules(remove_duplicate=False))
+        if len(now) != len(self.entries):
+            return True
+        for (name, m), (old_name, old_m, old) in zip(now, self.entries):
+            if m is not old_m or name != old_name:
+                return True
+            attrs = vars(m)
+            if len(attrs) != len(old):
+                return True
+            for k, v in attrs.items():
+                o = old.get(k, _PLAIN)
+                if v is o or k == "training":
+                    continue
+                try:
+                    if not (type(v) is type(o) and isinstance(v, _PLAIN) and v == o):
+                        return True
+                except RuntimeError:   # a tuple of tensors
+                    return True
+        return False
 
 
 def _hook_name(hook) -> str:
