@@ -483,7 +483,7 @@ class Context:
     chunk_bytes: int | None = None   # a conv/linear larger than this runs over slices of the batch
                                      # (None: CHUNK_BYTES)
     decisions: GradientDecisions | None = None   # the gradient's branches (forward), reported to ``error``
-    _step = None   # (not a field) while a carrying walk applies a rule: that step's own errors, (B,)
+    _step = None   # (not a field) while a carrying walk applies a rule: its own errors, [(rows, (n,))]
 
     def __post_init__(self):
         # Relevance is computed in float32 for float16/bfloat16 models (the forward stays in
@@ -555,7 +555,7 @@ class Context:
         step = amplification(err, ref)
         target += step
         if self._step is not None:   # a walk carrying its errors: the step's own, passed on
-            (self._step if rows is None else self._step[rows]).add_(step)
+            self._step.append((rows, step))
 
     @property
     def unit(self) -> float:
@@ -676,26 +676,28 @@ class Context:
                 e = errors[k].pop(node.index, None) if carry else None
                 if r is None:
                     continue
-                if carry:   # the step's own errors, collected while its rule runs (add_relative_error)
-                    self._step = torch.zeros_like(self.error)
                 if node.kind == g.INPUT:
                     if carry:   # the carried estimate includes every step's own: the larger of the two
                         torch.maximum(self.error, self._relative(e, r), out=self.error)
-                        self._step = None
                     results[k] = r
                     continue
+                # a carrying pass collects the step's own errors while its rule runs (add_relative_error)
+                self._step = [] if carry else None
                 try:
                     outs = [r] if node.kind == g.OUTPUT else self.apply(table, node, head, r)
                     outs = [(p, ri) for p, ri in zip(node.parents, outs) if ri is not None]  # None: no relevance
                     if (not carry and node.kind == g.ADD and len(outs) == 2
                             and outs[0][1].shape == outs[1][1].shape == r.shape):   # (carried: split_errors)
                         self.add_error(split_amplification(outs[0][1], outs[1][1]))
-                    step, self._step = self._step, None
                 finally:
-                    self._step = None
+                    parts, self._step = self._step, None
                 for p, ri in outs:
                     relevance[p] = relevance[p] + ri if p in relevance else ri
                 if carry:
+                    step = None   # (no step of its own: known without reading the device)
+                    for rows, part in parts or ():
+                        step = torch.zeros_like(self.error) if step is None else step
+                        (step if rows is None else step[rows]).add_(part)
                     for p, ei in self._pass_on_errors(node, r, e, step, outs):
                         errors[k][p] = errors[k][p] + ei if p in errors[k] else ei
                 if self.layer_sums is not None and node.kind not in (g.OUTPUT, g.HELPER):
@@ -711,35 +713,37 @@ class Context:
         batch = self.error.shape[0]
         return safe_ratio(e if e.dim() == 1 else sample_norms(e, batch), sample_norms(r, batch))
 
-    def _pass_on_errors(self, node: g.Node, r: torch.Tensor, e: torch.Tensor | None, step: torch.Tensor,
+    def _pass_on_errors(self, node: g.Node, r: torch.Tensor, e: torch.Tensor | None, step: torch.Tensor | None,
                         outs: list) -> list:
         """``(parent, error)`` for each of the node's outputs ``outs`` (``(parent, relevance)``):
         the error ``e`` of ``r`` (entrywise, or a norm per sample) passed on with the relevance
         -- entrywise as ``|R_i / R| e`` through a rule that keeps entries apart, as ``e``'s
-        relative error times the share elsewhere -- plus the step's own (``step``, relative)
-        times the share.  A two-way add's shares also get their own (:func:`split_errors`).
-        Kept entrywise where the parent is :meth:`_entrywise`, as a norm per sample
-        elsewhere."""
-        batch = step.shape[0]
+        relative error times the share elsewhere -- plus the step's own (``step``, relative,
+        None where the rule reported none) times the share.  A two-way add's shares also get
+        their own (:func:`split_errors`).  Kept entrywise where the parent is
+        :meth:`_entrywise`, as a norm per sample elsewhere."""
+        batch = self.error.shape[0]
         entrywise_in = e is not None and e.dim() > 1
         if (node.kind == g.ADD and len(outs) == 2 and len(node.parents) == 2
                 and outs[0][1].shape == outs[1][1].shape == r.shape and (e is None or entrywise_in)):
-            shares = split_errors(r, outs[0][1], outs[1][1], e, per_row(step, r), self.unit)
+            shares = split_errors(r, outs[0][1], outs[1][1], e, 0.0 if step is None else per_row(step, r), self.unit)
             return [(p, ei if self._entrywise(p) else sample_norms(ei, batch)) for (p, _), ei in zip(outs, shares)]
         moved = entrywise_in and node.kind in ENTRYWISE_KINDS
-        rel = None if moved else self._relative(e, r) + step
+        rel = None    # e relative to r, plus the step's own: per sample, formed once if needed
         out = []
         for p, ri in outs:
             entrywise = self._entrywise(p)
             if moved and ri.shape == r.shape:
-                if ri is r:     # the relevance passed on unchanged (a ReLU, an identity)
-                    ei = e if not step.any() else e + r.abs() * per_row(step, r)
+                if ri is r:      # passed on unchanged (a ReLU, an identity): so is its error
+                    ei = e if step is None else e.addcmul(ri.abs(), per_row(step, ri))
                 else:
-                    ei = safe_ratio(ri.abs(), r.abs()).mul_(e).addcmul_(ri.abs(), per_row(step, ri))
-            elif entrywise:
-                ei = ri.abs().mul_(per_row(self._relative(e, r) + step if rel is None else rel, ri))
+                    ei = safe_ratio(ri.abs(), r.abs()).mul_(e)
+                    if step is not None:
+                        ei.addcmul_(ri.abs(), per_row(step, ri))
             else:
-                ei = (self._relative(e, r) + step if rel is None else rel) * sample_norms(ri, batch)
+                if rel is None:
+                    rel = self._relative(e, r) if step is None else self._relative(e, r) + step
+                ei = ri.abs().mul_(per_row(rel, ri)) if entrywise else rel * sample_norms(ri, batch)
             if not entrywise and ei.dim() > 1:
                 ei = sample_norms(ei, batch)
             out.append((p, ei))

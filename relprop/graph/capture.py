@@ -126,6 +126,7 @@ def hooks_not_run(model: nn.Module, backward: bool = False) -> list[tuple[str, i
 
 # plain values, compared by value; any other attribute by identity
 _PLAIN = (type(None), bool, int, float, complex, str, bytes, tuple, torch.Size, torch.dtype, torch.device)
+_ABSENT = object()
 
 
 class ModelWatch:
@@ -153,7 +154,7 @@ class ModelWatch:
             if len(attrs) != len(old):
                 return True
             for k, v in attrs.items():
-                o = old.get(k, _PLAIN)
+                o = old.get(k, _ABSENT)
                 if v is o or k == "training":
                     continue
                 try:
