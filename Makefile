@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.relprop-installed
 
-.PHONY: install evaluate demo test test-fast golden
+.PHONY: install evaluate demo test test-fast golden gpu-wheels
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -44,3 +44,14 @@ golden: $(STAMP)
 	  exit 2; \
 	fi
 	$(BIN)/python ../shared/golden/check.py --golden ../shared/golden --impl golden_adapter:explain --pythonpath tests
+
+# The comparison libraries the GPU machine's image lacks (Zennit, Captum; their own needs are
+# there), as wheels for its Python 3.12 in .whl/, which bench/gpu_session.sh installs; pass
+# `.whl` in the device call's carry.  Pure-Python wheels, the versions this venv tests against.
+ZENNIT_VERSION ?= 0.5.1
+CAPTUM_VERSION ?= 0.9.0
+gpu-wheels:
+	rm -rf .whl && $(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
+	  zennit==$(ZENNIT_VERSION) captum==$(CAPTUM_VERSION)
+	@ls .whl

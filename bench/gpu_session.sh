@@ -11,9 +11,8 @@
 #       throughput and peak memory, VGG16 and ResNet50 at batch 1/8/64, beside the gradient
 #       pass and Zennit, and the markdown report.
 #
-# Zennit travels as a wheel in .whl/ (the device image lacks it and has no network):
-#   echo /.whl/ >> .git/info/exclude; python3 -m pip download --no-deps --only-binary=:all: \
-#     --python-version 3.12 --implementation cp --platform manylinux_2_17_x86_64 -d .whl zennit==0.5.1
+# Zennit and Captum travel as wheels in .whl/ (the device image lacks them and has no
+# network; it has their own needs): `make gpu-wheels` here first.
 # Never yet run on a device (no session so far was lent one); the device image's torch,
 # Triton and numpy (2.11 / 3.6 / 2.5 when last read) were checked against the suite on CPU.
 set -uo pipefail
