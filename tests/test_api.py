@@ -49,6 +49,182 @@ def test_model_is_never_changed(golden_models, method):
     assert calls == []
 
 
+class StatefulNet(nn.Module):
+    """A forward with Python side effects: a counter buffer and a stored activation."""
+
+    def __init__(self, update: str):
+        super().__init__()
+        self.update = update
+        self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 4)
+        self.register_buffer("calls", torch.zeros(()))
+        self.feats = None
+
+    def forward(self, x):
+        if self.update == "reassign":
+            self.calls = self.calls + 1
+        elif self.update == "augmented":
+            self.calls += 1
+        elif self.update == "in place":
+            self.calls.add_(1)
+        elif self.update == "in place, read":
+            x = x + self.calls.add_(1)
+        h = torch.relu(self.conv(x))
+        self.feats = h
+        return self.fc(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("update", ["reassign", "augmented"])
+def test_capture_leaves_a_stateful_forward_unwritten(update):
+    """The trace runs the forward's Python (on proxies): what it assigns to the model (a
+    stored activation, a buffer counter) is put back, the buffer is never updated, and
+    the explainer does not take its own trace for a change of the model (re-capturing,
+    and writing, at every call).  Before: the counter went up at capture, ``feats`` held
+    a torch.fx Proxy, and every call re-captured."""
+    torch.manual_seed(0)
+    model = StatefulNet(update).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        model(x)
+    calls, feats = model.calls.clone(), model.feats
+    explainer = relprop.Explainer(model, "lrp-epsilon")
+    assert model.feats is feats and torch.equal(model.calls, calls)
+    key = explainer._key
+    first = explainer(x)
+    assert explainer._key is key, "the explainer captured the model again"
+    torch.testing.assert_close(explainer(x), first, rtol=0, atol=0)
+    assert model.feats is feats and torch.equal(model.calls, calls)
+    assert sorted(vars(model)) == sorted(vars(StatefulNet(update)))   # nothing added (fx's _tensor_constant<i>)
+
+
+@pytest.mark.parametrize("update", ["in place", "in place, read"])
+def test_a_forward_writing_into_a_buffer_is_refused(update):
+    model = StatefulNet(update).eval()
+    with pytest.raises(relprop.UnsupportedModelError,
+                       match=r"add_ \(call_method add_\): writes into the model's tensor 'calls' in place: relprop "
+                             r"reads the model and never writes it"):
+        relprop.Explainer(model, "rap")
+    assert model.calls.item() == 0
+
+
+def test_assigning_into_a_tensor_is_refused_with_the_remedy():
+    class Assigns(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            x[:, 0] = 0
+            return self.conv(x).mean((2, 3))
+
+    with pytest.raises(relprop.UnsupportedModelError, match=r"must not assign into tensors \(x\[\.\.\.\] = v"):
+        relprop.Explainer(Assigns(), "rap")
+
+
+def test_a_constant_tensor_made_in_forward_is_held_by_the_explainer():
+    """``torch.tensor(...)`` in forward: fx keeps it as an attribute ``_tensor_constant0`` of
+    the model; relprop keeps it in its graph instead and leaves the model as it was."""
+    class MakesConstant(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 3)
+
+        def forward(self, x):
+            x = x * torch.tensor([2.0, 1.0, 0.5]).view(1, 3, 1, 1)
+            return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = MakesConstant().eval()
+    x = torch.randn(2, 3, 8, 8)
+    got = relprop.explain(model, x, method="gradient-x-input", target=1)
+    assert not any(k.startswith("_tensor_constant") for k in vars(model))
+    xr = x.clone().requires_grad_()
+    model(xr)[:, 1].sum().backward()
+    torch.testing.assert_close(got, xr.grad * x)
+
+
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+class Normalize(nn.Module):
+    """The usual input normalisation in front of a classifier, in one of its spellings."""
+
+    def __init__(self, form: str):
+        super().__init__()
+        self.form = form
+        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1))
+
+    def forward(self, x):
+        if self.form == "added":       # accepted before: the offset added
+            return (x + (-self.mean)) / self.std
+        if self.form == "subtract":
+            return (x - self.mean) / self.std
+        if self.form == "sub method":
+            return x.sub(self.mean).div(self.std)
+        if self.form == "torch.sub":
+            return torch.sub(x, self.mean) / self.std
+        return (x - 0.45) / 0.226     # numbers
+
+
+@pytest.mark.parametrize("form", ["subtract", "sub method", "torch.sub", "numbers"])
+@pytest.mark.parametrize("method", ["lrp-epsilon", "lrp-epsilon-plus-flat", "rap", "rsp"])
+def test_an_input_normalisation_wrapper_is_an_offset(form, method):
+    """``nn.Sequential(Normalize, model)`` with ``(x - mean) / std``: the subtraction of a
+    constant is an offset (a bias, its share dropped) as ``x + c`` is, so the map is that of
+    the same normalisation written ``(x + (-mean)) / std``, which relprop already took.  It
+    was refused ("compares or computes with tensor values"; a buffer named ``mean`` was even
+    called a mean over the batch)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)).eval()
+    x = torch.rand(2, 3, 12, 12)
+    expected = Normalize("added")
+    if form == "numbers":
+        expected.mean.fill_(0.45), expected.std.fill_(0.226)
+    want = relprop.explain(nn.Sequential(expected, net), x, method=method, target=2)
+    got = relprop.explain(nn.Sequential(Normalize(form), net), x, method=method, target=2)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * want.abs().max().item())
+    assert got.abs().sum() > 0
+
+
+def test_a_buffer_named_mean_is_not_a_mean():
+    """The model's own buffer ``mean`` (fx: ``get_attr mean``) was taken for ``x.mean()`` over
+    the batch and refused."""
+    class Centred(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("mean", torch.full((1, 3, 1, 1), 0.5))
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.fc((x - self.mean).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model, x = Centred().eval(), torch.rand(2, 3, 4, 4)
+    got = relprop.explain(model, x, method="gradient-x-input", target=1)
+    xr = x.clone().requires_grad_()
+    model(xr)[:, 1].sum().backward()
+    torch.testing.assert_close(got, xr.grad * x)
+
+
+@pytest.mark.parametrize("forward", [lambda self, x: self.mean - x, lambda self, x: x - x.flip(3),
+                                     lambda self, x: 1.0 - x])
+def test_a_subtraction_without_a_constant_to_subtract_is_refused(forward):
+    class Subtracts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("mean", torch.full((1, 3, 1, 1), 0.5))
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.fc(forward(self, x).mean((2, 3)))
+
+    with pytest.raises(relprop.UnsupportedModelError,
+                       match=r"sub \(call_function sub\): a subtraction has a rule only as x - c, with c a parameter, "
+                             r"a buffer or a number"):
+        relprop.Explainer(Subtracts(), "rap")
+
+
 def test_training_mode_explains_with_inference_semantics(golden_models):
     model = small_vgg(golden_models, bn=True)
     for m in model.modules():

@@ -31,9 +31,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .kinds import (ACTIVATION, ACTIVATIONS, ADD, ATTENTION, BN, CAT, CONV, EXPAND, GATE, GATE_ACTIVATION, GETITEM,
-                    HELPER, INDEX, INPUT, LEAKY_RELU, LINEAR, MATMUL, MEANS, METADATA_READERS, METHOD_KINDS,
+                    HELPER, INDEX, INPUT, LEAKY_RELU, LINEAR, MATMUL, MEANS, METADATA_READERS, METHOD_KINDS, PERMUTE,
                     NAMED_MODULE_KINDS, NONNEG_UPSAMPLING, OFFSET, OUTPUT, PAD, PASS, PIECE, PRODUCT, RELU, RESHAPE,
-                    SCALE, SIGN_PRESERVING, SIZE_OP, SOFTMAX, SPLIT, UPSAMPLE, function_kind, module_kind)
+                    SCALE, SIGN_PRESERVING, SIZE_OP, SOFTMAX, SPLIT, SUBTRACT, UPSAMPLE, function_kind, module_kind)
 from . import through
 from .nodes import (Graph, InProjection, Node, Ref, UnsupportedModelError, flatten, mean_dims, substitute)
 
@@ -44,6 +44,9 @@ class _Tracer(fx.Tracer):
     def __init__(self):
         super().__init__()
         self.module_outputs: dict[str, fx.Node] = {}
+        # buffers read in forward are proxies too (fx's default runs what forward does with
+        # them for real: ``self.count += 1`` would update the model's buffer at capture)
+        self.proxy_buffer_attributes = True
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         """torch.nn modules, and the optional libraries' modules relprop knows whole."""
@@ -165,6 +168,50 @@ class ModelWatch:
         return False
 
 
+class _ModuleState:
+    """Every module's own attributes, and its parameter, buffer and submodule tables, as they
+    are: the trace runs the forward's Python on proxies, which may assign to the model
+    (``self.feats = h`` leaves a Proxy; ``self.count = self.count + 1`` a proxy buffer) and sets
+    train flags; :meth:`restore` puts back what was there, so capturing never writes the model.
+    (A write into a tensor's values is refused instead: :func:`_writes_to_model`.)"""
+
+    def __init__(self, model: nn.Module):
+        self.saved = [(m, dict(vars(m)), {k: dict(getattr(m, k)) for k in _MODULE_TABLES})
+                      for m in model.modules()]
+        self.by_module = {id(m): (attrs, tables) for m, attrs, tables in self.saved}
+        self.saved_modules = {id(m): tables["_modules"] for m, _, tables in self.saved}
+
+    def had(self, target: str) -> bool:
+        """Whether the attribute path ``target`` (``a.b.c``) existed before the trace."""
+        *path, name = target.split(".")
+        m = self.saved[0][0]
+        for part in path:
+            m = self.saved_modules.get(id(m), {}).get(part)
+            if m is None:
+                return False
+        entry = self.by_module.get(id(m))
+        return entry is not None and any(name in d for d in (entry[0], *entry[1].values()))
+
+    def restore(self) -> None:
+        for m, attrs, tables in self.saved:
+            now = vars(m)
+            for k in [k for k in now if k not in attrs]:
+                del now[k]
+            now.update(attrs)
+            for k, table in tables.items():
+                cur = getattr(m, k)
+                if len(cur) != len(table) or any(cur.get(name, _ABSENT) is not v for name, v in table.items()):
+                    cur.clear()
+                    cur.update(table)
+
+
+_MODULE_TABLES = ("_parameters", "_buffers", "_modules")
+
+
+def _attr(model: nn.Module, target: str):
+    return functools.reduce(getattr, target.split("."), model)
+
+
 def _hook_name(hook) -> str:
     return getattr(hook, "__qualname__", None) or type(hook).__name__
 
@@ -195,7 +242,7 @@ def capture(model: nn.Module, output_key: str | None = None) -> Graph:
     (:func:`_select_output`)."""
     model, prefix = unwrap(model)
     _refuse_torchscript(model)
-    flags = {m: m.training for m in model.modules()}
+    state = _ModuleState(model)
     try:
         model.eval()
         tracer = _Tracer()
@@ -210,12 +257,17 @@ def capture(model: nn.Module, output_key: str | None = None) -> Graph:
         try:
             fx_graph = tracer.trace(model, concrete_args=concrete or None)
         except Exception as e:  # noqa: BLE001 - any tracing failure means "cannot capture"
+            hint = ("Its forward must not assign into tensors (x[...] = v, a buffer's entries): write it out of "
+                    "place (torch.where, torch.cat)" if "does not support item assignment" in str(e) else
+                    "Its forward must not branch on tensor values")
             raise UnsupportedModelError(
                 f"relprop could not capture {type(model).__name__} with torch.fx: {type(e).__name__}: {e}. "
-                "Its forward must not branch on tensor values.") from e
+                f"{hint}.") from e
+        # tensors the forward makes from no input (``torch.tensor(...)``) fx stores on the model
+        # as ``_tensor_constant<i>``: the graph holds them instead, and the model is restored
+        made = {n: _attr(model, n.target) for n in fx_graph.nodes if n.op == "get_attr" and not state.had(n.target)}
     finally:
-        for m, t in flags.items():
-            m.training = t
+        state.restore()
 
     index: dict[fx.Node, int] = {}
     nodes: list[Node] = []
@@ -234,9 +286,12 @@ def capture(model: nn.Module, output_key: str | None = None) -> Graph:
             node.name = f"{node.name}#{seen[node.name]}"
         else:
             seen[node.name] = 0
+        if fn in made:
+            node.held = made[fn]
         index[fn] = node.index
         nodes.append(node)
     _select_output(nodes[-1], output_key)
+    _refuse_writes_to_model(nodes)
     _resolve_helpers(nodes)
     constant = _constants(nodes)
     _resolve_constants(nodes, constant)
@@ -336,7 +391,7 @@ def _make_node(fn: fx.Node, model: nn.Module, i: int, index: dict) -> Node:
     node = Node(i, name, kind, fn.op, target, args, kwargs, why=why)
     if kind == HELPER:
         node.parents = ()
-    elif kind in (ADD, CAT, PRODUCT, SIZE_OP, MATMUL, ATTENTION):
+    elif kind in (ADD, SUBTRACT, CAT, PRODUCT, SIZE_OP, MATMUL, ATTENTION):
         node.parents = parents
     elif kind not in (INPUT, None):
         node.parents = parents[:1]
@@ -350,7 +405,8 @@ def _make_node(fn: fx.Node, model: nn.Module, i: int, index: dict) -> Node:
         node.kind, node.why = None, why
     if kind == UPSAMPLE and (mode := _upsample_mode(node)) not in NONNEG_UPSAMPLING:
         node.kind, node.why = None, f"mode={mode!r}: only {', '.join(NONNEG_UPSAMPLING)} interpolate with weights >= 0"
-    if target in MEANS and not (isinstance(dims := mean_dims(node), tuple) and 0 not in dims):
+    if fn.op != "get_attr" and target in MEANS and not (isinstance(dims := mean_dims(node), tuple)
+                                                        and 0 not in dims):
         node.kind, node.why = None, (f"a mean over dim={dims!r} averages across the batch; average over "
                                      "the feature dims only, e.g. x.mean((2, 3))")
     return node
@@ -468,12 +524,19 @@ def _resolve_helpers(nodes: list[Node]) -> None:
             n.kind = HELPER
         elif n.target is through.unexplained_weights and n.index not in read:
             n.kind, n.parents = HELPER, ()
-        elif n.kind in (ADD, PRODUCT, SIZE_OP, GETITEM) and on_sizes:
+        elif n.kind in (ADD, SUBTRACT, PRODUCT, SIZE_OP, GETITEM) and on_sizes:
             n.kind, n.parents = HELPER, ()
+        elif n.kind == SIZE_OP and n.target is operator.sub:   # on tensors
+            n.kind = SUBTRACT   # x - c: an offset if c is a constant (_resolve_constants)
+            if len(n.parents) == 1 and _number_operand(n) and isinstance(n.args[0], Ref):
+                n.kind = OFFSET     # x - 0.5: a bias (not 0.5 - x)
         elif n.kind == SIZE_OP:
             n.kind, n.why = None, "compares or computes with tensor values"
+        elif n.kind in (ADD, SUBTRACT) and len(n.parents) == 1 and _number_operand(n) \
+                and (n.kind == ADD or isinstance(n.args[0], Ref)):
+            n.kind = OFFSET     # x + 0.5, 0.5 + x, x - 0.5: a bias
         elif n.kind == ADD and len(n.parents) != 2:
-            n.kind = None  # adding a constant is not a relevance-preserving op
+            n.kind = None
         elif n.kind == GETITEM:
             n.kind, n.why = _getitem_kind(n, nodes)
             if n.kind == PIECE:
@@ -513,6 +576,28 @@ def _refs(n: Node):
 def _in_place(n: Node) -> bool:
     name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
     return n.target in (operator.setitem, operator.iadd) or (name.endswith("_") and not name.endswith("__"))
+
+
+# Calls whose result is a view of their first argument (writing into it writes into that).
+_VIEWS = (RESHAPE, PERMUTE, EXPAND, PASS, GETITEM, SPLIT)
+
+
+def _refuse_writes_to_model(nodes: list[Node]) -> None:
+    """An in-place call into a parameter or buffer (``self.count += 1``, ``self.buf[0] = x``,
+    ``self.buf.copy_(x)``), or into a view of one, would write the model at every relprop
+    forward: refused with the tensor's name, since relprop reads the model and never writes
+    it (and a forward that updates state is not one function of its input to explain)."""
+    for n in nodes:
+        if n.op not in ("call_function", "call_method") or not _in_place(n) or not n.args:
+            continue
+        base = n.args[0]
+        while isinstance(base, Ref) and nodes[int(base)].op in ("call_function", "call_method") \
+                and nodes[int(base)].kind in _VIEWS and nodes[int(base)].args:
+            base = nodes[int(base)].args[0]
+        if isinstance(base, Ref) and nodes[int(base)].op == "get_attr":
+            n.kind, n.parents = None, ()
+            n.why = (f"writes into the model's tensor {nodes[int(base)].target!r} in place: relprop reads the "
+                     "model and never writes it; keep state updates out of forward (or explain a copy without them)")
 
 
 def _constants(nodes: list[Node]) -> list[bool]:
@@ -566,6 +651,13 @@ def _resolve_constants(nodes: list[Node], constant: list[bool]) -> None:
             if sum(constants) == 1:
                 n.kind = OFFSET
                 _mark_constant(nodes, n.parents[constants.index(True)], constant)
+        elif n.kind == SUBTRACT:
+            signal_first = isinstance(n.args[0], Ref) if n.args else False
+            if len(n.parents) == 2 and signal_first and not constant[n.parents[0]] and constant[n.parents[1]]:
+                n.kind = OFFSET
+                _mark_constant(nodes, n.parents[1], constant)
+            else:
+                n.kind, n.why = None, SUBTRACT_WHY
 
 
 def _through_pass(nodes: list[Node], i: int, kinds=(PASS,)) -> Node:
@@ -672,6 +764,17 @@ def _resolve_gates(nodes: list[Node], constant: list[bool]) -> None:
             for c, k in consumers[n.index])
         if n.kind in (GATE_ACTIVATION, EXPAND) and not feeds_gates[n.index]:
             n.kind, n.why = None, "supported only as the gate of a product (squeeze-excitation)"
+
+
+SUBTRACT_WHY = ("a subtraction has a rule only as x - c, with c a parameter, a buffer or a number "
+                "(a bias, like x + c); x - y of two signals, and c - x, have none")
+
+
+def _number_operand(n: Node) -> bool:
+    """The other operand of a one-tensor add or subtract is a plain number (an offset)."""
+    others = [a for a in n.args if not isinstance(a, Ref)]
+    return len(others) == 1 and isinstance(others[0], (int, float)) and not isinstance(others[0], bool) \
+        and not n.kwargs
 
 
 def _mark_constant(nodes: list[Node], i: int, constant: list[bool]) -> None:

@@ -56,6 +56,7 @@ INDEX, SPLIT, PIECE, PERMUTE = "index", "split", "piece", "permute"   # x[...], 
 GETITEM = "getitem"   # at capture only: resolved to an index, a piece of a split, or a helper
 INPUT, OUTPUT, HELPER = "input", "output", "helper"
 SIZE_OP = "size_op"   # a comparison, assertion or integer arithmetic: fine on sizes (a helper), not on tensors
+SUBTRACT = "subtract"   # at capture only: x - c resolved to an offset (or refused)
 
 MODULE_KINDS = {
     nn.Conv2d: CONV, nn.Linear: LINEAR, nn.BatchNorm2d: BN, nn.LayerNorm: LAYERNORM, nn.RMSNorm: RMS_NORM,
@@ -76,7 +77,7 @@ FUNCTION_KINDS = {
     torch._C._nn.avg_pool2d: AVGPOOL, F.adaptive_avg_pool2d: ADAPTIVE_AVGPOOL, torch.mean: ADAPTIVE_AVGPOOL,
     F.interpolate: UPSAMPLE,
     torch.flatten: RESHAPE, torch.reshape: RESHAPE, operator.add: ADD, operator.iadd: ADD,
-    torch.add: ADD, torch.cat: CAT, torch.concat: CAT, getattr: HELPER, operator.getitem: GETITEM,
+    torch.add: ADD, torch.sub: SUBTRACT, torch.cat: CAT, torch.concat: CAT, getattr: HELPER, operator.getitem: GETITEM,
     torch.split: SPLIT, torch.chunk: SPLIT, torch.transpose: PERMUTE, torch.permute: PERMUTE, torch._assert: SIZE_OP,
     operator.eq: SIZE_OP, operator.ne: SIZE_OP, operator.lt: SIZE_OP, operator.le: SIZE_OP, operator.gt: SIZE_OP,
     operator.ge: SIZE_OP, operator.floordiv: SIZE_OP, operator.sub: SIZE_OP, operator.mod: SIZE_OP,
@@ -89,7 +90,7 @@ METHOD_KINDS = {
     "relu": RELU, "relu_": RELU, "sigmoid": GATE_ACTIVATION, "mul": PRODUCT, "div": PRODUCT, "expand": EXPAND, "expand_as": EXPAND,
     "mean": ADAPTIVE_AVGPOOL, "view": RESHAPE, "reshape": RESHAPE, "flatten": RESHAPE, "contiguous": PASS,
     "split": SPLIT, "chunk": SPLIT, "transpose": PERMUTE, "permute": PERMUTE,
-    "add": ADD, "add_": ADD, "size": HELPER, "dim": HELPER, "matmul": MATMUL, "bmm": MATMUL, "softmax": SOFTMAX,
+    "add": ADD, "add_": ADD, "sub": SUBTRACT, "size": HELPER, "dim": HELPER, "matmul": MATMUL, "bmm": MATMUL, "softmax": SOFTMAX,
     "unbind": SPLIT, "roll": ROLL, "unsqueeze": RESHAPE, "squeeze": RESHAPE,
 }
 # Calls that read only the shape, dtype and device of their first argument, never its values

@@ -12,6 +12,7 @@ never called again.  A node's arguments refer to other nodes by :class:`Ref` (th
 from __future__ import annotations
 
 import functools
+import operator
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -52,6 +53,7 @@ class Node:
     first_layer: bool = False       # conv/linear reading the network input directly
     stack: bool = False             # a piece of ``unbind`` (stacked back, not concatenated)
     why: str = ""                   # for an unsupported node (kind None): what relprop lacks, if known
+    held: Any = None                # a get_attr of a constant the trace made (not the model's): its tensor
 
     @property
     def module(self) -> nn.Module | None:
@@ -180,8 +182,8 @@ class Graph:
                 v = x
             elif n.op == "placeholder":   # a forward parameter fixed at its default (capture)
                 v = n.args[0] if n.args else None
-            elif n.op == "get_attr":
-                v = functools.reduce(getattr, n.target.split("."), self.model)   # a parameter or buffer
+            elif n.op == "get_attr":   # a parameter or buffer, read now; or a constant of the trace
+                v = n.held if n.held is not None else functools.reduce(getattr, n.target.split("."), self.model)
             else:
                 args = substitute(n.args, values)
                 kwargs = substitute(n.kwargs, values)
@@ -334,7 +336,7 @@ def evaluate(n: Node, args: tuple, kwargs: dict) -> Any:
         name = n.target.rstrip("_") if n.kind in (RELU, ADD, OFFSET) else n.target
         return getattr(args[0], name)(*args[1:], **kwargs)
     if n.kind in (ADD, OFFSET):   # never in place (operator.iadd)
-        return torch.add(*args, **kwargs)
+        return (torch.sub if n.target in (operator.sub, torch.sub) else torch.add)(*args, **kwargs)
     return n.target(*args, **kwargs)
 
 
