@@ -581,6 +581,7 @@ def _dataset_from_args(args, preprocessing):
 
 def _attribute(args) -> int:
     from .attribute import DistributedRunError, attribute_dataset, parse_targets
+    from .graph import UnsupportedModelError
 
     parser = args.subparser
     try:
@@ -603,6 +604,8 @@ def _attribute(args) -> int:
                                     batch_size=args.batch_size, shard_size=args.shard_size,
                                     dtype="float16" if args.float16 else "float32", num_workers=args.workers,
                                     progress=not args.quiet, extra_settings=extra)
+    except UnsupportedModelError as e:      # the model's fault, found before anything is written
+        parser.error(f"--model {args.model}: {e}")
     except ValueError as e:                 # bad settings, targets, parameters or data: nothing was written
         print(f"relprop attribute: error: {e}", file=sys.stderr)
         return 2

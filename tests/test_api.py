@@ -187,6 +187,24 @@ def test_an_input_normalisation_wrapper_is_an_offset(form, method):
     assert got.abs().sum() > 0
 
 
+@pytest.mark.parametrize("method", ["lrp-epsilon-plus-flat", "rap"])
+def test_torchvision_normalize_in_front_of_the_model(method):
+    """``nn.Sequential(torchvision.transforms.Normalize(mean, std), model)``: traced as
+    ``(x - mean) / std`` (its functional form's type checks fail on fx proxies), in the
+    input's dtype; the model is left as it was."""
+    transforms = pytest.importorskip("torchvision.transforms")
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(8, 5)).eval()
+    x = torch.rand(2, 3, 12, 12)
+    want = relprop.explain(nn.Sequential(Normalize("added"), net), x, method=method, target=2)
+    model = nn.Sequential(transforms.Normalize(MEAN, STD), net)
+    torch.testing.assert_close(relprop.explain(model, x, method=method, target=2), want, rtol=1e-6, atol=1e-9)
+    got64 = relprop.explain(model.double(), x.double(), method=method, target=2)
+    assert got64.dtype == torch.float64
+    torch.testing.assert_close(got64.float(), want, rtol=1e-4, atol=1e-6)
+
+
 def test_a_buffer_named_mean_is_not_a_mean():
     """The model's own buffer ``mean`` (fx: ``get_attr mean``) was taken for ``x.mean()`` over
     the batch and refused."""

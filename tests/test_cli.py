@@ -217,6 +217,25 @@ def test_explain_blames_the_model_for_unsupported_operations(tmp_path, monkeypat
     assert "--method/--param" not in err and not (tmp_path / "out").exists()
 
 
+def test_attribute_blames_the_model_for_unsupported_operations(tmp_path, monkeypatch, capsys):
+    """As explain: one usage error naming the model and every operation, exit 2, nothing
+    written (it was a traceback, exit 1)."""
+    (tmp_path / "odd_net2.py").write_text(
+        "import torch.nn as nn\n"
+        "def build():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ELU(), nn.Flatten(), nn.LazyLinear(3))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "data").mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(tmp_path / "data" / "a.png")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["attribute", "--data", str(tmp_path / "data"), "--model", "odd_net2:build", "--size", "16",
+                  "--out", str(tmp_path / "out"), "-q"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert "relprop attribute: error: --model odd_net2:build: relprop has no relevance rule" in err, err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
 def test_a_text_parameter_keeps_the_text_as_typed():
     """The built-in VGG's layers are named like '0.10': --param init_layer=0.10 is that name,
     not the float 0.1; numbers stay numbers for numeric parameters."""

@@ -328,7 +328,8 @@ def _select_output(out: Node, output_key: str | None) -> None:
         keys = list(value)
         key = "out" if output_key is None else output_key
         if key not in value:
-            how = ("pass output_key= to choose the entry to explain" if output_key is None
+            how = ("pass output_key= (relprop.Explainer, relprop.explain) to choose the entry to explain"
+                   if output_key is None
                    else f"output_key={output_key!r} is not one of them")
             raise UnsupportedModelError(f"the model returns a dict with keys {keys}; relprop explains one tensor "
                                         f"entry: {how}")

@@ -95,7 +95,7 @@ METHOD_KINDS = {
 }
 # Calls that read only the shape, dtype and device of their first argument, never its values
 # (``x.new_ones(n, n)``, ``torch.zeros_like(x)``): what they compute from sizes is a constant.
-METADATA_READERS = {"new_ones", "new_zeros", "new_full", "new_empty", torch.zeros_like, torch.ones_like,
+METADATA_READERS = {"new_ones", "new_zeros", "new_full", "new_empty", "new_tensor", torch.zeros_like, torch.ones_like,
                     torch.full_like, torch.empty_like}
 # Kinds whose output is >= 0 whenever all their tensor inputs are.
 SIGN_PRESERVING = {LEAKY_RELU, PASS, MAXPOOL, AVGPOOL, ADAPTIVE_AVGPOOL, UPSAMPLE, RESHAPE, ADD, CAT, INDEX, SPLIT, PIECE,

@@ -7,6 +7,8 @@ by ``capture._Tracer.call_module`` instead of the module's own forward, whose fx
   ``in_proj_weight``: nodes.InProjection), heads, ``scaled_dot_product_attention`` with the
   call's masks merged into one additive constant mask, out-projection
   (:func:`multi_head_attention`; refusals: :func:`mha_refusal`).
+* torchvision's ``transforms.Normalize`` in front of a classifier (:func:`normalize`):
+  ``(x - mean) / std`` with constants made on the input's device and dtype.
 * torchvision's Swin ``ShiftedWindowAttention`` and ``ShiftedWindowAttentionV2``
   (:func:`shifted_window_attention`) and ``PatchMerging`` / ``PatchMergingV2``
   (:func:`patch_merging`).
@@ -220,7 +222,18 @@ def patch_merging(m: nn.Module, x):
 
 _SWIN = "torchvision.models.swin_transformer"
 # Modules traced through by their re-writing, known by module path and class name.
-REWRITES = {(_SWIN, "ShiftedWindowAttention"): shifted_window_attention,
+def normalize(m: nn.Module, x):
+    """torchvision's ``transforms.Normalize``: ``(x - mean) / std`` over the channels (dim -3),
+    an offset and a scale by constants (``x.new_tensor``: on the input's device and dtype)
+    instead of its functional form, whose type checks fail on a proxy.  Its ``inplace``
+    changes nothing here: relprop's forward computes out of place."""
+    def values(v):
+        return v.tolist() if torch.is_tensor(v) else [float(e) for e in v]
+    return (x - x.new_tensor(values(m.mean)).view(-1, 1, 1)) / x.new_tensor(values(m.std)).view(-1, 1, 1)
+
+
+REWRITES = {("torchvision.transforms.transforms", "Normalize"): normalize,
+            (_SWIN, "ShiftedWindowAttention"): shifted_window_attention,
             (_SWIN, "ShiftedWindowAttentionV2"): shifted_window_attention, (_SWIN, "PatchMerging"): patch_merging,
             (_SWIN, "PatchMergingV2"): patch_merging}
 # Opaque (fx-wrapped) library functions left in the graph, and why they have no rule.
