@@ -38,7 +38,8 @@ working directory; null for a torchvision data set); ``label`` the data set's la
 the sum of the float32 map; ``delta`` the conservation error; ``error_estimate`` the
 map's estimated relative error (``Attribution.error``) and ``reported`` whether it is above
 the trusted bound (the map may be numerically untrustworthy; one warning for the run counts
-them); ``dtype`` the dtype the shard's ``.npy`` stores.
+them); ``dtype`` the dtype the shard's ``.npy`` stores.  A number that is infinite or NaN
+(a float16 model's logit past 65504) is null, and such a map is reported.
 An image that cannot be read appears instead as ``{"shard": k, "index": i, "id": "...",
 "path": ..., "skipped": true, "error": "..."}`` (and a warning names it).
 
@@ -285,9 +286,10 @@ def _attribute_shards(explainer, dataset, todo, out_dir, n, kind, tvalue, labels
                 items.append({"shard": k, "row": len(items), "index": i, "id": item_id(i),
                               "path": path_of(i),
                               "label": labels[i] if labels is not None else None,
-                              "target": t, "logit": z, "relevance_sum": s, "delta": s - z,
-                              "error_estimate": e, "reported": e > bound})
-                reported += e > bound
+                              "target": t, "logit": _json_number(z), "relevance_sum": _json_number(s),
+                              "delta": _json_number(s - z), "error_estimate": _json_number(e),
+                              "reported": not e <= bound})
+                reported += not e <= bound
             r = r.to(torch.float32)
             if dtype == "float16":
                 r16 = r.to(torch.float16)
@@ -438,6 +440,12 @@ def auto_batch_size(explainer, x1: torch.Tensor, per_image: int = 1, limit: int 
             "how": f"measured {per / 2**20:.0f} MiB per image, {free / 2**30:.1f} GiB available, "
                    f"planned to use {AUTO_MEMORY_SHARE:.0%} of it" + (f", at most {limit} (the shard size)"
                                                                     if chosen == limit else "")}
+
+
+def _json_number(v: float) -> float | None:
+    """``v``, or None (JSON null) where it is infinite or NaN (a float16 logit past 65504), which
+    strict JSON cannot write."""
+    return v if math.isfinite(v) else None
 
 
 def _proc_kib(path: str, field: str) -> int:

@@ -216,7 +216,8 @@ class Explainer:
                 self._handles = RemovableHandle.next_id   # (its own tensor hooks are no model's)
         _warn_if_not_finite(relevance, self.method.name)
         _warn_if_untrustworthy(ctx.error, ctx.forward_dtype, self.method.name)
-        return Attribution(relevance, logits.detach(), targets, ctx.layer_sums, ctx.error)
+        error = _output_not_finite(logits.detach(), ctx.error, self.method.name)
+        return Attribution(relevance, logits.detach(), targets, ctx.layer_sums, error)
 
     def _check_input(self, x) -> None:
         if not torch.is_tensor(x):
@@ -262,6 +263,20 @@ def reported_maps_quiet():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", r"method '.*': the map\(s\) of sample\(s\)", RuntimeWarning)
         yield
+
+
+def _output_not_finite(logits: torch.Tensor, error: torch.Tensor, method: str) -> torch.Tensor:
+    """``error``, infinite for the samples whose output has an infinite or NaN entry (a float16
+    logit above 65504): their target (an argmax among infinities) and map mean nothing, and a
+    warning says so.  One host sync."""
+    bad = ~torch.isfinite(logits.flatten(1)).all(dim=1)
+    if not bad.any():
+        return error
+    warnings.warn(f"method {method!r}: the model's output for sample(s) {bad.nonzero()[:, 0].tolist()} is not "
+                  f"finite (inf or NaN) in {str(logits.dtype).removeprefix('torch.')}: its predicted class and "
+                  "its map mean nothing there (Attribution.error is inf); run the model in a wider dtype "
+                  "(model.float() or model.double())", RuntimeWarning, stacklevel=_stacklevel())
+    return torch.where(bad.to(error.device), torch.full_like(error, float("inf")), error)
 
 
 def _warn_if_untrustworthy(error: torch.Tensor, forward_dtype: torch.dtype, method: str) -> None:

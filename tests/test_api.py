@@ -1,5 +1,6 @@
 """Public API behaviour: targets, seeds, batching, diagnostics, and that the user's model
 is never changed."""
+import copy
 import importlib.util
 import subprocess
 import sys
@@ -241,6 +242,27 @@ def test_a_subtraction_without_a_constant_to_subtract_is_refused(forward):
                        match=r"sub \(call_function sub\): a subtraction has a rule only as x - c, with c a parameter, "
                              r"a buffer or a number"):
         relprop.Explainer(Subtracts(), "rap")
+
+
+@pytest.mark.parametrize("method", ["gradcam", "lrp-epsilon", "rap"])
+def test_an_output_that_overflows_is_reported(method):
+    """float16 logits past 65504 are inf: the predicted class is an argmax among infinities
+    (class 0 here, where the float32 model predicts 1) and the map means nothing.  Such a
+    sample's error is inf and a warning names it (Grad-CAM returned it with error 0)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 4)).eval()
+    with torch.no_grad():
+        model[-1].bias.copy_(torch.tensor([7e4, 9e4, 0.0, 0.0]))
+    x = torch.randn(3, 3, 8, 8)
+    x[2] = 0                                      # only the bias: still 7e4 / 9e4
+    with pytest.warns(RuntimeWarning, match=r"the model's output for sample\(s\) \[0, 1, 2\] is not finite \(inf "
+                                            r"or NaN\) in float16: its predicted class and its map mean nothing"):
+        att = relprop.Explainer(copy.deepcopy(model).half(), method).attribute(x.half())
+    assert torch.isinf(att.error).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)   # float32: finite, nothing to say
+        assert torch.isfinite(relprop.Explainer(model.float(), "gradcam").attribute(x).error).all()
 
 
 def test_training_mode_explains_with_inference_semantics(golden_models):

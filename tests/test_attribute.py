@@ -287,6 +287,25 @@ def test_float16_storage(data, tmp_path):
         assert np.array_equal(y, x.astype(np.float16))            # the float32 maps, rounded
 
 
+def test_an_infinite_output_is_null_in_the_index_and_reported(data, tmp_path):
+    """A logit that overflows (inf) makes the item's numbers null in the index, which stays
+    strict JSON (Python wrote ``Infinity``), and the item reported."""
+    model = tiny_model()
+    with torch.no_grad():
+        model[-1][-1].bias[1] = float("inf")   # every image's class 1 logit
+    with pytest.warns(RuntimeWarning):
+        attribute_dataset(model, _dataset(data), "gradcam", out_dir=tmp_path / "out", progress=False, batch_size=3,
+                          shard_size=4, targets=[1])
+    def refuse(name):
+        raise AssertionError(f"{name} in index.jsonl")
+    with open(tmp_path / "out" / "index.jsonl") as f:
+        items = [json.loads(line, parse_constant=refuse) for line in f]
+    assert len(items) == 10
+    for item in items:
+        assert item["logit"] is None and item["delta"] is None and item["error_estimate"] is None
+        assert item["reported"] is True
+
+
 def test_corrupt_image_is_reported_and_skipped(data, tmp_path):
     (data / "a" / "broken.png").write_bytes(b"\x89PNG not really")
     with pytest.warns(UserWarning, match="broken.png"):
