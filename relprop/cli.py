@@ -133,7 +133,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    """Entry point of the ``relprop`` console script; returns the exit status."""
+    """Entry point of the ``relprop`` console script; returns the exit status.  A reader that
+    closes standard output early (``relprop methods | head -1``) ends the command quietly with
+    141, a shell's status for SIGPIPE, as git and coreutils do, instead of a traceback."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        try:   # Python flushes stdout at exit: point it at nothing, so that raises no second error
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 141
+
+
+def _main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -702,6 +716,7 @@ def _explain(args) -> int:
                           f"untrustworthy (estimated relative error up to ~{att.error.max().item():.0e}; README, "
                           "Numerics)", RuntimeWarning, stacklevel=2)
         results.append((path, xi, att))
+    lines = []
     for (path, xi, att), stem in zip(results, _output_stems(paths)):
         rgb = viz.image_to_rgb(xi[0], pre.mean, pre.std)
         for r, t in zip(att.relevance, att.target.tolist()):
@@ -717,8 +732,10 @@ def _explain(args) -> int:
                 except OSError as e:
                     print(f"relprop explain: error: cannot write {out}: {e.strerror or e}", file=sys.stderr)
                     return 1
-            print(f"{path}: class {t} (logit {att.logits[0, t].item():.3f}) -> "
-                  f"{os.path.join(args.out, f'{stem}-{t}-heatmap.png')}, -overlay.png")
+            lines.append(f"{path}: class {t} (logit {att.logits[0, t].item():.3f}) -> "
+                         f"{os.path.join(args.out, f'{stem}-{t}-heatmap.png')}, -overlay.png")
+    for line in lines:     # once every file is written: a reader gone early cannot stop the writing
+        print(line)
     return 0
 
 

@@ -1,5 +1,6 @@
 """The ``relprop`` command line and the synthetic-shapes demo behind ``relprop demo``."""
 import json
+import os
 import subprocess
 import sys
 
@@ -234,6 +235,21 @@ def test_attribute_blames_the_model_for_unsupported_operations(tmp_path, monkeyp
     assert exit_info.value.code == 2
     assert "relprop attribute: error: --model odd_net2:build: relprop has no relevance rule" in err, err
     assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", [["methods"], ["backends"]])
+def test_a_reader_that_closes_early_ends_the_command_quietly(command):
+    """``relprop methods | head -1``: standard output closed before the command writes is
+    exit 141 (a shell's SIGPIPE status) without a traceback (was a BrokenPipeError, exit 1)."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run([sys.executable, "-m", "relprop.cli", *command], stdout=write, stderr=subprocess.PIPE,
+                              text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert done.returncode == 141, done.stderr
+    assert done.stderr == ""
 
 
 def test_a_text_parameter_keeps_the_text_as_typed():
