@@ -204,7 +204,7 @@ def attribute_dataset(model: torch.nn.Module, dataset, method: str = "rap", meth
                 raise ValueError(f"the method parameters and settings must be JSON values (numbers, strings, "
                                  f"lists...): {e}") from None
             digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-            _check_settings(out_dir, settings)
+            replace_record = _check_settings(out_dir, settings)
             first, classes = _validate(explainer, dataset, method, method_params, targets, kind, tvalue, labels,
                                        device)
             per_image = tvalue if kind == "topk" else len(tvalue) if kind == "list" else 1
@@ -218,8 +218,8 @@ def attribute_dataset(model: torch.nn.Module, dataset, method: str = "rap", meth
         with ranks.step():
             if rank == 0:
                 _prepare_folder(out_dir)
-                if not os.path.exists(os.path.join(out_dir, "run.json")):   # the batch size is not a setting:
-                    record = dict(settings, batch_size=batch)               # a resume may use another
+                if replace_record or not os.path.exists(os.path.join(out_dir, "run.json")):   # the batch size is
+                    record = dict(settings, batch_size=batch)               # not a setting: a resume may use another
                     _write_atomic(os.path.join(out_dir, "run.json"), json.dumps(record, indent=2).encode())
 
         n_shards = math.ceil(n / shard_size)
@@ -626,13 +626,16 @@ def _unfinished(out_dir, shards, shard_size: int, n: int, digest: str) -> list:
     return todo
 
 
-def _check_settings(out_dir, settings: dict) -> None:
+def _check_settings(out_dir, settings: dict) -> bool:
+    """Whether ``out_dir`` may take a run of ``settings``: refused (ValueError) where it holds
+    finished shards of other settings.  True where its ``run.json`` is another run's that
+    finished nothing (it failed or was stopped before its first shard): it is replaced."""
     path = os.path.join(out_dir, "run.json")
     try:
         with open(path, "rb") as f:
             raw = f.read()
     except FileNotFoundError:
-        return
+        return False
     except OSError as e:
         raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
     try:
@@ -644,10 +647,23 @@ def _check_settings(out_dir, settings: dict) -> None:
         raise ValueError(f"{path} {what}: delete it and run the command again (the finished shards made with the "
                          "same settings are kept, the others are computed again)") from None
     old.pop("batch_size", None)   # recorded for the reader, not a setting (see attribute_dataset)
+    if old != settings and not _holds_results(out_dir):
+        return True
     if old != settings:
         diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
         raise ValueError(f"{out_dir!r} holds a run with different settings ({', '.join(diff)} differ; "
                          f"see {path}); use another output folder, or the same settings to resume")
+    return False
+
+
+def _holds_results(out_dir) -> bool:
+    """A finished shard (its ``.json`` is written last) or an index in ``out_dir``."""
+    if os.path.exists(os.path.join(out_dir, "index.jsonl")):
+        return True
+    try:
+        return any(re.fullmatch(r"shard-\d+\.json", f) for f in os.listdir(os.path.join(out_dir, "shards")))
+    except FileNotFoundError:
+        return False
 
 
 # --------------------------------------------------------------------------- files

@@ -354,6 +354,36 @@ def test_killed_run_resumes_without_recomputing_finished_shards(data, tmp_path, 
         assert np.array_equal(a, b)
 
 
+def test_a_run_that_finished_no_shard_does_not_block_its_folder(data, tmp_path, monkeypatch):
+    """A run stopped before its first shard was finished (an error at the first batch, a kill)
+    leaves only its run.json: the corrected command, with other settings, takes the folder
+    over (it was refused as "a run with different settings"), and the result is that of a
+    fresh folder."""
+    calls, orig = [], relprop.Explainer.attribute
+
+    def fails_after_validation(self, *a, **k):
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("stopped")
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(relprop.Explainer, "attribute", fails_after_validation)
+    with pytest.raises(RuntimeError, match="stopped"):
+        _run(data, tmp_path / "out", method="lrp-epsilon")
+    assert (tmp_path / "out" / "run.json").exists() and not _index_exists(tmp_path / "out")
+    monkeypatch.setattr(relprop.Explainer, "attribute", orig)
+    _run(data, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["method"] == "rap"
+    _run(data, tmp_path / "fresh")
+    assert _index(tmp_path / "out") == _index(tmp_path / "fresh")
+    with pytest.raises(ValueError, match="different settings"):   # now it holds shards
+        _run(data, tmp_path / "out", method="lrp-epsilon")
+
+
+def _index_exists(out):
+    return (out / "index.jsonl").exists() or any((out / "shards").glob("shard-*.json"))
+
+
 def test_resume_with_other_settings_is_refused(data, tmp_path):
     _run(data, tmp_path / "out")
     for change in ({"method": "lrp-epsilon"}, {"shard_size": 5}, {"targets": "topk:2"}, {"dtype": "float16"}):
