@@ -261,7 +261,7 @@ def test_dict_output_entry_and_output_key():
     two = TwoHeads()
     with pytest.raises(relprop.UnsupportedModelError, match=re.escape(
             "the model returns a dict with keys ['seg', 'edges']; relprop explains one tensor entry: pass "
-            "output_key= to choose the entry to explain")):
+            "output_key= (relprop.Explainer, relprop.explain) to choose the entry to explain")):
         relprop.Explainer(two, "rap")
     with pytest.raises(relprop.UnsupportedModelError, match=re.escape(
             "the model returns a dict with keys ['seg', 'edges']; relprop explains one tensor entry: "
