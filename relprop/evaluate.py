@@ -284,6 +284,7 @@ def evaluate_source(src: Source, methods: list[str], batch_size: int, perturb_im
         correct = sum((src.model(b["x"]).argmax(1) == b["target"]).sum().item() for b in batches)
     grid = {"images": [viz.image_to_rgb(x, src.mean, src.std) for x in items["x"][:grid_images]],
             "outlines": list(items["mask"][:grid_images]), "maps": {}, "accuracy": correct / src.count}
+    _check_methods_run(src, methods, batches[0])
     rows = []
     for method in methods:
         with reported_maps_quiet():   # the "maps reported" column counts them instead of a warning per batch
@@ -291,6 +292,26 @@ def evaluate_source(src: Source, methods: list[str], batch_size: int, perturb_im
                                          resamples))
         grid["maps"][method] = list(rows[-1].pop("heat")[:grid_images])
     return rows, grid
+
+
+def _check_methods_run(src: Source, methods: list[str], batch: dict) -> None:
+    """Each method on the first item, before any is scored: one that cannot explain the model
+    (Captum's LRP has no rule for a Flatten) is a ValueError naming it, not a traceback after
+    the other methods' work."""
+    x, target = batch["x"][:1], batch["target"][:1]
+    for method in methods:
+        try:
+            with reported_maps_quiet():
+                if external.is_external(method):
+                    external.explain_function(method)(src.model, x, target)
+                else:
+                    Explainer(src.model, method).attribute(x, target)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure means the method cannot run here
+            text = str(e).strip().splitlines()
+            raise ValueError(f"method {method!r} cannot explain the model {src.name}: {type(e).__name__}"
+                             + (f": {text[0]}" if text else "")) from e
 
 
 def _evaluate_method(src: Source, method: str, batches: list, items: dict, perturb_images: int, sanity_images: int,

@@ -95,3 +95,21 @@ def test_evaluate_scores_an_external_method(tmp_path):
         assert theirs[key] == pytest.approx(ours[key], abs=1e-5), key
     line, = [l for l in (out / "metrics.md").read_text().splitlines() if l.startswith("| captum:InputXGradient")]
     assert line.rstrip().endswith("| n/a |")
+
+
+def test_an_external_method_that_cannot_explain_the_model_fails_before_any_work(tmp_path, capsys, monkeypatch):
+    """Captum's LRP has no rule for a Flatten: one line naming the method and the model,
+    exit 2, before any method is scored (it was a traceback after rap's work)."""
+    pytest.importorskip("captum")
+    from relprop import cli
+    scored = []
+    orig = evaluate._evaluate_method
+    monkeypatch.setattr(evaluate, "_evaluate_method", lambda *a, **k: scored.append(a[1]) or orig(*a, **k))
+    out = tmp_path / "report"
+    assert cli.main(["evaluate", "--model", "shapes-vgg", "--images", "2", "--methods", "rap,captum:LRP",
+                     "--out", str(out), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        "relprop evaluate: error: method 'captum:LRP' cannot explain the model shapes-vgg: TypeError: Module of type "
+        "<class 'torch.nn.modules.flatten.Flatten'> has no rule"), err
+    assert scored == [] and not out.exists() and list(tmp_path.iterdir()) == []
