@@ -625,3 +625,27 @@ def test_maps_with_nan_or_inf_are_refused_naming_the_samples():
     with pytest.raises(ValueError, match=r"maps of sample\(s\) \[1, 2\] contain NaN or Inf"):
         M.spearman(h, torch.rand(3, 16, 16))
     assert M.pointing_game(h[:1], mask[:1]).shape == (1,)          # the finite map is scored
+
+
+def test_an_empty_batch_is_refused_by_every_map_metric():
+    maps, masks = torch.zeros(0, 8, 8), torch.zeros(0, 8, 8, dtype=torch.bool)
+    for metric in (M.pointing_game, M.relevance_mass_accuracy, M.outside_inside_ratio, M.segmentation_scores):
+        with pytest.raises(ValueError, match=re.escape("empty batch: heat maps have shape (0, 8, 8)")):
+            metric(maps, masks)
+
+
+@pytest.mark.parametrize("tolerance", [-5, float("nan"), float("inf"), True, "15", None])
+def test_pointing_game_refuses_a_tolerance_that_is_not_a_distance(tolerance):
+    """-5 acted as +5 (it is squared) and NaN as 0."""
+    mask = torch.zeros(1, 16, 16, dtype=torch.bool)
+    mask[0, 4:8, 4:8] = True
+    with pytest.raises(ValueError, match=re.escape(f"tolerance must be a number of pixels >= 0, got {tolerance!r}")):
+        M.pointing_game(torch.rand(1, 16, 16), mask, tolerance=tolerance)
+
+
+def test_pointing_game_accuracy_refuses_hits_that_are_not_hits():
+    """Hits of 2.0 and 0.5 gave a per-class "hit rate" of 1.25."""
+    with pytest.raises(ValueError, match=r"hits must be bool \(or 0/1\)"):
+        M.pointing_game_accuracy(torch.tensor([2.0, 0.5]), torch.tensor([0, 0]), 1)
+    got = M.pointing_game_accuracy(torch.tensor([1.0, 0.0]), torch.tensor([0, 0]), 1)
+    assert got["mean"] == 0.5

@@ -9,6 +9,7 @@ heat maps' device (no per-image Python loop).
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -83,6 +84,8 @@ def _check_maps(heatmaps: torch.Tensor) -> torch.Tensor:
     if not torch.is_tensor(heatmaps) or heatmaps.ndim != 3:
         raise ValueError("heat maps must be a (B, H, W) tensor (sum relevance over channels first), got "
                          f"{tuple(heatmaps.shape) if torch.is_tensor(heatmaps) else type(heatmaps).__name__}")
+    if heatmaps.shape[0] == 0:
+        raise ValueError(f"empty batch: heat maps have shape {tuple(heatmaps.shape)}")
     if not heatmaps.is_floating_point():
         heatmaps = heatmaps.float()
     return check_finite(heatmaps)
@@ -149,6 +152,9 @@ def pointing_game(heatmaps: torch.Tensor, masks, tolerance: float = TORCHRAY_TOL
     :func:`max_abs_channels` for the gradient baselines) is the caller's.
     """
     heatmaps = _check_maps(heatmaps)
+    number = isinstance(tolerance, numbers.Real) or (torch.is_tensor(tolerance) and tolerance.numel() == 1)
+    if isinstance(tolerance, bool) or not number or not 0 <= float(tolerance) < math.inf:
+        raise ValueError(f"tolerance must be a number of pixels >= 0, got {tolerance!r}")
     gt = as_tensor(masks)
     if size is not None and not (torch.is_tensor(gt) and gt.ndim == 3):
         h, w = (int(v) for v in size)
@@ -189,6 +195,8 @@ def pointing_game_accuracy(hits: torch.Tensor, classes: torch.Tensor, num_classe
     N = 0).
     """
     hits = torch.as_tensor(hits).reshape(-1)
+    if hits.dtype != torch.bool and hits.numel() and not bool(((hits == 0) | (hits == 1)).all()):
+        raise ValueError("hits must be bool (or 0/1): one per image and class, hit or miss")
     classes = torch.as_tensor(classes, device=hits.device).reshape(-1).long()
     if hits.shape != classes.shape:
         raise ValueError(f"{hits.numel()} hits but {classes.numel()} classes")
