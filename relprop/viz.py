@@ -50,14 +50,22 @@ def to_rgb(heatmap) -> np.ndarray:
     Values are divided by the map's largest absolute value, so ``+max|R|`` is pure red
     (255, 0, 0), ``-max|R|`` pure blue (0, 0, 255) and 0 white; a value and its negative
     get mirrored colours (red and blue channels swapped).  An all-zero map is all white;
-    NaN counts as 0.
+    NaN counts as 0.  Where the map has infinite values, those are the largest: ``+inf`` is
+    pure red, ``-inf`` pure blue and every finite value white.  A complex map is an error.
     """
+    if (heatmap.is_complex() if hasattr(heatmap, "is_complex") else np.iscomplexobj(heatmap)):
+        raise TypeError("heatmap must be real, got a complex map")
     r = heatmap.detach().cpu().double().numpy() if hasattr(heatmap, "detach") else np.asarray(heatmap, dtype=float)
     if r.ndim != 2:
         raise ValueError(f"heatmap must be 2-D (H, W), got shape {r.shape}")
-    r = np.nan_to_num(r, nan=0.0, posinf=0.0, neginf=0.0)
-    scale = np.abs(r).max() if r.size else 0.0
-    v = r / scale if scale > 0 else np.zeros_like(r)
+    infinite = np.isinf(r)
+    if infinite.any():
+        v = np.where(infinite, np.sign(r), 0.0)
+    else:
+        r = np.nan_to_num(r, nan=0.0)
+        scale = np.abs(r).max() if r.size else 0.0
+        v = r / scale if scale > 0 else np.zeros_like(r)
+    v = np.nan_to_num(v, nan=0.0)
     return _bwr()((v + 1.0) / 2.0, bytes=True)[..., :3]
 
 

@@ -53,6 +53,15 @@ def test_to_rgb_degenerate_maps():
         viz.to_rgb(np.zeros((1, 3, 4)))
 
 
+def test_to_rgb_infinite_values_are_the_extremes():
+    """+inf (the most relevant pixel) was drawn white, as 0."""
+    for heat in (np.array([[np.inf, 1.0, -1.0, -np.inf, np.nan]]),
+                 torch.tensor([[float("inf"), 1.0, -1.0, float("-inf"), float("nan")]])):
+        assert [tuple(p) for p in viz.to_rgb(heat)[0]] == [RED, WHITE, WHITE, BLUE, WHITE]
+    with pytest.raises(TypeError, match="heatmap must be real, got a complex map"):
+        viz.to_rgb(np.ones((2, 2), dtype=complex))
+
+
 def test_image_to_rgb_undoes_normalisation():
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     pixels = torch.randint(0, 256, (3, 5, 7), generator=torch.Generator().manual_seed(1)).float()
