@@ -198,8 +198,9 @@ class SegmentationTarget:
 
     ``category``: an int class index, or one per sample (sequence / tensor of B).  ``mask``:
     ``(H, W)`` (the same region for every sample) or ``(B, H, W)``, boolean (the region) or
-    float (per-pixel weights, e.g. a soft region), a tensor or a NumPy array; None: the
-    whole map.  The explained score of sample ``b`` is ``sum_hw output[b, category[b]] *
+    float (per-pixel weights, e.g. a soft region), a tensor or a NumPy array; an integer mask
+    (a 0/255 PNG read as uint8) is the region of its non-zero pixels, as relprop.metrics
+    reads one; None: the whole map.  The explained score of sample ``b`` is ``sum_hw output[b, category[b]] *
     mask[b]``, the output weights are ``mask`` on the target class and 0 elsewhere, and the
     LRP family starts from ``output * weights`` (as ``logits * onehot`` for a classifier).
 
@@ -234,6 +235,8 @@ class SegmentationTarget:
                 raise TypeError(f"SegmentationTarget: mask must be boolean or real, got {m.dtype}")
             if m.is_floating_point() and not torch.isfinite(m).all():
                 raise ValueError("SegmentationTarget: mask contains NaN or Inf")
+            if not (m.is_floating_point() or m.dtype == torch.bool):
+                m = m != 0     # not weights of 255
             mask = m
         self.mask = mask
 

@@ -222,7 +222,8 @@ def test_batch_equals_single_samples(models, method):
 def test_target_forms_agree():
     """SegmentationTarget, the tuple (category, mask), a (B, C, H, W) mask, a callable on the
     output and pytorch-grad-cam style per-sample callables give the same map; an int is
-    its class over the whole map."""
+    its class over the whole map; an integer mask is its non-zero region (a uint8 0/255 mask
+    was weights of 255)."""
     model = _dense_net()
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
     mask = torch.rand(2, 16, 16, dtype=torch.float64) > 0.6
@@ -231,7 +232,9 @@ def test_target_forms_agree():
     full = torch.zeros(2, CLASSES, 16, 16, dtype=torch.bool)
     full[:, 2] = mask
     per_sample = [SegmentationTarget(2, mask[b]) for b in range(2)]    # called with (C, H, W)
-    for target in ((2, mask), (2, mask.numpy()), full, full.double(), SegmentationTarget(2, mask),
+    png = mask.to(torch.uint8) * 255                                   # a 0/255 mask read from a PNG: a region
+    for target in ((2, mask), (2, mask.numpy()), (2, png), (2, png.numpy()), full, full.double(),
+                   SegmentationTarget(2, mask),
                    lambda out: (out[:, 2] * mask).sum((1, 2)), per_sample, (torch.tensor(2), mask)):
         torch.testing.assert_close(explainer(x, target), ref)
     whole = explainer(x, 1)
