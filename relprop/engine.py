@@ -552,7 +552,8 @@ class Context:
                 err, ref = err.view(n, -1).norm(dim=1), ref.view(n, -1).norm(dim=1)
             else:
                 err, ref = err.norm().expand(n), ref.norm().expand(n)
-        step = amplification(err, ref)
+        # no error is no error, also on a relevance of 0 (a zero seed), where the quotient is 1
+        step = torch.where(err > 0, amplification(err, ref), 0.0)
         target += step
         if self._step is not None:   # a walk carrying its errors: the step's own, passed on
             self._step.append((rows, step))

@@ -945,3 +945,16 @@ def test_warnings_point_at_the_callers_line(monkeypatch):
             entry()
         assert [(x.category, x.filename) for x in w] == [(RuntimeWarning, __file__)]
         assert "gave NaN or Inf relevance" in str(w[0].message)
+
+
+@pytest.mark.parametrize("method", [m for m in ALL_METHODS if m not in ("sglrp", "clrp")])
+def test_a_zero_seed_gives_a_zero_map_without_a_report(method):
+    """initial_relevance of zeros: the map is 0 and so is its error (a step's error of 0 on a
+    relevance of 0 counted as a relative error of 1: "may be off by up to ~2e+00")."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        att = relprop.Explainer(model, method).attribute(torch.randn(2, 3, 16, 16), initial_relevance=torch.zeros(2, 4))
+    assert (att.relevance == 0).all() and (att.error == 0).all()
