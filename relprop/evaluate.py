@@ -597,6 +597,8 @@ def command(args, parser) -> int:
         torch.set_num_threads(args.threads or 1)
     settings = {k: getattr(args, k) for k in ("model", "weights", "images", "full", "voc", "coco", "images_dir",
                                               "batch_size", "split")}
+    if not (args.voc or args.coco):     # what ran, not what was typed: the defaults filled in
+        settings.update(split=args.split or "test", images=images)
     try:
         results = run(sources, methods, args.out, batch_size=args.batch_size, perturb_images=perturb,
                       sanity_images=sanity, seed=args.seed, show_progress=not args.quiet, settings=settings)

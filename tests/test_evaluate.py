@@ -67,6 +67,7 @@ def test_report_files(report):
     data = _strict_json(report / "metrics.json")
     res = data["models"]["shapes-vgg"]
     assert res["items"] == 10 and 0 <= res["accuracy"] <= 1
+    assert data["settings"]["split"] == res["split"] == "test"      # the default that ran (was null)
     _check_rows(res["rows"], ["rap", "gradient"])
     table = [line for line in (report / "metrics.md").read_text().splitlines() if line.startswith("| ")]
     assert [line.split("|")[1].strip() for line in table[1:]] == ["rap", "gradient"]
