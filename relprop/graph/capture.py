@@ -173,7 +173,7 @@ class _ModuleState:
     are: the trace runs the forward's Python on proxies, which may assign to the model
     (``self.feats = h`` leaves a Proxy; ``self.count = self.count + 1`` a proxy buffer) and sets
     train flags; :meth:`restore` puts back what was there, so capturing never writes the model.
-    (A write into a tensor's values is refused instead: :func:`_writes_to_model`.)"""
+    (A write into a tensor's values is refused instead: :func:`_refuse_writes_to_model`.)"""
 
     def __init__(self, model: nn.Module):
         self.saved = [(m, dict(vars(m)), {k: dict(getattr(m, k)) for k in _MODULE_TABLES})
@@ -537,7 +537,7 @@ def _resolve_helpers(nodes: list[Node]) -> None:
                 and (n.kind == ADD or isinstance(n.args[0], Ref)):
             n.kind = OFFSET     # x + 0.5, 0.5 + x, x - 0.5: a bias
         elif n.kind == ADD and len(n.parents) != 2:
-            n.kind = None
+            n.kind, n.why = None, "adds to the signal something that is neither a model tensor nor a number"
         elif n.kind == GETITEM:
             n.kind, n.why = _getitem_kind(n, nodes)
             if n.kind == PIECE:
@@ -584,9 +584,10 @@ _VIEWS = (RESHAPE, PERMUTE, EXPAND, PASS, GETITEM, SPLIT)
 
 
 def _refuse_writes_to_model(nodes: list[Node]) -> None:
-    """An in-place call into a parameter or buffer (``self.count += 1``, ``self.buf[0] = x``,
+    """An in-place call into a parameter or buffer (``self.count.add_(1)``,
     ``self.buf.copy_(x)``), or into a view of one, would write the model at every relprop
-    forward: refused with the tensor's name, since relprop reads the model and never writes
+    forward (``self.count += 1`` is traced as an add and an assignment, which the capture
+    undoes: :class:`_ModuleState`): refused with the tensor's name, since relprop reads the model and never writes
     it (and a forward that updates state is not one function of its input to explain)."""
     for n in nodes:
         if n.op not in ("call_function", "call_method") or not _in_place(n) or not n.args:
