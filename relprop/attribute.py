@@ -647,13 +647,13 @@ def _check_settings(out_dir, settings: dict) -> bool:
         raise ValueError(f"{path} {what}: delete it and run the command again (the finished shards made with the "
                          "same settings are kept, the others are computed again)") from None
     old.pop("batch_size", None)   # recorded for the reader, not a setting (see attribute_dataset)
-    if old != settings and not _holds_results(out_dir):
+    if old == settings:
+        return False
+    if not _holds_results(out_dir):
         return True
-    if old != settings:
-        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-        raise ValueError(f"{out_dir!r} holds a run with different settings ({', '.join(diff)} differ; "
-                         f"see {path}); use another output folder, or the same settings to resume")
-    return False
+    diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+    raise ValueError(f"{out_dir!r} holds a run with different settings ({', '.join(diff)} differ; "
+                     f"see {path}); use another output folder, or the same settings to resume")
 
 
 def _holds_results(out_dir) -> bool:

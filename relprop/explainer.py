@@ -215,8 +215,10 @@ class Explainer:
                 decisions.close()
                 self._handles = RemovableHandle.next_id   # (its own tensor hooks are no model's)
         _warn_if_not_finite(relevance, self.method.name)
-        _warn_if_untrustworthy(ctx.error, ctx.forward_dtype, self.method.name)
-        error = _output_not_finite(logits.detach(), ctx.error, self.method.name)
+        # a sample whose output is not finite (a float16 logit past 65504) has an infinite error
+        output_not_finite = ~torch.isfinite(logits.detach().flatten(1)).all(dim=1)
+        error = ctx.error.masked_fill(output_not_finite.to(ctx.error.device), float("inf"))
+        _warn_if_untrustworthy(error, ctx.forward_dtype, self.method.name, output_not_finite)
         return Attribution(relevance, logits.detach(), targets, ctx.layer_sums, error)
 
     def _check_input(self, x) -> None:
@@ -265,37 +267,37 @@ def reported_maps_quiet():
         yield
 
 
-def _output_not_finite(logits: torch.Tensor, error: torch.Tensor, method: str) -> torch.Tensor:
-    """``error``, infinite for the samples whose output has an infinite or NaN entry (a float16
-    logit above 65504): their target (an argmax among infinities) and map mean nothing, and a
-    warning says so.  One host sync."""
-    bad = ~torch.isfinite(logits.flatten(1)).all(dim=1)
-    if not bad.any():
-        return error
-    warnings.warn(f"method {method!r}: the model's output for sample(s) {bad.nonzero()[:, 0].tolist()} is not "
-                  f"finite (inf or NaN) in {str(logits.dtype).removeprefix('torch.')}: its predicted class and "
-                  "its map mean nothing there (Attribution.error is inf); run the model in a wider dtype "
-                  "(model.float() or model.double())", RuntimeWarning, stacklevel=_stacklevel())
-    return torch.where(bad.to(error.device), torch.full_like(error, float("inf")), error)
-
-
-def _warn_if_untrustworthy(error: torch.Tensor, forward_dtype: torch.dtype, method: str) -> None:
+def _warn_if_untrustworthy(error: torch.Tensor, forward_dtype: torch.dtype, method: str,
+                           output_not_finite: torch.Tensor | None = None) -> None:
     """Say which maps may be numerically wrong: the per-sample error estimate the rules
     accumulated (ill-conditioned residual splits, contrastive differences) above
-    :func:`trusted_error`.  One host sync per call."""
+    :func:`trusted_error`, and apart from them the samples whose model output is not finite
+    (``output_not_finite``, (B,) bool; their error is inf).  One host sync per call."""
     bad = error > trusted_error(forward_dtype)
-    if bad.any():
-        worst = error.max().item()
-        warnings.warn(f"method {method!r}: the map(s) of sample(s) {bad.nonzero()[:, 0].tolist()} of this "
-                      f"{str(forward_dtype).removeprefix('torch.')} model may be off by up to ~{worst:.0e} (relative "
-                      "L2): an ill-conditioned step (a residual add whose branches nearly cancel, a contrastive "
-                      "difference of nearly equal maps, an epsilon-rule division by a value near epsilon, a max-pool "
-                      "window with two near-equal largest entries, an input within rounding of 0 where the rule "
-                      "or a ReLU's gradient treats 0 apart, or subnormal attention weights) amplifies rounding "
-                      "errors of the forward pass; the float64 model (model.double()) reduces them, but at a "
-                      "near-tie, a value near 0 or a division near epsilon the map itself is unstable in any "
-                      "precision (README, Numerics)",
+    if not bad.any():
+        return
+    dtype = str(forward_dtype).removeprefix("torch.")
+    if output_not_finite is not None and output_not_finite.any():
+        output_not_finite = output_not_finite.to(bad.device)
+        samples = output_not_finite.nonzero()[:, 0].tolist()
+        warnings.warn(f"method {method!r}: the model's output for sample(s) {samples} is not finite (inf or NaN) in "
+                      f"{dtype}: its predicted class and its map mean nothing there (Attribution.error is inf); run "
+                      "the model in a wider dtype (model.float() or model.double())",
                       RuntimeWarning, stacklevel=_stacklevel())
+        bad &= ~output_not_finite
+        if not bad.any():
+            return
+    worst = error[bad].max().item()
+    warnings.warn(f"method {method!r}: the map(s) of sample(s) {bad.nonzero()[:, 0].tolist()} of this "
+                  f"{dtype} model may be off by up to ~{worst:.0e} (relative "
+                  "L2): an ill-conditioned step (a residual add whose branches nearly cancel, a contrastive "
+                  "difference of nearly equal maps, an epsilon-rule division by a value near epsilon, a max-pool "
+                  "window with two near-equal largest entries, an input within rounding of 0 where the rule "
+                  "or a ReLU's gradient treats 0 apart, or subnormal attention weights) amplifies rounding "
+                  "errors of the forward pass; the float64 model (model.double()) reduces them, but at a "
+                  "near-tie, a value near 0 or a division near epsilon the map itself is unstable in any "
+                  "precision (README, Numerics)",
+                  RuntimeWarning, stacklevel=_stacklevel())
 
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep

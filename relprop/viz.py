@@ -65,7 +65,6 @@ def to_rgb(heatmap) -> np.ndarray:
         r = np.nan_to_num(r, nan=0.0)
         scale = np.abs(r).max() if r.size else 0.0
         v = r / scale if scale > 0 else np.zeros_like(r)
-    v = np.nan_to_num(v, nan=0.0)
     return _bwr()((v + 1.0) / 2.0, bytes=True)[..., :3]
 
 

@@ -206,18 +206,22 @@ def test_torchvision_normalize_in_front_of_the_model(method):
     torch.testing.assert_close(got64.float(), want, rtol=1e-4, atol=1e-6)
 
 
+class Centred(nn.Module):
+    """``fc(centre(self, x).mean((2, 3)))`` with a buffer named ``mean``."""
+
+    def __init__(self, centre=lambda self, x: x - self.mean):
+        super().__init__()
+        self.centre = centre
+        self.register_buffer("mean", torch.full((1, 3, 1, 1), 0.5))
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.fc(self.centre(self, x).mean((2, 3)))
+
+
 def test_a_buffer_named_mean_is_not_a_mean():
     """The model's own buffer ``mean`` (fx: ``get_attr mean``) was taken for ``x.mean()`` over
     the batch and refused."""
-    class Centred(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.register_buffer("mean", torch.full((1, 3, 1, 1), 0.5))
-            self.fc = nn.Linear(3, 2)
-
-        def forward(self, x):
-            return self.fc((x - self.mean).mean((2, 3)))
-
     torch.manual_seed(0)
     model, x = Centred().eval(), torch.rand(2, 3, 4, 4)
     got = relprop.explain(model, x, method="gradient-x-input", target=1)
@@ -226,22 +230,13 @@ def test_a_buffer_named_mean_is_not_a_mean():
     torch.testing.assert_close(got, xr.grad * x)
 
 
-@pytest.mark.parametrize("forward", [lambda self, x: self.mean - x, lambda self, x: x - x.flip(3),
-                                     lambda self, x: 1.0 - x])
-def test_a_subtraction_without_a_constant_to_subtract_is_refused(forward):
-    class Subtracts(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.register_buffer("mean", torch.full((1, 3, 1, 1), 0.5))
-            self.fc = nn.Linear(3, 2)
-
-        def forward(self, x):
-            return self.fc(forward(self, x).mean((2, 3)))
-
+@pytest.mark.parametrize("centre", [lambda self, x: self.mean - x, lambda self, x: x - x.flip(3),
+                                    lambda self, x: 1.0 - x])
+def test_a_subtraction_without_a_constant_to_subtract_is_refused(centre):
     with pytest.raises(relprop.UnsupportedModelError,
                        match=r"sub \(call_function sub\): a subtraction has a rule only as x - c, with c a parameter, "
                              r"a buffer or a number"):
-        relprop.Explainer(Subtracts(), "rap")
+        relprop.Explainer(Centred(centre), "rap")
 
 
 @pytest.mark.parametrize("method", ["gradcam", "lrp-epsilon", "rap"])

@@ -176,21 +176,21 @@ class _ModuleState:
     (A write into a tensor's values is refused instead: :func:`_refuse_writes_to_model`.)"""
 
     def __init__(self, model: nn.Module):
+        self.root = model
         self.saved = [(m, dict(vars(m)), {k: dict(getattr(m, k)) for k in _MODULE_TABLES})
                       for m in model.modules()]
         self.by_module = {id(m): (attrs, tables) for m, attrs, tables in self.saved}
-        self.saved_modules = {id(m): tables["_modules"] for m, _, tables in self.saved}
 
     def had(self, target: str) -> bool:
         """Whether the attribute path ``target`` (``a.b.c``) existed before the trace."""
         *path, name = target.split(".")
-        m = self.saved[0][0]
+        entry = self.by_module[id(self.root)]
         for part in path:
-            m = self.saved_modules.get(id(m), {}).get(part)
-            if m is None:
+            m = entry[1]["_modules"].get(part)
+            if m is None or id(m) not in self.by_module:
                 return False
-        entry = self.by_module.get(id(m))
-        return entry is not None and any(name in d for d in (entry[0], *entry[1].values()))
+            entry = self.by_module[id(m)]
+        return any(name in d for d in (entry[0], *entry[1].values()))
 
     def restore(self) -> None:
         for m, attrs, tables in self.saved:

@@ -77,7 +77,8 @@ FUNCTION_KINDS = {
     torch._C._nn.avg_pool2d: AVGPOOL, F.adaptive_avg_pool2d: ADAPTIVE_AVGPOOL, torch.mean: ADAPTIVE_AVGPOOL,
     F.interpolate: UPSAMPLE,
     torch.flatten: RESHAPE, torch.reshape: RESHAPE, operator.add: ADD, operator.iadd: ADD,
-    torch.add: ADD, torch.sub: SUBTRACT, torch.cat: CAT, torch.concat: CAT, getattr: HELPER, operator.getitem: GETITEM,
+    torch.add: ADD, torch.sub: SUBTRACT, torch.cat: CAT, torch.concat: CAT, getattr: HELPER,
+    operator.getitem: GETITEM,
     torch.split: SPLIT, torch.chunk: SPLIT, torch.transpose: PERMUTE, torch.permute: PERMUTE, torch._assert: SIZE_OP,
     operator.eq: SIZE_OP, operator.ne: SIZE_OP, operator.lt: SIZE_OP, operator.le: SIZE_OP, operator.gt: SIZE_OP,
     operator.ge: SIZE_OP, operator.floordiv: SIZE_OP, operator.sub: SIZE_OP, operator.mod: SIZE_OP,
@@ -90,13 +91,14 @@ METHOD_KINDS = {
     "relu": RELU, "relu_": RELU, "sigmoid": GATE_ACTIVATION, "mul": PRODUCT, "div": PRODUCT, "expand": EXPAND, "expand_as": EXPAND,
     "mean": ADAPTIVE_AVGPOOL, "view": RESHAPE, "reshape": RESHAPE, "flatten": RESHAPE, "contiguous": PASS,
     "split": SPLIT, "chunk": SPLIT, "transpose": PERMUTE, "permute": PERMUTE,
-    "add": ADD, "add_": ADD, "sub": SUBTRACT, "size": HELPER, "dim": HELPER, "matmul": MATMUL, "bmm": MATMUL, "softmax": SOFTMAX,
+    "add": ADD, "add_": ADD, "sub": SUBTRACT, "size": HELPER, "dim": HELPER, "matmul": MATMUL, "bmm": MATMUL,
+    "softmax": SOFTMAX,
     "unbind": SPLIT, "roll": ROLL, "unsqueeze": RESHAPE, "squeeze": RESHAPE,
 }
 # Calls that read only the shape, dtype and device of their first argument, never its values
 # (``x.new_ones(n, n)``, ``torch.zeros_like(x)``): what they compute from sizes is a constant.
-METADATA_READERS = {"new_ones", "new_zeros", "new_full", "new_empty", "new_tensor", torch.zeros_like, torch.ones_like,
-                    torch.full_like, torch.empty_like}
+METADATA_READERS = {"new_ones", "new_zeros", "new_full", "new_empty", "new_tensor", torch.zeros_like,
+                    torch.ones_like, torch.full_like, torch.empty_like}
 # Kinds whose output is >= 0 whenever all their tensor inputs are.
 SIGN_PRESERVING = {LEAKY_RELU, PASS, MAXPOOL, AVGPOOL, ADAPTIVE_AVGPOOL, UPSAMPLE, RESHAPE, ADD, CAT, INDEX, SPLIT, PIECE,
                     PERMUTE, ROLL}
