@@ -2,7 +2,8 @@
 gradient pass's.
 
 On CPU a case's peak is the rise of the process's peak resident set (``VmHWM`` in
-``/proc/self/status``) over its resident set just before the call: a fresh process, so the
+``/proc/self/status``, reset through ``/proc/self/clear_refs``) over its resident set just
+before the call: a fresh process whose heap is trimmed (``malloc_trim``) first, so the
 allocator has nothing to reuse and the rise is what the call needs (an in-process RSS delta
 reads 0 once freed memory is reused).  On CUDA it is ``torch.cuda.max_memory_allocated()``
 after ``reset_peak_memory_stats()``, above the memory allocated before the call.  Before the
@@ -99,6 +100,11 @@ def _case(case: str, model_name: str, batch: int, device: str, size: int) -> dic
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
+        from relprop.attribute import trim_heap
+        trim_heap()   # what the model's set-up freed is not counted as memory the call already has
+        if os.access("/proc/self/clear_refs", os.W_OK):
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")   # the peak so far (the set-up's) is not the call's
         base = _status_kib("VmRSS") * 1024
     t = time.perf_counter()
     out = call()

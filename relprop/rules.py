@@ -563,7 +563,7 @@ def flat(eps: float = 1e-6) -> Rule:
     """Flat: all inputs and weights set to one, ``R_in = bwd(R / stabilize(fwd(1, 1)), 1)``."""
     def rule(layer: Layer, r: torch.Tensor) -> list:
         lin, x = layer.lin, layer.x
-        ones_w = torch.ones_like(lin.weight)
+        ones_w = lin.derived(torch.ones_like)   # per block of rows for a large Linear, as its splits
         z = lin.fwd(torch.ones_like(x), ones_w)
         return [lin.bwd(r / stabilize(z, eps), ones_w, x.shape)]
     return rule

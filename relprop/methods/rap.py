@@ -126,7 +126,7 @@ def hidden(layer: Layer, r: torch.Tensor) -> list:
     conv = layer.lin.is_conv   # a Conv2d, or a Linear over channels-last positions (a 1x1 conv)
     x = layer.x
     if layer.x_nonneg:
-        out = _pos_prop(layer, x.clamp(min=0), r, conv)
+        out = _pos_prop(layer, x, r, conv)   # a ReLU's output: x+ is x (no copy)
         rules.report_zero_crossings(layer, out, rules.near_zero(layer), shift_excess_bound(r))
         return [out]
     # (the count's own threshold, SIGNED_ZERO, is not estimated: a bound of the near-zero form

@@ -198,6 +198,7 @@ class LinearMap:
             out = x.new_empty(x.shape[:-1] + (self.module.weight.shape[0],))
             for rows, block in v.blocks():
                 out[..., rows] = F.linear(x, block)
+                del block   # freed before the next is formed: one block alive, not two
             return out
         if self.is_conv:
             return F.conv2d(x, v, None, m.stride, m.padding, m.dilation, m.groups)
@@ -209,6 +210,7 @@ class LinearMap:
             out = None
             for rows, block in v.blocks():
                 t = s[..., rows] @ block
+                del block   # freed before the next is formed: one block alive, not two
                 out = t if out is None else out.add_(t)
             return out
         if not self.is_conv:
