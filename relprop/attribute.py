@@ -412,7 +412,8 @@ def auto_batch_size(explainer, x1: torch.Tensor, per_image: int = 1, limit: int 
     the image ``x1`` (1, C, H, W) and extrapolated.  On CUDA: ``max_memory_allocated`` above
     the allocated memory, against the device's free memory plus torch's unused cache.  On
     CPU (Linux): the rise of the peak resident set (``VmHWM``, reset through
-    ``/proc/self/clear_refs``), against ``MemAvailable``.  Elsewhere, 32.
+    ``/proc/self/clear_refs``) over the trimmed heap's (:func:`trim_heap`), against
+    ``MemAvailable``.  Elsewhere, 32.
     Returns ``chosen``, ``per_image_bytes``, ``fixed_bytes`` (the batch-independent part),
     ``available_bytes`` and ``how`` (one line).
     """
