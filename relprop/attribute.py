@@ -395,7 +395,7 @@ def trim_heap() -> None:
     try:
         import ctypes
         ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):   # no glibc (macOS: no symbol; Windows: no CDLL(None))
         pass
 
 
