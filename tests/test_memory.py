@@ -23,30 +23,30 @@ def _measured(test):
         test = mark(test)
     return test
 
-_SCRIPT = r"""
+# What every measuring script starts with: the peak of ``fn()`` (the rise of VmHWM over the
+# resident set before it) and what it leaves held, with the heap trimmed before each reading.
+_PRELUDE = r"""
 import json, sys, torch, torch.nn as nn, relprop
-from relprop import engine
+from relprop.attribute import trim_heap
 
 def status(field):
     for line in open("/proc/self/status"):
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
 
-try:   # glibc: hand the heap's free pages back, so the resident set is the bytes alive
-    import ctypes
-    trim = ctypes.CDLL(None).malloc_trim
-except (OSError, AttributeError):
-    trim = lambda pad: None
-
 def peak(fn):
-    trim(0)
+    trim_heap()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     base = status("VmRSS")
     fn()
     high = status("VmHWM")
-    trim(0)
+    trim_heap()
     return high - base, status("VmRSS") - base
+"""
+
+_SCRIPT = _PRELUDE + r"""
+from relprop import engine
 
 depth, methods, chunked = int(sys.argv[1]), sys.argv[2].split(","), sys.argv[3] == "1"
 torch.manual_seed(0)
@@ -74,12 +74,17 @@ print(json.dumps(out))
 _WALKS = ["lrp-epsilon", "lrp-epsilon-plus-flat", "lrp-alphabeta", "clrp", "sglrp", "rap"]
 
 
-def _measure(depth: int, methods: list[str], chunked: bool = True) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, "-c", _SCRIPT, str(depth), ",".join(methods), "1" if chunked else "0"],
-                       capture_output=True, text=True, env=env, timeout=600)
+def _run(script: str, *args: str, env: dict | None = None):
+    """The JSON the script prints last, run in a fresh process (by default one whose malloc
+    returns every block above 128 KiB on free, on one thread)."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", OMP_NUM_THREADS="1") if env is None else env
+    p = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def _measure(depth: int, methods: list[str], chunked: bool = True) -> dict:
+    return _run(_SCRIPT, str(depth), ",".join(methods), "1" if chunked else "0")
 
 
 @pytest.fixture(scope="module")
@@ -140,14 +145,9 @@ def test_repeated_calls_stay_flat(deep, method):
     assert held1 + held2 + held3 <= 0.06 and max(held1, held2, held3) <= 0.05, deep[method]
 
 
-_TRIM_SCRIPT = r"""
-import json, torch
-from relprop.attribute import trim_heap
-
+_TRIM_SCRIPT = _PRELUDE + r"""
 def rss():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
+    return status("VmRSS") / 2**20
 
 blocks = [torch.ones(16 * 1024) for _ in range(2000)]   # 64 KiB each (below mmap's threshold: the heap)
 pin = torch.ones(16 * 1024)                             # above them: the heap's top cannot shrink
@@ -164,10 +164,7 @@ print(json.dumps([held, freed, rss()]))
 def test_trim_heap_returns_freed_heap_pages():
     """The measurements above read the resident set as the bytes alive: 125 MiB freed in
     64 KiB blocks stay resident on glibc's heap until :func:`relprop.attribute.trim_heap`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    p = subprocess.run([sys.executable, "-c", _TRIM_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
-    held, freed, trimmed = json.loads(p.stdout.strip().splitlines()[-1])
+    held, freed, trimmed = _run(_TRIM_SCRIPT, env={k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")})
     if freed < held - 100:
         pytest.skip(f"this allocator returned the freed blocks by itself ({held:.0f} -> {freed:.0f} MiB)")
     assert trimmed < freed - 100, (held, freed, trimmed)
@@ -188,23 +185,8 @@ def test_trim_heap_does_nothing_without_glibc(monkeypatch):
         assert trim_heap() is None
 
 
-_WIDE_SCRIPT = r"""
-import json, sys, torch, torch.nn as nn, relprop
-from relprop.attribute import trim_heap
+_WIDE_SCRIPT = _PRELUDE + r"""
 from relprop.ops import linear_map
-
-def status(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-
-def peak(fn):
-    trim_heap()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = status("VmRSS")
-    fn()
-    return status("VmHWM") - base
 
 linear_map.ROW_BLOCK_BYTES = 4 * 2**20   # the 48 and 64 MiB weights below stream in 12 and 16 blocks
 torch.manual_seed(0)
@@ -220,7 +202,7 @@ out = {}
 for name in ["autograd"] + sys.argv[1].split(","):
     fn = gradient if name == "autograd" else (lambda e=relprop.Explainer(model, name): e(x))
     fn()
-    out[name] = peak(fn) / linear_map.ROW_BLOCK_BYTES
+    out[name] = peak(fn)[0] / linear_map.ROW_BLOCK_BYTES
 print(json.dumps(out))
 """
 
@@ -231,11 +213,7 @@ _WIDE_METHODS = ["lrp-epsilon", "lrp-zplus", "lrp-alphabeta", "lrp-gamma", "lrp-
 
 @pytest.fixture(scope="module")
 def wide():
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, "-c", _WIDE_SCRIPT, ",".join(_WIDE_METHODS)],
-                       capture_output=True, text=True, env=env, timeout=600)
-    assert p.returncode == 0, p.stderr[-2000:]
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    return _run(_WIDE_SCRIPT, ",".join(_WIDE_METHODS))
 
 
 @_measured
