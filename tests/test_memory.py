@@ -265,6 +265,26 @@ def test_batch_slices_and_streamed_splits_give_the_same_maps(monkeypatch, method
     assert err < 1e-12, err
 
 
+@pytest.mark.parametrize("method", ["lrp-epsilon-plus-flat", "lrp-epsilon-alpha2beta1-flat", "lrp-gamma", "rap"])
+def test_a_streamed_input_linear_gives_the_same_maps(monkeypatch, method):
+    """A Linear input layer (the flat rule's ones, z^B's splits) streamed per block of rows
+    gives the maps of the materialised weights, up to float64 summation order."""
+    import torch
+    import torch.nn as nn
+    import relprop
+    from relprop.ops import linear_map
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 23), nn.ReLU(), nn.Linear(23, 17), nn.ReLU(),
+                          nn.Linear(17, 5)).eval().double()
+    x = torch.randn(3, 3, 4, 4, dtype=torch.float64)
+    whole = relprop.Explainer(model, method)(x, target=[0, 2, 4])
+    monkeypatch.setattr(linear_map, "STREAM_BYTES", 0)
+    monkeypatch.setattr(linear_map, "ROW_BLOCK_BYTES", 48 * 8 * 4)   # 4 rows per block
+    streamed = relprop.Explainer(model, method)(x, target=[0, 2, 4])
+    err = ((streamed - whole).flatten(1).norm(dim=1) / whole.flatten(1).norm(dim=1)).max().item()
+    assert err < 1e-12, err
+
+
 def test_streamed_linear_splits_equal_materialised(monkeypatch):
     import torch
     import torch.nn as nn
